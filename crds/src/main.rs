@@ -1,0 +1,25 @@
+//! `cargo run -p crds`: writes the CRD YAML into `crds/yaml/` and the chart.
+
+use std::{path::Path, process::ExitCode};
+
+fn main() -> ExitCode {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let files = match crds::crd::rendered() {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("error: cannot render the CRDs: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for dir in crds::crd::output_dirs(&workspace) {
+        for (name, yaml) in &files {
+            let path = dir.join(name);
+            if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, yaml)) {
+                eprintln!("error: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+            println!("wrote {}", path.display());
+        }
+    }
+    ExitCode::SUCCESS
+}

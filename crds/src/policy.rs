@@ -1,0 +1,254 @@
+//! `UpdatePolicy`: which nodes baton updates, how many at once, when, and how.
+
+use k8s_openapi::apimachinery::pkg::{
+    apis::meta::v1::{Condition, LabelSelector, Time},
+    util::intstr::IntOrString,
+};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::{DrainSpec, HealthSpec, HooksSpec, MaintenanceWindow, Release};
+
+/// The desired rollout behaviour for one pool of nodes (cluster-scoped).
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "baton.dev",
+    version = "v1alpha1",
+    kind = "UpdatePolicy",
+    plural = "updatepolicies",
+    shortname = "upol",
+    category = "baton",
+    status = "UpdatePolicyStatus",
+    printcolumn = r#"{"name":"Nodes","type":"integer","jsonPath":".status.nodes"}"#,
+    printcolumn = r#"{"name":"Updated","type":"integer","jsonPath":".status.upToDate"}"#,
+    printcolumn = r#"{"name":"In-Progress","type":"integer","jsonPath":".status.inProgress"}"#,
+    printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.failed"}"#,
+    printcolumn = r#"{"name":"Window","type":"string","jsonPath":".status.window"}"#,
+    printcolumn = r#"{"name":"Paused","type":"boolean","jsonPath":".spec.paused"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdatePolicySpec {
+    /// The nodes this policy governs. Empty selects every node. A node selected by two
+    /// policies is an error reported on both, and neither touches it.
+    #[serde(default)]
+    pub node_selector: LabelSelector,
+
+    /// How many selected nodes may be disrupted at once: a count (`2`) or a percentage
+    /// (`"20%"`, rounded down, minimum 1). Nodes that are NotReady, cordoned by someone
+    /// else or failed count against it.
+    #[serde(default = "default_max_unavailable")]
+    #[x_kube(validation = Rule::new(crate::budget::RULE).message(crate::budget::RULE_MESSAGE))]
+    pub max_unavailable: IntOrString,
+
+    /// When disruptions may start. Several windows combine; an empty list means always.
+    #[serde(default)]
+    pub maintenance_windows: Vec<MaintenanceWindow>,
+
+    /// Whether a window gates only the start of a node's disruption (`Start`), or also
+    /// requires `health.rebootTimeout` to fit before the window closes (`Fit`).
+    #[serde(default)]
+    pub window_mode: WindowMode,
+
+    /// How nodes are drained.
+    #[serde(default)]
+    pub drain: DrainSpec,
+
+    /// Reboot timeout, settle time and the gates that block new grants.
+    #[serde(default)]
+    pub health: HealthSpec,
+
+    /// Before- and after-reboot hooks.
+    #[serde(default)]
+    pub hooks: HooksSpec,
+
+    /// When the pool halts.
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+
+    /// The order nodes are taken in.
+    #[serde(default)]
+    pub ordering: OrderingSpec,
+
+    /// Stop starting new disruptions. Disruptions in flight run to completion.
+    #[serde(default)]
+    pub paused: bool,
+
+    /// The OS image the native A/B backend installs. Unused by the flatcar and sentinel
+    /// backends, whose target comes from the node itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<Release>,
+}
+
+/// How a maintenance window gates a disruption.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+pub enum WindowMode {
+    /// A disruption may start at any moment a window is open.
+    #[default]
+    Start,
+    /// A disruption may start only when `health.rebootTimeout` ends before the window
+    /// closes.
+    Fit,
+}
+
+/// When a pool stops making new grants.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailurePolicy {
+    /// Once this many nodes have failed, the pool halts until an admin clears the
+    /// failures (see docs/operations.md, "Resuming a halted pool").
+    #[serde(default = "default_max_failed")]
+    #[x_kube(validation = Rule::new("self >= 1").message("maxFailedNodes must be at least 1"))]
+    pub max_failed_nodes: u32,
+}
+
+/// The order in which nodes are taken.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderingSpec {
+    /// Disrupt nodes of one zone at a time, even when the budget would allow nodes in
+    /// several zones.
+    #[serde(default = "default_true")]
+    pub one_zone_at_a_time: bool,
+    /// The node label that names a node's zone.
+    #[serde(default = "default_zone_label")]
+    #[x_kube(validation = Rule::new("size(self) > 0").message("zoneLabel must name a node label, such as topology.kubernetes.io/zone"))]
+    pub zone_label: String,
+}
+
+/// What baton observes of its pool, written by the operator.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdatePolicyStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing`, `Halted`, `Paused` and `InvalidSpec`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Nodes the policy selects.
+    #[serde(default)]
+    pub nodes: u32,
+    /// Nodes on the target version with nothing left to do.
+    #[serde(default)]
+    pub up_to_date: u32,
+    /// Nodes that need an update and have not started.
+    #[serde(default)]
+    pub waiting: u32,
+    /// Nodes between grant and release.
+    #[serde(default)]
+    pub in_progress: u32,
+    /// Nodes marked failed.
+    #[serde(default)]
+    pub failed: u32,
+    /// Nodes that hold a reboot lease now.
+    #[serde(default)]
+    pub lease_holders: Vec<String>,
+    /// `Open`, `Closed` or `Always`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    /// When the next window opens, if it is closed now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_window: Option<Time>,
+}
+
+/// The condition types baton sets on an `UpdatePolicy`.
+pub mod condition {
+    /// The policy is valid and its pool is not halted.
+    pub const READY: &str = "Ready";
+    /// At least one node is between grant and release.
+    pub const PROGRESSING: &str = "Progressing";
+    /// Failures reached `maxFailedNodes`: no new grants until an admin acts.
+    pub const HALTED: &str = "Halted";
+    /// `spec.paused` is set.
+    pub const PAUSED: &str = "Paused";
+    /// The spec cannot be used as written; the message says why.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+}
+
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        FailurePolicy {
+            max_failed_nodes: default_max_failed(),
+        }
+    }
+}
+
+impl Default for OrderingSpec {
+    fn default() -> Self {
+        OrderingSpec {
+            one_zone_at_a_time: true,
+            zone_label: default_zone_label(),
+        }
+    }
+}
+
+fn default_max_unavailable() -> IntOrString {
+    IntOrString::Int(1)
+}
+
+fn default_max_failed() -> u32 {
+    1
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_zone_label() -> String {
+    "topology.kubernetes.io/zone".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_spec_gets_every_default() {
+        let spec: UpdatePolicySpec = serde_json::from_str("{}").unwrap();
+        assert_eq!(spec.max_unavailable, IntOrString::Int(1));
+        assert!(spec.maintenance_windows.is_empty());
+        assert_eq!(spec.window_mode, WindowMode::Start);
+        assert_eq!(spec.drain, DrainSpec::default());
+        assert_eq!(spec.drain.timeout, "10m");
+        assert_eq!(spec.drain.max_parallel_evictions, 5);
+        assert_eq!(spec.drain.on_timeout, crate::OnTimeout::Abort);
+        assert_eq!(spec.health.reboot_timeout, "30m");
+        assert_eq!(spec.health.settle_time, "0s");
+        assert_eq!(spec.failure_policy.max_failed_nodes, 1);
+        assert!(spec.ordering.one_zone_at_a_time);
+        assert_eq!(spec.ordering.zone_label, "topology.kubernetes.io/zone");
+        assert!(!spec.paused);
+        assert!(spec.release.is_none());
+        assert_eq!(spec.hooks, HooksSpec::default());
+    }
+
+    #[test]
+    fn a_window_defaults_to_utc() {
+        let w: MaintenanceWindow =
+            serde_json::from_str(r#"{"schedule":"0 2 * * *","duration":"4h"}"#).unwrap();
+        assert_eq!(w.time_zone, "UTC");
+    }
+
+    #[test]
+    fn a_hook_defaults_to_fifteen_minutes() {
+        let h: crate::Hook = serde_json::from_str(r#"{"annotations":["a"]}"#).unwrap();
+        assert_eq!(h.timeout, "15m");
+    }
+
+    #[test]
+    fn status_round_trips_in_camel_case() {
+        let status = UpdatePolicyStatus {
+            up_to_date: 3,
+            in_progress: 1,
+            lease_holders: vec!["n1".into()],
+            window: Some("Open".into()),
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["upToDate"], 3);
+        assert_eq!(json["leaseHolders"][0], "n1");
+        let back: UpdatePolicyStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back, status);
+    }
+}
