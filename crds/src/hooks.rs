@@ -9,12 +9,14 @@ use serde::{Deserialize, Serialize};
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HooksSpec {
-    /// Runs after the drain, before the reboot is allowed. The operator labels the node
-    /// `baton.dev/before-reboot=true` and waits for every listed annotation.
+    /// Runs once the node is cordoned, before it is drained (as in FLUO). The operator
+    /// labels the node `baton.dev/before-reboot=true` and waits for every listed
+    /// annotation; the timeout runs from the grant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub before_reboot: Option<Hook>,
     /// Runs after the node is back on the new version, before it is uncordoned. The
-    /// operator labels the node `baton.dev/after-reboot=true` and waits likewise.
+    /// operator labels the node `baton.dev/after-reboot=true` and waits likewise; the
+    /// timeout runs from the end of the reboot's own bound (`health.rebootTimeout`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_reboot: Option<Hook>,
 }

@@ -331,6 +331,10 @@ pub mod lease {
     pub const POLICY: Key<Message> = Key::new("baton.dev/policy", Annotation, Operator);
     /// The node's boot id when the lease was granted.
     pub const GRANTED_BOOT_ID: Key<BootId> = Key::new("baton.dev/granted-boot-id", Annotation, Operator);
+    /// The version the node had staged at the grant; the reboot must land on it.
+    pub const TARGET_VERSION: Key<Version> = Key::new("baton.dev/target-version", Annotation, Operator);
+    /// When the drain started; its timeout runs from here, across leader changes.
+    pub const DRAIN_STARTED_AT: Key<Timestamp> = Key::new("baton.dev/drain-started-at", Annotation, Operator);
     /// When the drain finished (or was given up under `onTimeout`).
     pub const DRAINED_AT: Key<Timestamp> = Key::new("baton.dev/drained-at", Annotation, Operator);
     /// When the node was verified back on the new version; settle time runs from here.
@@ -423,7 +427,7 @@ mod tests {
 
     #[test]
     fn versions_boot_ids_and_slots_round_trip() {
-        for key in [&CURRENT_VERSION, &TARGET_VERSION, &DESIRED_VERSION] {
+        for key in [&CURRENT_VERSION, &TARGET_VERSION, &DESIRED_VERSION, &lease::TARGET_VERSION] {
             round_trip(key, Version::new("4230.2.1+build-7").unwrap());
             for bad in ["", "4230 2", "v1/2", &"9".repeat(129)] {
                 rejects(key, bad);
@@ -441,7 +445,7 @@ mod tests {
 
     #[test]
     fn timestamps_round_trip_in_whole_seconds() {
-        for key in [&LAST_CHECKED, &lease::DRAINED_AT, &lease::DONE_AT] {
+        for key in [&LAST_CHECKED, &lease::DRAIN_STARTED_AT, &lease::DRAINED_AT, &lease::DONE_AT] {
             round_trip(key, "2026-03-29T01:30:00Z".parse::<Timestamp>().unwrap());
             for bad in ["", "yesterday", "2026-13-01T00:00:00Z", "1700000000"] {
                 rejects(key, bad);

@@ -1,1 +1,6 @@
-//! placeholder
+//! `baton-operator`: the cluster side of baton. It grants reboot leases, cordons and
+//! drains through the Eviction API, and enforces maintenance windows, following the
+//! plan the pure `rollout` core computes.
+#![forbid(unsafe_code)]
+
+pub mod config;

@@ -1,1 +1,22 @@
-//! placeholder
+//! The rollout decision core. Every rule of a rollout lives here, as pure functions of
+//! observed cluster state and an injected `now`: no I/O, no clock.
+//!
+//! - [`window`]: maintenance windows (cron or weekdays, IANA zones, DST).
+//! - [`policy`]: a spec parsed and checked once.
+//! - [`snapshot`]: the observed cluster.
+//! - [`decide()`]: the next action for every node, and when to look again.
+//! - [`simulate`]: a model cluster driven by `decide`, for `kubectl baton plan` and tests.
+#![forbid(unsafe_code)]
+
+pub mod decide;
+pub mod plan;
+pub mod policy;
+pub mod selector;
+pub mod simulate;
+pub mod snapshot;
+pub mod window;
+
+pub use decide::decide;
+pub use plan::{Action, Plan, Skip};
+pub use policy::Policy;
+pub use snapshot::{AgentView, LeaseView, NodeView, Snapshot};

@@ -1,0 +1,21 @@
+//! `baton-operator` entry point: configuration, logging, then the controller.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use operator::config::Config;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    if let Err(e) = config.log.init() {
+        eprintln!("baton-operator: {e}");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = config.validate() {
+        eprintln!("baton-operator: invalid configuration: {e}");
+        return ExitCode::from(2);
+    }
+    tracing::info!(namespace = %config.namespace, identity = %config.identity, "baton-operator configured");
+    ExitCode::SUCCESS
+}

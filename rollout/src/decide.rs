@@ -1,0 +1,389 @@
+//! `decide`: every rule of a rollout in one place.
+//!
+//! Given what the cluster looks like and the time, it says what to do next for each
+//! node of one policy. It must never grant beyond the budget, outside a window, on a
+//! halted or paused pool, or on a node someone else cordoned; it never uncordons a node
+//! baton did not cordon; and every wait it returns has a deadline.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use jiff::Timestamp;
+
+use crds::{AgentState, WindowMode};
+
+use crate::{
+    plan::{Action, BudgetUse, Conflict, Counts, NodePlan, Plan, ReleaseReason, Skip},
+    policy::{HookRule, Policy},
+    snapshot::{LeaseView, NodeView, Snapshot},
+    window::WindowState,
+};
+
+/// Decides the next step for every node of `policy` at `now`.
+pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
+    let window = policy.windows.state(now);
+    let nodes_by_name: BTreeMap<&str, &NodeView> = snapshot.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let leases_by_node: BTreeMap<&str, &LeaseView> =
+        snapshot.leases.iter().map(|l| (l.node.as_str(), l)).collect();
+
+    // The pool: selected nodes that no other policy also selects.
+    let mut pool = Vec::new();
+    let mut conflicts = Vec::new();
+    for node in &snapshot.nodes {
+        if !policy.selector.matches(&node.labels) {
+            continue;
+        }
+        let others: Vec<String> = snapshot
+            .other_policies
+            .iter()
+            .filter(|(name, sel)| *name != policy.name && sel.matches(&node.labels))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if others.is_empty() {
+            pool.push(node);
+        } else {
+            conflicts.push(Conflict {
+                node: node.name.clone(),
+                others,
+            });
+        }
+    }
+
+    let mut plans = Vec::new();
+    let mut timers = Vec::new();
+    let mut failed: BTreeSet<&str> = BTreeSet::new();
+    let mut in_progress = 0u32;
+
+    // In-flight nodes first: they run to completion whatever the window or gates say.
+    let own_leases = snapshot.leases.iter().filter(|l| l.policy == policy.name);
+    for lease in own_leases {
+        let node = nodes_by_name.get(lease.node.as_str()).copied();
+        let action = step(node, lease, policy, now);
+        if let Some(t) = action.timer() {
+            timers.push(t);
+        }
+        match &action {
+            Action::Fail { .. } | Action::Skip(Skip::Failed(_)) => {
+                failed.insert(lease.node.as_str());
+            }
+            Action::Release(_) => {}
+            _ => in_progress += 1,
+        }
+        plans.push(NodePlan {
+            node: lease.node.clone(),
+            action,
+        });
+    }
+
+    // Failed nodes without a lease: the operator's mark, or the agent's own report.
+    for node in &pool {
+        if node.failure.is_some() || node.agent.state.is_some_and(AgentState::is_failure) {
+            failed.insert(node.name.as_str());
+        }
+    }
+    let halted = (failed.len() as u32 >= policy.max_failed).then(|| {
+        format!(
+            "{} failed node(s) reached maxFailedNodes={}: {}",
+            failed.len(),
+            policy.max_failed,
+            failed.iter().copied().collect::<Vec<_>>().join(", ")
+        )
+    });
+
+    // The budget: everything in the pool that is not plainly available uses it.
+    let unavailable = pool
+        .iter()
+        .filter(|n| {
+            leases_by_node.contains_key(n.name.as_str())
+                || !n.ready
+                || n.unschedulable
+                || failed.contains(n.name.as_str())
+        })
+        .count();
+    let limit = policy.budget.resolve(pool.len());
+    let mut free = limit.saturating_sub(unavailable);
+
+    // Zones in progress, for one zone at a time.
+    let mut active_zones: BTreeSet<&str> = pool
+        .iter()
+        .filter(|n| leases_by_node.contains_key(n.name.as_str()) && !failed.contains(n.name.as_str()))
+        .map(|n| n.zone(&policy.zone_label))
+        .collect();
+
+    let mut counts = Counts {
+        nodes: pool.len() as u32,
+        failed: failed.len() as u32,
+        in_progress,
+        ..Counts::default()
+    };
+
+    // Everyone else, in rollout order.
+    let mut rest: Vec<&NodeView> = pool
+        .iter()
+        .copied()
+        .filter(|n| !leases_by_node.contains_key(n.name.as_str()))
+        .collect();
+    rest.sort_by(|a, b| order_key(a, snapshot, policy).cmp(&order_key(b, snapshot, policy)));
+    let window_gate = window_gate(window, policy, now);
+    for node in rest {
+        let action = if failed.contains(node.name.as_str()) {
+            let why = node
+                .failure
+                .clone()
+                .or_else(|| node.agent.message.clone())
+                .unwrap_or_else(|| format!("agent reported {}", node.agent.state.map_or("", |s| s.as_str())));
+            Action::Skip(Skip::Failed(why))
+        } else if !node.malformed.is_empty() {
+            Action::Skip(Skip::Malformed(node.malformed.iter().map(|e| e.to_string()).collect()))
+        } else if !node.requests_reboot() {
+            if is_up_to_date(node, policy) {
+                counts.up_to_date += 1;
+                Action::Skip(Skip::UpToDate)
+            } else {
+                counts.waiting += 1;
+                let why = match node.agent.state {
+                    Some(state) => format!("agent is {state}"),
+                    None => "agent has not reported".to_string(),
+                };
+                Action::Skip(Skip::NotRequested(why))
+            }
+        } else {
+            counts.waiting += 1;
+            match candidate(node, snapshot, policy, halted.is_some(), &window_gate, free, &active_zones) {
+                Ok(boot_id) => {
+                    free -= 1;
+                    if policy.one_zone_at_a_time {
+                        active_zones.insert(node.zone(&policy.zone_label));
+                    }
+                    Action::Grant { boot_id }
+                }
+                Err(skip) => Action::Skip(skip),
+            }
+        };
+        plans.push(NodePlan {
+            node: node.name.clone(),
+            action,
+        });
+    }
+
+    let granted = plans.iter().filter(|p| p.action.is_grant()).count();
+    counts.waiting -= granted as u32;
+    counts.in_progress += granted as u32;
+    let waiting_on_window = counts.waiting > 0;
+    let next_change = timers
+        .into_iter()
+        .chain(waiting_on_window.then(|| window.next_edge()).flatten())
+        .filter(|t| *t > now)
+        .min();
+
+    Plan {
+        policy: policy.name.clone(),
+        nodes: plans,
+        budget: BudgetUse {
+            limit,
+            unavailable,
+            granted,
+        },
+        window,
+        halted,
+        conflicts,
+        counts,
+        next_change,
+    }
+}
+
+/// Whether the window lets a disruption start now, or why not.
+fn window_gate(window: WindowState, policy: &Policy, now: Timestamp) -> Result<(), Skip> {
+    match window {
+        WindowState::Always => Ok(()),
+        WindowState::Closed { opens } => Err(Skip::OutsideWindow(opens)),
+        WindowState::Open { closes } => {
+            let fits = now.checked_add(policy.reboot_timeout).is_ok_and(|end| end <= closes);
+            if policy.window_mode == WindowMode::Fit && !fits {
+                Err(Skip::WindowTooShort(closes))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Whether a node that asks for a reboot may be granted now. Checks run from the
+/// reasons an admin most needs to see to the most transient.
+fn candidate(
+    node: &NodeView,
+    snapshot: &Snapshot,
+    policy: &Policy,
+    halted: bool,
+    window: &Result<(), Skip>,
+    free: usize,
+    active_zones: &BTreeSet<&str>,
+) -> Result<crds::protocol::BootId, Skip> {
+    if halted {
+        return Err(Skip::Halted);
+    }
+    if policy.paused {
+        return Err(Skip::PolicyPaused);
+    }
+    if node.paused {
+        return Err(Skip::NodePaused);
+    }
+    if node.unschedulable {
+        return Err(Skip::CordonedByOthers);
+    }
+    if !node.ready {
+        return Err(Skip::NotReady);
+    }
+    let Some(boot_id) = node.agent.boot_id.clone() else {
+        return Err(Skip::NotRequested("agent has not reported a boot id".into()));
+    };
+    if let Some(pod) = &node.blocked_by {
+        return Err(Skip::Blocked(pod.clone()));
+    }
+    if let Some(gate) = &snapshot.gate {
+        return Err(Skip::Gate(gate.clone()));
+    }
+    window.clone()?;
+    if free == 0 {
+        return Err(Skip::Budget);
+    }
+    let zone = node.zone(&policy.zone_label);
+    if policy.one_zone_at_a_time && !active_zones.is_empty() && !active_zones.contains(zone) {
+        let busy = active_zones.iter().next().copied().unwrap_or_default();
+        return Err(Skip::OtherZone(busy.to_string()));
+    }
+    Ok(boot_id)
+}
+
+/// The documented rollout order: the operator's own node last, then by zone name, then
+/// oldest first, then by name.
+fn order_key<'a>(node: &'a NodeView, snapshot: &Snapshot, policy: &Policy) -> (bool, &'a str, Option<jiff::Timestamp>, &'a str) {
+    let is_operator_node = snapshot.operator_node.as_deref() == Some(node.name.as_str());
+    (is_operator_node, node.zone(&policy.zone_label), node.created, node.name.as_str())
+}
+
+fn is_up_to_date(node: &NodeView, policy: &Policy) -> bool {
+    let on_target = match &policy.target_version {
+        Some(target) => node.agent.current_version.as_ref() == Some(target),
+        None => true,
+    };
+    on_target && matches!(node.agent.state, None | Some(AgentState::Idle | AgentState::Done))
+}
+
+/// The next step of a node that holds one of the policy's leases.
+fn step(node: Option<&NodeView>, lease: &LeaseView, policy: &Policy, now: Timestamp) -> Action {
+    if let Some(reason) = &lease.failure {
+        return Action::Skip(Skip::Failed(reason.clone()));
+    }
+    let Some(node) = node else {
+        return Action::Release(ReleaseReason::NodeDeleted);
+    };
+    let agent = &node.agent;
+    if let Some(state) = agent.state.filter(|s| s.is_failure()) {
+        let detail = agent.message.clone().unwrap_or_default();
+        return Action::Fail {
+            reason: format!("agent reported {state}: {detail}").trim_end_matches(": ").to_string(),
+        };
+    }
+    if let Some(done) = lease.done {
+        let until = done.checked_add(policy.settle_time).unwrap_or(done);
+        return if now >= until {
+            Action::Release(ReleaseReason::Done)
+        } else {
+            Action::Settle { until }
+        };
+    }
+    let booted_new = agent.boot_id.is_some() && agent.boot_id != lease.granted_boot_id;
+    let reboot_deadline = lease.drained.unwrap_or(lease.acquired).checked_add(policy.reboot_timeout).unwrap_or(now);
+
+    if !booted_new {
+        let Some(_) = lease.drained else {
+            return before_reboot(node, lease, policy, now);
+        };
+        if now >= reboot_deadline {
+            return Action::Fail {
+                reason: format!("did not reboot within rebootTimeout ({})", policy.reboot_timeout),
+            };
+        }
+        let Some(boot_id) = lease.granted_boot_id.clone() else {
+            return Action::Fail {
+                reason: "the lease does not name the boot it was granted for".into(),
+            };
+        };
+        if agent.reboot_ok.as_ref() != Some(&boot_id) {
+            return Action::AllowReboot { boot_id };
+        }
+        return Action::WaitForReboot {
+            deadline: reboot_deadline,
+        };
+    }
+
+    // It rebooted: verify the version, readiness and the agent's own checks.
+    let version_ok = lease.target_version.is_none() || agent.current_version == lease.target_version;
+    if agent.state == Some(AgentState::Done) && !version_ok {
+        return Action::Fail {
+            reason: format!(
+                "booted version {}, expected {}",
+                agent.current_version.as_ref().map_or("unknown".into(), |v| v.to_string()),
+                lease.target_version.as_ref().map_or("unknown".into(), |v| v.to_string()),
+            ),
+        };
+    }
+    if !(agent.state == Some(AgentState::Done) && node.ready) {
+        if now >= reboot_deadline {
+            return Action::Fail {
+                reason: format!("not back Ready on the new version within rebootTimeout ({})", policy.reboot_timeout),
+            };
+        }
+        return Action::WaitForReboot {
+            deadline: reboot_deadline,
+        };
+    }
+    if let Some(hook) = &policy.after_reboot {
+        let missing = missing(node, hook);
+        if !missing.is_empty() {
+            let deadline = reboot_deadline.checked_add(hook.timeout).unwrap_or(reboot_deadline);
+            if now >= deadline {
+                return Action::Fail {
+                    reason: format!("after-reboot hook timed out waiting for {}", missing.join(", ")),
+                };
+            }
+            return Action::RunAfterHooks { missing, deadline };
+        }
+    }
+    if node.unschedulable && node.cordoned_by_baton {
+        return Action::Uncordon;
+    }
+    Action::MarkDone
+}
+
+/// Cordon, before-reboot hooks and drain, in that order.
+fn before_reboot(node: &NodeView, lease: &LeaseView, policy: &Policy, now: Timestamp) -> Action {
+    if !node.unschedulable {
+        return Action::Cordon;
+    }
+    if let Some(hook) = &policy.before_reboot {
+        let missing = missing(node, hook);
+        if !missing.is_empty() {
+            let deadline = lease.acquired.checked_add(hook.timeout).unwrap_or(lease.acquired);
+            if now >= deadline {
+                return Action::Fail {
+                    reason: format!("before-reboot hook timed out waiting for {}", missing.join(", ")),
+                };
+            }
+            return Action::RunBeforeHooks { missing, deadline };
+        }
+    }
+    let deadline = lease.drain_started.and_then(|s| s.checked_add(policy.drain_timeout).ok());
+    match deadline {
+        Some(d) if now >= d => Action::DrainTimedOut(policy.on_timeout),
+        _ => Action::Drain { deadline },
+    }
+}
+
+fn missing(node: &NodeView, hook: &HookRule) -> Vec<String> {
+    hook.annotations
+        .iter()
+        .filter(|a| !node.true_annotations.contains(*a))
+        .cloned()
+        .collect()
+}

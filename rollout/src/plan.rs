@@ -1,0 +1,266 @@
+//! What the decision core returns: one action per node, each with its reason, and the
+//! earliest moment the decision can change.
+
+use std::fmt;
+
+use jiff::Timestamp;
+
+use crds::{OnTimeout, protocol::BootId};
+
+use crate::window::WindowState;
+
+/// The decision for one policy at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The policy's name.
+    pub policy: String,
+    /// One entry per node in the pool or holding one of the policy's leases, in the
+    /// order the rollout takes them.
+    pub nodes: Vec<NodePlan>,
+    /// The budget and how much of it is used.
+    pub budget: BudgetUse,
+    /// The maintenance windows now.
+    pub window: WindowState,
+    /// Why the pool is halted, if it is.
+    pub halted: Option<String>,
+    /// Nodes that another policy also selects; neither policy touches them.
+    pub conflicts: Vec<Conflict>,
+    /// Counts for the status.
+    pub counts: Counts,
+    /// The earliest moment at which this plan can change without any watch event: a
+    /// window edge, a timeout or the end of a settle time. `None`: only events matter.
+    pub next_change: Option<Timestamp>,
+}
+
+/// One node's next step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodePlan {
+    /// The node.
+    pub node: String,
+    /// What to do.
+    pub action: Action,
+}
+
+/// How the budget is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BudgetUse {
+    /// `maxUnavailable` resolved against the pool size.
+    pub limit: usize,
+    /// Pool nodes unavailable before this plan's grants (leased, NotReady, cordoned, failed).
+    pub unavailable: usize,
+    /// Grants in this plan.
+    pub granted: usize,
+}
+
+/// Counts for `UpdatePolicy.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    /// Nodes selected.
+    pub nodes: u32,
+    /// Nodes with nothing left to do.
+    pub up_to_date: u32,
+    /// Nodes that need an update and have not started.
+    pub waiting: u32,
+    /// Nodes between grant and release, not failed.
+    pub in_progress: u32,
+    /// Failed nodes.
+    pub failed: u32,
+}
+
+/// A node selected by more than one policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// The node.
+    pub node: String,
+    /// The other policies selecting it.
+    pub others: Vec<String>,
+}
+
+/// The next step for one node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Create its reboot lease: it may start its disruption.
+    Grant {
+        /// The boot the grant applies to.
+        boot_id: BootId,
+    },
+    /// Cordon it, recording that baton did.
+    Cordon,
+    /// Label it for the before-reboot hooks and wait for their annotations.
+    RunBeforeHooks {
+        /// Annotations still missing.
+        missing: Vec<String>,
+        /// When the wait fails the node.
+        deadline: Timestamp,
+    },
+    /// Evict its pods, within the deadline (set when the drain starts).
+    Drain {
+        /// When the drain's time is up; `None` until it has started.
+        deadline: Option<Timestamp>,
+    },
+    /// The drain outlived its timeout: apply `onTimeout`.
+    DrainTimedOut(OnTimeout),
+    /// Tell the agent it may reboot out of this boot.
+    AllowReboot {
+        /// The boot the grant names.
+        boot_id: BootId,
+    },
+    /// Wait for the node to come back Ready on the new version.
+    WaitForReboot {
+        /// When waiting fails the node.
+        deadline: Timestamp,
+    },
+    /// Label it for the after-reboot hooks and wait for their annotations.
+    RunAfterHooks {
+        /// Annotations still missing.
+        missing: Vec<String>,
+        /// When the wait fails the node.
+        deadline: Timestamp,
+    },
+    /// Uncordon it (baton cordoned it).
+    Uncordon,
+    /// Record it done: remove baton's labels; settle time starts.
+    MarkDone,
+    /// Wait for the settle time to pass before releasing the slot.
+    Settle {
+        /// When the lease may be released.
+        until: Timestamp,
+    },
+    /// Delete its lease.
+    Release(ReleaseReason),
+    /// Mark it failed (it keeps its lease, and its slot, until an admin retries it).
+    Fail {
+        /// Why.
+        reason: String,
+    },
+    /// Nothing to do now.
+    Skip(Skip),
+}
+
+/// Why a lease is released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseReason {
+    /// The node is done and settled.
+    Done,
+    /// The node no longer exists.
+    NodeDeleted,
+}
+
+/// Why nothing happens to a node now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Skip {
+    /// On the target, nothing requested.
+    UpToDate,
+    /// Its agent is working (staging, or has not reported); no reboot requested yet.
+    NotRequested(String),
+    /// The policy is paused.
+    PolicyPaused,
+    /// An admin paused this node.
+    NodePaused,
+    /// The pool is halted.
+    Halted,
+    /// No window is open; the next opens then.
+    OutsideWindow(Option<Timestamp>),
+    /// A window is open, but closes before `rebootTimeout` would end (`windowMode: Fit`).
+    WindowTooShort(Timestamp),
+    /// The budget is used up.
+    Budget,
+    /// Another zone is in progress.
+    OtherZone(String),
+    /// Someone other than baton cordoned it; baton leaves it alone.
+    CordonedByOthers,
+    /// It is not Ready.
+    NotReady,
+    /// A blocking pod runs on it.
+    Blocked(String),
+    /// A cluster-wide gate is closed.
+    Gate(String),
+    /// Its `baton.dev/*` annotations are malformed.
+    Malformed(Vec<String>),
+    /// Another policy selects it too.
+    Conflict(Vec<String>),
+    /// It failed; an admin must retry it.
+    Failed(String),
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::Grant { .. } => write!(f, "grant: start the disruption"),
+            Action::Cordon => write!(f, "cordon"),
+            Action::RunBeforeHooks { missing, deadline } => {
+                write!(f, "wait for before-reboot hooks ({}) until {deadline}", missing.join(", "))
+            }
+            Action::Drain { deadline: Some(d) } => write!(f, "drain until {d}"),
+            Action::Drain { deadline: None } => write!(f, "start the drain"),
+            Action::DrainTimedOut(on) => write!(f, "drain timed out: {on:?}"),
+            Action::AllowReboot { .. } => write!(f, "allow the reboot"),
+            Action::WaitForReboot { deadline } => write!(f, "wait for the reboot until {deadline}"),
+            Action::RunAfterHooks { missing, deadline } => {
+                write!(f, "wait for after-reboot hooks ({}) until {deadline}", missing.join(", "))
+            }
+            Action::Uncordon => write!(f, "uncordon"),
+            Action::MarkDone => write!(f, "mark done"),
+            Action::Settle { until } => write!(f, "settle until {until}"),
+            Action::Release(ReleaseReason::Done) => write!(f, "release: done"),
+            Action::Release(ReleaseReason::NodeDeleted) => write!(f, "release: node deleted"),
+            Action::Fail { reason } => write!(f, "fail: {reason}"),
+            Action::Skip(skip) => write!(f, "skip: {skip}"),
+        }
+    }
+}
+
+impl fmt::Display for Skip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Skip::UpToDate => write!(f, "up to date"),
+            Skip::NotRequested(why) => write!(f, "no reboot requested ({why})"),
+            Skip::PolicyPaused => write!(f, "policy paused"),
+            Skip::NodePaused => write!(f, "node paused"),
+            Skip::Halted => write!(f, "pool halted"),
+            Skip::OutsideWindow(Some(t)) => write!(f, "outside the maintenance window; next opens {t}"),
+            Skip::OutsideWindow(None) => write!(f, "outside the maintenance window; none opens within 5 years"),
+            Skip::WindowTooShort(c) => write!(f, "the window closes at {c}, before rebootTimeout would end"),
+            Skip::Budget => write!(f, "maxUnavailable reached"),
+            Skip::OtherZone(z) => write!(f, "zone {z:?} is in progress"),
+            Skip::CordonedByOthers => write!(f, "cordoned by someone else"),
+            Skip::NotReady => write!(f, "not Ready"),
+            Skip::Blocked(why) => write!(f, "blocked by {why}"),
+            Skip::Gate(why) => write!(f, "gate closed: {why}"),
+            Skip::Malformed(errors) => write!(f, "malformed annotations: {}", errors.join("; ")),
+            Skip::Conflict(others) => write!(f, "also selected by {}", others.join(", ")),
+            Skip::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
+}
+
+impl Action {
+    /// Whether this action starts a new disruption.
+    pub fn is_grant(&self) -> bool {
+        matches!(self, Action::Grant { .. })
+    }
+
+    /// The deadline or timer this action waits on, if any.
+    pub fn timer(&self) -> Option<Timestamp> {
+        match self {
+            Action::RunBeforeHooks { deadline, .. }
+            | Action::WaitForReboot { deadline }
+            | Action::RunAfterHooks { deadline, .. } => Some(*deadline),
+            Action::Drain { deadline } => *deadline,
+            Action::Settle { until } => Some(*until),
+            _ => None,
+        }
+    }
+}
+
+impl Plan {
+    /// The plan for one node, if it is in this plan.
+    pub fn node(&self, name: &str) -> Option<&Action> {
+        self.nodes.iter().find(|n| n.node == name).map(|n| &n.action)
+    }
+
+    /// The nodes granted in this plan.
+    pub fn grants(&self) -> impl Iterator<Item = &str> {
+        self.nodes.iter().filter(|n| n.action.is_grant()).map(|n| n.node.as_str())
+    }
+}

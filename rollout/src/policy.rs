@@ -1,0 +1,174 @@
+//! A policy as the decision core uses it: every field parsed and checked once, so the
+//! rules never see a string. A spec that cannot be parsed becomes a list of
+//! [`SpecError`]s for the `InvalidSpec` condition, never a panic.
+
+use jiff::SignedDuration;
+use thiserror::Error;
+
+use crds::{Budget, OnTimeout, UpdatePolicySpec, WindowMode, protocol::Version};
+
+use crate::{selector::Selector, window::Windows};
+
+/// A validated `UpdatePolicy`.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The policy's name.
+    pub name: String,
+    /// Which nodes it governs.
+    pub selector: Selector,
+    /// `maxUnavailable`.
+    pub budget: Budget,
+    /// Maintenance windows.
+    pub windows: Windows,
+    /// Whether the reboot must fit in the window.
+    pub window_mode: WindowMode,
+    /// From the reboot grant to back-and-healthy.
+    pub reboot_timeout: SignedDuration,
+    /// The pause after a node is done before its slot is released.
+    pub settle_time: SignedDuration,
+    /// The drain's bound.
+    pub drain_timeout: SignedDuration,
+    /// What happens when the drain's bound passes.
+    pub on_timeout: OnTimeout,
+    /// The before-reboot hook, if any.
+    pub before_reboot: Option<HookRule>,
+    /// The after-reboot hook, if any.
+    pub after_reboot: Option<HookRule>,
+    /// Failures that halt the pool.
+    pub max_failed: u32,
+    /// No new grants while set.
+    pub paused: bool,
+    /// Take one zone at a time.
+    pub one_zone_at_a_time: bool,
+    /// The label naming a node's zone.
+    pub zone_label: String,
+    /// The release version nodes converge on, when the policy names one.
+    pub target_version: Option<Version>,
+}
+
+/// A hook: the annotations to wait for, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookRule {
+    /// Node annotations that must all be `"true"`.
+    pub annotations: Vec<String>,
+    /// The bound on the wait.
+    pub timeout: SignedDuration,
+}
+
+/// One thing wrong with a spec, with the field it is in.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    /// The field path, such as `spec.maintenanceWindows[1]`.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl Policy {
+    /// Parses a spec, collecting every problem rather than stopping at the first.
+    pub fn from_spec(name: &str, spec: &UpdatePolicySpec) -> Result<Policy, Vec<SpecError>> {
+        let mut errors = Vec::new();
+        let mut err = |field: &str, message: String| {
+            errors.push(SpecError {
+                field: field.to_string(),
+                message,
+            })
+        };
+        let mut duration = |field: &str, text: &str| -> SignedDuration {
+            match crds::duration::parse(text).map(SignedDuration::try_from) {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => {
+                    err(field, e.to_string());
+                    SignedDuration::ZERO
+                }
+                Err(e) => {
+                    err(field, e.to_string());
+                    SignedDuration::ZERO
+                }
+            }
+        };
+        let reboot_timeout = duration("spec.health.rebootTimeout", &spec.health.reboot_timeout);
+        let settle_time = duration("spec.health.settleTime", &spec.health.settle_time);
+        let drain_timeout = duration("spec.drain.timeout", &spec.drain.timeout);
+        let mut hook = |field: &str, h: &Option<crds::Hook>| {
+            h.as_ref().map(|h| HookRule {
+                annotations: h.annotations.clone(),
+                timeout: duration(field, &h.timeout),
+            })
+        };
+        let before_reboot = hook("spec.hooks.beforeReboot.timeout", &spec.hooks.before_reboot);
+        let after_reboot = hook("spec.hooks.afterReboot.timeout", &spec.hooks.after_reboot);
+
+        let selector = Selector::compile(&spec.node_selector)
+            .map_err(|e| err("spec.nodeSelector", e.to_string()))
+            .unwrap_or_default();
+        let budget = Budget::parse(&spec.max_unavailable)
+            .map_err(|e| err("spec.maxUnavailable", e.to_string()))
+            .unwrap_or_default();
+        let windows = Windows::compile(&spec.maintenance_windows)
+            .map_err(|list| {
+                for (i, e) in list {
+                    err(&format!("spec.maintenanceWindows[{i}]"), e.to_string());
+                }
+            })
+            .unwrap_or_default();
+        let target_version = spec.release.as_ref().and_then(|r| {
+            Version::new(r.version.clone())
+                .map_err(|e| err("spec.release.version", e))
+                .ok()
+        });
+        if spec.failure_policy.max_failed_nodes == 0 {
+            err("spec.failurePolicy.maxFailedNodes", "must be at least 1".into());
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Policy {
+            name: name.to_string(),
+            selector,
+            budget,
+            windows,
+            window_mode: spec.window_mode,
+            reboot_timeout,
+            settle_time,
+            drain_timeout,
+            on_timeout: spec.drain.on_timeout,
+            before_reboot,
+            after_reboot,
+            max_failed: spec.failure_policy.max_failed_nodes,
+            paused: spec.paused,
+            one_zone_at_a_time: spec.ordering.one_zone_at_a_time,
+            zone_label: spec.ordering.zone_label.clone(),
+            target_version,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_spec_is_a_valid_policy() {
+        let p = Policy::from_spec("p", &serde_json::from_str("{}").unwrap()).unwrap();
+        assert_eq!(p.budget, Budget::Count(1));
+        assert_eq!(p.reboot_timeout, SignedDuration::from_mins(30));
+        assert_eq!(p.drain_timeout, SignedDuration::from_mins(10));
+        assert_eq!(p.max_failed, 1);
+    }
+
+    #[test]
+    fn every_problem_in_a_spec_is_reported_with_its_field() {
+        let spec: UpdatePolicySpec = serde_json::from_value(serde_json::json!({
+            "maxUnavailable": "0%",
+            "maintenanceWindows": [{"schedule": "0 2 * * 6", "duration": "1h", "timeZone": "Mars/Olympus"}],
+            "health": {"rebootTimeout": "soon"},
+        }))
+        .unwrap();
+        let errors = Policy::from_spec("p", &spec).unwrap_err();
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.health.rebootTimeout", "spec.maxUnavailable", "spec.maintenanceWindows[0]"]);
+        assert!(errors[2].message.contains("Mars/Olympus"));
+    }
+}

@@ -1,0 +1,200 @@
+//! What the cluster looks like at one moment, as the decision core sees it.
+//!
+//! Views are built from Nodes and Leases by [`NodeView::from_node`] and
+//! [`LeaseView::from_lease`]; malformed `baton.dev/*` values are kept as reports and
+//! never trusted.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use jiff::Timestamp;
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
+
+use crds::{
+    AgentState, ProtocolError,
+    protocol::{self, BootId, Key, Value, Version},
+};
+
+use crate::selector::Selector;
+
+/// The observed cluster.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Every node.
+    pub nodes: Vec<NodeView>,
+    /// Every baton reboot lease.
+    pub leases: Vec<LeaseView>,
+    /// The node the operator runs on; it goes last.
+    pub operator_node: Option<String>,
+    /// The other valid policies' selectors, to detect nodes claimed twice.
+    pub other_policies: Vec<(String, Selector)>,
+    /// Why a cluster-wide gate (the Prometheus alert gate) blocks new grants, if it does.
+    pub gate: Option<String>,
+}
+
+/// One node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeView {
+    /// The node's name.
+    pub name: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// When it was created; older nodes go first.
+    pub created: Option<Timestamp>,
+    /// `Ready=True`.
+    pub ready: bool,
+    /// `spec.unschedulable` (cordoned, by anyone).
+    pub unschedulable: bool,
+    /// Baton cordoned it (`baton.dev/cordoned=true`).
+    pub cordoned_by_baton: bool,
+    /// An admin paused it (`baton.dev/paused=true`).
+    pub paused: bool,
+    /// The operator marked it failed, with the reason.
+    pub failure: Option<String>,
+    /// What its agent reports.
+    pub agent: AgentView,
+    /// Annotation keys whose value is `"true"` (hook answers).
+    pub true_annotations: BTreeSet<String>,
+    /// A pod matching a blocking selector runs on it (the operator fills this in).
+    pub blocked_by: Option<String>,
+    /// `baton.dev/*` values that did not parse.
+    pub malformed: Vec<ProtocolError>,
+}
+
+/// The agent's report on its node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentView {
+    /// Its state; `None` when it has not reported one.
+    pub state: Option<AgentState>,
+    /// The version running now.
+    pub current_version: Option<Version>,
+    /// The version staged.
+    pub target_version: Option<Version>,
+    /// The boot it runs under.
+    pub boot_id: Option<BootId>,
+    /// It asks for a reboot.
+    pub reboot_required: bool,
+    /// The operator's grant, naming the boot it applies to.
+    pub reboot_ok: Option<BootId>,
+    /// Its message.
+    pub message: Option<String>,
+}
+
+/// One reboot lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseView {
+    /// The lease object's name.
+    pub name: String,
+    /// The node holding it.
+    pub node: String,
+    /// The policy that granted it.
+    pub policy: String,
+    /// When it was granted.
+    pub acquired: Timestamp,
+    /// The node's boot id at the grant.
+    pub granted_boot_id: Option<BootId>,
+    /// The version the node had staged at the grant.
+    pub target_version: Option<Version>,
+    /// When the drain started.
+    pub drain_started: Option<Timestamp>,
+    /// When the drain finished.
+    pub drained: Option<Timestamp>,
+    /// When the node was verified done.
+    pub done: Option<Timestamp>,
+    /// Why the node failed, if it did.
+    pub failure: Option<String>,
+}
+
+impl NodeView {
+    /// Whether this node asks for a reboot: state `RebootRequired` and the flag set.
+    pub fn requests_reboot(&self) -> bool {
+        self.agent.reboot_required && self.agent.state == Some(AgentState::RebootRequired)
+    }
+
+    /// The node's zone under `label`, or `""` when it has none.
+    pub fn zone<'a>(&'a self, label: &str) -> &'a str {
+        self.labels.get(label).map(String::as_str).unwrap_or("")
+    }
+
+    /// Builds the view of a Node.
+    pub fn from_node(node: &Node) -> NodeView {
+        let meta = &node.metadata;
+        let annotations = meta.annotations.as_ref();
+        let labels = meta.labels.clone().unwrap_or_default();
+        let mut malformed = Vec::new();
+        let m = &mut malformed;
+        let agent = AgentView {
+            state: read(&protocol::STATE, annotations, m),
+            current_version: read(&protocol::CURRENT_VERSION, annotations, m),
+            target_version: read(&protocol::TARGET_VERSION, annotations, m),
+            boot_id: read(&protocol::BOOT_ID, annotations, m),
+            reboot_required: read(&protocol::REBOOT_REQUIRED, annotations, m).unwrap_or(false),
+            reboot_ok: read(&protocol::REBOOT_OK, annotations, m),
+            message: read(&protocol::MESSAGE, annotations, m).map(|msg| msg.0),
+        };
+        let cordoned_by_baton = read(&protocol::CORDONED, annotations, m).unwrap_or(false);
+        let paused = read(&protocol::PAUSED, annotations, m).unwrap_or(false);
+        let failure = read(&protocol::FAILURE, annotations, m).map(|msg| msg.0);
+        let ready = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.status == "True");
+        NodeView {
+            name: meta.name.clone().unwrap_or_default(),
+            created: meta.creation_timestamp.as_ref().map(|t| t.0),
+            ready,
+            unschedulable: node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false),
+            cordoned_by_baton,
+            paused,
+            failure,
+            agent,
+            true_annotations: annotations
+                .into_iter()
+                .flatten()
+                .filter(|(_, v)| v.as_str() == "true")
+                .map(|(k, _)| k.clone())
+                .collect(),
+            blocked_by: None,
+            malformed,
+            labels,
+        }
+    }
+}
+
+impl LeaseView {
+    /// Builds the view of a baton reboot Lease. A lease whose `baton.dev/*` values are
+    /// malformed is still tracked: the errors come back beside it.
+    pub fn from_lease(lease: &Lease) -> (Option<LeaseView>, Vec<ProtocolError>) {
+        let meta = &lease.metadata;
+        let annotations = meta.annotations.as_ref();
+        let mut errors = Vec::new();
+        let policy = read(&protocol::lease::POLICY, annotations, &mut errors).map(|m| m.0);
+        let spec = lease.spec.as_ref();
+        let Some(node) = spec.and_then(|s| s.holder_identity.clone()) else {
+            return (None, errors);
+        };
+        let acquired = spec
+            .and_then(|s| s.acquire_time.as_ref())
+            .map(|t| t.0)
+            .or_else(|| meta.creation_timestamp.as_ref().map(|t| t.0))
+            .unwrap_or(Timestamp::UNIX_EPOCH);
+        let view = LeaseView {
+            name: meta.name.clone().unwrap_or_default(),
+            node,
+            policy: policy.unwrap_or_default(),
+            acquired,
+            granted_boot_id: read(&protocol::lease::GRANTED_BOOT_ID, annotations, &mut errors),
+            target_version: read(&protocol::lease::TARGET_VERSION, annotations, &mut errors),
+            drain_started: read(&protocol::lease::DRAIN_STARTED_AT, annotations, &mut errors),
+            drained: read(&protocol::lease::DRAINED_AT, annotations, &mut errors),
+            done: read(&protocol::lease::DONE_AT, annotations, &mut errors),
+            failure: read(&protocol::lease::FAILURE, annotations, &mut errors).map(|m| m.0),
+        };
+        (Some(view), errors)
+    }
+}
+
+fn read<T: Value>(key: &Key<T>, map: Option<&BTreeMap<String, String>>, errors: &mut Vec<ProtocolError>) -> Option<T> {
+    key.read(map).map_err(|e| errors.push(e)).ok().flatten()
+}
