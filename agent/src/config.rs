@@ -30,7 +30,11 @@ pub enum RebootMethod {
 
 /// `baton-agent` configuration.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "baton-agent", version, about = "Stages OS updates, reboots when granted, verifies the new boot")]
+#[command(
+    name = "baton-agent",
+    version,
+    about = "Stages OS updates, reboots when granted, verifies the new boot"
+)]
 pub struct Config {
     /// The Node this agent runs on (the downward API's spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
@@ -45,7 +49,11 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
 
     /// The sentinel backend's reboot-required file.
-    #[arg(long, env = "BATON_SENTINEL_FILE", default_value = "/var/run/reboot-required")]
+    #[arg(
+        long,
+        env = "BATON_SENTINEL_FILE",
+        default_value = "/var/run/reboot-required"
+    )]
     pub sentinel_file: PathBuf,
 
     /// The sentinel backend's reboot-required command (exit 0 means "reboot needed");
@@ -58,11 +66,19 @@ pub struct Config {
     pub reboot_method: RebootMethod,
 
     /// The command for `--reboot-method command`.
-    #[arg(long, env = "BATON_REBOOT_COMMAND", required_if_eq("reboot_method", "command"))]
+    #[arg(
+        long,
+        env = "BATON_REBOOT_COMMAND",
+        required_if_eq("reboot_method", "command")
+    )]
     pub reboot_command: Option<String>,
 
     /// Extra health checks run after boot, before the slot is committed (exit 0 = healthy).
-    #[arg(long = "health-check", env = "BATON_HEALTH_CHECKS", value_delimiter = ';')]
+    #[arg(
+        long = "health-check",
+        env = "BATON_HEALTH_CHECKS",
+        value_delimiter = ';'
+    )]
     pub health_checks: Vec<String>,
 
     /// Logging.
@@ -76,23 +92,46 @@ mod tests {
 
     #[test]
     fn sim_needs_a_state_dir() {
-        let err = Config::try_parse_from(["baton-agent", "--node-name", "n1", "--backend", "sim"]).unwrap_err();
+        let err = Config::try_parse_from(["baton-agent", "--node-name", "n1", "--backend", "sim"])
+            .unwrap_err();
         assert!(err.to_string().contains("--state-dir"), "{err}");
-        let ok = Config::try_parse_from(["baton-agent", "--node-name", "n1", "--backend", "sim", "--state-dir", "/tmp/s"]).unwrap();
+        let ok = Config::try_parse_from([
+            "baton-agent",
+            "--node-name",
+            "n1",
+            "--backend",
+            "sim",
+            "--state-dir",
+            "/tmp/s",
+        ])
+        .unwrap();
         assert_eq!(ok.backend, BackendKind::Sim);
     }
 
     #[test]
     fn command_reboot_needs_a_command() {
-        let err = Config::try_parse_from(["baton-agent", "--node-name", "n1", "--backend", "sentinel", "--reboot-method", "command"]).unwrap_err();
+        let err = Config::try_parse_from([
+            "baton-agent",
+            "--node-name",
+            "n1",
+            "--backend",
+            "sentinel",
+            "--reboot-method",
+            "command",
+        ])
+        .unwrap_err();
         assert!(err.to_string().contains("--reboot-command"), "{err}");
     }
 
     #[test]
     fn an_unknown_backend_lists_the_known_ones() {
-        let err = Config::try_parse_from(["baton-agent", "--node-name", "n1", "--backend", "apt"]).unwrap_err();
+        let err = Config::try_parse_from(["baton-agent", "--node-name", "n1", "--backend", "apt"])
+            .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("flatcar") && text.contains("sentinel") && text.contains("sim"), "{text}");
+        assert!(
+            text.contains("flatcar") && text.contains("sentinel") && text.contains("sim"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -25,7 +25,9 @@ pub enum Budget {
 
 /// A `maxUnavailable` that is neither a positive count nor a percentage from 1% to 100%.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("maxUnavailable {value} is invalid: use a count of at least 1 or a percentage from 1% to 100%")]
+#[error(
+    "maxUnavailable {value} is invalid: use a count of at least 1 or a percentage from 1% to 100%"
+)]
 pub struct BudgetError {
     /// The rejected value as written.
     pub value: String,
@@ -43,7 +45,10 @@ impl Budget {
             IntOrString::Int(n) => Err(err(n.to_string())),
             IntOrString::String(s) => {
                 let digits = s.strip_suffix('%').ok_or_else(|| err(format!("{s:?}")))?;
-                if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                if digits.is_empty()
+                    || digits.starts_with('0')
+                    || !digits.bytes().all(|b| b.is_ascii_digit())
+                {
                     return Err(err(format!("{s:?}")));
                 }
                 match digits.parse::<u8>() {
@@ -110,7 +115,9 @@ mod tests {
         for bad in [IntOrString::Int(0), IntOrString::Int(-1)] {
             assert!(Budget::parse(&bad).is_err(), "{bad:?}");
         }
-        for bad in ["0%", "101%", "40", "%", "4 0%", "-5%", "05%", "1.5%", "", "abc"] {
+        for bad in [
+            "0%", "101%", "40", "%", "4 0%", "-5%", "05%", "1.5%", "", "abc",
+        ] {
             assert!(Budget::parse(&s(bad)).is_err(), "{bad:?}");
         }
     }

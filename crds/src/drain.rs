@@ -44,7 +44,9 @@ pub struct DrainSpec {
 }
 
 /// What the operator does when a drain outlives its timeout.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum OnTimeout {
     /// Stop: do not reboot, uncordon the node if baton cordoned it, release its
     /// disruption slot and mark it failed (which counts towards `maxFailedNodes`).

@@ -9,14 +9,17 @@ use std::time::Duration;
 use thiserror::Error;
 
 /// CEL rule for a duration field that must be strictly positive.
-pub const POSITIVE_RULE: &str = "self.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) > duration('0s')";
+pub const POSITIVE_RULE: &str =
+    "self.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) > duration('0s')";
 /// CEL rule for a duration field that may be zero.
 pub const NON_NEGATIVE_RULE: &str =
     "self.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) >= duration('0s')";
 
 /// A duration string that is not a Go-style duration.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("{value:?} is not a duration: write a number and a unit (ns, us, ms, s, m, h), such as 90s, 10m or 1h30m")]
+#[error(
+    "{value:?} is not a duration: write a number and a unit (ns, us, ms, s, m, h), such as 90s, 10m or 1h30m"
+)]
 pub struct DurationError {
     /// The rejected text.
     pub value: String,
@@ -78,7 +81,9 @@ mod tests {
 
     #[test]
     fn rejects_what_cel_rejects() {
-        for text in ["", "5", "m", "-5m", "1 hour", "1d", "1h 30m", "5x", ".m", "1..5s"] {
+        for text in [
+            "", "5", "m", "-5m", "1 hour", "1d", "1h 30m", "5x", ".m", "1..5s",
+        ] {
             assert!(parse(text).is_err(), "{text} should be rejected");
         }
     }

@@ -14,7 +14,8 @@ fn main() -> ExitCode {
     for dir in crds::crd::output_dirs(&workspace) {
         for (name, yaml) in &files {
             let path = dir.join(name);
-            if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, yaml)) {
+            if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, yaml))
+            {
                 eprintln!("error: cannot write {}: {e}", path.display());
                 return ExitCode::FAILURE;
             }

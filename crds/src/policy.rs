@@ -81,7 +81,9 @@ pub struct UpdatePolicySpec {
 }
 
 /// How a maintenance window gates a disruption.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum WindowMode {
     /// A disruption may start at any moment a window is open.
     #[default]

@@ -312,7 +312,8 @@ pub const CORDONED: Key<bool> = Key::new("baton.dev/cordoned", Annotation, Opera
 /// Baton added `node.kubernetes.io/exclude-from-external-load-balancers`.
 pub const LB_EXCLUDED: Key<bool> = Key::new("baton.dev/lb-excluded", Annotation, Operator);
 /// The version the policy's release wants on this node (A/B and sim backends).
-pub const DESIRED_VERSION: Key<Version> = Key::new("baton.dev/desired-version", Annotation, Operator);
+pub const DESIRED_VERSION: Key<Version> =
+    Key::new("baton.dev/desired-version", Annotation, Operator);
 /// The operator marked this node failed; the value is the reason.
 pub const FAILURE: Key<Message> = Key::new("baton.dev/failure", Annotation, Operator);
 /// Set while before-reboot hooks should run.
@@ -330,11 +331,14 @@ pub mod lease {
     /// The policy that granted the lease.
     pub const POLICY: Key<Message> = Key::new("baton.dev/policy", Annotation, Operator);
     /// The node's boot id when the lease was granted.
-    pub const GRANTED_BOOT_ID: Key<BootId> = Key::new("baton.dev/granted-boot-id", Annotation, Operator);
+    pub const GRANTED_BOOT_ID: Key<BootId> =
+        Key::new("baton.dev/granted-boot-id", Annotation, Operator);
     /// The version the node had staged at the grant; the reboot must land on it.
-    pub const TARGET_VERSION: Key<Version> = Key::new("baton.dev/target-version", Annotation, Operator);
+    pub const TARGET_VERSION: Key<Version> =
+        Key::new("baton.dev/target-version", Annotation, Operator);
     /// When the drain started; its timeout runs from here, across leader changes.
-    pub const DRAIN_STARTED_AT: Key<Timestamp> = Key::new("baton.dev/drain-started-at", Annotation, Operator);
+    pub const DRAIN_STARTED_AT: Key<Timestamp> =
+        Key::new("baton.dev/drain-started-at", Annotation, Operator);
     /// When the drain finished (or was given up under `onTimeout`).
     pub const DRAINED_AT: Key<Timestamp> = Key::new("baton.dev/drained-at", Annotation, Operator);
     /// When the node was verified back on the new version; settle time runs from here.
@@ -346,18 +350,38 @@ pub mod lease {
 /// Every node key's name, kind and writer, for documentation and RBAC checks.
 pub const NODE_KEYS: &[(&str, Kind, Writer)] = &[
     (STATE.name, STATE.kind, STATE.writer),
-    (CURRENT_VERSION.name, CURRENT_VERSION.kind, CURRENT_VERSION.writer),
-    (TARGET_VERSION.name, TARGET_VERSION.kind, TARGET_VERSION.writer),
+    (
+        CURRENT_VERSION.name,
+        CURRENT_VERSION.kind,
+        CURRENT_VERSION.writer,
+    ),
+    (
+        TARGET_VERSION.name,
+        TARGET_VERSION.kind,
+        TARGET_VERSION.writer,
+    ),
     (BOOT_ID.name, BOOT_ID.kind, BOOT_ID.writer),
     (SLOT.name, SLOT.kind, SLOT.writer),
     (MESSAGE.name, MESSAGE.kind, MESSAGE.writer),
     (LAST_CHECKED.name, LAST_CHECKED.kind, LAST_CHECKED.writer),
-    (REBOOT_REQUIRED.name, REBOOT_REQUIRED.kind, REBOOT_REQUIRED.writer),
-    (REBOOT_REQUIRED_LABEL.name, REBOOT_REQUIRED_LABEL.kind, REBOOT_REQUIRED_LABEL.writer),
+    (
+        REBOOT_REQUIRED.name,
+        REBOOT_REQUIRED.kind,
+        REBOOT_REQUIRED.writer,
+    ),
+    (
+        REBOOT_REQUIRED_LABEL.name,
+        REBOOT_REQUIRED_LABEL.kind,
+        REBOOT_REQUIRED_LABEL.writer,
+    ),
     (REBOOT_OK.name, REBOOT_OK.kind, REBOOT_OK.writer),
     (CORDONED.name, CORDONED.kind, CORDONED.writer),
     (LB_EXCLUDED.name, LB_EXCLUDED.kind, LB_EXCLUDED.writer),
-    (DESIRED_VERSION.name, DESIRED_VERSION.kind, DESIRED_VERSION.writer),
+    (
+        DESIRED_VERSION.name,
+        DESIRED_VERSION.kind,
+        DESIRED_VERSION.writer,
+    ),
     (FAILURE.name, FAILURE.kind, FAILURE.writer),
     (BEFORE_REBOOT.name, BEFORE_REBOOT.kind, BEFORE_REBOOT.writer),
     (AFTER_REBOOT.name, AFTER_REBOOT.kind, AFTER_REBOOT.writer),
@@ -375,7 +399,12 @@ mod tests {
 
     fn round_trip<T: Value + PartialEq + fmt::Debug>(key: &Key<T>, value: T) {
         let text = key.format(&value);
-        assert_eq!(key.read(Some(&map(key.name, &text))).unwrap(), Some(value), "{}", key.name);
+        assert_eq!(
+            key.read(Some(&map(key.name, &text))).unwrap(),
+            Some(value),
+            "{}",
+            key.name
+        );
     }
 
     fn rejects<T: Value + fmt::Debug>(key: &Key<T>, text: &str) {
@@ -416,7 +445,15 @@ mod tests {
 
     #[test]
     fn flags_round_trip_and_reject_anything_but_true_and_false() {
-        for key in [&REBOOT_REQUIRED, &REBOOT_REQUIRED_LABEL, &CORDONED, &LB_EXCLUDED, &BEFORE_REBOOT, &AFTER_REBOOT, &PAUSED] {
+        for key in [
+            &REBOOT_REQUIRED,
+            &REBOOT_REQUIRED_LABEL,
+            &CORDONED,
+            &LB_EXCLUDED,
+            &BEFORE_REBOOT,
+            &AFTER_REBOOT,
+            &PAUSED,
+        ] {
             round_trip(key, true);
             round_trip(key, false);
             for bad in ["", "yes", "True", "1", " true"] {
@@ -427,14 +464,22 @@ mod tests {
 
     #[test]
     fn versions_boot_ids_and_slots_round_trip() {
-        for key in [&CURRENT_VERSION, &TARGET_VERSION, &DESIRED_VERSION, &lease::TARGET_VERSION] {
+        for key in [
+            &CURRENT_VERSION,
+            &TARGET_VERSION,
+            &DESIRED_VERSION,
+            &lease::TARGET_VERSION,
+        ] {
             round_trip(key, Version::new("4230.2.1+build-7").unwrap());
             for bad in ["", "4230 2", "v1/2", &"9".repeat(129)] {
                 rejects(key, bad);
             }
         }
         for key in [&BOOT_ID, &REBOOT_OK, &lease::GRANTED_BOOT_ID] {
-            round_trip(key, BootId::new("3f1c2b8e-5d6a-4e2f-9b1a-0c7d8e9f0a1b").unwrap());
+            round_trip(
+                key,
+                BootId::new("3f1c2b8e-5d6a-4e2f-9b1a-0c7d8e9f0a1b").unwrap(),
+            );
             for bad in ["", "not-a-boot-id", "zz", &"a".repeat(65)] {
                 rejects(key, bad);
             }
@@ -445,7 +490,12 @@ mod tests {
 
     #[test]
     fn timestamps_round_trip_in_whole_seconds() {
-        for key in [&LAST_CHECKED, &lease::DRAIN_STARTED_AT, &lease::DRAINED_AT, &lease::DONE_AT] {
+        for key in [
+            &LAST_CHECKED,
+            &lease::DRAIN_STARTED_AT,
+            &lease::DRAINED_AT,
+            &lease::DONE_AT,
+        ] {
             round_trip(key, "2026-03-29T01:30:00Z".parse::<Timestamp>().unwrap());
             for bad in ["", "yesterday", "2026-13-01T00:00:00Z", "1700000000"] {
                 rejects(key, bad);

@@ -43,8 +43,7 @@ pub struct MaintenanceWindow {
 
 /// The CEL shape check for a cron schedule: five whitespace-separated fields of digits,
 /// names, `*`, `,`, `-` and `/`. croner checks the values when the operator loads it.
-pub const CRON_RULE: &str =
-    "self.matches('^ *[0-9A-Za-z*,/-]+( +[0-9A-Za-z*,/-]+){4} *$')";
+pub const CRON_RULE: &str = "self.matches('^ *[0-9A-Za-z*,/-]+( +[0-9A-Za-z*,/-]+){4} *$')";
 
 fn default_time_zone() -> String {
     "UTC".to_string()

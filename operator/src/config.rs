@@ -6,7 +6,11 @@ use clap::Parser;
 
 /// `baton-operator` configuration.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "baton-operator", version, about = "Grants reboot leases, drains nodes and enforces maintenance windows")]
+#[command(
+    name = "baton-operator",
+    version,
+    about = "Grants reboot leases, drains nodes and enforces maintenance windows"
+)]
 pub struct Config {
     /// The namespace holding the operator's reboot Leases and its leader-election Lease.
     #[arg(long, env = "BATON_NAMESPACE", default_value = "baton-system")]
@@ -71,14 +75,19 @@ mod tests {
 
     #[test]
     fn a_malformed_duration_is_refused_with_the_flag_named() {
-        let err = Config::try_parse_from(["baton-operator", "--leader-lease-duration", "15"]).unwrap_err();
+        let err = Config::try_parse_from(["baton-operator", "--leader-lease-duration", "15"])
+            .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("--leader-lease-duration") && text.contains("is not a duration"), "{text}");
+        assert!(
+            text.contains("--leader-lease-duration") && text.contains("is not a duration"),
+            "{text}"
+        );
     }
 
     #[test]
     fn renew_must_be_shorter_than_the_lease() {
-        let config = Config::try_parse_from(["baton-operator", "--leader-renew-interval", "20s"]).unwrap();
+        let config =
+            Config::try_parse_from(["baton-operator", "--leader-renew-interval", "20s"]).unwrap();
         assert!(config.validate().unwrap_err().contains("must be shorter"));
     }
 

@@ -21,9 +21,16 @@ use crate::{
 /// Decides the next step for every node of `policy` at `now`.
 pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     let window = policy.windows.state(now);
-    let nodes_by_name: BTreeMap<&str, &NodeView> = snapshot.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
-    let leases_by_node: BTreeMap<&str, &LeaseView> =
-        snapshot.leases.iter().map(|l| (l.node.as_str(), l)).collect();
+    let nodes_by_name: BTreeMap<&str, &NodeView> = snapshot
+        .nodes
+        .iter()
+        .map(|n| (n.name.as_str(), n))
+        .collect();
+    let leases_by_node: BTreeMap<&str, &LeaseView> = snapshot
+        .leases
+        .iter()
+        .map(|l| (l.node.as_str(), l))
+        .collect();
 
     // The pool: selected nodes that no other policy also selects.
     let mut pool = Vec::new();
@@ -105,7 +112,9 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     // Zones in progress, for one zone at a time.
     let mut active_zones: BTreeSet<&str> = pool
         .iter()
-        .filter(|n| leases_by_node.contains_key(n.name.as_str()) && !failed.contains(n.name.as_str()))
+        .filter(|n| {
+            leases_by_node.contains_key(n.name.as_str()) && !failed.contains(n.name.as_str())
+        })
         .map(|n| n.zone(&policy.zone_label))
         .collect();
 
@@ -122,7 +131,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         .copied()
         .filter(|n| !leases_by_node.contains_key(n.name.as_str()))
         .collect();
-    rest.sort_by(|a, b| order_key(a, snapshot, policy).cmp(&order_key(b, snapshot, policy)));
+    rest.sort_by_cached_key(|n| order_key(n, snapshot, policy));
     let window_gate = window_gate(window, policy, now);
     for node in rest {
         let action = if failed.contains(node.name.as_str()) {
@@ -130,10 +139,17 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                 .failure
                 .clone()
                 .or_else(|| node.agent.message.clone())
-                .unwrap_or_else(|| format!("agent reported {}", node.agent.state.map_or("", |s| s.as_str())));
+                .unwrap_or_else(|| {
+                    format!(
+                        "agent reported {}",
+                        node.agent.state.map_or("", |s| s.as_str())
+                    )
+                });
             Action::Skip(Skip::Failed(why))
         } else if !node.malformed.is_empty() {
-            Action::Skip(Skip::Malformed(node.malformed.iter().map(|e| e.to_string()).collect()))
+            Action::Skip(Skip::Malformed(
+                node.malformed.iter().map(|e| e.to_string()).collect(),
+            ))
         } else if !node.requests_reboot() {
             if is_up_to_date(node, policy) {
                 counts.up_to_date += 1;
@@ -148,7 +164,15 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
             }
         } else {
             counts.waiting += 1;
-            match candidate(node, snapshot, policy, halted.is_some(), &window_gate, free, &active_zones) {
+            match candidate(
+                node,
+                snapshot,
+                policy,
+                halted.is_some(),
+                &window_gate,
+                free,
+                &active_zones,
+            ) {
                 Ok(boot_id) => {
                     free -= 1;
                     if policy.one_zone_at_a_time {
@@ -197,7 +221,9 @@ fn window_gate(window: WindowState, policy: &Policy, now: Timestamp) -> Result<(
         WindowState::Always => Ok(()),
         WindowState::Closed { opens } => Err(Skip::OutsideWindow(opens)),
         WindowState::Open { closes } => {
-            let fits = now.checked_add(policy.reboot_timeout).is_ok_and(|end| end <= closes);
+            let fits = now
+                .checked_add(policy.reboot_timeout)
+                .is_ok_and(|end| end <= closes);
             if policy.window_mode == WindowMode::Fit && !fits {
                 Err(Skip::WindowTooShort(closes))
             } else {
@@ -234,7 +260,9 @@ fn candidate(
         return Err(Skip::NotReady);
     }
     let Some(boot_id) = node.agent.boot_id.clone() else {
-        return Err(Skip::NotRequested("agent has not reported a boot id".into()));
+        return Err(Skip::NotRequested(
+            "agent has not reported a boot id".into(),
+        ));
     };
     if let Some(pod) = &node.blocked_by {
         return Err(Skip::Blocked(pod.clone()));
@@ -256,9 +284,18 @@ fn candidate(
 
 /// The documented rollout order: the operator's own node last, then by zone name, then
 /// oldest first, then by name.
-fn order_key<'a>(node: &'a NodeView, snapshot: &Snapshot, policy: &Policy) -> (bool, &'a str, Option<jiff::Timestamp>, &'a str) {
+fn order_key<'a>(
+    node: &'a NodeView,
+    snapshot: &Snapshot,
+    policy: &Policy,
+) -> (bool, &'a str, Option<jiff::Timestamp>, &'a str) {
     let is_operator_node = snapshot.operator_node.as_deref() == Some(node.name.as_str());
-    (is_operator_node, node.zone(&policy.zone_label), node.created, node.name.as_str())
+    (
+        is_operator_node,
+        node.zone(&policy.zone_label),
+        node.created,
+        node.name.as_str(),
+    )
 }
 
 fn is_up_to_date(node: &NodeView, policy: &Policy) -> bool {
@@ -266,7 +303,11 @@ fn is_up_to_date(node: &NodeView, policy: &Policy) -> bool {
         Some(target) => node.agent.current_version.as_ref() == Some(target),
         None => true,
     };
-    on_target && matches!(node.agent.state, None | Some(AgentState::Idle | AgentState::Done))
+    on_target
+        && matches!(
+            node.agent.state,
+            None | Some(AgentState::Idle | AgentState::Done)
+        )
 }
 
 /// The next step of a node that holds one of the policy's leases.
@@ -281,7 +322,9 @@ fn step(node: Option<&NodeView>, lease: &LeaseView, policy: &Policy, now: Timest
     if let Some(state) = agent.state.filter(|s| s.is_failure()) {
         let detail = agent.message.clone().unwrap_or_default();
         return Action::Fail {
-            reason: format!("agent reported {state}: {detail}").trim_end_matches(": ").to_string(),
+            reason: format!("agent reported {state}: {detail}")
+                .trim_end_matches(": ")
+                .to_string(),
         };
     }
     if let Some(done) = lease.done {
@@ -293,7 +336,11 @@ fn step(node: Option<&NodeView>, lease: &LeaseView, policy: &Policy, now: Timest
         };
     }
     let booted_new = agent.boot_id.is_some() && agent.boot_id != lease.granted_boot_id;
-    let reboot_deadline = lease.drained.unwrap_or(lease.acquired).checked_add(policy.reboot_timeout).unwrap_or(now);
+    let reboot_deadline = lease
+        .drained
+        .unwrap_or(lease.acquired)
+        .checked_add(policy.reboot_timeout)
+        .unwrap_or(now);
 
     if !booted_new {
         let Some(_) = lease.drained else {
@@ -301,7 +348,10 @@ fn step(node: Option<&NodeView>, lease: &LeaseView, policy: &Policy, now: Timest
         };
         if now >= reboot_deadline {
             return Action::Fail {
-                reason: format!("did not reboot within rebootTimeout ({})", policy.reboot_timeout),
+                reason: format!(
+                    "did not reboot within rebootTimeout ({})",
+                    human(policy.reboot_timeout)
+                ),
             };
         }
         let Some(boot_id) = lease.granted_boot_id.clone() else {
@@ -318,20 +368,30 @@ fn step(node: Option<&NodeView>, lease: &LeaseView, policy: &Policy, now: Timest
     }
 
     // It rebooted: verify the version, readiness and the agent's own checks.
-    let version_ok = lease.target_version.is_none() || agent.current_version == lease.target_version;
+    let version_ok =
+        lease.target_version.is_none() || agent.current_version == lease.target_version;
     if agent.state == Some(AgentState::Done) && !version_ok {
         return Action::Fail {
             reason: format!(
                 "booted version {}, expected {}",
-                agent.current_version.as_ref().map_or("unknown".into(), |v| v.to_string()),
-                lease.target_version.as_ref().map_or("unknown".into(), |v| v.to_string()),
+                agent
+                    .current_version
+                    .as_ref()
+                    .map_or("unknown".into(), |v| v.to_string()),
+                lease
+                    .target_version
+                    .as_ref()
+                    .map_or("unknown".into(), |v| v.to_string()),
             ),
         };
     }
     if !(agent.state == Some(AgentState::Done) && node.ready) {
         if now >= reboot_deadline {
             return Action::Fail {
-                reason: format!("not back Ready on the new version within rebootTimeout ({})", policy.reboot_timeout),
+                reason: format!(
+                    "not back Ready on the new version within rebootTimeout ({})",
+                    human(policy.reboot_timeout)
+                ),
             };
         }
         return Action::WaitForReboot {
@@ -341,10 +401,15 @@ fn step(node: Option<&NodeView>, lease: &LeaseView, policy: &Policy, now: Timest
     if let Some(hook) = &policy.after_reboot {
         let missing = missing(node, hook);
         if !missing.is_empty() {
-            let deadline = reboot_deadline.checked_add(hook.timeout).unwrap_or(reboot_deadline);
+            let deadline = reboot_deadline
+                .checked_add(hook.timeout)
+                .unwrap_or(reboot_deadline);
             if now >= deadline {
                 return Action::Fail {
-                    reason: format!("after-reboot hook timed out waiting for {}", missing.join(", ")),
+                    reason: format!(
+                        "after-reboot hook timed out waiting for {}",
+                        missing.join(", ")
+                    ),
                 };
             }
             return Action::RunAfterHooks { missing, deadline };
@@ -364,20 +429,32 @@ fn before_reboot(node: &NodeView, lease: &LeaseView, policy: &Policy, now: Times
     if let Some(hook) = &policy.before_reboot {
         let missing = missing(node, hook);
         if !missing.is_empty() {
-            let deadline = lease.acquired.checked_add(hook.timeout).unwrap_or(lease.acquired);
+            let deadline = lease
+                .acquired
+                .checked_add(hook.timeout)
+                .unwrap_or(lease.acquired);
             if now >= deadline {
                 return Action::Fail {
-                    reason: format!("before-reboot hook timed out waiting for {}", missing.join(", ")),
+                    reason: format!(
+                        "before-reboot hook timed out waiting for {}",
+                        missing.join(", ")
+                    ),
                 };
             }
             return Action::RunBeforeHooks { missing, deadline };
         }
     }
-    let deadline = lease.drain_started.and_then(|s| s.checked_add(policy.drain_timeout).ok());
+    let deadline = lease
+        .drain_started
+        .and_then(|s| s.checked_add(policy.drain_timeout).ok());
     match deadline {
         Some(d) if now >= d => Action::DrainTimedOut(policy.on_timeout),
         _ => Action::Drain { deadline },
     }
+}
+
+fn human(d: jiff::SignedDuration) -> String {
+    crds::duration::format(d.unsigned_abs())
 }
 
 fn missing(node: &NodeView, hook: &HookRule) -> Vec<String> {

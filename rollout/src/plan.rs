@@ -189,7 +189,11 @@ impl fmt::Display for Action {
             Action::Grant { .. } => write!(f, "grant: start the disruption"),
             Action::Cordon => write!(f, "cordon"),
             Action::RunBeforeHooks { missing, deadline } => {
-                write!(f, "wait for before-reboot hooks ({}) until {deadline}", missing.join(", "))
+                write!(
+                    f,
+                    "wait for before-reboot hooks ({}) until {deadline}",
+                    missing.join(", ")
+                )
             }
             Action::Drain { deadline: Some(d) } => write!(f, "drain until {d}"),
             Action::Drain { deadline: None } => write!(f, "start the drain"),
@@ -197,7 +201,11 @@ impl fmt::Display for Action {
             Action::AllowReboot { .. } => write!(f, "allow the reboot"),
             Action::WaitForReboot { deadline } => write!(f, "wait for the reboot until {deadline}"),
             Action::RunAfterHooks { missing, deadline } => {
-                write!(f, "wait for after-reboot hooks ({}) until {deadline}", missing.join(", "))
+                write!(
+                    f,
+                    "wait for after-reboot hooks ({}) until {deadline}",
+                    missing.join(", ")
+                )
             }
             Action::Uncordon => write!(f, "uncordon"),
             Action::MarkDone => write!(f, "mark done"),
@@ -218,9 +226,17 @@ impl fmt::Display for Skip {
             Skip::PolicyPaused => write!(f, "policy paused"),
             Skip::NodePaused => write!(f, "node paused"),
             Skip::Halted => write!(f, "pool halted"),
-            Skip::OutsideWindow(Some(t)) => write!(f, "outside the maintenance window; next opens {t}"),
-            Skip::OutsideWindow(None) => write!(f, "outside the maintenance window; none opens within 5 years"),
-            Skip::WindowTooShort(c) => write!(f, "the window closes at {c}, before rebootTimeout would end"),
+            Skip::OutsideWindow(Some(t)) => {
+                write!(f, "outside the maintenance window; next opens {t}")
+            }
+            Skip::OutsideWindow(None) => write!(
+                f,
+                "outside the maintenance window; none opens within 5 years"
+            ),
+            Skip::WindowTooShort(c) => write!(
+                f,
+                "the window closes at {c}, before rebootTimeout would end"
+            ),
             Skip::Budget => write!(f, "maxUnavailable reached"),
             Skip::OtherZone(z) => write!(f, "zone {z:?} is in progress"),
             Skip::CordonedByOthers => write!(f, "cordoned by someone else"),
@@ -256,11 +272,17 @@ impl Action {
 impl Plan {
     /// The plan for one node, if it is in this plan.
     pub fn node(&self, name: &str) -> Option<&Action> {
-        self.nodes.iter().find(|n| n.node == name).map(|n| &n.action)
+        self.nodes
+            .iter()
+            .find(|n| n.node == name)
+            .map(|n| &n.action)
     }
 
     /// The nodes granted in this plan.
     pub fn grants(&self) -> impl Iterator<Item = &str> {
-        self.nodes.iter().filter(|n| n.action.is_grant()).map(|n| n.node.as_str())
+        self.nodes
+            .iter()
+            .filter(|n| n.action.is_grant())
+            .map(|n| n.node.as_str())
     }
 }

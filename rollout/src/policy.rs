@@ -119,7 +119,10 @@ impl Policy {
                 .ok()
         });
         if spec.failure_policy.max_failed_nodes == 0 {
-            err("spec.failurePolicy.maxFailedNodes", "must be at least 1".into());
+            err(
+                "spec.failurePolicy.maxFailedNodes",
+                "must be at least 1".into(),
+            );
         }
         if !errors.is_empty() {
             return Err(errors);
@@ -168,7 +171,14 @@ mod tests {
         .unwrap();
         let errors = Policy::from_spec("p", &spec).unwrap_err();
         let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, ["spec.health.rebootTimeout", "spec.maxUnavailable", "spec.maintenanceWindows[0]"]);
+        assert_eq!(
+            fields,
+            [
+                "spec.health.rebootTimeout",
+                "spec.maxUnavailable",
+                "spec.maintenanceWindows[0]"
+            ]
+        );
         assert!(errors[2].message.contains("Mars/Olympus"));
     }
 }

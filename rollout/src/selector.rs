@@ -36,16 +36,26 @@ impl Selector {
             let key = expr.key.clone();
             let req = match expr.operator.as_str() {
                 "In" | "NotIn" if values.is_empty() => {
-                    return Err(SelectorError(format!("{} {} needs at least one value", key, expr.operator)));
+                    return Err(SelectorError(format!(
+                        "{} {} needs at least one value",
+                        key, expr.operator
+                    )));
                 }
                 "In" => Requirement::In(key, values),
                 "NotIn" => Requirement::NotIn(key, values),
                 "Exists" | "DoesNotExist" if !values.is_empty() => {
-                    return Err(SelectorError(format!("{} {} takes no values", key, expr.operator)));
+                    return Err(SelectorError(format!(
+                        "{} {} takes no values",
+                        key, expr.operator
+                    )));
                 }
                 "Exists" => Requirement::Exists(key),
                 "DoesNotExist" => Requirement::DoesNotExist(key),
-                other => return Err(SelectorError(format!("unknown operator {other:?} on {key}"))),
+                other => {
+                    return Err(SelectorError(format!(
+                        "unknown operator {other:?} on {key}"
+                    )));
+                }
             };
             reqs.push(req);
         }
@@ -69,7 +79,10 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
@@ -82,7 +95,11 @@ mod tests {
 
     #[test]
     fn an_empty_selector_matches_every_node() {
-        assert!(Selector::compile(&LabelSelector::default()).unwrap().matches(&labels(&[])));
+        assert!(
+            Selector::compile(&LabelSelector::default())
+                .unwrap()
+                .matches(&labels(&[]))
+        );
     }
 
     #[test]
@@ -99,15 +116,32 @@ mod tests {
         .unwrap();
         assert!(sel.matches(&labels(&[("role", "worker"), ("zone", "a"), ("pool", "x")])));
         assert!(!sel.matches(&labels(&[("role", "worker"), ("zone", "c"), ("pool", "x")])));
-        assert!(!sel.matches(&labels(&[("role", "worker"), ("zone", "a"), ("pool", "x"), ("gpu", "1")])));
-        assert!(!sel.matches(&labels(&[("role", "worker"), ("zone", "a"), ("pool", "x"), ("tier", "db")])));
+        assert!(!sel.matches(&labels(&[
+            ("role", "worker"),
+            ("zone", "a"),
+            ("pool", "x"),
+            ("gpu", "1")
+        ])));
+        assert!(!sel.matches(&labels(&[
+            ("role", "worker"),
+            ("zone", "a"),
+            ("pool", "x"),
+            ("tier", "db")
+        ])));
         assert!(!sel.matches(&labels(&[("role", "worker"), ("zone", "a")])));
     }
 
     #[test]
     fn malformed_expressions_are_errors() {
-        for bad in [expr("a", "In", &[]), expr("a", "Exists", &["x"]), expr("a", "Like", &["x"])] {
-            let sel = LabelSelector { match_expressions: Some(vec![bad]), ..Default::default() };
+        for bad in [
+            expr("a", "In", &[]),
+            expr("a", "Exists", &["x"]),
+            expr("a", "Like", &["x"]),
+        ] {
+            let sel = LabelSelector {
+                match_expressions: Some(vec![bad]),
+                ..Default::default()
+            };
             assert!(Selector::compile(&sel).is_err());
         }
     }

@@ -91,6 +91,22 @@ impl World {
         world
     }
 
+    /// A what-if world: the given nodes as they are (Ready, cordoned, paused, failed),
+    /// each asking to reboot into `target` from a fresh boot.
+    pub fn what_if(nodes: Vec<NodeView>, target: &str) -> World {
+        let mut world = World::default();
+        for mut node in nodes {
+            node.agent.boot_id = Some(world.new_boot());
+            node.agent.state = Some(AgentState::RebootRequired);
+            node.agent.reboot_required = true;
+            node.agent.target_version = Version::new(target).ok();
+            node.agent.reboot_ok = None;
+            node.malformed.clear();
+            world.nodes.push(node);
+        }
+        world
+    }
+
     fn new_boot(&mut self) -> BootId {
         self.boots += 1;
         // Infallible: 32 hex digits.
@@ -119,13 +135,22 @@ impl World {
 
     /// Completes every reboot due by `now`.
     pub fn advance(&mut self, now: Timestamp) -> Vec<Event> {
-        let due: Vec<String> = self.reboots.iter().filter(|(_, t)| **t <= now).map(|(n, _)| n.clone()).collect();
+        let due: Vec<String> = self
+            .reboots
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
         let mut events = Vec::new();
         for name in due {
             self.reboots.remove(&name);
             let boot = self.new_boot();
             let roll_back = self.roll_back_on_boot.contains(&name);
-            let target = self.leases.iter().find(|l| l.node == name).and_then(|l| l.target_version.clone());
+            let target = self
+                .leases
+                .iter()
+                .find(|l| l.node == name)
+                .and_then(|l| l.target_version.clone());
             if let Some(node) = self.node_mut(&name) {
                 node.agent.boot_id = Some(boot);
                 node.ready = true;
@@ -137,7 +162,11 @@ impl World {
                     node.agent.state = Some(AgentState::Done);
                     node.agent.current_version = target.or(node.agent.target_version.clone());
                 }
-                events.push(Event { at: now, node: name, what: EventKind::Booted });
+                events.push(Event {
+                    at: now,
+                    node: name,
+                    what: EventKind::Booted,
+                });
             }
         }
         events
@@ -145,7 +174,13 @@ impl World {
 
     /// Performs a plan as the operator and the agents would, instantly. Returns what
     /// happened and whether anything changed.
-    pub fn apply(&mut self, plan: &Plan, policy: &Policy, now: Timestamp, reboot_time: &dyn Fn(&str) -> SignedDuration) -> (Vec<Event>, bool) {
+    pub fn apply(
+        &mut self,
+        plan: &Plan,
+        policy: &Policy,
+        now: Timestamp,
+        reboot_time: &dyn Fn(&str) -> SignedDuration,
+    ) -> (Vec<Event>, bool) {
         let mut events = Vec::new();
         let mut changed = false;
         for step in &plan.nodes {
@@ -153,7 +188,11 @@ impl World {
             let lease = self.leases.iter().position(|l| l.node == name);
             match &step.action {
                 Action::Grant { boot_id } => {
-                    let target = self.nodes.iter().find(|n| n.name == name).and_then(|n| n.agent.target_version.clone());
+                    let target = self
+                        .nodes
+                        .iter()
+                        .find(|n| n.name == name)
+                        .and_then(|n| n.agent.target_version.clone());
                     self.leases.push(LeaseView {
                         name: format!("baton-reboot-{name}"),
                         node: name.to_string(),
@@ -170,7 +209,11 @@ impl World {
                         WindowState::Open { closes } => Some(closes),
                         _ => None,
                     };
-                    events.push(Event { at: now, node: name.into(), what: EventKind::Granted { window_closes } });
+                    events.push(Event {
+                        at: now,
+                        node: name.into(),
+                        what: EventKind::Granted { window_closes },
+                    });
                 }
                 Action::Cordon => {
                     if let Some(n) = self.node_mut(name) {
@@ -183,7 +226,8 @@ impl World {
                         n.true_annotations.extend(missing.iter().cloned());
                     }
                 }
-                Action::Drain { .. } | Action::DrainTimedOut(OnTimeout::Force | OnTimeout::Proceed) => {
+                Action::Drain { .. }
+                | Action::DrainTimedOut(OnTimeout::Force | OnTimeout::Proceed) => {
                     if let Some(l) = lease.map(|i| &mut self.leases[i]) {
                         l.drain_started.get_or_insert(now);
                         l.drained = Some(now);
@@ -204,7 +248,11 @@ impl World {
                         n.ready = false;
                     }
                     self.reboots.insert(name.to_string(), back);
-                    events.push(Event { at: now, node: name.into(), what: EventKind::Rebooting });
+                    events.push(Event {
+                        at: now,
+                        node: name.into(),
+                        what: EventKind::Rebooting,
+                    });
                 }
                 Action::Uncordon => {
                     if let Some(n) = self.node_mut(name) {
@@ -224,7 +272,11 @@ impl World {
                     if let Some(n) = self.node_mut(name) {
                         n.agent.reboot_ok = None;
                     }
-                    events.push(Event { at: now, node: name.into(), what: EventKind::Released });
+                    events.push(Event {
+                        at: now,
+                        node: name.into(),
+                        what: EventKind::Released,
+                    });
                 }
                 Action::Fail { reason } => self.fail(name, lease, reason, now, &mut events),
                 Action::WaitForReboot { .. } | Action::Settle { .. } | Action::Skip(_) => continue,
@@ -234,14 +286,25 @@ impl World {
         (events, changed)
     }
 
-    fn fail(&mut self, name: &str, lease: Option<usize>, reason: &str, now: Timestamp, events: &mut Vec<Event>) {
+    fn fail(
+        &mut self,
+        name: &str,
+        lease: Option<usize>,
+        reason: &str,
+        now: Timestamp,
+        events: &mut Vec<Event>,
+    ) {
         if let Some(l) = lease.map(|i| &mut self.leases[i]) {
             l.failure = Some(reason.to_string());
         }
         if let Some(n) = self.node_mut(name) {
             n.failure = Some(reason.to_string());
         }
-        events.push(Event { at: now, node: name.into(), what: EventKind::Failed(reason.into()) });
+        events.push(Event {
+            at: now,
+            node: name.into(),
+            what: EventKind::Failed(reason.into()),
+        });
     }
 }
 
@@ -257,7 +320,13 @@ pub struct Timeline {
 }
 
 /// Runs the model from `start` until nothing is left to do or `horizon` passes.
-pub fn run(world: &mut World, policy: &Policy, start: Timestamp, horizon: Timestamp, reboot_time: &dyn Fn(&str) -> SignedDuration) -> Timeline {
+pub fn run(
+    world: &mut World,
+    policy: &Policy,
+    start: Timestamp,
+    horizon: Timestamp,
+    reboot_time: &dyn Fn(&str) -> SignedDuration,
+) -> Timeline {
     let mut now = start;
     let mut events = Vec::new();
     let mut last_plan = None;
@@ -270,13 +339,21 @@ pub fn run(world: &mut World, policy: &Policy, start: Timestamp, horizon: Timest
             last_plan = Some(plan);
             continue;
         }
-        let next = [plan.next_change, world.next_boot()].into_iter().flatten().min();
+        let next = [plan.next_change, world.next_boot()]
+            .into_iter()
+            .flatten()
+            .min();
         last_plan = Some(plan);
         match next {
             Some(t) if t <= horizon && t > now => now = t,
             _ => break,
         }
     }
-    let complete = last_plan.is_some_and(|p| p.counts.waiting == 0 && p.counts.in_progress == 0) && world.leases.is_empty();
-    Timeline { events, end: now, complete }
+    let complete = last_plan.is_some_and(|p| p.counts.waiting == 0 && p.counts.in_progress == 0)
+        && world.leases.is_empty();
+    Timeline {
+        events,
+        end: now,
+        complete,
+    }
 }

@@ -144,7 +144,11 @@ impl NodeView {
             name: meta.name.clone().unwrap_or_default(),
             created: meta.creation_timestamp.as_ref().map(|t| t.0),
             ready,
-            unschedulable: node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false),
+            unschedulable: node
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false),
             cordoned_by_baton,
             paused,
             failure,
@@ -195,6 +199,10 @@ impl LeaseView {
     }
 }
 
-fn read<T: Value>(key: &Key<T>, map: Option<&BTreeMap<String, String>>, errors: &mut Vec<ProtocolError>) -> Option<T> {
+fn read<T: Value>(
+    key: &Key<T>,
+    map: Option<&BTreeMap<String, String>>,
+    errors: &mut Vec<ProtocolError>,
+) -> Option<T> {
     key.read(map).map_err(|e| errors.push(e)).ok().flatten()
 }

@@ -106,10 +106,13 @@ impl WindowState {
 impl Window {
     /// Compiles a window as written in a policy.
     pub fn compile(spec: &MaintenanceWindow) -> Result<Window, WindowError> {
-        let zone = TimeZone::get(&spec.time_zone).map_err(|_| WindowError::TimeZone(spec.time_zone.clone()))?;
+        let zone = TimeZone::get(&spec.time_zone)
+            .map_err(|_| WindowError::TimeZone(spec.time_zone.clone()))?;
         let duration = crds::duration::parse(&spec.duration)
             .map_err(|e| WindowError::Duration(e.to_string()))
-            .and_then(|d| SignedDuration::try_from(d).map_err(|e| WindowError::Duration(e.to_string())))?;
+            .and_then(|d| {
+                SignedDuration::try_from(d).map_err(|e| WindowError::Duration(e.to_string()))
+            })?;
         if duration.is_zero() {
             return Err(WindowError::Duration("must be longer than 0s".into()));
         }
@@ -121,7 +124,11 @@ impl Window {
             },
             _ => return Err(WindowError::Shape),
         };
-        Ok(Window { schedule, duration, zone })
+        Ok(Window {
+            schedule,
+            duration,
+            zone,
+        })
     }
 
     /// Start instants of this window's occurrences whose wall-clock start lies in
@@ -138,7 +145,9 @@ impl Window {
                 let mut date = from.date();
                 while date <= to.date() {
                     let at = date.to_datetime(*start);
-                    if (from..=to).contains(&at) && days.iter().any(|d| d.to_jiff() == date.weekday()) {
+                    if (from..=to).contains(&at)
+                        && days.iter().any(|d| d.to_jiff() == date.weekday())
+                    {
                         out.push(at);
                     }
                     match date.tomorrow() {
@@ -164,7 +173,9 @@ impl Window {
     /// Occurrences `(start, end)` that contain `at`.
     fn containing(&self, at: Timestamp) -> impl Iterator<Item = (Timestamp, Timestamp)> + '_ {
         // Look back one duration plus a day of slack for offsets and DST shifts.
-        let back = self.civil(at.saturating_sub(self.duration).unwrap_or(at)).saturating_sub(1.day());
+        let back = self
+            .civil(at.saturating_sub(self.duration).unwrap_or(at))
+            .saturating_sub(1.day());
         let ahead = self.civil(at).saturating_add(1.day());
         let duration = self.duration;
         self.starts(back, ahead)
@@ -179,7 +190,12 @@ impl Window {
         // Search in growing steps so sparse schedules (Feb 29) stay cheap.
         for span_days in [8, 40, 400, 1900] {
             let to = self.civil(after).saturating_add(span_days.days());
-            if let Some(first) = self.starts(from, to).into_iter().filter(|s| *s > after).min() {
+            if let Some(first) = self
+                .starts(from, to)
+                .into_iter()
+                .filter(|s| *s > after)
+                .min()
+            {
                 return Some(first);
             }
             from = to;
@@ -203,7 +219,11 @@ impl Windows {
                 Err(e) => errors.push((i, e)),
             }
         }
-        if errors.is_empty() { Ok(Windows(windows)) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(Windows(windows))
+        } else {
+            Err(errors)
+        }
     }
 
     /// No windows: always open.
@@ -216,7 +236,13 @@ impl Windows {
         if self.0.is_empty() {
             return WindowState::Always;
         }
-        let Some(mut closes) = self.0.iter().flat_map(|w| w.containing(now)).map(|(_, e)| e).max() else {
+        let Some(mut closes) = self
+            .0
+            .iter()
+            .flat_map(|w| w.containing(now))
+            .map(|(_, e)| e)
+            .max()
+        else {
             let opens = self.0.iter().filter_map(|w| w.next_start(now)).min();
             return WindowState::Closed { opens };
         };
@@ -244,7 +270,9 @@ fn parse_cron(expr: &str) -> Result<Cron, WindowError> {
         reason,
     };
     if expr.split_whitespace().count() != 5 {
-        return Err(err("expected 5 fields: minute hour day-of-month month day-of-week".into()));
+        return Err(err(
+            "expected 5 fields: minute hour day-of-month month day-of-week".into(),
+        ));
     }
     CronParser::builder()
         .seconds(Seconds::Disallowed)
@@ -295,25 +323,54 @@ mod tests {
 
     #[test]
     fn no_windows_means_always_open() {
-        assert_eq!(Windows::always().state(ts("2026-01-01T00:00:00Z")), WindowState::Always);
+        assert_eq!(
+            Windows::always().state(ts("2026-01-01T00:00:00Z")),
+            WindowState::Always
+        );
     }
 
     #[test]
     fn a_cron_window_is_open_from_its_start_for_its_duration() {
         let w = cron("0 2 * * 6", "4h", "UTC"); // Saturdays 02:00-06:00
-        assert_eq!(w.state(ts("2026-11-28T02:00:00Z")), WindowState::Open { closes: ts("2026-11-28T06:00:00Z") });
-        assert_eq!(w.state(ts("2026-11-28T05:59:59Z")), WindowState::Open { closes: ts("2026-11-28T06:00:00Z") });
-        assert_eq!(w.state(ts("2026-11-28T06:00:00Z")), WindowState::Closed { opens: Some(ts("2026-12-05T02:00:00Z")) });
-        assert_eq!(w.state(ts("2026-11-26T12:00:00Z")), WindowState::Closed { opens: Some(ts("2026-11-28T02:00:00Z")) });
+        assert_eq!(
+            w.state(ts("2026-11-28T02:00:00Z")),
+            WindowState::Open {
+                closes: ts("2026-11-28T06:00:00Z")
+            }
+        );
+        assert_eq!(
+            w.state(ts("2026-11-28T05:59:59Z")),
+            WindowState::Open {
+                closes: ts("2026-11-28T06:00:00Z")
+            }
+        );
+        assert_eq!(
+            w.state(ts("2026-11-28T06:00:00Z")),
+            WindowState::Closed {
+                opens: Some(ts("2026-12-05T02:00:00Z"))
+            }
+        );
+        assert_eq!(
+            w.state(ts("2026-11-26T12:00:00Z")),
+            WindowState::Closed {
+                opens: Some(ts("2026-11-28T02:00:00Z"))
+            }
+        );
     }
 
     #[test]
     fn a_window_crossing_midnight_stays_open_into_the_next_day() {
-        let w = Windows::compile(&[weekly(&[Weekday::Fri], "23:00", "3h", "Europe/Berlin")]).unwrap();
+        let w =
+            Windows::compile(&[weekly(&[Weekday::Fri], "23:00", "3h", "Europe/Berlin")]).unwrap();
         // Friday 2026-11-27 23:00 CET = 22:00Z, until Saturday 02:00 CET = 01:00Z.
         assert!(!w.state(ts("2026-11-27T21:59:00Z")).is_open());
         assert!(w.state(ts("2026-11-27T23:30:00Z")).is_open());
-        assert_eq!(w.state(ts("2026-11-28T00:30:00Z")), WindowState::Open { closes: ts("2026-11-28T01:00:00Z") });
+        assert_eq!(
+            w.state(ts("2026-11-28T00:30:00Z")),
+            WindowState::Open {
+                closes: ts("2026-11-28T01:00:00Z")
+            }
+        );
         assert!(!w.state(ts("2026-11-28T01:00:00Z")).is_open());
     }
 
@@ -322,10 +379,25 @@ mod tests {
         // 2026-03-29: Berlin jumps from 02:00 CET to 03:00 CEST; 02:30 does not exist.
         let w = cron("30 2 * * *", "1h", "Europe/Berlin");
         // The start moves to 03:30 CEST = 01:30Z, and the window lasts one real hour.
-        assert_eq!(w.state(ts("2026-03-29T01:00:00Z")), WindowState::Closed { opens: Some(ts("2026-03-29T01:30:00Z")) });
-        assert_eq!(w.state(ts("2026-03-29T01:30:00Z")), WindowState::Open { closes: ts("2026-03-29T02:30:00Z") });
+        assert_eq!(
+            w.state(ts("2026-03-29T01:00:00Z")),
+            WindowState::Closed {
+                opens: Some(ts("2026-03-29T01:30:00Z"))
+            }
+        );
+        assert_eq!(
+            w.state(ts("2026-03-29T01:30:00Z")),
+            WindowState::Open {
+                closes: ts("2026-03-29T02:30:00Z")
+            }
+        );
         // The day before, 02:30 CET = 01:30Z as usual.
-        assert_eq!(w.state(ts("2026-03-28T01:30:00Z")), WindowState::Open { closes: ts("2026-03-28T02:30:00Z") });
+        assert_eq!(
+            w.state(ts("2026-03-28T01:30:00Z")),
+            WindowState::Open {
+                closes: ts("2026-03-28T02:30:00Z")
+            }
+        );
     }
 
     #[test]
@@ -336,18 +408,30 @@ mod tests {
         assert!(w.state(ts("2026-10-25T00:35:00Z")).is_open());
         // The second 02:30 (CET) = 01:30Z does not open it again.
         assert!(!w.state(ts("2026-10-25T01:35:00Z")).is_open());
-        assert_eq!(w.state(ts("2026-10-25T01:35:00Z")), WindowState::Closed { opens: Some(ts("2026-10-26T01:30:00Z")) });
+        assert_eq!(
+            w.state(ts("2026-10-25T01:35:00Z")),
+            WindowState::Closed {
+                opens: Some(ts("2026-10-26T01:30:00Z"))
+            }
+        );
     }
 
     #[test]
     fn new_york_spring_forward_and_fall_back() {
         // 2026-03-08: New York skips 02:00-03:00 EST->EDT.
-        let w = Windows::compile(&[weekly(&[Weekday::Sun], "02:15", "30m", "America/New_York")]).unwrap();
+        let w = Windows::compile(&[weekly(&[Weekday::Sun], "02:15", "30m", "America/New_York")])
+            .unwrap();
         // 02:15 does not exist; the start moves to 03:15 EDT = 07:15Z.
-        assert_eq!(w.state(ts("2026-03-08T07:00:00Z")), WindowState::Closed { opens: Some(ts("2026-03-08T07:15:00Z")) });
+        assert_eq!(
+            w.state(ts("2026-03-08T07:00:00Z")),
+            WindowState::Closed {
+                opens: Some(ts("2026-03-08T07:15:00Z"))
+            }
+        );
         assert!(w.state(ts("2026-03-08T07:20:00Z")).is_open());
         // 2026-11-01: 01:00-02:00 repeats. A 01:30 window opens at the first 01:30 (EDT = 05:30Z) only.
-        let w = Windows::compile(&[weekly(&[Weekday::Sun], "01:30", "20m", "America/New_York")]).unwrap();
+        let w = Windows::compile(&[weekly(&[Weekday::Sun], "01:30", "20m", "America/New_York")])
+            .unwrap();
         assert!(w.state(ts("2026-11-01T05:40:00Z")).is_open());
         assert!(!w.state(ts("2026-11-01T06:40:00Z")).is_open());
     }
@@ -357,7 +441,12 @@ mod tests {
         // Saturday 22:00 Berlin for 6h, the night clocks go back (2026-10-24/25).
         let w = cron("0 22 * * 6", "6h", "Europe/Berlin");
         // Opens 22:00 CEST = 20:00Z, closes six real hours later at 02:00Z (03:00 CET).
-        assert_eq!(w.state(ts("2026-10-24T20:00:00Z")), WindowState::Open { closes: ts("2026-10-25T02:00:00Z") });
+        assert_eq!(
+            w.state(ts("2026-10-24T20:00:00Z")),
+            WindowState::Open {
+                closes: ts("2026-10-25T02:00:00Z")
+            }
+        );
     }
 
     #[test]
@@ -369,27 +458,48 @@ mod tests {
         ])
         .unwrap();
         // 01:00-03:00 and 02:30-04:30 overlap into one stretch that closes at 04:30.
-        assert_eq!(w.state(ts("2026-11-28T01:10:00Z")), WindowState::Open { closes: ts("2026-11-28T04:30:00Z") });
+        assert_eq!(
+            w.state(ts("2026-11-28T01:10:00Z")),
+            WindowState::Open {
+                closes: ts("2026-11-28T04:30:00Z")
+            }
+        );
         // The next opening after Saturday is Wednesday noon.
-        assert_eq!(w.state(ts("2026-11-28T05:00:00Z")), WindowState::Closed { opens: Some(ts("2026-12-02T12:00:00Z")) });
+        assert_eq!(
+            w.state(ts("2026-11-28T05:00:00Z")),
+            WindowState::Closed {
+                opens: Some(ts("2026-12-02T12:00:00Z"))
+            }
+        );
     }
 
     #[test]
     fn a_sparse_cron_finds_its_next_start_years_ahead() {
         let w = cron("0 0 29 2 *", "1h", "UTC");
-        assert_eq!(w.state(ts("2026-03-01T00:00:00Z")), WindowState::Closed { opens: Some(ts("2028-02-29T00:00:00Z")) });
+        assert_eq!(
+            w.state(ts("2026-03-01T00:00:00Z")),
+            WindowState::Closed {
+                opens: Some(ts("2028-02-29T00:00:00Z"))
+            }
+        );
     }
 
     #[test]
     fn invalid_windows_say_what_is_wrong() {
         let mut bad = weekly(&[Weekday::Sat], "02:00", "1h", "Mars/Olympus");
-        assert_eq!(Window::compile(&bad).unwrap_err(), WindowError::TimeZone("Mars/Olympus".into()));
+        assert_eq!(
+            Window::compile(&bad).unwrap_err(),
+            WindowError::TimeZone("Mars/Olympus".into())
+        );
         bad.time_zone = "UTC".into();
         bad.start = Some("2:00".into());
         assert!(matches!(Window::compile(&bad), Err(WindowError::Start(_))));
         bad.start = Some("02:00".into());
         bad.duration = "0s".into();
-        assert!(matches!(Window::compile(&bad), Err(WindowError::Duration(_))));
+        assert!(matches!(
+            Window::compile(&bad),
+            Err(WindowError::Duration(_))
+        ));
         let six = MaintenanceWindow {
             schedule: Some("0 0 2 * * 6".into()),
             weekdays: None,
@@ -397,8 +507,17 @@ mod tests {
             duration: "1h".into(),
             time_zone: "UTC".into(),
         };
-        assert!(matches!(Window::compile(&six), Err(WindowError::Cron { .. })));
-        let out_of_range = MaintenanceWindow { schedule: Some("61 2 * * *".into()), ..six };
-        assert!(matches!(Window::compile(&out_of_range), Err(WindowError::Cron { .. })));
+        assert!(matches!(
+            Window::compile(&six),
+            Err(WindowError::Cron { .. })
+        ));
+        let out_of_range = MaintenanceWindow {
+            schedule: Some("61 2 * * *".into()),
+            ..six
+        };
+        assert!(matches!(
+            Window::compile(&out_of_range),
+            Err(WindowError::Cron { .. })
+        ));
     }
 }

@@ -1,11 +1,9 @@
 //! The rules of a rollout, one test per behaviour.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use jiff::{SignedDuration, Timestamp};
 use rollout::{
-    Action, Policy, Skip, decide,
-    plan::ReleaseReason,
-    selector::Selector,
-    simulate::World,
+    Action, Policy, Skip, decide, plan::ReleaseReason, selector::Selector, simulate::World,
     snapshot::LeaseView,
 };
 
@@ -42,7 +40,10 @@ fn lease(world: &World, node: &str, acquired: &str) -> LeaseView {
 }
 
 fn grants(world: &World, p: &Policy, now: &str) -> Vec<String> {
-    decide(&world.snapshot(), p, at(now)).grants().map(String::from).collect()
+    decide(&world.snapshot(), p, at(now))
+        .grants()
+        .map(String::from)
+        .collect()
 }
 
 #[test]
@@ -55,7 +56,11 @@ fn grants_one_node_at_a_time_by_default() {
 fn never_grants_beyond_budget_when_a_node_is_already_not_ready() {
     let mut w = world(5);
     w.node_mut("node-03").unwrap().ready = false;
-    let plan = decide(&w.snapshot(), &policy(serde_json::json!({"maxUnavailable": 2})), at(NOW));
+    let plan = decide(
+        &w.snapshot(),
+        &policy(serde_json::json!({"maxUnavailable": 2})),
+        at(NOW),
+    );
     assert_eq!(plan.grants().collect::<Vec<_>>(), ["node-01"]);
     assert_eq!(plan.budget.unavailable, 1);
     assert_eq!(plan.node("node-02"), Some(&Action::Skip(Skip::Budget)));
@@ -64,32 +69,55 @@ fn never_grants_beyond_budget_when_a_node_is_already_not_ready() {
 #[test]
 fn a_percent_budget_of_ten_nodes_allows_four() {
     let w = world(10);
-    let p = policy(serde_json::json!({"maxUnavailable": "40%", "ordering": {"oneZoneAtATime": false}}));
+    let p =
+        policy(serde_json::json!({"maxUnavailable": "40%", "ordering": {"oneZoneAtATime": false}}));
     assert_eq!(grants(&w, &p, NOW).len(), 4);
 }
 
 #[test]
 fn a_percent_budget_rounds_down_with_a_minimum_of_one() {
     let w = world(5);
-    assert_eq!(grants(&w, &policy(serde_json::json!({"maxUnavailable": "10%"})), NOW).len(), 1);
+    assert_eq!(
+        grants(
+            &w,
+            &policy(serde_json::json!({"maxUnavailable": "10%"})),
+            NOW
+        )
+        .len(),
+        1
+    );
 }
 
 #[test]
 fn nodes_cordoned_by_others_count_against_the_budget_and_are_never_granted() {
     let mut w = world(3);
     w.node_mut("node-01").unwrap().unschedulable = true;
-    let plan = decide(&w.snapshot(), &policy(serde_json::json!({"maxUnavailable": 2})), at(NOW));
-    assert_eq!(plan.node("node-01"), Some(&Action::Skip(Skip::CordonedByOthers)));
+    let plan = decide(
+        &w.snapshot(),
+        &policy(serde_json::json!({"maxUnavailable": 2})),
+        at(NOW),
+    );
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::Skip(Skip::CordonedByOthers))
+    );
     assert_eq!(plan.grants().collect::<Vec<_>>(), ["node-02"]);
 }
 
 #[test]
 fn never_grants_outside_a_window_and_requeues_at_its_opening() {
     let w = world(2);
-    let p = policy(serde_json::json!({"maintenanceWindows": [{"weekdays": ["Sat"], "start": "04:00", "duration": "2h"}]}));
+    let p = policy(
+        serde_json::json!({"maintenanceWindows": [{"weekdays": ["Sat"], "start": "04:00", "duration": "2h"}]}),
+    );
     let plan = decide(&w.snapshot(), &p, at(NOW));
     assert_eq!(plan.grants().count(), 0);
-    assert_eq!(plan.node("node-01"), Some(&Action::Skip(Skip::OutsideWindow(Some(at("2026-11-28T04:00:00Z"))))));
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::Skip(Skip::OutsideWindow(Some(at(
+            "2026-11-28T04:00:00Z"
+        )))))
+    );
     assert_eq!(plan.next_change, Some(at("2026-11-28T04:00:00Z")));
     assert_eq!(grants(&w, &p, "2026-11-28T04:00:00Z"), ["node-01"]);
 }
@@ -101,9 +129,14 @@ fn a_reboot_in_flight_continues_after_the_window_closes() {
     l.drained = Some(at("2026-11-28T01:55:00Z"));
     w.leases.push(l);
     w.node_mut("node-01").unwrap().unschedulable = true;
-    let p = policy(serde_json::json!({"maintenanceWindows": [{"schedule": "0 1 * * 6", "duration": "1h"}]}));
+    let p = policy(
+        serde_json::json!({"maintenanceWindows": [{"schedule": "0 1 * * 6", "duration": "1h"}]}),
+    );
     let plan = decide(&w.snapshot(), &p, at("2026-11-28T02:10:00Z"));
-    assert!(matches!(plan.node("node-01"), Some(Action::AllowReboot { .. })));
+    assert!(matches!(
+        plan.node("node-01"),
+        Some(Action::AllowReboot { .. })
+    ));
     assert_eq!(plan.grants().count(), 0);
 }
 
@@ -117,16 +150,28 @@ fn fit_mode_refuses_to_start_when_the_reboot_would_outlive_the_window() {
     }));
     assert_eq!(grants(&w, &p, "2026-11-28T02:45:00Z"), ["node-01"]);
     let plan = decide(&w.snapshot(), &p, at("2026-11-28T02:55:00Z"));
-    assert_eq!(plan.node("node-01"), Some(&Action::Skip(Skip::WindowTooShort(at("2026-11-28T03:20:00Z")))));
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::Skip(Skip::WindowTooShort(at(
+            "2026-11-28T03:20:00Z"
+        ))))
+    );
 }
 
 #[test]
 fn a_paused_policy_grants_nothing_but_in_flight_nodes_continue() {
     let mut w = world(3);
     w.leases.push(lease(&w, "node-01", NOW));
-    let plan = decide(&w.snapshot(), &policy(serde_json::json!({"paused": true, "maxUnavailable": 3})), at(NOW));
+    let plan = decide(
+        &w.snapshot(),
+        &policy(serde_json::json!({"paused": true, "maxUnavailable": 3})),
+        at(NOW),
+    );
     assert_eq!(plan.node("node-01"), Some(&Action::Cordon));
-    assert_eq!(plan.node("node-02"), Some(&Action::Skip(Skip::PolicyPaused)));
+    assert_eq!(
+        plan.node("node-02"),
+        Some(&Action::Skip(Skip::PolicyPaused))
+    );
 }
 
 #[test]
@@ -147,8 +192,17 @@ fn a_rolled_back_node_fails_and_halts_the_pool() {
     let n = w.node_mut("node-01").unwrap();
     n.agent.state = Some(AgentState::RolledBack);
     n.agent.message = Some("booted USR-A, expected USR-B".into());
-    let plan = decide(&w.snapshot(), &policy(serde_json::json!({"maxUnavailable": 3})), at(NOW));
-    assert_eq!(plan.node("node-01"), Some(&Action::Fail { reason: "agent reported RolledBack: booted USR-A, expected USR-B".into() }));
+    let plan = decide(
+        &w.snapshot(),
+        &policy(serde_json::json!({"maxUnavailable": 3})),
+        at(NOW),
+    );
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::Fail {
+            reason: "agent reported RolledBack: booted USR-A, expected USR-B".into()
+        })
+    );
     assert!(plan.halted.is_some());
     assert_eq!(plan.grants().count(), 0);
     assert_eq!(plan.node("node-02"), Some(&Action::Skip(Skip::Halted)));
@@ -158,7 +212,11 @@ fn a_rolled_back_node_fails_and_halts_the_pool() {
 fn failures_below_max_failed_nodes_do_not_halt() {
     let mut w = world(3);
     w.node_mut("node-01").unwrap().failure = Some("drain timed out".into());
-    let plan = decide(&w.snapshot(), &policy(serde_json::json!({"maxUnavailable": 2, "failurePolicy": {"maxFailedNodes": 2}})), at(NOW));
+    let plan = decide(
+        &w.snapshot(),
+        &policy(serde_json::json!({"maxUnavailable": 2, "failurePolicy": {"maxFailedNodes": 2}})),
+        at(NOW),
+    );
     assert!(plan.halted.is_none());
     // The failed node still uses one unit of the budget.
     assert_eq!(plan.grants().collect::<Vec<_>>(), ["node-02"]);
@@ -177,10 +235,17 @@ fn a_node_that_never_comes_back_fails_at_reboot_timeout() {
     n.ready = false;
     let p = policy(serde_json::json!({"health": {"rebootTimeout": "30m"}}));
     let plan = decide(&w.snapshot(), &p, at("2026-11-28T02:20:00Z"));
-    assert_eq!(plan.node("node-01"), Some(&Action::WaitForReboot { deadline: at("2026-11-28T02:35:00Z") }));
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::WaitForReboot {
+            deadline: at("2026-11-28T02:35:00Z")
+        })
+    );
     assert_eq!(plan.next_change, Some(at("2026-11-28T02:35:00Z")));
     let plan = decide(&w.snapshot(), &p, at("2026-11-28T02:35:00Z"));
-    assert!(matches!(plan.node("node-01"), Some(Action::Fail { reason }) if reason.contains("rebootTimeout")));
+    assert!(
+        matches!(plan.node("node-01"), Some(Action::Fail { reason }) if reason.contains("rebootTimeout"))
+    );
 }
 
 #[test]
@@ -196,7 +261,10 @@ fn an_agent_restart_without_a_reboot_is_not_a_reboot() {
     n.agent.state = Some(AgentState::Done);
     n.agent.current_version = Version::new("2.0.0").ok();
     let plan = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
-    assert!(matches!(plan.node("node-01"), Some(Action::WaitForReboot { .. })));
+    assert!(matches!(
+        plan.node("node-01"),
+        Some(Action::WaitForReboot { .. })
+    ));
 }
 
 #[test]
@@ -209,7 +277,12 @@ fn booting_the_wrong_version_fails_the_node() {
     n.agent.boot_id = crds::protocol::BootId::new("ffff").ok();
     n.agent.state = Some(AgentState::Done);
     let plan = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
-    assert_eq!(plan.node("node-01"), Some(&Action::Fail { reason: "booted version 1.0.0, expected 2.0.0".into() }));
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::Fail {
+            reason: "booted version 1.0.0, expected 2.0.0".into()
+        })
+    );
 }
 
 #[test]
@@ -218,7 +291,10 @@ fn a_deleted_node_releases_its_lease() {
     w.leases.push(lease(&w, "node-01", NOW));
     w.nodes.retain(|n| n.name != "node-01");
     let plan = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
-    assert_eq!(plan.node("node-01"), Some(&Action::Release(ReleaseReason::NodeDeleted)));
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::Release(ReleaseReason::NodeDeleted))
+    );
 }
 
 #[test]
@@ -233,9 +309,15 @@ fn uncordons_only_nodes_baton_cordoned() {
     n.agent.current_version = Version::new("2.0.0").ok();
     n.unschedulable = true;
     n.cordoned_by_baton = true;
-    assert_eq!(decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW)).node("node-01"), Some(&Action::Uncordon));
+    assert_eq!(
+        decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW)).node("node-01"),
+        Some(&Action::Uncordon)
+    );
     w.node_mut("node-01").unwrap().cordoned_by_baton = false;
-    assert_eq!(decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW)).node("node-01"), Some(&Action::MarkDone));
+    assert_eq!(
+        decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW)).node("node-01"),
+        Some(&Action::MarkDone)
+    );
 }
 
 #[test]
@@ -246,10 +328,22 @@ fn settle_time_delays_the_release() {
     w.leases.push(l);
     let p = policy(serde_json::json!({"health": {"settleTime": "5m"}}));
     let plan = decide(&w.snapshot(), &p, at(NOW));
-    assert_eq!(plan.node("node-01"), Some(&Action::Settle { until: at("2026-11-28T03:05:00Z") }));
-    assert_eq!(plan.grants().count(), 0, "the settling node still holds the slot");
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::Settle {
+            until: at("2026-11-28T03:05:00Z")
+        })
+    );
+    assert_eq!(
+        plan.grants().count(),
+        0,
+        "the settling node still holds the slot"
+    );
     let plan = decide(&w.snapshot(), &p, at("2026-11-28T03:05:00Z"));
-    assert_eq!(plan.node("node-01"), Some(&Action::Release(ReleaseReason::Done)));
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::Release(ReleaseReason::Done))
+    );
 }
 
 #[test]
@@ -273,7 +367,11 @@ fn takes_one_zone_at_a_time() {
     let w = World::requesting(6, 3, "1", "2");
     let p = policy(serde_json::json!({"maxUnavailable": 4}));
     let g = grants(&w, &p, NOW);
-    assert_eq!(g, ["node-01", "node-04"], "both zone-a nodes, nothing from other zones");
+    assert_eq!(
+        g,
+        ["node-01", "node-04"],
+        "both zone-a nodes, nothing from other zones"
+    );
     let p = policy(serde_json::json!({"maxUnavailable": 4, "ordering": {"oneZoneAtATime": false}}));
     assert_eq!(grants(&w, &p, NOW).len(), 4);
 }
@@ -282,10 +380,18 @@ fn takes_one_zone_at_a_time() {
 fn a_node_selected_by_two_policies_is_reported_and_left_alone() {
     let w = world(2);
     let mut snap = w.snapshot();
-    let sel = Selector::compile(&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
-        match_labels: Some([("topology.kubernetes.io/zone".to_string(), "zone-a".to_string())].into()),
-        ..Default::default()
-    })
+    let sel = Selector::compile(
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+            match_labels: Some(
+                [(
+                    "topology.kubernetes.io/zone".to_string(),
+                    "zone-a".to_string(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+    )
     .unwrap();
     snap.other_policies.push(("other".into(), sel));
     let plan = decide(&snap, &policy(serde_json::json!({})), at(NOW));
@@ -301,7 +407,9 @@ fn malformed_annotations_are_reported_not_trusted() {
     let err = crds::protocol::STATE.parse("Rebooted").unwrap_err();
     w.node_mut("node-01").unwrap().malformed.push(err);
     let plan = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
-    assert!(matches!(plan.node("node-01"), Some(Action::Skip(Skip::Malformed(e))) if e[0].contains("baton.dev/state")));
+    assert!(
+        matches!(plan.node("node-01"), Some(Action::Skip(Skip::Malformed(e))) if e[0].contains("baton.dev/state"))
+    );
     assert_eq!(plan.grants().collect::<Vec<_>>(), ["node-02"]);
 }
 
@@ -310,11 +418,19 @@ fn blocking_pods_and_closed_gates_block_grants() {
     let mut w = world(2);
     w.node_mut("node-01").unwrap().blocked_by = Some("pod default/backup-1".into());
     let plan = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
-    assert_eq!(plan.node("node-01"), Some(&Action::Skip(Skip::Blocked("pod default/backup-1".into()))));
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::Skip(Skip::Blocked("pod default/backup-1".into())))
+    );
     assert_eq!(plan.grants().collect::<Vec<_>>(), ["node-02"]);
     let mut snap = w.snapshot();
     snap.gate = Some("alert NodeDown firing".into());
-    assert_eq!(decide(&snap, &policy(serde_json::json!({})), at(NOW)).grants().count(), 0);
+    assert_eq!(
+        decide(&snap, &policy(serde_json::json!({})), at(NOW))
+            .grants()
+            .count(),
+        0
+    );
 }
 
 #[test]
@@ -322,13 +438,29 @@ fn before_reboot_hooks_wait_then_time_out() {
     let mut w = world(1);
     w.leases.push(lease(&w, "node-01", NOW));
     w.node_mut("node-01").unwrap().unschedulable = true;
-    let p = policy(serde_json::json!({"hooks": {"beforeReboot": {"annotations": ["example.com/ok"], "timeout": "10m"}}}));
+    let p = policy(
+        serde_json::json!({"hooks": {"beforeReboot": {"annotations": ["example.com/ok"], "timeout": "10m"}}}),
+    );
     let plan = decide(&w.snapshot(), &p, at(NOW));
-    assert_eq!(plan.node("node-01"), Some(&Action::RunBeforeHooks { missing: vec!["example.com/ok".into()], deadline: at("2026-11-28T03:10:00Z") }));
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::RunBeforeHooks {
+            missing: vec!["example.com/ok".into()],
+            deadline: at("2026-11-28T03:10:00Z")
+        })
+    );
     let plan = decide(&w.snapshot(), &p, at("2026-11-28T03:10:00Z"));
-    assert!(matches!(plan.node("node-01"), Some(Action::Fail { reason }) if reason.contains("before-reboot hook")));
-    w.node_mut("node-01").unwrap().true_annotations.insert("example.com/ok".into());
-    assert_eq!(decide(&w.snapshot(), &p, at(NOW)).node("node-01"), Some(&Action::Drain { deadline: None }));
+    assert!(
+        matches!(plan.node("node-01"), Some(Action::Fail { reason }) if reason.contains("before-reboot hook"))
+    );
+    w.node_mut("node-01")
+        .unwrap()
+        .true_annotations
+        .insert("example.com/ok".into());
+    assert_eq!(
+        decide(&w.snapshot(), &p, at(NOW)).node("node-01"),
+        Some(&Action::Drain { deadline: None })
+    );
 }
 
 #[test]
@@ -343,8 +475,13 @@ fn after_reboot_hooks_run_before_the_uncordon() {
     n.agent.current_version = Version::new("2.0.0").ok();
     n.unschedulable = true;
     n.cordoned_by_baton = true;
-    let p = policy(serde_json::json!({"hooks": {"afterReboot": {"annotations": ["example.com/smoke"]}}}));
-    assert!(matches!(decide(&w.snapshot(), &p, at(NOW)).node("node-01"), Some(Action::RunAfterHooks { .. })));
+    let p = policy(
+        serde_json::json!({"hooks": {"afterReboot": {"annotations": ["example.com/smoke"]}}}),
+    );
+    assert!(matches!(
+        decide(&w.snapshot(), &p, at(NOW)).node("node-01"),
+        Some(Action::RunAfterHooks { .. })
+    ));
 }
 
 #[test]
@@ -354,10 +491,22 @@ fn a_drain_past_its_timeout_applies_on_timeout() {
     l.drain_started = Some(at(NOW));
     w.leases.push(l);
     w.node_mut("node-01").unwrap().unschedulable = true;
-    for (on, expected) in [("Abort", OnTimeout::Abort), ("Force", OnTimeout::Force), ("Proceed", OnTimeout::Proceed)] {
+    for (on, expected) in [
+        ("Abort", OnTimeout::Abort),
+        ("Force", OnTimeout::Force),
+        ("Proceed", OnTimeout::Proceed),
+    ] {
         let p = policy(serde_json::json!({"drain": {"timeout": "10m", "onTimeout": on}}));
-        assert_eq!(decide(&w.snapshot(), &p, at("2026-11-28T03:05:00Z")).node("node-01"), Some(&Action::Drain { deadline: Some(at("2026-11-28T03:10:00Z")) }));
-        assert_eq!(decide(&w.snapshot(), &p, at("2026-11-28T03:10:00Z")).node("node-01"), Some(&Action::DrainTimedOut(expected)));
+        assert_eq!(
+            decide(&w.snapshot(), &p, at("2026-11-28T03:05:00Z")).node("node-01"),
+            Some(&Action::Drain {
+                deadline: Some(at("2026-11-28T03:10:00Z"))
+            })
+        );
+        assert_eq!(
+            decide(&w.snapshot(), &p, at("2026-11-28T03:10:00Z")).node("node-01"),
+            Some(&Action::DrainTimedOut(expected))
+        );
     }
 }
 
@@ -365,8 +514,14 @@ fn a_drain_past_its_timeout_applies_on_timeout() {
 fn a_whole_rollout_of_five_nodes_runs_one_at_a_time() {
     let mut w = world(5);
     let p = policy(serde_json::json!({}));
-    let t = rollout::simulate::run(&mut w, &p, at(NOW), at("2026-11-29T00:00:00Z"), &|_| SignedDuration::from_mins(5));
+    let t = rollout::simulate::run(&mut w, &p, at(NOW), at("2026-11-29T00:00:00Z"), &|_| {
+        SignedDuration::from_mins(5)
+    });
     assert!(t.complete);
     assert_eq!(t.end, at("2026-11-28T03:25:00Z"));
-    assert!(w.nodes.iter().all(|n| n.agent.current_version == Version::new("2.0.0").ok() && !n.unschedulable));
+    assert!(
+        w.nodes
+            .iter()
+            .all(|n| n.agent.current_version == Version::new("2.0.0").ok() && !n.unschedulable)
+    );
 }

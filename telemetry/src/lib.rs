@@ -53,7 +53,12 @@ impl LogArgs {
         let result = match self.log_format {
             LogFormat::Text => registry.with(fmt::layer().with_target(true)).try_init(),
             LogFormat::Json => registry
-                .with(fmt::layer().json().with_current_span(true).with_span_list(true))
+                .with(
+                    fmt::layer()
+                        .json()
+                        .with_current_span(true)
+                        .with_span_list(true),
+                )
                 .try_init(),
         };
         result.map_err(|_| Error::AlreadyInitialised)
