@@ -12,6 +12,7 @@ pub struct DrainSpec {
     /// The longest a drain may take before `onTimeout` applies, such as `10m`.
     #[serde(default = "default_timeout")]
     #[x_kube(validation = Rule::new(crate::duration::POSITIVE_RULE).message("timeout must be a positive duration such as 90s, 10m or 1h"))]
+    #[schemars(length(max = 32))]
     pub timeout: String,
 
     /// Overrides each pod's termination grace period when set. Unset uses the pod's own.

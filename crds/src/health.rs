@@ -13,16 +13,19 @@ pub struct HealthSpec {
     /// version and report healthy. Past it the node is marked failed.
     #[serde(default = "default_reboot_timeout")]
     #[x_kube(validation = Rule::new(crate::duration::POSITIVE_RULE).message("rebootTimeout must be a positive duration such as 20m or 1h"))]
+    #[schemars(length(max = 32))]
     pub reboot_timeout: String,
 
     /// The wait after a node is done before its disruption slot goes to the next node.
     #[serde(default = "default_settle_time")]
     #[x_kube(validation = Rule::new(crate::duration::NON_NEGATIVE_RULE).message("settleTime must be a duration of 0s or more, such as 0s, 30s or 5m"))]
+    #[schemars(length(max = 32))]
     pub settle_time: String,
 
     /// A pod matching any of these selectors blocks grants to the node it runs on (as
     /// kured's `--blocking-pod-selector` does). Pending pods are not counted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub blocking_pod_selectors: Vec<LabelSelector>,
 
     /// While Prometheus reports firing alerts (other than the filtered ones), no new
@@ -37,10 +40,12 @@ pub struct HealthSpec {
 pub struct PrometheusGate {
     /// The Prometheus base URL, such as `http://prometheus.monitoring:9090`.
     #[x_kube(validation = Rule::new("self.matches('^https?://[^ ]+$')").message("url must be an http:// or https:// URL, such as http://prometheus.monitoring:9090"))]
+    #[schemars(length(max = 2048))]
     pub url: String,
 
     /// A regular expression over alert names: matching alerts are ignored by the gate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub alert_filter: Option<String>,
 }
 

@@ -27,10 +27,12 @@ pub struct HooksSpec {
 pub struct Hook {
     /// Node annotation keys that must all be `"true"` before the rollout goes on.
     #[x_kube(validation = Rule::new("size(self) >= 1").message("a hook must wait for at least one annotation"))]
+    #[schemars(length(max = 16), inner(length(max = 316)))]
     pub annotations: Vec<String>,
     /// How long to wait. Past it the node is marked failed.
     #[serde(default = "default_hook_timeout")]
     #[x_kube(validation = Rule::new(crate::duration::POSITIVE_RULE).message("timeout must be a positive duration such as 5m or 1h"))]
+    #[schemars(length(max = 32))]
     pub timeout: String,
 }
 

@@ -43,6 +43,7 @@ pub struct UpdatePolicySpec {
 
     /// When disruptions may start. Several windows combine; an empty list means always.
     #[serde(default)]
+    #[schemars(length(max = 32))]
     pub maintenance_windows: Vec<MaintenanceWindow>,
 
     /// Whether a window gates only the start of a node's disruption (`Start`), or also
@@ -115,6 +116,7 @@ pub struct OrderingSpec {
     /// The node label that names a node's zone.
     #[serde(default = "default_zone_label")]
     #[x_kube(validation = Rule::new("size(self) > 0").message("zoneLabel must name a node label, such as topology.kubernetes.io/zone"))]
+    #[schemars(length(max = 316))]
     pub zone_label: String,
 }
 

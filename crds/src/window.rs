@@ -19,25 +19,30 @@ pub struct MaintenanceWindow {
     /// window's start, such as `0 2 * * 6` for 02:00 every Saturday.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new(CRON_RULE).message("schedule must be a 5-field cron expression: minute hour day-of-month month day-of-week, such as '0 2 * * 6' (seconds and years are not supported)"))]
+    #[schemars(length(max = 128))]
     pub schedule: Option<String>,
 
     /// The days on which the window opens at `start`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("size(self) >= 1").message("weekdays must list at least one day, such as [Sat, Sun]"))]
+    #[schemars(length(max = 7))]
     pub weekdays: Option<Vec<Weekday>>,
 
     /// The local time the window opens on each of `weekdays`, as `HH:MM` (24-hour).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^([01][0-9]|2[0-3]):[0-5][0-9]$')").message("start must be a 24-hour time HH:MM, such as 02:00 or 23:30"))]
+    #[schemars(length(max = 5))]
     pub start: Option<String>,
 
     /// How long the window stays open after each start, such as `4h` or `90m`.
     #[x_kube(validation = Rule::new(crate::duration::POSITIVE_RULE).message("duration must be a positive duration such as 90m, 4h or 1h30m"))]
+    #[schemars(length(max = 32))]
     pub duration: String,
 
     /// The IANA time zone the window's times are in, such as `Europe/Berlin`.
     #[serde(default = "default_time_zone")]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$')").message("timeZone must be an IANA time zone name such as UTC, Europe/Berlin or America/New_York"))]
+    #[schemars(length(max = 64))]
     pub time_zone: String,
 }
 

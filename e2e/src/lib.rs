@@ -1,1 +1,13 @@
-//! placeholder
+//! baton's end-to-end harness: a real Kubernetes control plane run as local processes
+//! (like controller-runtime's envtest, plus controllers, a scheduler and kwok nodes),
+//! built from pinned Go modules and cached outside the repository.
+#![forbid(unsafe_code)]
+
+pub mod binaries;
+pub mod cluster;
+pub mod error;
+pub mod pki;
+pub mod process;
+
+pub use cluster::TestCluster;
+pub use error::{Error, Result};

@@ -1,0 +1,179 @@
+//! `cargo run -p e2e -- <command>`: the local control plane from the command line.
+//!
+//! - `binaries`: build (once) and print the control-plane binaries.
+//! - `up [--nodes N]`: start a cluster in the background; print its kubeconfig.
+//! - `down`: stop it.
+//! - `test [ARGS…]`: build the binaries with progress shown, then run
+//!   `cargo test --workspace ARGS…` against them.
+
+use std::{
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use e2e::{Error, Result, TestCluster, binaries::Binaries, error::io};
+
+#[derive(Debug, Parser)]
+#[command(name = "e2e", about = "baton's local Kubernetes control plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build (once) and print the control-plane binaries.
+    Binaries,
+    /// Start a cluster in the background and print the path of its admin kubeconfig.
+    Up {
+        /// kwok nodes to add.
+        #[arg(long, default_value_t = 0)]
+        nodes: usize,
+        /// Where the cluster keeps its state.
+        #[arg(long, env = "BATON_E2E_DIR", default_value_os_t = default_dir())]
+        dir: PathBuf,
+    },
+    /// Stop the background cluster.
+    Down {
+        /// Where the cluster keeps its state.
+        #[arg(long, env = "BATON_E2E_DIR", default_value_os_t = default_dir())]
+        dir: PathBuf,
+    },
+    /// Run a cluster in the foreground until SIGTERM (what `up` starts).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long, default_value_t = 0)]
+        nodes: usize,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Build the binaries (with progress), then run `cargo test --workspace`.
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn default_dir() -> PathBuf {
+    std::env::temp_dir().join("baton-e2e-cluster")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Binaries => Binaries::ensure().map(|b| {
+            for tool in e2e::binaries::TOOLS {
+                println!("{:<24} {}", tool.name, b.path(tool.name).display());
+            }
+        }),
+        Cmd::Up { nodes, dir } => up(nodes, &dir),
+        Cmd::Down { dir } => down(&dir),
+        Cmd::Serve { nodes, dir } => serve(nodes, dir),
+        Cmd::Test { args } => test(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("e2e: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn up(nodes: usize, dir: &std::path::Path) -> Result<()> {
+    if dir.join("serve.pid").exists() {
+        down(dir)?;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    // Build in the foreground so the progress is visible.
+    Binaries::ensure()?;
+    let log = std::fs::File::create(dir.join("serve.log")).map_err(io("creating serve.log"))?;
+    let exe = std::env::current_exe().map_err(io("finding this executable"))?;
+    let child = Command::new(exe)
+        .args(["serve", "--nodes", &nodes.to_string(), "--dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(io("duplicating a log handle"))?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(io("starting the cluster"))?;
+    std::fs::write(dir.join("serve.pid"), child.id().to_string())
+        .map_err(io("writing serve.pid"))?;
+    let ready = dir.join("ready");
+    let started = Instant::now();
+    while !ready.exists() {
+        if started.elapsed() > Duration::from_secs(300) {
+            return Err(Error::Other(format!(
+                "the cluster did not start; see {}",
+                dir.join("serve.log").display()
+            )));
+        }
+        if !std::path::Path::new(&format!("/proc/{}", child.id())).exists() {
+            let tail = e2e::process::log_tail(&dir.join("serve.log"), 20);
+            return Err(Error::Other(format!("the cluster exited:\n{tail}")));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("{}", dir.join("cluster/kubeconfig").display());
+    Ok(())
+}
+
+fn down(dir: &std::path::Path) -> Result<()> {
+    let pid_file = dir.join("serve.pid");
+    let Ok(pid) = std::fs::read_to_string(&pid_file) else {
+        eprintln!("e2e: no cluster running in {}", dir.display());
+        return Ok(());
+    };
+    let pid = pid.trim().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let started = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && started.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_file(&pid_file);
+    eprintln!("e2e: stopped the cluster in {}", dir.display());
+    Ok(())
+}
+
+#[tokio::main]
+async fn serve(nodes: usize, dir: PathBuf) -> Result<()> {
+    let cluster_dir = dir.join("cluster");
+    let cluster = TestCluster::start_in(&cluster_dir).await?;
+    cluster.apply_crds().await?;
+    if nodes > 0 {
+        cluster.add_nodes(nodes).await?;
+    }
+    std::fs::write(dir.join("ready"), cluster.server()).map_err(io("writing ready"))?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io("installing a SIGTERM handler"))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    let _ = std::fs::remove_file(dir.join("ready"));
+    drop(cluster);
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let binaries = Binaries::ensure()?;
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["test", "--workspace"]).args(args);
+    for tool in e2e::binaries::TOOLS {
+        cmd.env(tool.env, binaries.path(tool.name));
+    }
+    let status = cmd.status().map_err(io("running cargo test"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::Other(format!("cargo test failed ({status})")))
+    }
+}

@@ -1,0 +1,109 @@
+//! Supervised child processes that cannot outlive the harness.
+//!
+//! Each component runs under `sh` with a watchdog reading the harness's end of a pipe:
+//! when the harness exits for any reason (a panic, a kill), the pipe closes and the
+//! watchdog stops the component. Dropping a [`Supervised`] stops it at once.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::error::{Result, io};
+
+/// The watchdog: run the component, and TERM then KILL it when stdin closes.
+/// (Background jobs get /dev/null as stdin, so the pipe is kept on fd 3.)
+const WATCHDOG: &str = r#"
+exec 3<&0
+"$@" </dev/null 3<&- &
+pid=$!
+(
+  cat <&3 >/dev/null
+  kill -TERM "$pid" 2>/dev/null
+  i=0
+  while kill -0 "$pid" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  kill -KILL "$pid" 2>/dev/null
+) &
+wait "$pid"
+"#;
+
+/// A running component.
+#[derive(Debug)]
+pub struct Supervised {
+    /// Its name, for logs and errors.
+    pub name: String,
+    /// Its log file (stdout and stderr).
+    pub log: PathBuf,
+    child: Child,
+    lifeline: Option<ChildStdin>,
+}
+
+impl Supervised {
+    /// Starts `program args…`, logging to `log`.
+    pub fn spawn(name: &str, program: &Path, args: &[String], log: PathBuf) -> Result<Supervised> {
+        let out = File::create(&log).map_err(io(format!("creating {}", log.display())))?;
+        let err = out.try_clone().map_err(io("duplicating a log handle"))?;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(WATCHDOG)
+            .arg("sh")
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(io(format!("starting {}", program.display())))?;
+        let lifeline = child.stdin.take();
+        Ok(Supervised {
+            name: name.to_string(),
+            log,
+            child,
+            lifeline,
+        })
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// The OS process id of the `sh` supervisor.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last `n` lines of its log.
+    pub fn log_tail(&self, n: usize) -> String {
+        log_tail(&self.log, n)
+    }
+
+    /// Stops it and waits (up to 10 s) for it to exit.
+    pub fn stop(&mut self) {
+        self.lifeline.take();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.exited() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The last `n` lines of a file.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
