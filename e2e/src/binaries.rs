@@ -76,6 +76,7 @@ const RECIPE: &str = "r1";
 #[derive(Debug, Clone)]
 pub struct Binaries {
     paths: Vec<(&'static str, PathBuf)>,
+    stages: Vec<PathBuf>,
 }
 
 impl Binaries {
@@ -132,8 +133,61 @@ impl Binaries {
                 started.elapsed()
             );
         }
-        Ok(Binaries { paths })
+        let stages = kwok_stages(&cache)?;
+        Ok(Binaries { paths, stages })
     }
+
+    /// kwok's Stage files: node initialisation, node heartbeats with leases, and the
+    /// pod lifecycle (ready, complete, graceful delete).
+    pub fn kwok_stages(&self) -> &[PathBuf] {
+        &self.stages
+    }
+}
+
+/// The kwok Stages the harness uses, from kwok's own module at the pinned version.
+const KWOK_STAGES: [&str; 5] = [
+    "kustomize/stage/node/fast/node-initialize.yaml",
+    "kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
+    "kustomize/stage/pod/fast/pod-ready.yaml",
+    "kustomize/stage/pod/fast/pod-complete.yaml",
+    "kustomize/stage/pod/fast/pod-delete.yaml",
+];
+
+/// Copies kwok's Stage files next to the cached binaries (once), or takes them from
+/// `$BATON_E2E_KWOK_STAGES`.
+fn kwok_stages(cache: &Path) -> Result<Vec<PathBuf>> {
+    let dir = std::env::var_os("BATON_E2E_KWOK_STAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache.join("kwok-stages"));
+    let files: Vec<PathBuf> = KWOK_STAGES
+        .iter()
+        .map(|s| dir.join(Path::new(s).file_name().unwrap_or_default()))
+        .collect();
+    if files.iter().all(|f| f.is_file()) {
+        return Ok(files);
+    }
+    let version = module_version("kwok", "sigs.k8s.io/kwok")?;
+    let out = Command::new("go")
+        .args([
+            "mod",
+            "download",
+            "-json",
+            &format!("sigs.k8s.io/kwok@{version}"),
+        ])
+        .current_dir(tools_dir().join("kwok"))
+        .output()
+        .map_err(io("running `go mod download` for kwok's stages"))?;
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::Other(format!("`go mod download` printed no module info: {e}")))?;
+    let module = info["Dir"]
+        .as_str()
+        .ok_or_else(|| Error::Other(format!("no module directory for kwok: {info}")))?;
+    fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    for (stage, file) in KWOK_STAGES.iter().zip(&files) {
+        fs::copy(Path::new(module).join(stage), file)
+            .map_err(io(format!("copying kwok stage {stage}")))?;
+    }
+    Ok(files)
 }
 
 /// `e2e/tools`, where the Go modules pinning each binary live.

@@ -72,7 +72,12 @@ impl TestCluster {
             .map_err(io("creating a temp dir"))?;
         let dir = tmp.path().to_path_buf();
         let mut cluster = Self::start_in(&dir).await?;
-        cluster._tmp = Some(tmp);
+        // BATON_E2E_KEEP=1 keeps the logs and data for a post-mortem.
+        if std::env::var_os("BATON_E2E_KEEP").is_some() {
+            eprintln!("[baton-e2e] keeping {}", tmp.keep().display());
+        } else {
+            cluster._tmp = Some(tmp);
+        }
         Ok(cluster)
     }
 
@@ -100,6 +105,10 @@ impl TestCluster {
             format!("--initial-cluster=default={peer_url}"),
             "--listen-metrics-urls=".into(),
             "--unsafe-no-fsync=true".into(),
+            // As kubeadm sets it: without frequent progress notifications the API
+            // server's watch cache lags, and controllers that wait to read their own
+            // writes (ReplicaSet, Deployment) stall for minutes.
+            "--watch-progress-notify-interval=5s".into(),
             "--log-level=warn".into(),
         ];
         procs.push(Supervised::spawn(
@@ -180,7 +189,7 @@ impl TestCluster {
             &sched_args,
             logs.join("kube-scheduler.log"),
         )?);
-        let kwok_args = vec![
+        let mut kwok_args = vec![
             kc,
             "--manage-all-nodes=false".into(),
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
@@ -189,6 +198,12 @@ impl TestCluster {
             "--node-ip=127.0.0.1".into(),
             format!("--server-address=127.0.0.1:{}", free_port()?),
         ];
+        kwok_args.extend(
+            binaries
+                .kwok_stages()
+                .iter()
+                .map(|s| format!("--config={}", p(s))),
+        );
         procs.push(Supervised::spawn(
             "kwok",
             &binaries.path("kwok"),
@@ -306,7 +321,7 @@ impl TestCluster {
         let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
             .map_err(|e| Error::Kubeconfig(e.to_string()))?;
-        Client::try_from(config).map_err(Error::Kube)
+        raw_client(config)
     }
 
     /// Adds `n` kwok nodes, spread over zones `zone-a`…`zone-c`, and waits until all are
@@ -447,6 +462,13 @@ pub async fn client_from(kubeconfig: &Path) -> Result<Client> {
     let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .map_err(|e| Error::Kubeconfig(e.to_string()))?;
+    raw_client(config)
+}
+
+/// Tests must see what the API server answers: kube-rs would otherwise retry 429s
+/// (such as an eviction a PodDisruptionBudget refuses) behind their back.
+fn raw_client(mut config: Config) -> Result<Client> {
+    config.default_retry = false;
     Client::try_from(config).map_err(Error::Kube)
 }
 
