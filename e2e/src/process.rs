@@ -25,8 +25,13 @@ pid=$!
   i=0
   while kill -0 "$pid" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
   kill -KILL "$pid" 2>/dev/null
-) &
+) </dev/null 3<&3 &
+watchdog=$!
 wait "$pid"
+status=$?
+kill "$watchdog" 2>/dev/null
+wait "$watchdog" 2>/dev/null
+exit $status
 "#;
 
 /// A running component.
