@@ -288,7 +288,7 @@ fn build(tool: &Tool, out: &Path) -> Result<()> {
         {
             let _ = writeln!(log, "{line}");
             packages += 1;
-            if packages % 250 == 0 {
+            if packages.is_multiple_of(250) {
                 eprintln!("[baton-e2e]   {}: {packages} packages compiled", tool.name);
             }
         }

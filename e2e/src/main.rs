@@ -3,6 +3,8 @@
 //! - `binaries`: build (once) and print the control-plane binaries.
 //! - `up [--nodes N]`: start a cluster in the background; print its kubeconfig.
 //! - `down`: stop it.
+//! - `demo`: the local demo (or install instructions for a real cluster).
+//! - `footprint --nodes N`: the control plane's memory with N kwok nodes.
 //! - `test [ARGS…]`: build the binaries with progress shown, then run
 //!   `cargo test --workspace ARGS…` against them.
 
@@ -15,6 +17,8 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use e2e::{Error, Result, TestCluster, binaries::Binaries, error::io};
+
+mod demo;
 
 #[derive(Debug, Parser)]
 #[command(name = "e2e", about = "baton's local Kubernetes control plane")]
@@ -50,6 +54,27 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// The demo: a local cluster with kwok nodes, baton's CRDs and a policy.
+    Demo {
+        /// kwok nodes to add.
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        /// A real cluster's kubeconfig: start nothing locally, say how to install.
+        #[arg(long, env = "BATON_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Keep the local cluster running until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Measure the control plane's resident memory with N kwok nodes.
+    Footprint {
+        /// kwok nodes to add.
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        /// How long to let the cluster settle before measuring.
+        #[arg(long, default_value_t = 30)]
+        settle_secs: u64,
+    },
     /// Build the binaries (with progress), then run `cargo test --workspace`.
     Test {
         /// Extra arguments for `cargo test`.
@@ -74,6 +99,12 @@ fn main() -> ExitCode {
         Cmd::Down { dir } => down(&dir),
         Cmd::Serve { nodes, dir } => serve(nodes, dir),
         Cmd::Test { args } => test(&args),
+        Cmd::Demo {
+            nodes,
+            kubeconfig,
+            keep,
+        } => demo::run(nodes, kubeconfig, keep),
+        Cmd::Footprint { nodes, settle_secs } => footprint(nodes, settle_secs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -160,6 +191,33 @@ async fn serve(nodes: usize, dir: PathBuf) -> Result<()> {
     }
     let _ = std::fs::remove_file(dir.join("ready"));
     drop(cluster);
+    Ok(())
+}
+
+#[tokio::main]
+async fn footprint(nodes: usize, settle_secs: u64) -> Result<()> {
+    let mut cluster = TestCluster::start().await?;
+    let started = Instant::now();
+    if nodes > 0 {
+        cluster.add_nodes(nodes).await?;
+    }
+    eprintln!(
+        "[footprint] {nodes} nodes Ready in {:.1?}; settling {settle_secs}s",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(settle_secs)).await;
+    let mut total = 0;
+    println!("{:<26} {:>10}", "component", "RSS (MiB)");
+    for proc in cluster.components() {
+        let kib = proc.rss_kib().unwrap_or(0);
+        total += kib;
+        println!("{:<26} {:>10.1}", proc.name, kib as f64 / 1024.0);
+    }
+    println!(
+        "{:<26} {:>10.1}",
+        format!("total ({nodes} kwok nodes)"),
+        total as f64 / 1024.0
+    );
     Ok(())
 }
 

@@ -80,6 +80,31 @@ impl Supervised {
         self.child.id()
     }
 
+    /// The resident memory of the component itself (not its supervisor), in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let sh = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children")).ok()?;
+        children
+            .split_whitespace()
+            .filter_map(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let program = cmdline
+                    .split(|b| *b == 0)
+                    .next()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())?;
+                if program.ends_with("sh") {
+                    return None; // the watchdog
+                }
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+            })
+            .next()
+    }
+
     /// The last `n` lines of its log.
     pub fn log_tail(&self, n: usize) -> String {
         log_tail(&self.log, n)
