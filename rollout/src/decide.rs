@@ -190,6 +190,23 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     }
 
     let granted = plans.iter().filter(|p| p.action.is_grant()).count();
+    let mut holders: Vec<String> = plans
+        .iter()
+        .filter(|p| {
+            !matches!(
+                p.action,
+                Action::Release(_) | Action::Skip(Skip::UpToDate | Skip::NotRequested(_))
+            )
+        })
+        .filter(|p| {
+            p.action.is_grant()
+                || leases_by_node
+                    .get(p.node.as_str())
+                    .is_some_and(|l| l.policy == policy.name)
+        })
+        .map(|p| p.node.clone())
+        .collect();
+    holders.sort();
     counts.waiting -= granted as u32;
     counts.in_progress += granted as u32;
     let waiting_on_window = counts.waiting > 0;
@@ -202,6 +219,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     Plan {
         policy: policy.name.clone(),
         nodes: plans,
+        holders,
         budget: BudgetUse {
             limit,
             unavailable,

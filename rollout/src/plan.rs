@@ -17,6 +17,9 @@ pub struct Plan {
     /// One entry per node in the pool or holding one of the policy's leases, in the
     /// order the rollout takes them.
     pub nodes: Vec<NodePlan>,
+    /// Nodes holding one of the policy's leases after this plan (released ones excluded,
+    /// new grants included).
+    pub holders: Vec<String>,
     /// The budget and how much of it is used.
     pub budget: BudgetUse,
     /// The maintenance windows now.

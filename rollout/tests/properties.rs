@@ -234,7 +234,9 @@ proptest! {
     ) {
         let policy = Policy::from_spec("pool", &serde_json::from_value(spec).unwrap()).unwrap();
         let mut world = World::requesting(nodes, zones, "1", "2");
-        let horizon = start().checked_add(SignedDuration::from_hours(24 * 90)).unwrap();
+        // Worst case one node per window occurrence (Fit mode with a short window), and
+        // every generated window opens at least weekly.
+        let horizon = start().checked_add(SignedDuration::from_hours(24 * 7 * (nodes as i64 + 2))).unwrap();
         let timeline = rollout::simulate::run(&mut world, &policy, start(), horizon, &|_| SignedDuration::from_mins(reboot_mins));
         // Fit mode with a window shorter than rebootTimeout can never start: that is a
         // configuration the status reports, not a liveness failure.

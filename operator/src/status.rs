@@ -1,0 +1,288 @@
+//! `UpdatePolicy.status` from a plan: counts, lease holders, the window, and
+//! conditions that keep their `lastTransitionTime` until they really change, so an
+//! unchanged cluster produces an identical status and no API write.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crds::{UpdatePolicyStatus, policy::condition};
+use rollout::{Plan, policy::SpecError, window::WindowState};
+
+/// The status for a valid policy.
+pub fn from_plan(
+    plan: &Plan,
+    paused: bool,
+    generation: Option<i64>,
+    old: Option<&UpdatePolicyStatus>,
+    now: Timestamp,
+) -> UpdatePolicyStatus {
+    let mut conditions = Vec::new();
+    let halted = plan.halted.as_deref();
+    let conflicts = (!plan.conflicts.is_empty()).then(|| {
+        let nodes: Vec<&str> = plan.conflicts.iter().map(|c| c.node.as_str()).collect();
+        format!(
+            "nodes also selected by another policy are left alone: {}",
+            nodes.join(", ")
+        )
+    });
+    set(
+        &mut conditions,
+        old,
+        now,
+        condition::INVALID_SPEC,
+        false,
+        "Valid",
+        conflicts.as_deref().unwrap_or("the spec is valid"),
+    );
+    set(
+        &mut conditions,
+        old,
+        now,
+        condition::HALTED,
+        halted.is_some(),
+        if halted.is_some() {
+            "FailuresReachedLimit"
+        } else {
+            "NoFailureLimit"
+        },
+        halted.unwrap_or("failures are below failurePolicy.maxFailedNodes"),
+    );
+    set(
+        &mut conditions,
+        old,
+        now,
+        condition::PAUSED,
+        paused,
+        if paused { "SpecPaused" } else { "NotPaused" },
+        if paused {
+            "spec.paused is set: nothing new starts"
+        } else {
+            "not paused"
+        },
+    );
+    let progressing = plan.counts.in_progress > 0;
+    set(
+        &mut conditions,
+        old,
+        now,
+        condition::PROGRESSING,
+        progressing,
+        if progressing {
+            "NodesInProgress"
+        } else {
+            "Idle"
+        },
+        &format!(
+            "{} in progress, {} waiting",
+            plan.counts.in_progress, plan.counts.waiting
+        ),
+    );
+    set(
+        &mut conditions,
+        old,
+        now,
+        condition::READY,
+        halted.is_none(),
+        if halted.is_none() { "Ready" } else { "Halted" },
+        if halted.is_none() {
+            "the pool is managed"
+        } else {
+            "the pool is halted"
+        },
+    );
+    UpdatePolicyStatus {
+        observed_generation: generation,
+        conditions,
+        nodes: plan.counts.nodes,
+        up_to_date: plan.counts.up_to_date,
+        waiting: plan.counts.waiting,
+        in_progress: plan.counts.in_progress,
+        failed: plan.counts.failed,
+        lease_holders: plan.holders.clone(),
+        window: Some(plan.window.label().to_string()),
+        next_window: match plan.window {
+            WindowState::Closed { opens: Some(t) } => Some(Time(t)),
+            _ => None,
+        },
+    }
+}
+
+/// The status for a policy whose spec cannot be used: `InvalidSpec=True`, `Ready=False`,
+/// everything else kept as it was.
+pub fn invalid(
+    errors: &[SpecError],
+    generation: Option<i64>,
+    old: Option<&UpdatePolicyStatus>,
+    now: Timestamp,
+) -> UpdatePolicyStatus {
+    let message: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let message = message.join("; ");
+    let mut status = old.cloned().unwrap_or_default();
+    let mut conditions: Vec<Condition> = status
+        .conditions
+        .iter()
+        .filter(|c| c.type_ != condition::INVALID_SPEC && c.type_ != condition::READY)
+        .cloned()
+        .collect();
+    set(
+        &mut conditions,
+        old,
+        now,
+        condition::INVALID_SPEC,
+        true,
+        "InvalidSpec",
+        &message,
+    );
+    set(
+        &mut conditions,
+        old,
+        now,
+        condition::READY,
+        false,
+        "InvalidSpec",
+        "the spec is invalid: see the InvalidSpec condition",
+    );
+    status.conditions = conditions;
+    status.observed_generation = generation;
+    status
+}
+
+/// Adds a condition, keeping the old `lastTransitionTime` when the status is unchanged.
+fn set(
+    conditions: &mut Vec<Condition>,
+    old: Option<&UpdatePolicyStatus>,
+    now: Timestamp,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+) {
+    let status = if status { "True" } else { "False" };
+    let previous = old.and_then(|o| o.conditions.iter().find(|c| c.type_ == type_));
+    let last_transition_time = match previous {
+        Some(p) if p.status == status => p.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    conditions.push(Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message: message.to_string(),
+        last_transition_time,
+        observed_generation: None,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rollout::{Policy, decide, simulate::World};
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn plan(world: &World, json: serde_json::Value) -> Plan {
+        let policy = Policy::from_spec("pool", &serde_json::from_value(json).unwrap()).unwrap();
+        decide(&world.snapshot(), &policy, at("2026-11-28T03:00:00Z"))
+    }
+
+    #[test]
+    fn an_unchanged_cluster_gives_an_identical_status() {
+        let world = World::requesting(3, 1, "1", "2");
+        let p = plan(&world, serde_json::json!({}));
+        let first = from_plan(&p, false, Some(1), None, at("2026-11-28T03:00:00Z"));
+        let again = from_plan(&p, false, Some(1), Some(&first), at("2026-11-28T03:05:00Z"));
+        assert_eq!(
+            first, again,
+            "no field may change when nothing changed: no write"
+        );
+    }
+
+    #[test]
+    fn counts_holders_and_conditions_follow_the_plan() {
+        let world = World::requesting(3, 1, "1", "2");
+        let p = plan(&world, serde_json::json!({}));
+        let status = from_plan(&p, false, Some(4), None, at("2026-11-28T03:00:00Z"));
+        assert_eq!(
+            (status.nodes, status.in_progress, status.waiting),
+            (3, 1, 2)
+        );
+        assert_eq!(status.lease_holders, ["node-01"]);
+        assert_eq!(status.window.as_deref(), Some("Always"));
+        assert_eq!(status.observed_generation, Some(4));
+        let cond = |t: &str| {
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .unwrap()
+                .status
+                .clone()
+        };
+        assert_eq!(cond("Progressing"), "True");
+        assert_eq!(cond("Ready"), "True");
+        assert_eq!(cond("Halted"), "False");
+    }
+
+    #[test]
+    fn a_transition_moves_last_transition_time_and_nothing_else_does() {
+        let mut world = World::requesting(2, 1, "1", "2");
+        let before = from_plan(
+            &plan(&world, serde_json::json!({})),
+            false,
+            Some(1),
+            None,
+            at("2026-11-28T03:00:00Z"),
+        );
+        world.nodes[1].failure = Some("drain timed out".into());
+        let after = from_plan(
+            &plan(&world, serde_json::json!({})),
+            false,
+            Some(1),
+            Some(&before),
+            at("2026-11-28T04:00:00Z"),
+        );
+        let halted = after
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Halted")
+            .unwrap();
+        assert_eq!(
+            (halted.status.as_str(), halted.last_transition_time.0),
+            ("True", at("2026-11-28T04:00:00Z"))
+        );
+        assert!(halted.message.contains("node-02"));
+        let paused = after
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Paused")
+            .unwrap();
+        assert_eq!(paused.last_transition_time.0, at("2026-11-28T03:00:00Z"));
+    }
+
+    #[test]
+    fn an_invalid_spec_sets_invalid_spec_and_not_ready_with_the_reasons() {
+        let errors = vec![SpecError {
+            field: "spec.maintenanceWindows[0]".into(),
+            message: "timeZone \"Mars/Olympus\" is not a known IANA time zone".into(),
+        }];
+        let status = invalid(&errors, Some(2), None, at("2026-11-28T03:00:00Z"));
+        let invalid = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "InvalidSpec")
+            .unwrap();
+        assert_eq!(invalid.status, "True");
+        assert!(invalid.message.contains("Mars/Olympus"));
+        assert_eq!(
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .unwrap()
+                .status,
+            "False"
+        );
+    }
+}
