@@ -4,4 +4,9 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod controller;
+pub mod drain;
+pub mod error;
+pub mod lease;
+pub mod node;
 pub mod status;

@@ -16,6 +16,17 @@ async fn main() -> ExitCode {
         eprintln!("baton-operator: invalid configuration: {e}");
         return ExitCode::from(2);
     }
-    tracing::info!(namespace = %config.namespace, identity = %config.identity, "baton-operator configured");
+    tracing::info!(namespace = %config.namespace, identity = %config.identity, "baton-operator starting");
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("baton-operator: cannot reach the Kubernetes API: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::select! {
+        () = operator::controller::run(client, config) => {}
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+    }
     ExitCode::SUCCESS
 }

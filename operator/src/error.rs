@@ -1,0 +1,40 @@
+//! The operator's error type, with a label for the reconcile-errors metric.
+
+use thiserror::Error;
+
+/// Everything a reconcile can fail with. None of these crash the operator: the policy
+/// is requeued and the error is reported.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The API server refused or failed a request.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// Someone else changed the object first; the next reconcile sees the new state.
+    #[error("conflict on {0}: retrying with fresh state")]
+    Conflict(String),
+    /// A value could not be encoded.
+    #[error("encoding: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// A short, bounded label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Conflict(_) => "conflict",
+            Error::Encode(_) => "encode",
+        }
+    }
+
+    /// Maps a 409 to [`Error::Conflict`].
+    pub fn from_kube(what: &str, e: kube::Error) -> Error {
+        match &e {
+            kube::Error::Api(s) if s.code == 409 => Error::Conflict(what.to_string()),
+            _ => Error::Kube(e),
+        }
+    }
+}
+
+/// `Result` with the operator's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

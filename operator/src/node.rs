@@ -1,0 +1,181 @@
+//! The operator's writes to Nodes: cordon and uncordon with baton's own mark, the
+//! reboot grant, hook labels and the failure mark. Every patch carries the observed
+//! `resourceVersion`, so a decision made on a stale view fails with a conflict instead
+//! of overwriting someone else's change (such as an admin's cordon).
+
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+};
+use serde_json::{Map, Value, json};
+
+use crds::protocol::{self, BootId, Message};
+
+use crate::error::{Error, Result};
+
+/// The label that takes a node out of cloud load balancers.
+pub const EXCLUDE_FROM_LB: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// A set of changes to one Node.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct NodePatch {
+    unschedulable: Option<bool>,
+    annotations: Map<String, Value>,
+    labels: Map<String, Value>,
+}
+
+impl NodePatch {
+    /// Cordon, recording that baton did (and, if asked, leave load balancers).
+    pub fn cordon(exclude_from_lb: bool) -> NodePatch {
+        let mut p = NodePatch {
+            unschedulable: Some(true),
+            ..Default::default()
+        };
+        p.annotations.insert(
+            protocol::CORDONED.name.into(),
+            protocol::CORDONED.format(&true).into(),
+        );
+        if exclude_from_lb {
+            p.labels.insert(EXCLUDE_FROM_LB.into(), "true".into());
+            p.annotations.insert(
+                protocol::LB_EXCLUDED.name.into(),
+                protocol::LB_EXCLUDED.format(&true).into(),
+            );
+        }
+        p
+    }
+
+    /// Uncordon a node baton cordoned, undoing only what baton added.
+    pub fn uncordon(node: &Node) -> NodePatch {
+        let mut p = NodePatch {
+            unschedulable: Some(false),
+            ..Default::default()
+        };
+        p.annotations
+            .insert(protocol::CORDONED.name.into(), Value::Null);
+        let lb_excluded = protocol::LB_EXCLUDED
+            .read(node.metadata.annotations.as_ref())
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+        if lb_excluded {
+            p.labels.insert(EXCLUDE_FROM_LB.into(), Value::Null);
+            p.annotations
+                .insert(protocol::LB_EXCLUDED.name.into(), Value::Null);
+        }
+        p
+    }
+
+    /// Let the agent reboot out of `boot`.
+    pub fn allow_reboot(boot: &BootId) -> NodePatch {
+        let mut p = NodePatch::default();
+        p.annotations.insert(
+            protocol::REBOOT_OK.name.into(),
+            protocol::REBOOT_OK.format(boot).into(),
+        );
+        p
+    }
+
+    /// Ask hook workloads to run (`before` or after the reboot).
+    pub fn hook_label(before: bool) -> NodePatch {
+        let key = if before {
+            protocol::BEFORE_REBOOT.name
+        } else {
+            protocol::AFTER_REBOOT.name
+        };
+        let mut p = NodePatch::default();
+        p.labels.insert(key.into(), "true".into());
+        p
+    }
+
+    /// Remove the hook labels and the grant: the node is done or released.
+    pub fn clear_rollout_marks() -> NodePatch {
+        let mut p = NodePatch::default();
+        p.labels
+            .insert(protocol::BEFORE_REBOOT.name.into(), Value::Null);
+        p.labels
+            .insert(protocol::AFTER_REBOOT.name.into(), Value::Null);
+        p.annotations
+            .insert(protocol::REBOOT_OK.name.into(), Value::Null);
+        p
+    }
+
+    /// Mark the node failed, with the reason.
+    pub fn fail(reason: &str) -> NodePatch {
+        let mut p = NodePatch::default();
+        let line: String = reason.replace('\n', " ").chars().take(1024).collect();
+        p.annotations.insert(
+            protocol::FAILURE.name.into(),
+            protocol::FAILURE.format(&Message(line)).into(),
+        );
+        p
+    }
+
+    /// The JSON merge patch, guarded by the node's observed `resourceVersion`.
+    pub fn to_json(&self, resource_version: Option<String>) -> Value {
+        let mut metadata = Map::new();
+        metadata.insert(
+            "resourceVersion".into(),
+            resource_version.map_or(Value::Null, Value::String),
+        );
+        if !self.annotations.is_empty() {
+            metadata.insert(
+                "annotations".into(),
+                Value::Object(self.annotations.clone()),
+            );
+        }
+        if !self.labels.is_empty() {
+            metadata.insert("labels".into(), Value::Object(self.labels.clone()));
+        }
+        let mut patch = json!({"metadata": metadata});
+        if let Some(u) = self.unschedulable {
+            patch["spec"] = json!({"unschedulable": u});
+        }
+        patch
+    }
+
+    /// Applies the patch to the node as observed.
+    pub async fn apply(&self, api: &Api<Node>, node: &Node) -> Result<()> {
+        let patch = self.to_json(node.resource_version());
+        api.patch(
+            &node.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map(drop)
+        .map_err(|e| Error::from_kube(&format!("node {}", node.name_any()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cordon_records_that_baton_did_it_and_is_guarded_by_resource_version() {
+        let patch = NodePatch::cordon(true).to_json(Some("42".into()));
+        assert_eq!(patch["spec"]["unschedulable"], true);
+        assert_eq!(patch["metadata"]["resourceVersion"], "42");
+        assert_eq!(
+            patch["metadata"]["annotations"]["baton.dev/cordoned"],
+            "true"
+        );
+        assert_eq!(patch["metadata"]["labels"][EXCLUDE_FROM_LB], "true");
+    }
+
+    #[test]
+    fn uncordon_removes_only_what_baton_added() {
+        let mut node = Node::default();
+        node.metadata.annotations =
+            Some([("baton.dev/cordoned".to_string(), "true".to_string())].into());
+        let patch = NodePatch::uncordon(&node).to_json(None);
+        assert_eq!(patch["spec"]["unschedulable"], false);
+        assert!(patch["metadata"]["annotations"]["baton.dev/cordoned"].is_null());
+        assert!(
+            patch["metadata"].get("labels").is_none(),
+            "an LB label baton did not add stays"
+        );
+    }
+}
