@@ -386,7 +386,10 @@ async fn perform(
             }
         }
         Action::Release(_) => {
-            if let Some(n) = current.as_ref().filter(|n| n.annotations().contains_key(protocol::REBOOT_OK.name)) {
+            if let Some(n) = current
+                .as_ref()
+                .filter(|n| n.annotations().contains_key(protocol::REBOOT_OK.name))
+            {
                 NodePatch::clear_rollout_marks().apply(&nodes, n).await?;
             }
             if let Some(l) = &held {
@@ -462,10 +465,26 @@ async fn start_drain(ctx: &Arc<Context>, policy: &UpdatePolicy, node: &str, dead
     let handle = tokio::spawn(
         async move {
             let ctx = ctx2;
-            let on_blocked = |pod: &k8s_openapi::api::core::v1::Pod, budget: &str| {
-                warn!(pod = %pod.name_any(), budget, "eviction blocked by a PodDisruptionBudget");
+            // Each blocked pod is reported once per drain, as an Event on the node.
+            let (blocked_tx, mut blocked_rx) = tokio::sync::mpsc::unbounded_channel::<drain::Blocked>();
+            let reporter = {
+                let ctx = Arc::clone(&ctx);
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let mut seen = std::collections::HashSet::new();
+                    while let Some(b) = blocked_rx.recv().await {
+                        if seen.insert(b.clone()) {
+                            warn!(pod = %b.pod, budget = %b.budget, "eviction blocked by a PodDisruptionBudget");
+                            let note = format!("evicting {} is blocked by PodDisruptionBudget {}; retrying until the drain times out", b.pod, b.budget);
+                            node_event(&ctx, self::node(&ctx, &name).as_deref(), EventType::Warning, "DrainBlocked", &note).await;
+                        }
+                    }
+                })
             };
-            match drain::drain(&ctx.client, &name, &rules, deadline, &on_blocked).await {
+            let outcome = drain::drain(&ctx.client, &name, &rules, deadline, &blocked_tx).await;
+            drop(blocked_tx);
+            let _ = reporter.await;
+            match outcome {
                 Ok(Outcome::Drained) => {
                     if let Some(l) = lease_of(&ctx, &name) {
                         let leases: Api<Lease> =

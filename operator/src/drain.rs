@@ -115,14 +115,23 @@ pub fn verdict(pod: &Pod, rules: &DrainRules) -> Verdict {
     Verdict::Evict
 }
 
-/// Drains `node` until it is empty or `deadline` passes. `on_blocked` hears about each
-/// eviction a PodDisruptionBudget refuses: the pod and the budget's name.
+/// An eviction a PodDisruptionBudget refused.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Blocked {
+    /// `namespace/name` of the pod.
+    pub pod: String,
+    /// The budget's name.
+    pub budget: String,
+}
+
+/// Drains `node` until it is empty or `deadline` passes. Each eviction a
+/// PodDisruptionBudget refuses is sent to `blocked_tx`.
 pub async fn drain(
     client: &Client,
     node: &str,
     rules: &DrainRules,
     deadline: Timestamp,
-    on_blocked: &(dyn Fn(&Pod, &str) + Sync),
+    blocked_tx: &tokio::sync::mpsc::UnboundedSender<Blocked>,
 ) -> Result<Outcome> {
     let pods: Api<Pod> = Api::all(client.clone());
     let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
@@ -190,7 +199,8 @@ pub async fn drain(
                     let budget = blocking_budget(client, &pod)
                         .await
                         .unwrap_or_else(|| "a PodDisruptionBudget".into());
-                    on_blocked(&pod, &budget);
+                    let pod = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+                    let _ = blocked_tx.send(Blocked { pod, budget });
                 }
                 Err(e) => warn!(node, pod = %pod.name_any(), error = %e, "eviction failed"),
             }

@@ -38,8 +38,9 @@ async fn set_annotations(nodes: &Api<Node>, name: &str, values: &[(&str, &str)])
 }
 
 /// A fake agent per node: asks for a reboot into 2.0.0; when granted for its boot,
-/// "reboots" (new boot id) and reports Done on the new version.
-async fn fake_agents(client: Client, names: Vec<String>) {
+/// "reboots" (new boot id, after `reboot`) and reports Done on the new version. Nodes
+/// in `lost` never come back.
+async fn fake_agents(client: Client, names: Vec<String>, reboot: Duration, lost: Vec<String>) {
     let nodes: Api<Node> = Api::all(client);
     for (i, name) in names.iter().enumerate() {
         let boot = format!("{:08x}-0000-0000-0000-000000000001", i + 1);
@@ -66,19 +67,31 @@ async fn fake_agents(client: Client, names: Vec<String>) {
             continue;
         };
         if ok == boot && a.get("baton.dev/state").map(String::as_str) == Some("RebootRequired") {
-            let new_boot = boot.replace("-000000000001", "-000000000002");
-            tokio::time::sleep(Duration::from_millis(300)).await; // the "reboot"
             set_annotations(
                 &nodes,
                 &node.name_any(),
-                &[
-                    ("baton.dev/state", "Done"),
-                    ("baton.dev/reboot-required", "false"),
-                    ("baton.dev/boot-id", &new_boot),
-                    ("baton.dev/current-version", "2.0.0"),
-                ],
+                &[("baton.dev/state", "Rebooting")],
             )
             .await;
+            if lost.contains(&node.name_any()) {
+                continue;
+            }
+            let (nodes, name) = (nodes.clone(), node.name_any());
+            let new_boot = boot.replace("-000000000001", "-000000000002");
+            tokio::spawn(async move {
+                tokio::time::sleep(reboot).await; // the "reboot"
+                set_annotations(
+                    &nodes,
+                    &name,
+                    &[
+                        ("baton.dev/state", "Done"),
+                        ("baton.dev/reboot-required", "false"),
+                        ("baton.dev/boot-id", &new_boot),
+                        ("baton.dev/current-version", "2.0.0"),
+                    ],
+                )
+                .await;
+            });
         }
     }
 }
@@ -123,74 +136,147 @@ async fn watch_invariants(client: Client, observed: Arc<Mutex<Observed>>) {
     }
 }
 
+/// A cluster with kwok nodes, fake agents, the invariant watcher and the operator.
+struct Run {
+    cluster: TestCluster,
+    client: Client,
+    names: Vec<String>,
+    observed: Arc<Mutex<Observed>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Run {
+    async fn start(nodes: usize, reboot: Duration, lost: &[usize]) -> Run {
+        let cluster = TestCluster::start().await.unwrap();
+        cluster.apply_crds().await.unwrap();
+        let client = cluster.client();
+        let names = cluster.add_nodes(nodes).await.unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(serde_json::json!({"metadata": {"name": "baton-system"}}))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let observed = Arc::new(Mutex::new(Observed::default()));
+        let lost = lost.iter().map(|i| names[*i].clone()).collect();
+        let config = operator::config::Config::try_parse_from([
+            "baton-operator",
+            "--namespace",
+            "baton-system",
+        ])
+        .unwrap();
+        let tasks = vec![
+            tokio::spawn(watch_invariants(client.clone(), observed.clone())),
+            tokio::spawn(operator::controller::run(client.clone(), config)),
+            tokio::spawn(fake_agents(client.clone(), names.clone(), reboot, lost)),
+        ];
+        Run {
+            cluster,
+            client,
+            names,
+            observed,
+            tasks,
+        }
+    }
+
+    async fn policy(&self, spec: serde_json::Value) {
+        let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "workers"}, "spec": spec,
+        }))
+        .unwrap();
+        Api::<UpdatePolicy>::all(self.client.clone())
+            .create(&PostParams::default(), &policy)
+            .await
+            .unwrap();
+    }
+
+    fn nodes(&self) -> Api<Node> {
+        Api::all(self.client.clone())
+    }
+
+    async fn leases(&self) -> Vec<Lease> {
+        Api::<Lease>::namespaced(self.client.clone(), "baton-system")
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+    }
+
+    async fn status(&self) -> crds::UpdatePolicyStatus {
+        Api::<UpdatePolicy>::all(self.client.clone())
+            .get("workers")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default()
+    }
+
+    async fn wait_all_updated(&self, except: &[String]) {
+        let nodes = self.nodes();
+        self.cluster
+            .wait_for(
+                "every node on 2.0.0, uncordoned, with no lease left",
+                || async {
+                    let all = nodes.list(&ListParams::default()).await.unwrap().items;
+                    self.leases().await.is_empty()
+                        && all
+                            .iter()
+                            .filter(|n| !except.contains(&n.name_any()))
+                            .all(|n| {
+                                n.annotations()
+                                    .get("baton.dev/current-version")
+                                    .map(String::as_str)
+                                    == Some("2.0.0")
+                                    && !n
+                                        .spec
+                                        .as_ref()
+                                        .and_then(|s| s.unschedulable)
+                                        .unwrap_or(false)
+                                    && !n.annotations().contains_key("baton.dev/cordoned")
+                            })
+                },
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn events(&self, reason: &str) -> Vec<String> {
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(self.client.clone());
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .map(|e| {
+                format!(
+                    "{}: {}",
+                    e.regarding.and_then(|r| r.name).unwrap_or_default(),
+                    e.note.unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_update_one_at_a_time() {
-    let cluster = TestCluster::start().await.unwrap();
-    cluster.apply_crds().await.unwrap();
-    let client = cluster.client();
-    let names = cluster.add_nodes(5).await.unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({"metadata": {"name": "baton-system"}}))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-
-    let observed = Arc::new(Mutex::new(Observed::default()));
-    let watcher_task = tokio::spawn(watch_invariants(client.clone(), observed.clone()));
-    let config =
-        operator::config::Config::try_parse_from(["baton-operator", "--namespace", "baton-system"])
-            .unwrap();
-    let operator_task = tokio::spawn(operator::controller::run(client.clone(), config));
-    let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
-        "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy",
-        "metadata": {"name": "workers"},
-        "spec": {"nodeSelector": {"matchLabels": {"type": "kwok"}}, "maxUnavailable": 1, "health": {"rebootTimeout": "2m"}},
-    }))
-    .unwrap();
-    let policies: Api<UpdatePolicy> = Api::all(client.clone());
-    policies
-        .create(&PostParams::default(), &policy)
-        .await
-        .unwrap();
-    let agents = tokio::spawn(fake_agents(client.clone(), names.clone()));
-
-    let nodes: Api<Node> = Api::all(client.clone());
-    cluster
-        .wait_for(
-            "every node on 2.0.0, uncordoned, with no lease left",
-            || async {
-                let all = nodes.list(&ListParams::default()).await.unwrap().items;
-                let leases = Api::<Lease>::namespaced(client.clone(), "baton-system")
-                    .list(&ListParams::default())
-                    .await
-                    .unwrap()
-                    .items;
-                leases.is_empty()
-                    && all.iter().all(|n| {
-                        n.annotations()
-                            .get("baton.dev/current-version")
-                            .map(String::as_str)
-                            == Some("2.0.0")
-                            && !n
-                                .spec
-                                .as_ref()
-                                .and_then(|s| s.unschedulable)
-                                .unwrap_or(false)
-                            && !n.annotations().contains_key("baton.dev/cordoned")
-                    })
-            },
-        )
-        .await
-        .unwrap();
-    let status = policies.get("workers").await.unwrap().status.unwrap();
-    operator_task.abort();
-    agents.abort();
-    watcher_task.abort();
-
-    let o = observed.lock().await;
+    let run = Run::start(5, Duration::from_millis(300), &[]).await;
+    run.policy(serde_json::json!({"nodeSelector": {"matchLabels": {"type": "kwok"}}, "maxUnavailable": 1, "health": {"rebootTimeout": "2m"}})).await;
+    run.wait_all_updated(&[]).await;
+    let status = run.status().await;
+    let o = run.observed.lock().await;
     eprintln!(
         "[rollout] cordon order {:?}; at most {} cordoned and {} leases at once",
         o.cordon_order, o.max_cordoned, o.max_leases
@@ -208,4 +294,92 @@ async fn five_nodes_update_one_at_a_time() {
         (5, 5, 0),
         "{status:?}"
     );
+    assert_eq!(run.events("Done").await.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forty_percent_budget_on_ten_nodes_never_disrupts_more_than_four() {
+    let run = Run::start(10, Duration::from_secs(2), &[]).await;
+    run.policy(serde_json::json!({"maxUnavailable": "40%", "ordering": {"oneZoneAtATime": false}}))
+        .await;
+    run.wait_all_updated(&[]).await;
+    let o = run.observed.lock().await;
+    eprintln!(
+        "[percent] at most {} cordoned and {} leases at once",
+        o.max_cordoned, o.max_leases
+    );
+    assert!(o.max_leases <= 4 && o.max_cordoned <= 4, "{o:?}");
+    assert_eq!(o.max_leases, 4, "the budget is used in full");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_comes_back_fails_at_reboot_timeout_and_halts_its_pool() {
+    let run = Run::start(3, Duration::from_millis(300), &[0]).await;
+    run.policy(serde_json::json!({"health": {"rebootTimeout": "5s"}}))
+        .await;
+    let lost = run.names[0].clone();
+    let nodes = run.nodes();
+    run.cluster
+        .wait_for(
+            "the lost node to be marked failed and the pool halted",
+            || async {
+                let node = nodes.get(&lost).await.unwrap();
+                let halted = run
+                    .status()
+                    .await
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Halted" && c.status == "True");
+                node.annotations()
+                    .get("baton.dev/failure")
+                    .is_some_and(|f| f.contains("rebootTimeout"))
+                    && halted
+            },
+        )
+        .await
+        .unwrap();
+    // A halted pool grants nothing more, and the failed node keeps its lease.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leases = run.leases().await;
+    assert_eq!(leases.len(), 1);
+    assert!(leases[0].annotations().get("baton.dev/failure").is_some());
+    let o = run.observed.lock().await;
+    assert_eq!(o.cordon_order, [lost.clone()], "no other node was touched");
+    let status = run.status().await;
+    assert_eq!((status.failed, status.up_to_date), (1, 0), "{status:?}");
+    assert!(!run.events("Failed").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admins_cordon_is_never_undone_and_its_node_is_left_alone() {
+    let run = Run::start(3, Duration::from_millis(300), &[]).await;
+    let admin_cordoned = run.names[0].clone();
+    run.nodes()
+        .patch(
+            &admin_cordoned,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"unschedulable": true}})),
+        )
+        .await
+        .unwrap();
+    run.policy(serde_json::json!({"maxUnavailable": 2})).await;
+    run.wait_all_updated(std::slice::from_ref(&admin_cordoned))
+        .await;
+    let node = run.nodes().get(&admin_cordoned).await.unwrap();
+    assert_eq!(
+        node.spec.as_ref().unwrap().unschedulable,
+        Some(true),
+        "the admin's cordon stays"
+    );
+    assert_eq!(
+        node.annotations()
+            .get("baton.dev/current-version")
+            .map(String::as_str),
+        Some("1.0.0"),
+        "never granted"
+    );
+    let o = run.observed.lock().await;
+    // The admin's node counts against the budget of 2: the others went one at a time.
+    assert_eq!(o.max_cordoned, 2, "{o:?}");
+    assert_eq!(o.max_leases, 1, "{o:?}");
 }
