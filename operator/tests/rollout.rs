@@ -344,7 +344,7 @@ async fn a_node_that_never_comes_back_fails_at_reboot_timeout_and_halts_its_pool
     assert_eq!(leases.len(), 1);
     assert!(leases[0].annotations().get("baton.dev/failure").is_some());
     let o = run.observed.lock().await;
-    assert_eq!(o.cordon_order, [lost.clone()], "no other node was touched");
+    assert_eq!(o.cordon_order, std::slice::from_ref(&lost), "no other node was touched");
     let status = run.status().await;
     assert_eq!((status.failed, status.up_to_date), (1, 0), "{status:?}");
     assert!(!run.events("Failed").await.is_empty());
