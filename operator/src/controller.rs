@@ -301,13 +301,21 @@ async fn perform(
             match on {
                 OnTimeout::Abort => {
                     let reason = "drain timed out (onTimeout: Abort)";
-                    if let Some(n) = current
+                    let uncordon = current
                         .as_ref()
                         .filter(|n| rollout::NodeView::from_node(n).cordoned_by_baton)
-                    {
-                        NodePatch::uncordon(n).apply(&nodes, n).await?;
-                    }
-                    fail(ctx, &nodes, &leases, current.as_deref(), l, reason).await?;
+                        .map(|n| NodePatch::uncordon(n))
+                        .unwrap_or_default();
+                    fail(
+                        ctx,
+                        &nodes,
+                        &leases,
+                        current.as_deref(),
+                        l,
+                        reason,
+                        uncordon,
+                    )
+                    .await?;
                 }
                 OnTimeout::Force => {
                     let deleted =
@@ -399,7 +407,16 @@ async fn perform(
         }
         Action::Fail { reason } => {
             if let Some(l) = &held {
-                fail(ctx, &nodes, &leases, current.as_deref(), l, reason).await?;
+                fail(
+                    ctx,
+                    &nodes,
+                    &leases,
+                    current.as_deref(),
+                    l,
+                    reason,
+                    NodePatch::default(),
+                )
+                .await?;
             }
         }
         Action::WaitForReboot { .. } | Action::Settle { .. } | Action::Skip(_) => {}
@@ -407,6 +424,9 @@ async fn perform(
     Ok(())
 }
 
+/// Marks a node failed: on the node first (with `also`, in the same write), then on its
+/// Lease. Either mark alone already counts as a failure, so a crash between the two
+/// writes loses nothing.
 async fn fail(
     ctx: &Arc<Context>,
     nodes: &Api<Node>,
@@ -414,13 +434,14 @@ async fn fail(
     node: Option<&Node>,
     held: &Lease,
     reason: &str,
+    also: NodePatch,
 ) -> Result<()> {
+    if let Some(n) = node {
+        NodePatch::fail(reason).and(also).apply(nodes, n).await?;
+    }
     let message =
         protocol::lease::FAILURE.format(&protocol::Message(reason.chars().take(1024).collect()));
     lease::annotate(leases, held, &[(protocol::lease::FAILURE.name, message)]).await?;
-    if let Some(n) = node {
-        NodePatch::fail(reason).apply(nodes, n).await?;
-    }
     node_event(ctx, node, EventType::Warning, "Failed", reason).await;
     Ok(())
 }

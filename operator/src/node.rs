@@ -112,6 +112,14 @@ impl NodePatch {
         p
     }
 
+    /// Both sets of changes in one patch (one write, one resourceVersion check).
+    pub fn and(mut self, other: NodePatch) -> NodePatch {
+        self.unschedulable = other.unschedulable.or(self.unschedulable);
+        self.annotations.extend(other.annotations);
+        self.labels.extend(other.labels);
+        self
+    }
+
     /// The JSON merge patch, guarded by the node's observed `resourceVersion`.
     pub fn to_json(&self, resource_version: Option<String>) -> Value {
         let mut metadata = Map::new();

@@ -344,7 +344,11 @@ async fn a_node_that_never_comes_back_fails_at_reboot_timeout_and_halts_its_pool
     assert_eq!(leases.len(), 1);
     assert!(leases[0].annotations().get("baton.dev/failure").is_some());
     let o = run.observed.lock().await;
-    assert_eq!(o.cordon_order, std::slice::from_ref(&lost), "no other node was touched");
+    assert_eq!(
+        o.cordon_order,
+        std::slice::from_ref(&lost),
+        "no other node was touched"
+    );
     let status = run.status().await;
     assert_eq!((status.failed, status.up_to_date), (1, 0), "{status:?}");
     assert!(!run.events("Failed").await.is_empty());
@@ -382,4 +386,148 @@ async fn an_admins_cordon_is_never_undone_and_its_node_is_left_alone() {
     // The admin's node counts against the budget of 2: the others went one at a time.
     assert_eq!(o.max_cordoned, 2, "{o:?}");
     assert_eq!(o.max_leases, 1, "{o:?}");
+}
+
+/// Two Ready pods, one per node, under a PodDisruptionBudget that never allows an
+/// eviction.
+async fn unevictable_app(run: &Run) {
+    let client = run.client.clone();
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": "app"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    run.cluster
+        .wait_for("the app namespace's default ServiceAccount", || async {
+            Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), "app")
+                .get_opt("default")
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        })
+        .await
+        .unwrap();
+    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "containers": [{"name": "web", "image": "registry.invalid/web:1"}],
+                    "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                        {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"}
+                    ]}},
+                },
+            },
+        },
+    }))
+    .unwrap();
+    Api::namespaced(client.clone(), "app")
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let pdb: k8s_openapi::api::policy::v1::PodDisruptionBudget =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-never"},
+            "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": "web"}}},
+        }))
+        .unwrap();
+    Api::namespaced(client.clone(), "app")
+        .create(&PostParams::default(), &pdb)
+        .await
+        .unwrap();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, "app");
+    run.cluster
+        .wait_for("2 Running web pods", || async {
+            let list = pods.list(&ListParams::default()).await.unwrap().items;
+            list.iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count()
+                == 2
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdb_that_never_allows_eviction_aborts_the_drain_and_halts_the_pool() {
+    let run = Run::start(2, Duration::from_millis(300), &[]).await;
+    unevictable_app(&run).await;
+    run.policy(serde_json::json!({"drain": {"timeout": "5s", "onTimeout": "Abort"}}))
+        .await;
+    let first = run.names[0].clone();
+    let nodes = run.nodes();
+    run.cluster
+        .wait_for("the drain to be aborted and the node failed", || async {
+            let n = nodes.get(&first).await.unwrap();
+            n.annotations()
+                .get("baton.dev/failure")
+                .is_some_and(|f| f.contains("drain timed out"))
+                && !n
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.unschedulable)
+                    .unwrap_or(false)
+        })
+        .await
+        .unwrap();
+    let blocked = run.events("DrainBlocked").await;
+    eprintln!("[pdb] {blocked:?}");
+    assert!(
+        blocked
+            .iter()
+            .any(|e| e.contains("PodDisruptionBudget web-never")),
+        "{blocked:?}"
+    );
+    run.cluster
+        .wait_for("the pool to halt", || async {
+            run.status()
+                .await
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Halted" && c.status == "True")
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let o = run.observed.lock().await;
+    assert_eq!(
+        o.cordon_order,
+        std::slice::from_ref(&first),
+        "no other node was touched"
+    );
+    let n = nodes.get(&first).await.unwrap();
+    assert_eq!(
+        n.annotations()
+            .get("baton.dev/current-version")
+            .map(String::as_str),
+        Some("1.0.0"),
+        "Abort never reboots"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_deletes_what_the_pdb_protects_and_proceed_reboots_with_it_in_place() {
+    for (on_timeout, reason) in [("Force", "DrainForced"), ("Proceed", "DrainTimedOut")] {
+        let run = Run::start(2, Duration::from_millis(300), &[]).await;
+        unevictable_app(&run).await;
+        run.policy(serde_json::json!({"drain": {"timeout": "3s", "onTimeout": on_timeout}}))
+            .await;
+        run.wait_all_updated(&[]).await;
+        let events = run.events(reason).await;
+        eprintln!("[{on_timeout}] {events:?}");
+        assert!(
+            events
+                .iter()
+                .any(|e| e.contains(&format!("onTimeout: {on_timeout}"))),
+            "{events:?}"
+        );
+        let o = run.observed.lock().await;
+        assert_eq!(o.max_cordoned, 1, "{o:?}");
+    }
 }

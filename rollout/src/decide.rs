@@ -336,6 +336,9 @@ fn step(node: Option<&NodeView>, lease: &LeaseView, policy: &Policy, now: Timest
     let Some(node) = node else {
         return Action::Release(ReleaseReason::NodeDeleted);
     };
+    if let Some(reason) = &node.failure {
+        return Action::Skip(Skip::Failed(reason.clone()));
+    }
     let agent = &node.agent;
     if let Some(state) = agent.state.filter(|s| s.is_failure()) {
         let detail = agent.message.clone().unwrap_or_default();

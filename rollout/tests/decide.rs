@@ -525,3 +525,19 @@ fn a_whole_rollout_of_five_nodes_runs_one_at_a_time() {
             .all(|n| n.agent.current_version == Version::new("2.0.0").ok() && !n.unschedulable)
     );
 }
+
+#[test]
+fn a_leased_node_marked_failed_on_the_node_alone_stays_failed() {
+    let mut w = world(2);
+    w.leases.push(lease(&w, "node-01", NOW));
+    w.node_mut("node-01").unwrap().failure = Some("drain timed out (onTimeout: Abort)".into());
+    let plan = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::Skip(Skip::Failed(
+            "drain timed out (onTimeout: Abort)".into()
+        )))
+    );
+    assert!(plan.halted.is_some());
+    assert_eq!(plan.grants().count(), 0);
+}
