@@ -20,7 +20,6 @@ use kube::{
         watcher,
     },
 };
-use tokio::sync::Mutex;
 use tracing::{Instrument, info, info_span, warn};
 
 use crds::{OnTimeout, UpdatePolicy, protocol};
@@ -43,7 +42,23 @@ pub struct Context {
     leases: Store<Lease>,
     policies: Store<UpdatePolicy>,
     recorder: Recorder,
-    drains: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    drains: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+/// One operator replica: waits to lead, then runs the controller until leadership is
+/// lost (or the future is dropped).
+pub async fn run_replica(client: Client, config: Config) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
+    let elector = crate::leader::Elector::new(
+        leases,
+        config.identity.clone(),
+        config.leader_lease_duration,
+    );
+    elector.acquire(config.leader_renew_interval).await;
+    tokio::select! {
+        () = run(client, config.clone()) => {}
+        () = elector.hold(config.leader_renew_interval) => warn!("stopping: no longer the leader"),
+    }
 }
 
 /// Runs the controller until the process is stopped.
@@ -100,8 +115,11 @@ pub async fn run(client: Client, config: Config) {
         nodes,
         leases,
         policies,
-        drains: Mutex::new(HashMap::new()),
+        drains: std::sync::Mutex::new(HashMap::new()),
     });
+    // Drains run as their own tasks; they must not outlive this controller (a replica
+    // that stops leading must stop evicting at once).
+    let _drains = AbortDrains(Arc::clone(&ctx));
     controller
         .watches_stream(node_stream, move |_| for_node())
         .watches_stream(lease_stream, move |_| every_policy())
@@ -112,6 +130,26 @@ pub async fn run(client: Client, config: Config) {
             }
         })
         .await;
+}
+
+/// Aborts every running drain when dropped.
+struct AbortDrains(Arc<Context>);
+
+impl Drop for AbortDrains {
+    fn drop(&mut self) {
+        for handle in drains(&self.0).values() {
+            handle.abort();
+        }
+    }
+}
+
+/// The running drains. Never held across an await.
+fn drains(
+    ctx: &Context,
+) -> std::sync::MutexGuard<'_, HashMap<String, tokio::task::JoinHandle<()>>> {
+    ctx.drains
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn error_policy(policy: Arc<UpdatePolicy>, error: &Error, _ctx: Arc<Context>) -> Requeue {
@@ -468,8 +506,7 @@ fn drain_rules(ctx: &Context, policy: &UpdatePolicy) -> DrainRules {
 /// Starts the node's drain unless one is running. When it finishes, the Lease records
 /// it, which wakes the controller.
 async fn start_drain(ctx: &Arc<Context>, policy: &UpdatePolicy, node: &str, deadline: Timestamp) {
-    let mut drains = ctx.drains.lock().await;
-    if drains.get(node).is_some_and(|h| !h.is_finished()) {
+    if drains(ctx).get(node).is_some_and(|h| !h.is_finished()) {
         return;
     }
     let rules = drain_rules(ctx, policy);
@@ -530,7 +567,7 @@ async fn start_drain(ctx: &Arc<Context>, policy: &UpdatePolicy, node: &str, dead
         }
         .instrument(info_span!("drain", node = %node)),
     );
-    drains.insert(node.to_string(), handle);
+    drains(ctx).insert(node.to_string(), handle);
 }
 
 async fn publish(

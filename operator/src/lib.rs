@@ -7,6 +7,7 @@ pub mod config;
 pub mod controller;
 pub mod drain;
 pub mod error;
+pub mod leader;
 pub mod lease;
 pub mod node;
 pub mod status;

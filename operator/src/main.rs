@@ -25,7 +25,8 @@ async fn main() -> ExitCode {
         }
     };
     tokio::select! {
-        () = operator::controller::run(client, config) => {}
+        // Returns only when leadership is lost: exit, and be restarted as a follower.
+        () = operator::controller::run_replica(client, config) => return ExitCode::FAILURE,
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
     }
     ExitCode::SUCCESS

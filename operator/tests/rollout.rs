@@ -115,12 +115,7 @@ async fn watch_invariants(client: Client, observed: Arc<Mutex<Observed>>) {
             })
             .map(|n| n.name_any())
             .collect();
-        let held = leases
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .len();
+        let held = leases.list(&reboot_leases()).await.unwrap().items.len();
         let mut o = observed.lock().await;
         o.max_cordoned = o.max_cordoned.max(cordoned.len());
         o.max_leases = o.max_leases.max(held);
@@ -134,6 +129,26 @@ async fn watch_invariants(client: Client, observed: Arc<Mutex<Observed>>) {
             o.cordon_order.push(node.name_any());
         }
     }
+}
+
+/// Reboot leases only (not the leader-election Lease beside them).
+fn reboot_leases() -> ListParams {
+    ListParams::default().labels("app.kubernetes.io/managed-by=baton")
+}
+
+fn replica_config(identity: &str) -> operator::config::Config {
+    operator::config::Config::try_parse_from([
+        "baton-operator",
+        "--namespace",
+        "baton-system",
+        "--identity",
+        identity,
+        "--leader-lease-duration",
+        "3s",
+        "--leader-renew-interval",
+        "1s",
+    ])
+    .unwrap()
 }
 
 /// A cluster with kwok nodes, fake agents, the invariant watcher and the operator.
@@ -161,15 +176,10 @@ impl Run {
             .unwrap();
         let observed = Arc::new(Mutex::new(Observed::default()));
         let lost = lost.iter().map(|i| names[*i].clone()).collect();
-        let config = operator::config::Config::try_parse_from([
-            "baton-operator",
-            "--namespace",
-            "baton-system",
-        ])
-        .unwrap();
+        let config = replica_config("op-a");
         let tasks = vec![
             tokio::spawn(watch_invariants(client.clone(), observed.clone())),
-            tokio::spawn(operator::controller::run(client.clone(), config)),
+            tokio::spawn(operator::controller::run_replica(client.clone(), config)),
             tokio::spawn(fake_agents(client.clone(), names.clone(), reboot, lost)),
         ];
         Run {
@@ -198,7 +208,7 @@ impl Run {
 
     async fn leases(&self) -> Vec<Lease> {
         Api::<Lease>::namespaced(self.client.clone(), "baton-system")
-            .list(&ListParams::default())
+            .list(&reboot_leases())
             .await
             .unwrap()
             .items
@@ -530,4 +540,72 @@ async fn force_deletes_what_the_pdb_protects_and_proceed_reboots_with_it_in_plac
         let o = run.observed.lock().await;
         assert_eq!(o.max_cordoned, 1, "{o:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_other_replica_takes_over_when_the_leader_dies_mid_drain() {
+    let mut run = Run::start(2, Duration::from_millis(300), &[]).await;
+    unevictable_app(&run).await;
+    run.policy(serde_json::json!({"drain": {"timeout": "8s", "onTimeout": "Proceed"}}))
+        .await;
+    let leases: Api<Lease> = Api::namespaced(run.client.clone(), "baton-system");
+    let first = run.names[0].clone();
+    run.cluster
+        .wait_for("the first node's drain to start", || async {
+            leases
+                .get_opt(&format!("baton-reboot-{first}"))
+                .await
+                .unwrap()
+                .is_some_and(|l| l.annotations().contains_key("baton.dev/drain-started-at"))
+        })
+        .await
+        .unwrap();
+    let started = leases
+        .get(&format!("baton-reboot-{first}"))
+        .await
+        .unwrap()
+        .annotations()["baton.dev/drain-started-at"]
+        .clone();
+    // Kill the leader (op-a, the operator task) mid-drain; start op-b.
+    run.tasks[1].abort();
+    run.tasks
+        .push(tokio::spawn(operator::controller::run_replica(
+            run.client.clone(),
+            replica_config("op-b"),
+        )));
+    run.cluster
+        .wait_for("op-b to lead", || async {
+            leases
+                .get("baton-operator-leader")
+                .await
+                .unwrap()
+                .spec
+                .and_then(|s| s.holder_identity)
+                .as_deref()
+                == Some("op-b")
+        })
+        .await
+        .unwrap();
+    // The drain's clock carried over: op-b did not restart it.
+    if let Some(l) = leases
+        .get_opt(&format!("baton-reboot-{first}"))
+        .await
+        .unwrap()
+    {
+        assert_eq!(
+            l.annotations().get("baton.dev/drain-started-at"),
+            Some(&started)
+        );
+    }
+    run.wait_all_updated(&[]).await;
+    let o = run.observed.lock().await;
+    eprintln!("[leader] {o:?}");
+    assert_eq!((o.max_cordoned, o.max_leases), (1, 1), "{o:?}");
+    let leader = leases
+        .get("baton-operator-leader")
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    assert!(leader.lease_transitions.unwrap_or(0) >= 1);
 }
