@@ -609,3 +609,133 @@ async fn the_other_replica_takes_over_when_the_leader_dies_mid_drain() {
         .unwrap();
     assert!(leader.lease_transitions.unwrap_or(0) >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_policy_is_reported_and_other_policies_carry_on() {
+    let run = Run::start(3, Duration::from_millis(300), &[]).await;
+    let policies: Api<UpdatePolicy> = Api::all(run.client.clone());
+    // Passes the CRD's shape checks, but no such zone exists: only the operator can tell.
+    let invalid: UpdatePolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "mars"},
+        "spec": {
+            "nodeSelector": {"matchLabels": {"topology.kubernetes.io/zone": "zone-a"}},
+            "maintenanceWindows": [{"schedule": "0 2 * * *", "duration": "1h", "timeZone": "Mars/Olympus"}],
+        },
+    }))
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &invalid)
+        .await
+        .unwrap();
+    run.policy(serde_json::json!({"nodeSelector": {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "NotIn", "values": ["zone-a"]}]}})).await;
+    run.wait_all_updated(std::slice::from_ref(&run.names[0]))
+        .await;
+    run.cluster
+        .wait_for("InvalidSpec on the invalid policy", || async {
+            let status = policies
+                .get("mars")
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            status.conditions.iter().any(|c| {
+                c.type_ == "InvalidSpec" && c.status == "True" && c.message.contains("Mars/Olympus")
+            }) && status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "False")
+        })
+        .await
+        .unwrap();
+    let events = run.events("InvalidSpec").await;
+    assert!(
+        events.iter().any(|e| e.contains("Mars/Olympus")),
+        "{events:?}"
+    );
+    let zone_a = run.nodes().get(&run.names[0]).await.unwrap();
+    assert_eq!(
+        zone_a
+            .annotations()
+            .get("baton.dev/current-version")
+            .map(String::as_str),
+        Some("1.0.0"),
+        "the invalid policy touched nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_starts_outside_a_window_and_a_reboot_running_when_it_closes_completes() {
+    // Reboots take 65 s; the window opens at the next whole minute at least 15 s away and
+    // stays open 1 minute: one node starts in it and finishes after it closed.
+    let run = Run::start(2, Duration::from_secs(65), &[]).await;
+    let now = jiff::Timestamp::now();
+    let opens = now
+        .checked_add(jiff::SignedDuration::from_secs(75))
+        .unwrap()
+        .round(
+            jiff::TimestampRound::new()
+                .smallest(jiff::Unit::Minute)
+                .mode(jiff::RoundMode::Trunc),
+        )
+        .unwrap();
+    let local = opens.to_zoned(jiff::tz::TimeZone::UTC);
+    let day = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+        [local.weekday().to_monday_zero_offset() as usize];
+    run.policy(serde_json::json!({
+        "maintenanceWindows": [{"weekdays": [day], "start": local.strftime("%H:%M").to_string(), "duration": "1m", "timeZone": "UTC"}],
+        "health": {"rebootTimeout": "5m"},
+    }))
+    .await;
+    // Closed: nothing starts, and the status says when it opens.
+    run.cluster
+        .wait_for("the status to show the closed window", || async {
+            run.status().await.window.as_deref() == Some("Closed")
+        })
+        .await
+        .unwrap();
+    assert_eq!(run.status().await.next_window.map(|t| t.0), Some(opens));
+    while jiff::Timestamp::now()
+        < opens
+            .checked_sub(jiff::SignedDuration::from_secs(2))
+            .unwrap()
+    {
+        assert!(
+            run.leases().await.is_empty(),
+            "granted before the window opened"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Open: the first node starts; the window closes during its reboot; it completes.
+    let first = run.names[0].clone();
+    let nodes = run.nodes();
+    run.cluster
+        .wait_for("the first node to be updated", || async {
+            let n = nodes.get(&first).await.unwrap();
+            n.annotations()
+                .get("baton.dev/current-version")
+                .map(String::as_str)
+                == Some("2.0.0")
+                && run.leases().await.is_empty()
+        })
+        .await
+        .unwrap();
+    let closes = opens
+        .checked_add(jiff::SignedDuration::from_mins(1))
+        .unwrap();
+    assert!(
+        jiff::Timestamp::now() > closes,
+        "the reboot ran past the window's end"
+    );
+    // The second node waits for next week's window.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = nodes.get(&run.names[1]).await.unwrap();
+    assert_eq!(
+        second
+            .annotations()
+            .get("baton.dev/current-version")
+            .map(String::as_str),
+        Some("1.0.0")
+    );
+    assert!(run.leases().await.is_empty());
+    assert_eq!(run.status().await.window.as_deref(), Some("Closed"));
+}
