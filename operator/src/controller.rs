@@ -192,6 +192,9 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
         }
         let status = status::from_plan(&plan, rules.paused, policy.meta().generation, policy.status.as_ref(), now);
         if policy.status.as_ref() != Some(&status) {
+            for (kind, message) in status::raised(policy.status.as_ref(), &status) {
+                publish(&ctx, &policy.object_ref(&()), EventType::Warning, kind, message).await;
+            }
             write_status(&ctx, &name, &status).await?;
         }
         Ok(match plan.next_change {

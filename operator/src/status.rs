@@ -18,21 +18,28 @@ pub fn from_plan(
 ) -> UpdatePolicyStatus {
     let mut conditions = Vec::new();
     let halted = plan.halted.as_deref();
+    // Overlapping selectors make the spec invalid for the nodes concerned: reported on
+    // both policies, and neither touches those nodes.
     let conflicts = (!plan.conflicts.is_empty()).then(|| {
-        let nodes: Vec<&str> = plan.conflicts.iter().map(|c| c.node.as_str()).collect();
+        let pairs: Vec<String> =
+            plan.conflicts.iter().map(|c| format!("{} (also {})", c.node, c.others.join(", "))).collect();
         format!(
-            "nodes also selected by another policy are left alone: {}",
-            nodes.join(", ")
+            "nodes selected by more than one policy are left alone; make the nodeSelectors disjoint: {}",
+            pairs.join(", ")
         )
     });
+    let (invalid_reason, invalid_message) = match &conflicts {
+        Some(message) => ("OverlappingSelectors", message.as_str()),
+        None => ("Valid", "the spec is valid"),
+    };
     set(
         &mut conditions,
         old,
         now,
         condition::INVALID_SPEC,
-        false,
-        "Valid",
-        conflicts.as_deref().unwrap_or("the spec is valid"),
+        conflicts.is_some(),
+        invalid_reason,
+        invalid_message,
     );
     set(
         &mut conditions,
@@ -82,12 +89,16 @@ pub fn from_plan(
         old,
         now,
         condition::READY,
-        halted.is_none(),
-        if halted.is_none() { "Ready" } else { "Halted" },
-        if halted.is_none() {
-            "the pool is managed"
-        } else {
-            "the pool is halted"
+        halted.is_none() && conflicts.is_none(),
+        match (halted, &conflicts) {
+            (Some(_), _) => "Halted",
+            (None, Some(_)) => "OverlappingSelectors",
+            (None, None) => "Ready",
+        },
+        match (halted, &conflicts) {
+            (Some(_), _) => "the pool is halted",
+            (None, Some(_)) => "some nodes are selected by more than one policy",
+            (None, None) => "the pool is managed",
         },
     );
     UpdatePolicyStatus {
@@ -105,6 +116,29 @@ pub fn from_plan(
             _ => None,
         },
     }
+}
+
+/// Conditions that became True between `old` and `new`, as (type, message): what
+/// deserves a Warning Event.
+pub fn raised<'a>(
+    old: Option<&UpdatePolicyStatus>,
+    new: &'a UpdatePolicyStatus,
+) -> Vec<(&'a str, &'a str)> {
+    new.conditions
+        .iter()
+        .filter(|c| {
+            c.status == "True"
+                && (c.type_ == condition::HALTED || c.type_ == condition::INVALID_SPEC)
+        })
+        .filter(|c| {
+            !old.is_some_and(|o| {
+                o.conditions
+                    .iter()
+                    .any(|p| p.type_ == c.type_ && p.status == "True")
+            })
+        })
+        .map(|c| (c.type_.as_str(), c.message.as_str()))
+        .collect()
 }
 
 /// The status for a policy whose spec cannot be used: `InvalidSpec=True`, `Ready=False`,
@@ -259,6 +293,53 @@ mod tests {
             .find(|c| c.type_ == "Paused")
             .unwrap();
         assert_eq!(paused.last_transition_time.0, at("2026-11-28T03:00:00Z"));
+    }
+
+    #[test]
+    fn overlapping_selectors_are_an_invalid_spec_naming_the_nodes_and_policies() {
+        let world = World::requesting(2, 1, "1", "2");
+        let mut snapshot = world.snapshot();
+        snapshot
+            .other_policies
+            .push(("other".into(), rollout::selector::Selector::default()));
+        let policy = Policy::from_spec(
+            "pool",
+            &serde_json::from_value(serde_json::json!({})).unwrap(),
+        )
+        .unwrap();
+        let p = decide(&snapshot, &policy, at("2026-11-28T03:00:00Z"));
+        let status = from_plan(&p, false, Some(1), None, at("2026-11-28T03:00:00Z"));
+        let invalid = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "InvalidSpec")
+            .unwrap();
+        assert_eq!(
+            (invalid.status.as_str(), invalid.reason.as_str()),
+            ("True", "OverlappingSelectors")
+        );
+        assert!(
+            invalid.message.contains("node-01 (also other)"),
+            "{}",
+            invalid.message
+        );
+        assert_eq!(
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .unwrap()
+                .status,
+            "False"
+        );
+        assert_eq!(
+            raised(None, &status),
+            [("InvalidSpec", invalid.message.as_str())]
+        );
+        assert!(
+            raised(Some(&status), &status).is_empty(),
+            "raised once, not on every reconcile"
+        );
     }
 
     #[test]

@@ -158,10 +158,15 @@ struct Run {
     names: Vec<String>,
     observed: Arc<Mutex<Observed>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    // Last, so the slot is freed only once the cluster has stopped.
+    _slot: tokio::sync::SemaphorePermit<'static>,
 }
 
 impl Run {
     async fn start(nodes: usize, reboot: Duration, lost: &[usize]) -> Run {
+        // At most three clusters at once: on 2 cores more only makes every test slower.
+        static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(3);
+        let _slot = SLOTS.acquire().await.unwrap();
         let cluster = TestCluster::start().await.unwrap();
         cluster.apply_crds().await.unwrap();
         let client = cluster.client();
@@ -183,6 +188,7 @@ impl Run {
             tokio::spawn(fake_agents(client.clone(), names.clone(), reboot, lost)),
         ];
         Run {
+            _slot,
             cluster,
             client,
             names,
@@ -285,6 +291,12 @@ async fn five_nodes_update_one_at_a_time() {
     let run = Run::start(5, Duration::from_millis(300), &[]).await;
     run.policy(serde_json::json!({"nodeSelector": {"matchLabels": {"type": "kwok"}}, "maxUnavailable": 1, "health": {"rebootTimeout": "2m"}})).await;
     run.wait_all_updated(&[]).await;
+    run.cluster
+        .wait_for("the status to count 5 updated nodes", || async {
+            run.status().await.up_to_date == 5
+        })
+        .await
+        .unwrap();
     let status = run.status().await;
     let o = run.observed.lock().await;
     eprintln!(

@@ -59,6 +59,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     let mut timers = Vec::new();
     let mut failed: BTreeSet<&str> = BTreeSet::new();
     let mut in_progress = 0u32;
+    let mut released_done = 0u32;
 
     // In-flight nodes first: they run to completion whatever the window or gates say.
     let own_leases = snapshot.leases.iter().filter(|l| l.policy == policy.name);
@@ -72,7 +73,8 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
             Action::Fail { .. } | Action::Skip(Skip::Failed(_)) => {
                 failed.insert(lease.node.as_str());
             }
-            Action::Release(_) => {}
+            Action::Release(ReleaseReason::Done) => released_done += 1,
+            Action::Release(ReleaseReason::NodeDeleted) => {}
             _ => in_progress += 1,
         }
         plans.push(NodePlan {
@@ -122,6 +124,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         nodes: pool.len() as u32,
         failed: failed.len() as u32,
         in_progress,
+        up_to_date: released_done,
         ..Counts::default()
     };
 

@@ -541,3 +541,17 @@ fn a_leased_node_marked_failed_on_the_node_alone_stays_failed() {
     assert!(plan.halted.is_some());
     assert_eq!(plan.grants().count(), 0);
 }
+
+#[test]
+fn a_node_released_after_its_update_counts_as_up_to_date() {
+    let mut w = world(1);
+    let mut l = lease(&w, "node-01", NOW);
+    l.done = Some(at(NOW));
+    w.leases.push(l);
+    let plan = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::Release(ReleaseReason::Done))
+    );
+    assert_eq!((plan.counts.up_to_date, plan.counts.in_progress), (1, 0));
+}
