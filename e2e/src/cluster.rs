@@ -373,6 +373,22 @@ impl TestCluster {
         Ok(names)
     }
 
+    /// Creates a namespace and waits until pods can be created in it (its `default`
+    /// ServiceAccount exists).
+    pub async fn create_namespace(&self, name: &str) -> Result<()> {
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))
+            .map_err(|e| Error::Other(e.to_string()))?;
+        Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        let accounts = Api::<ServiceAccount>::namespaced(self.client.clone(), name);
+        self.wait_for(
+            &format!("namespace {name}'s default ServiceAccount"),
+            || async { accounts.get_opt("default").await.ok().flatten().is_some() },
+        )
+        .await
+    }
+
     /// Applies baton's CRDs (from `crds/yaml`) and waits until they are established.
     pub async fn apply_crds(&self) -> Result<()> {
         let api = Api::<CustomResourceDefinition>::all(self.client.clone());

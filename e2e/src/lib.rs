@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod error;
 pub mod pki;
 pub mod process;
+pub mod workload;
 
 pub use cluster::TestCluster;
 pub use error::{Error, Result};

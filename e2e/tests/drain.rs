@@ -7,7 +7,7 @@
 use e2e::TestCluster;
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{Namespace, Node, Pod},
+    core::v1::{Node, Pod},
     policy::v1::PodDisruptionBudget,
 };
 use kube::{
@@ -51,46 +51,11 @@ async fn a_pdb_blocks_evictions_with_429_until_replacements_are_ready_elsewhere(
     phase("4 nodes Ready");
 
     let ns = "drain";
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &object(serde_json::json!({"metadata": {"name": ns}})),
-        )
-        .await
-        .unwrap();
-    cluster
-        .wait_for("the drain namespace's default ServiceAccount", || async {
-            Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), ns)
-                .get_opt("default")
-                .await
-                .ok()
-                .flatten()
-                .is_some()
-        })
-        .await
-        .unwrap();
+    cluster.create_namespace(ns).await.unwrap();
     phase("namespace ready");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     deployments
-        .create(
-            &PostParams::default(),
-            &object(serde_json::json!({
-                "metadata": {"name": "web"},
-                "spec": {
-                    "replicas": 3,
-                    "selector": {"matchLabels": {"app": "web"}},
-                    "template": {
-                        "metadata": {"labels": {"app": "web"}},
-                        "spec": {
-                            "containers": [{"name": "web", "image": "registry.invalid/web:1"}],
-                            "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
-                                {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"}
-                            ]}},
-                        },
-                    },
-                },
-            })),
-        )
+        .create(&PostParams::default(), &e2e::workload::spread("web", 3))
         .await
         .unwrap();
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);

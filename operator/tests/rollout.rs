@@ -414,43 +414,9 @@ async fn an_admins_cordon_is_never_undone_and_its_node_is_left_alone() {
 /// eviction.
 async fn unevictable_app(run: &Run) {
     let client = run.client.clone();
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({"metadata": {"name": "app"}})).unwrap(),
-        )
-        .await
-        .unwrap();
-    run.cluster
-        .wait_for("the app namespace's default ServiceAccount", || async {
-            Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), "app")
-                .get_opt("default")
-                .await
-                .ok()
-                .flatten()
-                .is_some()
-        })
-        .await
-        .unwrap();
-    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "web"},
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {
-                    "containers": [{"name": "web", "image": "registry.invalid/web:1"}],
-                    "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
-                        {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"}
-                    ]}},
-                },
-            },
-        },
-    }))
-    .unwrap();
+    run.cluster.create_namespace("app").await.unwrap();
     Api::namespaced(client.clone(), "app")
-        .create(&PostParams::default(), &deployment)
+        .create(&PostParams::default(), &e2e::workload::spread("web", 2))
         .await
         .unwrap();
     let pdb: k8s_openapi::api::policy::v1::PodDisruptionBudget =

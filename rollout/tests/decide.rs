@@ -39,6 +39,20 @@ fn lease(world: &World, node: &str, acquired: &str) -> LeaseView {
     }
 }
 
+/// `node` holds a drained lease, booted a new boot on 2.0.0, reports Done, and is still
+/// cordoned by baton.
+fn rebooted_into_the_new_version(w: &mut World, node: &str) {
+    let mut l = lease(w, node, NOW);
+    l.drained = Some(at(NOW));
+    w.leases.push(l);
+    let n = w.node_mut(node).unwrap();
+    n.agent.boot_id = crds::protocol::BootId::new("ffff").ok();
+    n.agent.state = Some(AgentState::Done);
+    n.agent.current_version = Version::new("2.0.0").ok();
+    n.unschedulable = true;
+    n.cordoned_by_baton = true;
+}
+
 fn grants(world: &World, p: &Policy, now: &str) -> Vec<String> {
     decide(&world.snapshot(), p, at(now))
         .grants()
@@ -300,15 +314,7 @@ fn a_deleted_node_releases_its_lease() {
 #[test]
 fn uncordons_only_nodes_baton_cordoned() {
     let mut w = world(1);
-    let mut l = lease(&w, "node-01", NOW);
-    l.drained = Some(at(NOW));
-    w.leases.push(l);
-    let n = w.node_mut("node-01").unwrap();
-    n.agent.boot_id = crds::protocol::BootId::new("ffff").ok();
-    n.agent.state = Some(AgentState::Done);
-    n.agent.current_version = Version::new("2.0.0").ok();
-    n.unschedulable = true;
-    n.cordoned_by_baton = true;
+    rebooted_into_the_new_version(&mut w, "node-01");
     assert_eq!(
         decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW)).node("node-01"),
         Some(&Action::Uncordon)
@@ -466,15 +472,7 @@ fn before_reboot_hooks_wait_then_time_out() {
 #[test]
 fn after_reboot_hooks_run_before_the_uncordon() {
     let mut w = world(1);
-    let mut l = lease(&w, "node-01", NOW);
-    l.drained = Some(at(NOW));
-    w.leases.push(l);
-    let n = w.node_mut("node-01").unwrap();
-    n.agent.boot_id = crds::protocol::BootId::new("ffff").ok();
-    n.agent.state = Some(AgentState::Done);
-    n.agent.current_version = Version::new("2.0.0").ok();
-    n.unschedulable = true;
-    n.cordoned_by_baton = true;
+    rebooted_into_the_new_version(&mut w, "node-01");
     let p = policy(
         serde_json::json!({"hooks": {"afterReboot": {"annotations": ["example.com/smoke"]}}}),
     );
