@@ -30,6 +30,7 @@ use crate::{
     drain::{self, DrainRules, Outcome},
     error::{Error, Result},
     lease,
+    metrics::{ErrorLabels, Metrics},
     node::NodePatch,
     status,
 };
@@ -43,11 +44,17 @@ pub struct Context {
     policies: Store<UpdatePolicy>,
     recorder: Recorder,
     drains: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// One operator replica: waits to lead, then runs the controller until leadership is
 /// lost (or the future is dropped).
 pub async fn run_replica(client: Client, config: Config) {
+    run_replica_with(client, config, Arc::new(Metrics::default())).await;
+}
+
+/// [`run_replica`], recording into `metrics`.
+pub async fn run_replica_with(client: Client, config: Config, metrics: Arc<Metrics>) {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let elector = crate::leader::Elector::new(
         leases,
@@ -55,14 +62,16 @@ pub async fn run_replica(client: Client, config: Config) {
         config.leader_lease_duration,
     );
     elector.acquire(config.leader_renew_interval).await;
+    metrics.leader.set(1);
     tokio::select! {
-        () = run(client, config.clone()) => {}
+        () = run(client, config.clone(), Arc::clone(&metrics)) => {}
         () = elector.hold(config.leader_renew_interval) => warn!("stopping: no longer the leader"),
     }
+    metrics.leader.set(0);
 }
 
 /// Runs the controller until the process is stopped.
-pub async fn run(client: Client, config: Config) {
+pub async fn run(client: Client, config: Config, metrics: Arc<Metrics>) {
     let nodes_api: Api<Node> = Api::all(client.clone());
     let leases_api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let (nodes, node_writer) = reflector::store();
@@ -116,6 +125,7 @@ pub async fn run(client: Client, config: Config) {
         leases,
         policies,
         drains: std::sync::Mutex::new(HashMap::new()),
+        metrics,
     });
     // Drains run as their own tasks; they must not outlive this controller (a replica
     // that stops leading must stop evicting at once).
@@ -152,8 +162,14 @@ fn drains(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn error_policy(policy: Arc<UpdatePolicy>, error: &Error, _ctx: Arc<Context>) -> Requeue {
+fn error_policy(policy: Arc<UpdatePolicy>, error: &Error, ctx: Arc<Context>) -> Requeue {
     warn!(policy = %policy.name_any(), error = %error, kind = error.metric_label(), "reconcile error; retrying");
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabels {
+            kind: error.metric_label().into(),
+        })
+        .inc();
     Requeue::requeue(Duration::from_secs(
         if matches!(error, Error::Conflict(_)) {
             1
@@ -184,6 +200,7 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
         };
         let snapshot = observe(&ctx, &rules);
         let plan = decide(&snapshot, &rules, now);
+        ctx.metrics.observe(&plan);
         for step in &plan.nodes {
             let span = info_span!("node", node = %step.node);
             if let Err(e) = perform(&ctx, &rules, &policy, step, now).instrument(span).await {
@@ -534,6 +551,7 @@ async fn start_drain(ctx: &Arc<Context>, policy: &UpdatePolicy, node: &str, dead
                 tokio::spawn(async move {
                     let mut seen = std::collections::HashSet::new();
                     while let Some(b) = blocked_rx.recv().await {
+                        ctx.metrics.evictions_blocked.inc();
                         if seen.insert(b.clone()) {
                             warn!(pod = %b.pod, budget = %b.budget, "eviction blocked by a PodDisruptionBudget");
                             let note = format!("evicting {} is blocked by PodDisruptionBudget {}; retrying until the drain times out", b.pod, b.budget);
@@ -542,7 +560,11 @@ async fn start_drain(ctx: &Arc<Context>, policy: &UpdatePolicy, node: &str, dead
                     }
                 })
             };
+            ctx.metrics.drains.inc();
+            let started = std::time::Instant::now();
             let outcome = drain::drain(&ctx.client, &name, &rules, deadline, &blocked_tx).await;
+            ctx.metrics.drains.dec();
+            ctx.metrics.drain_seconds.observe(started.elapsed().as_secs_f64());
             drop(blocked_tx);
             let _ = reporter.await;
             match outcome {

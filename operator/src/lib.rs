@@ -9,5 +9,6 @@ pub mod drain;
 pub mod error;
 pub mod leader;
 pub mod lease;
+pub mod metrics;
 pub mod node;
 pub mod status;

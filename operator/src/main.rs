@@ -24,9 +24,15 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let metrics = std::sync::Arc::new(operator::metrics::Metrics::default());
+    let server = operator::metrics::serve(config.metrics_addr, std::sync::Arc::clone(&metrics));
     tokio::select! {
         // Returns only when leadership is lost: exit, and be restarted as a follower.
-        () = operator::controller::run_replica(client, config) => return ExitCode::FAILURE,
+        () = operator::controller::run_replica_with(client, config, metrics) => return ExitCode::FAILURE,
+        Err(e) = server => {
+            eprintln!("baton-operator: cannot serve metrics: {e}");
+            return ExitCode::FAILURE;
+        }
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
     }
     ExitCode::SUCCESS

@@ -158,6 +158,7 @@ struct Run {
     names: Vec<String>,
     observed: Arc<Mutex<Observed>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    metrics: Arc<operator::metrics::Metrics>,
     // Last, so the slot is freed only once the cluster has stopped.
     _slot: tokio::sync::SemaphorePermit<'static>,
 }
@@ -180,11 +181,16 @@ impl Run {
             .await
             .unwrap();
         let observed = Arc::new(Mutex::new(Observed::default()));
+        let metrics = Arc::new(operator::metrics::Metrics::default());
         let lost = lost.iter().map(|i| names[*i].clone()).collect();
         let config = replica_config("op-a");
         let tasks = vec![
             tokio::spawn(watch_invariants(client.clone(), observed.clone())),
-            tokio::spawn(operator::controller::run_replica(client.clone(), config)),
+            tokio::spawn(operator::controller::run_replica_with(
+                client.clone(),
+                config,
+                Arc::clone(&metrics),
+            )),
             tokio::spawn(fake_agents(client.clone(), names.clone(), reboot, lost)),
         ];
         Run {
@@ -194,6 +200,7 @@ impl Run {
             names,
             observed,
             tasks,
+            metrics,
         }
     }
 
@@ -317,6 +324,18 @@ async fn five_nodes_update_one_at_a_time() {
         "{status:?}"
     );
     assert_eq!(run.events("Done").await.len(), 5);
+    let metrics = run.metrics.encode();
+    for needle in [
+        "baton_nodes{policy=\"workers\",state=\"up_to_date\"} 5",
+        "baton_leases_held{policy=\"workers\"} 0",
+        "baton_drain_duration_seconds_count 5",
+        "baton_is_leader 1",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
