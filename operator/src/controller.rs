@@ -198,7 +198,8 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
                 return Ok(Requeue::await_change());
             }
         };
-        let snapshot = observe(&ctx, &rules);
+        let mut snapshot = observe(&ctx, &rules);
+        let blocked = mark_blocked(&ctx, &policy, &mut snapshot).await?;
         let plan = decide(&snapshot, &rules, now);
         ctx.metrics.observe(&plan);
         for step in &plan.nodes {
@@ -214,13 +215,61 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
             }
             write_status(&ctx, &name, &status).await?;
         }
-        Ok(match plan.next_change {
+        // Pods are not watched (a cluster-wide pod cache would dwarf the operator), so a
+        // node held back only by a blocking pod is looked at again after BLOCKED_RECHECK.
+        let blocked_recheck = blocked.then(|| now.checked_add(BLOCKED_RECHECK).ok()).flatten();
+        let next = [plan.next_change, blocked_recheck].into_iter().flatten().min();
+        Ok(match next {
             Some(t) => Requeue::requeue(t.duration_since(now).unsigned_abs().max(Duration::from_millis(100))),
             None => Requeue::await_change(),
         })
     }
     .instrument(span)
     .await
+}
+
+/// How often a node held back only by a blocking pod is looked at again.
+const BLOCKED_RECHECK: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
+
+/// Marks the nodes that run a pod matching `health.blockingPodSelectors`, for nodes
+/// that ask for a reboot. Returns whether any such node is blocked. Pending pods do
+/// not block.
+async fn mark_blocked(
+    ctx: &Context,
+    policy: &UpdatePolicy,
+    snapshot: &mut Snapshot,
+) -> Result<bool> {
+    let selectors = &policy.spec.health.blocking_pod_selectors;
+    if selectors.is_empty() || !snapshot.nodes.iter().any(|n| n.requests_reboot()) {
+        return Ok(false);
+    }
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(ctx.client.clone());
+    let mut blocking: HashMap<String, String> = HashMap::new();
+    for selector in selectors {
+        let Ok(selector) = kube::core::Selector::try_from(selector.clone()) else {
+            continue;
+        };
+        let params = kube::api::ListParams::default()
+            .labels_from(&selector)
+            .fields("status.phase=Running");
+        for pod in pods.list(&params).await?.items {
+            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+                blocking.entry(node).or_insert_with(|| {
+                    format!(
+                        "pod {}/{}",
+                        pod.namespace().unwrap_or_default(),
+                        pod.name_any()
+                    )
+                });
+            }
+        }
+    }
+    let mut any = false;
+    for node in snapshot.nodes.iter_mut().filter(|n| n.requests_reboot()) {
+        node.blocked_by = blocking.get(&node.name).cloned();
+        any |= node.blocked_by.is_some();
+    }
+    Ok(any)
 }
 
 /// The snapshot `decide` needs, from the watch caches alone.

@@ -736,3 +736,61 @@ async fn nothing_starts_outside_a_window_and_a_reboot_running_when_it_closes_com
     assert!(run.leases().await.is_empty());
     assert_eq!(run.status().await.window.as_deref(), Some("Closed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_pod_holds_its_node_back_until_it_is_gone() {
+    let run = Run::start(2, Duration::from_millis(300), &[]).await;
+    run.cluster.create_namespace("ops").await.unwrap();
+    let blocked = run.names[0].clone();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(run.client.clone(), "ops");
+    let backup: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "backup", "labels": {"app": "backup"}},
+        "spec": {"nodeName": blocked, "containers": [{"name": "backup", "image": "registry.invalid/backup:1"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &backup).await.unwrap();
+    run.cluster
+        .wait_for("the backup pod to run", || async {
+            pods.get("backup")
+                .await
+                .unwrap()
+                .status
+                .and_then(|s| s.phase)
+                .as_deref()
+                == Some("Running")
+        })
+        .await
+        .unwrap();
+    run.policy(serde_json::json!({"health": {"blockingPodSelectors": [{"matchLabels": {"app": "backup"}}]}})).await;
+    // The other node goes first although the blocked one comes first in order.
+    let nodes = run.nodes();
+    let other = run.names[1].clone();
+    run.cluster
+        .wait_for("the unblocked node to be updated", || async {
+            nodes
+                .get(&other)
+                .await
+                .unwrap()
+                .annotations()
+                .get("baton.dev/current-version")
+                .map(String::as_str)
+                == Some("2.0.0")
+                && run.leases().await.is_empty()
+        })
+        .await
+        .unwrap();
+    let held = nodes.get(&blocked).await.unwrap();
+    assert_eq!(
+        held.annotations()
+            .get("baton.dev/current-version")
+            .map(String::as_str),
+        Some("1.0.0")
+    );
+    assert!(
+        run.observed.lock().await.cordon_order == [other.clone()],
+        "the blocked node was never touched"
+    );
+    // Once the pod is gone, the node proceeds (within the 30 s recheck).
+    pods.delete("backup", &Default::default()).await.unwrap();
+    run.wait_all_updated(&[]).await;
+}
