@@ -12,3 +12,4 @@ pub mod lease;
 pub mod metrics;
 pub mod node;
 pub mod status;
+pub mod step;
