@@ -26,6 +26,8 @@ struct Observed {
     max_cordoned: usize,
     max_leases: usize,
     cordon_order: Vec<String>,
+    /// Nodes seen cordoned with the exclude-from-external-load-balancers label.
+    excluded_from_lb: Vec<String>,
 }
 
 async fn set_annotations(nodes: &Api<Node>, name: &str, values: &[(&str, &str)]) {
@@ -127,6 +129,19 @@ async fn watch_invariants(client: Client, observed: Arc<Mutex<Observed>>) {
             && !o.cordon_order.contains(&node.name_any())
         {
             o.cordon_order.push(node.name_any());
+        }
+        let excluded = node
+            .labels()
+            .contains_key("node.kubernetes.io/exclude-from-external-load-balancers");
+        if excluded
+            && node
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false)
+            && !o.excluded_from_lb.contains(&node.name_any())
+        {
+            o.excluded_from_lb.push(node.name_any());
         }
     }
 }
@@ -793,4 +808,30 @@ async fn a_blocking_pod_holds_its_node_back_until_it_is_gone() {
     // Once the pod is gone, the node proceeds (within the 30 s recheck).
     pods.delete("backup", &Default::default()).await.unwrap();
     run.wait_all_updated(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_leave_load_balancers_while_cordoned_and_come_back_after() {
+    let run = Run::start(2, Duration::from_millis(500), &[]).await;
+    run.policy(serde_json::json!({"drain": {"excludeFromLoadBalancers": true}}))
+        .await;
+    run.wait_all_updated(&[]).await;
+    let o = run.observed.lock().await;
+    assert_eq!(o.excluded_from_lb.len(), 2, "{o:?}");
+    for node in run
+        .nodes()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+    {
+        assert!(
+            !node
+                .labels()
+                .contains_key("node.kubernetes.io/exclude-from-external-load-balancers"),
+            "{} still excluded",
+            node.name_any()
+        );
+        assert!(!node.annotations().contains_key("baton.dev/lb-excluded"));
+    }
 }
