@@ -13,3 +13,17 @@ pub mod metrics;
 pub mod node;
 pub mod status;
 pub mod step;
+
+/// The operator's API client, from the in-cluster config or a kubeconfig.
+///
+/// kube-rs's automatic retry of 429 answers is turned off: an eviction refused by a
+/// PodDisruptionBudget is a 429, and the drain must see it at once (to report it and
+/// to keep its deadline) instead of waiting minutes inside a retry loop. Every other
+/// failed call is retried by the controller's requeue.
+pub async fn client() -> Result<kube::Client, kube::Error> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    config.default_retry = false;
+    kube::Client::try_from(config)
+}

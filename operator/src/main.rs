@@ -17,7 +17,7 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     tracing::info!(namespace = %config.namespace, identity = %config.identity, "baton-operator starting");
-    let client = match kube::Client::try_default().await {
+    let client = match operator::client().await {
         Ok(client) => client,
         Err(e) => {
             eprintln!("baton-operator: cannot reach the Kubernetes API: {e}");

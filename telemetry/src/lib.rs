@@ -51,7 +51,14 @@ impl LogArgs {
         })?;
         let registry = tracing_subscriber::registry().with(filter);
         let result = match self.log_format {
-            LogFormat::Text => registry.with(fmt::layer().with_target(true)).try_init(),
+            // Colours only on a terminal, never into log files.
+            LogFormat::Text => registry
+                .with(
+                    fmt::layer()
+                        .with_target(true)
+                        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+                )
+                .try_init(),
             LogFormat::Json => registry
                 .with(
                     fmt::layer()
