@@ -319,16 +319,14 @@ fn order_key<'a>(
     )
 }
 
+/// On the policy's target (if it names one) and settled: a node whose agent has not
+/// reported is not known to be up to date.
 fn is_up_to_date(node: &NodeView, policy: &Policy) -> bool {
     let on_target = match &policy.target_version {
         Some(target) => node.agent.current_version.as_ref() == Some(target),
         None => true,
     };
-    on_target
-        && matches!(
-            node.agent.state,
-            None | Some(AgentState::Idle | AgentState::Done)
-        )
+    on_target && matches!(node.agent.state, Some(AgentState::Idle | AgentState::Done))
 }
 
 /// The next step of a node that holds one of the policy's leases.

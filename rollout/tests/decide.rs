@@ -553,3 +553,17 @@ fn a_node_released_after_its_update_counts_as_up_to_date() {
     );
     assert_eq!((plan.counts.up_to_date, plan.counts.in_progress), (1, 0));
 }
+
+#[test]
+fn a_node_whose_agent_never_reported_is_waiting_not_up_to_date() {
+    let mut w = world(1);
+    w.nodes[0].agent = Default::default();
+    let plan = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::Skip(Skip::NotRequested(
+            "agent has not reported".into()
+        )))
+    );
+    assert_eq!((plan.counts.up_to_date, plan.counts.waiting), (0, 1));
+}
