@@ -146,6 +146,13 @@ async fn watch_invariants(client: Client, observed: Arc<Mutex<Observed>>) {
     }
 }
 
+/// The version a node's (fake) agent reports.
+fn version(node: &Node) -> Option<&str> {
+    node.annotations()
+        .get("baton.dev/current-version")
+        .map(String::as_str)
+}
+
 /// Reboot leases only (not the leader-election Lease beside them).
 fn reboot_leases() -> ListParams {
     ListParams::default().labels("app.kubernetes.io/managed-by=baton")
@@ -263,10 +270,7 @@ impl Run {
                             .iter()
                             .filter(|n| !except.contains(&n.name_any()))
                             .all(|n| {
-                                n.annotations()
-                                    .get("baton.dev/current-version")
-                                    .map(String::as_str)
-                                    == Some("2.0.0")
+                                version(n) == Some("2.0.0")
                                     && !n
                                         .spec
                                         .as_ref()
@@ -431,13 +435,7 @@ async fn an_admins_cordon_is_never_undone_and_its_node_is_left_alone() {
         Some(true),
         "the admin's cordon stays"
     );
-    assert_eq!(
-        node.annotations()
-            .get("baton.dev/current-version")
-            .map(String::as_str),
-        Some("1.0.0"),
-        "never granted"
-    );
+    assert_eq!(version(&node), Some("1.0.0"), "never granted");
     let o = run.observed.lock().await;
     // The admin's node counts against the budget of 2: the others went one at a time.
     assert_eq!(o.max_cordoned, 2, "{o:?}");
@@ -524,13 +522,7 @@ async fn a_pdb_that_never_allows_eviction_aborts_the_drain_and_halts_the_pool() 
         "no other node was touched"
     );
     let n = nodes.get(&first).await.unwrap();
-    assert_eq!(
-        n.annotations()
-            .get("baton.dev/current-version")
-            .map(String::as_str),
-        Some("1.0.0"),
-        "Abort never reboots"
-    );
+    assert_eq!(version(&n), Some("1.0.0"), "Abort never reboots");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -666,10 +658,7 @@ async fn an_invalid_policy_is_reported_and_other_policies_carry_on() {
     );
     let zone_a = run.nodes().get(&run.names[0]).await.unwrap();
     assert_eq!(
-        zone_a
-            .annotations()
-            .get("baton.dev/current-version")
-            .map(String::as_str),
+        version(&zone_a),
         Some("1.0.0"),
         "the invalid policy touched nothing"
     );
@@ -723,11 +712,7 @@ async fn nothing_starts_outside_a_window_and_a_reboot_running_when_it_closes_com
     run.cluster
         .wait_for("the first node to be updated", || async {
             let n = nodes.get(&first).await.unwrap();
-            n.annotations()
-                .get("baton.dev/current-version")
-                .map(String::as_str)
-                == Some("2.0.0")
-                && run.leases().await.is_empty()
+            version(&n) == Some("2.0.0") && run.leases().await.is_empty()
         })
         .await
         .unwrap();
@@ -741,13 +726,7 @@ async fn nothing_starts_outside_a_window_and_a_reboot_running_when_it_closes_com
     // The second node waits for next week's window.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let second = nodes.get(&run.names[1]).await.unwrap();
-    assert_eq!(
-        second
-            .annotations()
-            .get("baton.dev/current-version")
-            .map(String::as_str),
-        Some("1.0.0")
-    );
+    assert_eq!(version(&second), Some("1.0.0"));
     assert!(run.leases().await.is_empty());
     assert_eq!(run.status().await.window.as_deref(), Some("Closed"));
 }
@@ -782,25 +761,13 @@ async fn a_blocking_pod_holds_its_node_back_until_it_is_gone() {
     let other = run.names[1].clone();
     run.cluster
         .wait_for("the unblocked node to be updated", || async {
-            nodes
-                .get(&other)
-                .await
-                .unwrap()
-                .annotations()
-                .get("baton.dev/current-version")
-                .map(String::as_str)
-                == Some("2.0.0")
+            version(&nodes.get(&other).await.unwrap()) == Some("2.0.0")
                 && run.leases().await.is_empty()
         })
         .await
         .unwrap();
     let held = nodes.get(&blocked).await.unwrap();
-    assert_eq!(
-        held.annotations()
-            .get("baton.dev/current-version")
-            .map(String::as_str),
-        Some("1.0.0")
-    );
+    assert_eq!(version(&held), Some("1.0.0"));
     assert!(
         run.observed.lock().await.cordon_order == [other.clone()],
         "the blocked node was never touched"
