@@ -168,6 +168,9 @@ pub mod condition {
     pub const PAUSED: &str = "Paused";
     /// The spec cannot be used as written; the message says why.
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// A health gate (the Prometheus alert gate) holds new grants back; reboots already
+    /// under way carry on.
+    pub const GATE_CLOSED: &str = "GateClosed";
 }
 
 impl Default for FailurePolicy {

@@ -6,8 +6,10 @@
 pub mod binaries;
 pub mod cluster;
 pub mod error;
+pub mod packages;
 pub mod pki;
 pub mod process;
+pub mod prometheus;
 pub mod workload;
 
 pub use cluster::TestCluster;

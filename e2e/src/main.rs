@@ -5,7 +5,8 @@
 //! - `down`: stop it.
 //! - `demo`: the local demo (or install instructions for a real cluster).
 //! - `footprint --nodes N`: the control plane's memory with N kwok nodes.
-//! - `test [ARGS…]`: build the binaries with progress shown, then run
+//! - `test [ARGS…]`: install the Debian packages some tests run (Prometheus,
+//!   dbus-daemon) when missing, build the binaries with progress shown, then run
 //!   `cargo test --workspace ARGS…` against them.
 
 use std::{
@@ -222,6 +223,7 @@ async fn footprint(nodes: usize, settle_secs: u64) -> Result<()> {
 }
 
 fn test(args: &[String]) -> Result<()> {
+    e2e::packages::ensure()?;
     let binaries = Binaries::ensure()?;
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(["test", "--workspace"]).args(args);

@@ -43,6 +43,7 @@ pub struct Context {
     pub(crate) recorder: Recorder,
     pub(crate) drains: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) alerts: crate::alert::Alerts,
 }
 
 /// One operator replica: waits to lead, then runs the controller until leadership is
@@ -70,6 +71,13 @@ pub async fn run_replica_with(client: Client, config: Config, metrics: Arc<Metri
 
 /// Runs the controller until the process is stopped.
 pub async fn run(client: Client, config: Config, metrics: Arc<Metrics>) {
+    let alerts = match crate::alert::Alerts::new() {
+        Ok(alerts) => alerts,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up the Prometheus client");
+            return;
+        }
+    };
     let nodes_api: Api<Node> = Api::all(client.clone());
     let leases_api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let (nodes, node_writer) = reflector::store();
@@ -124,6 +132,7 @@ pub async fn run(client: Client, config: Config, metrics: Arc<Metrics>) {
         policies,
         drains: std::sync::Mutex::new(HashMap::new()),
         metrics,
+        alerts,
     });
     // Drains run as their own tasks; they must not outlive this controller (a replica
     // that stops leading must stop evicting at once).
@@ -198,6 +207,11 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
         };
         let mut snapshot = observe(&ctx, &rules);
         let blocked = mark_blocked(&ctx, &policy, &mut snapshot).await?;
+        if let Some(gate) = &rules.alert_gate
+            && snapshot.nodes.iter().any(|n| n.requests_reboot())
+        {
+            snapshot.gate = ctx.alerts.verdict(gate, now).await;
+        }
         let plan = decide(&snapshot, &rules, now);
         ctx.metrics.observe(&plan);
         for step in &plan.nodes {
@@ -206,6 +220,9 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
                 warn!(node = %step.node, action = %step.action, error = %e, "step failed; will retry");
             }
         }
+        if let Some(version) = &rules.target_version {
+            crate::step::publish_release(&ctx, &plan.publish_release, version).await;
+        }
         let status = status::from_plan(&plan, rules.paused, policy.meta().generation, policy.status.as_ref(), now);
         if policy.status.as_ref() != Some(&status) {
             for (kind, message) in status::raised(policy.status.as_ref(), &status) {
@@ -213,9 +230,11 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
             }
             write_status(&ctx, &name, &status).await?;
         }
-        // Pods are not watched (a cluster-wide pod cache would dwarf the operator), so a
-        // node held back only by a blocking pod is looked at again after BLOCKED_RECHECK.
-        let blocked_recheck = blocked.then(|| now.checked_add(BLOCKED_RECHECK).ok()).flatten();
+        // Pods and alerts are not watched (a cluster-wide pod cache would dwarf the
+        // operator; Prometheus has no watch), so a node held back only by a blocking pod
+        // or a closed gate is looked at again after GATE_RECHECK.
+        let gated = blocked || snapshot.gate.is_some();
+        let blocked_recheck = gated.then(|| now.checked_add(GATE_RECHECK).ok()).flatten();
         let next = [plan.next_change, blocked_recheck].into_iter().flatten().min();
         Ok(match next {
             Some(t) => Requeue::requeue(t.duration_since(now).unsigned_abs().max(Duration::from_millis(100))),
@@ -226,8 +245,9 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
     .await
 }
 
-/// How often a node held back only by a blocking pod is looked at again.
-const BLOCKED_RECHECK: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
+/// How often a node held back only by a blocking pod or a closed gate is looked at
+/// again.
+const GATE_RECHECK: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
 
 /// Marks the nodes that run a pod matching `health.blockingPodSelectors`, for nodes
 /// that ask for a reboot. Returns whether any such node is blocked. Pending pods do

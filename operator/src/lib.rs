@@ -3,6 +3,7 @@
 //! plan the pure `rollout` core computes.
 #![forbid(unsafe_code)]
 
+pub mod alert;
 pub mod config;
 pub mod controller;
 pub mod drain;

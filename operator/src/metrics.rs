@@ -44,6 +44,8 @@ pub struct Metrics {
     pub window_open: Family<PolicyLabels, Gauge>,
     /// 1 while a policy's pool is halted.
     pub halted: Family<PolicyLabels, Gauge>,
+    /// 1 while a health gate holds a policy's grants back.
+    pub gate_closed: Family<PolicyLabels, Gauge>,
     /// Drains running now.
     pub drains: Gauge,
     /// How long drains took, in seconds (finished or timed out).
@@ -64,6 +66,7 @@ impl Default for Metrics {
             leases: Family::default(),
             window_open: Family::default(),
             halted: Family::default(),
+            gate_closed: Family::default(),
             drains: Gauge::default(),
             drain_seconds: Histogram::new([
                 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
@@ -84,6 +87,11 @@ impl Default for Metrics {
             "pool_halted",
             "1 while the pool is halted",
             m.halted.clone(),
+        );
+        registry.register(
+            "gate_closed",
+            "1 while a health gate holds new grants back",
+            m.gate_closed.clone(),
         );
         registry.register("drains_in_progress", "Drains running now", m.drains.clone());
         registry.register(
@@ -135,6 +143,9 @@ impl Metrics {
         self.halted
             .get_or_create(&policy)
             .set(plan.halted.is_some().into());
+        self.gate_closed
+            .get_or_create(&policy)
+            .set(plan.gate.is_some().into());
     }
 
     /// The text exposition.
@@ -214,6 +225,7 @@ mod tests {
             "baton_leases_held{policy=\"pool\"} 1",
             "baton_window_open{policy=\"pool\"} 1",
             "baton_pool_halted{policy=\"pool\"} 0",
+            "baton_gate_closed{policy=\"pool\"} 0",
             "baton_evictions_blocked_total 1",
             "baton_drain_duration_seconds_bucket",
             "baton_is_leader 0",

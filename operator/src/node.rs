@@ -10,7 +10,7 @@ use kube::{
 };
 use serde_json::{Map, Value, json};
 
-use crds::protocol::{self, BootId, Message};
+use crds::protocol::{self, BootId, Message, Version};
 
 use crate::error::{Error, Result};
 
@@ -64,6 +64,16 @@ impl NodePatch {
             p.annotations
                 .insert(protocol::LB_EXCLUDED.name.into(), Value::Null);
         }
+        p
+    }
+
+    /// Publish the release version the node's agent should stage.
+    pub fn desire(version: &Version) -> NodePatch {
+        let mut p = NodePatch::default();
+        p.annotations.insert(
+            protocol::DESIRED_VERSION.name.into(),
+            protocol::DESIRED_VERSION.format(version).into(),
+        );
         p
     }
 

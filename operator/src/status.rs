@@ -67,6 +67,21 @@ pub fn from_plan(
             "not paused"
         },
     );
+    set(
+        &mut conditions,
+        old,
+        now,
+        condition::GATE_CLOSED,
+        plan.gate.is_some(),
+        if plan.gate.is_some() {
+            "HealthGate"
+        } else {
+            "GatesOpen"
+        },
+        plan.gate
+            .as_deref()
+            .unwrap_or("no health gate holds grants back"),
+    );
     let progressing = plan.counts.in_progress > 0;
     set(
         &mut conditions,
@@ -128,7 +143,9 @@ pub fn raised<'a>(
         .iter()
         .filter(|c| {
             c.status == "True"
-                && (c.type_ == condition::HALTED || c.type_ == condition::INVALID_SPEC)
+                && (c.type_ == condition::HALTED
+                    || c.type_ == condition::INVALID_SPEC
+                    || c.type_ == condition::GATE_CLOSED)
         })
         .filter(|c| {
             !old.is_some_and(|o| {

@@ -9,7 +9,10 @@ use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::{Api, ResourceExt, runtime::events::EventType, runtime::reflector::ObjectRef};
 use tracing::{Instrument, info, info_span, warn};
 
-use crds::{OnTimeout, UpdatePolicy, protocol};
+use crds::{
+    OnTimeout, UpdatePolicy,
+    protocol::{self, Version},
+};
 use rollout::{Action, Policy, plan::NodePlan, selector::Selector};
 
 use crate::{
@@ -27,6 +30,20 @@ pub(crate) fn node(ctx: &Context, name: &str) -> Option<Arc<Node>> {
 fn lease_of(ctx: &Context, node: &str) -> Option<Arc<Lease>> {
     ctx.leases
         .get(&ObjectRef::new(&lease::name(node)).within(&ctx.config.namespace))
+}
+
+/// Publishes the policy's release version on `names`, for their agents to stage.
+/// Failures are logged; the next reconcile sees the node unchanged and tries again.
+pub(crate) async fn publish_release(ctx: &Arc<Context>, names: &[String], version: &Version) {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    for name in names {
+        let Some(current) = node(ctx, name) else {
+            continue;
+        };
+        if let Err(e) = NodePatch::desire(version).apply(&nodes, &current).await {
+            warn!(node = %name, error = %e, "could not publish the release version; will retry");
+        }
+    }
 }
 
 /// Performs one node's step.

@@ -802,3 +802,127 @@ async fn nodes_leave_load_balancers_while_cordoned_and_come_back_after() {
         assert!(!node.annotations().contains_key("baton.dev/lb-excluded"));
     }
 }
+
+/// The GateClosed condition's status and message.
+async fn gate_condition(run: &Run) -> Option<(String, String)> {
+    run.status()
+        .await
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "GateClosed")
+        .map(|c| (c.status, c.message))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firing_alerts_in_a_real_prometheus_hold_new_grants_but_never_a_reboot_under_way() {
+    use e2e::prometheus::{ALARM_ALERT, Alarm, Prometheus, WATCHDOG_ALERT};
+    // Reboots take 20 s: longer than Prometheus needs to fire (about 2 s) plus the
+    // operator's answer cache (10 s), so the alarm raised during the first reboot is
+    // seen before the second grant.
+    let run = Run::start(2, Duration::from_secs(20), &[]).await;
+    let alarm = Alarm::start(true).await.unwrap();
+    let prometheus = Prometheus::start(&alarm).await.unwrap();
+    prometheus.wait_alarm(true).await.unwrap();
+    assert_eq!(
+        prometheus.firing().await.unwrap(),
+        [ALARM_ALERT, WATCHDOG_ALERT]
+    );
+
+    // Unreachable first: the gate fails closed.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    run.policy(serde_json::json!({"health": {"prometheus": {"url": nowhere, "alertFilter": "^Watchdog$"}, "rebootTimeout": "5m"}})).await;
+    run.cluster
+        .wait_for("the gate to close on an unreachable Prometheus", || async {
+            gate_condition(&run)
+                .await
+                .is_some_and(|(s, m)| s == "True" && m.contains("cannot query Prometheus"))
+        })
+        .await
+        .unwrap();
+
+    // The real Prometheus with the alarm firing: still closed, naming the alarm and not
+    // the filtered Watchdog.
+    let policies: Api<UpdatePolicy> = Api::all(run.client.clone());
+    let patch = serde_json::json!({"spec": {"health": {"prometheus": {"url": prometheus.url()}}}});
+    policies
+        .patch("workers", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    run.cluster
+        .wait_for("the gate to name the firing alert", || async {
+            gate_condition(&run).await.is_some_and(|(s, m)| {
+                s == "True" && m == format!("alerts firing in Prometheus: {ALARM_ALERT}")
+            })
+        })
+        .await
+        .unwrap();
+    assert!(
+        run.leases().await.is_empty(),
+        "granted while the gate was closed"
+    );
+    assert!(run.observed.lock().await.cordon_order.is_empty());
+    assert!(
+        run.events("GateClosed")
+            .await
+            .iter()
+            .any(|e| e.contains("cannot query Prometheus")),
+        "{:?}",
+        run.events("GateClosed").await
+    );
+    assert!(
+        run.metrics
+            .encode()
+            .contains("baton_gate_closed{policy=\"workers\"} 1")
+    );
+
+    // Cleared: one node is granted. The alarm fires again during its reboot: that
+    // reboot completes, and the other node waits.
+    alarm.set(false);
+    run.cluster
+        .wait_for("a grant once the alarm resolved", || async {
+            !run.leases().await.is_empty()
+        })
+        .await
+        .unwrap();
+    alarm.set(true);
+    let first = run.leases().await[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.clone())
+        .unwrap();
+    let nodes = run.nodes();
+    run.cluster
+        .wait_for("the node rebooting under the alarm to finish", || async {
+            version(&nodes.get(&first).await.unwrap()) == Some("2.0.0")
+                && run.leases().await.is_empty()
+        })
+        .await
+        .unwrap();
+    run.cluster
+        .wait_for("the gate to report the alarm again", || async {
+            gate_condition(&run).await.is_some_and(|(s, _)| s == "True")
+        })
+        .await
+        .unwrap();
+    let other = run.names.iter().find(|n| **n != first).unwrap().clone();
+    assert_eq!(version(&nodes.get(&other).await.unwrap()), Some("1.0.0"));
+    assert!(run.leases().await.is_empty());
+
+    // Cleared for good: the rollout completes and the gate reads open.
+    alarm.set(false);
+    run.wait_all_updated(&[]).await;
+    assert_eq!(
+        run.observed.lock().await.max_leases,
+        1,
+        "one at a time throughout"
+    );
+}
+
+/// A loopback port nothing listens on.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

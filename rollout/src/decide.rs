@@ -55,6 +55,15 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         }
     }
 
+    let publish_release = match &policy.target_version {
+        Some(target) => pool
+            .iter()
+            .filter(|n| n.desired_version.as_ref() != Some(target))
+            .map(|n| n.name.clone())
+            .collect(),
+        None => Vec::new(),
+    };
+
     let mut plans = Vec::new();
     let mut timers = Vec::new();
     let mut failed: BTreeSet<&str> = BTreeSet::new();
@@ -230,9 +239,11 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         },
         window,
         halted,
+        gate: snapshot.gate.clone(),
         conflicts,
         counts,
         next_change,
+        publish_release,
     }
 }
 

@@ -1,6 +1,7 @@
 //! The rollout decision core. Every rule of a rollout lives here, as pure functions of
 //! observed cluster state and an injected `now`: no I/O, no clock.
 //!
+//! - [`alert`]: the Prometheus alert gate's rules.
 //! - [`window`]: maintenance windows (cron or weekdays, IANA zones, DST).
 //! - [`policy`]: a spec parsed and checked once.
 //! - [`snapshot`]: the observed cluster.
@@ -8,6 +9,7 @@
 //! - [`simulate`]: a model cluster driven by `decide`, for `kubectl baton plan` and tests.
 #![forbid(unsafe_code)]
 
+pub mod alert;
 pub mod decide;
 pub mod plan;
 pub mod policy;

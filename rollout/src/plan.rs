@@ -26,10 +26,15 @@ pub struct Plan {
     pub window: WindowState,
     /// Why the pool is halted, if it is.
     pub halted: Option<String>,
+    /// Why a cluster-wide health gate holds new grants back, if one does.
+    pub gate: Option<String>,
     /// Nodes that another policy also selects; neither policy touches them.
     pub conflicts: Vec<Conflict>,
     /// Counts for the status.
     pub counts: Counts,
+    /// Pool nodes whose `baton.dev/desired-version` must be set to the policy's release
+    /// version (never a disruption: the agent only stages it).
+    pub publish_release: Vec<String>,
     /// The earliest moment at which this plan can change without any watch event: a
     /// window edge, a timeout or the end of a settle time. `None`: only events matter.
     pub next_change: Option<Timestamp>,

@@ -7,7 +7,7 @@ use thiserror::Error;
 
 use crds::{Budget, OnTimeout, UpdatePolicySpec, WindowMode, protocol::Version};
 
-use crate::{selector::Selector, window::Windows};
+use crate::{alert::AlertGate, selector::Selector, window::Windows};
 
 /// A validated `UpdatePolicy`.
 #[derive(Debug, Clone)]
@@ -44,6 +44,8 @@ pub struct Policy {
     pub zone_label: String,
     /// The release version nodes converge on, when the policy names one.
     pub target_version: Option<Version>,
+    /// The Prometheus alert gate, if configured.
+    pub alert_gate: Option<AlertGate>,
 }
 
 /// A hook: the annotations to wait for, and for how long.
@@ -118,6 +120,11 @@ impl Policy {
                 .map_err(|e| err("spec.release.version", e))
                 .ok()
         });
+        let alert_gate = spec.health.prometheus.as_ref().and_then(|g| {
+            AlertGate::compile(g)
+                .map_err(|e| err("spec.health.prometheus.alertFilter", e))
+                .ok()
+        });
         if spec.failure_policy.max_failed_nodes == 0 {
             err(
                 "spec.failurePolicy.maxFailedNodes",
@@ -144,6 +151,7 @@ impl Policy {
             one_zone_at_a_time: spec.ordering.one_zone_at_a_time,
             zone_label: spec.ordering.zone_label.clone(),
             target_version,
+            alert_gate,
         })
     }
 }

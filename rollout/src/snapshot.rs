@@ -58,6 +58,8 @@ pub struct NodeView {
     pub blocked_by: Option<String>,
     /// `baton.dev/*` values that did not parse.
     pub malformed: Vec<ProtocolError>,
+    /// The release version the operator last published on it.
+    pub desired_version: Option<Version>,
 }
 
 /// The agent's report on its node.
@@ -134,6 +136,7 @@ impl NodeView {
         let cordoned_by_baton = read(&protocol::CORDONED, annotations, m).unwrap_or(false);
         let paused = read(&protocol::PAUSED, annotations, m).unwrap_or(false);
         let failure = read(&protocol::FAILURE, annotations, m).map(|msg| msg.0);
+        let desired_version = read(&protocol::DESIRED_VERSION, annotations, m);
         let ready = node
             .status
             .as_ref()
@@ -162,6 +165,7 @@ impl NodeView {
             blocked_by: None,
             malformed,
             labels,
+            desired_version,
         }
     }
 }

@@ -567,3 +567,20 @@ fn a_node_whose_agent_never_reported_is_waiting_not_up_to_date() {
     );
     assert_eq!((plan.counts.up_to_date, plan.counts.waiting), (0, 1));
 }
+
+#[test]
+fn a_release_version_is_published_on_pool_nodes_that_lack_it_and_only_those() {
+    let mut w = world(3);
+    w.node_mut("node-02").unwrap().desired_version = Version::new("2.0.0").ok();
+    let release = serde_json::json!({"release": {
+        "version": "2.0.0", "url": "https://example.invalid/os.img",
+        "sha256": "0".repeat(64), "signature": format!("{}==", "A".repeat(86)),
+    }});
+    let plan = decide(&w.snapshot(), &policy(release), at(NOW));
+    assert_eq!(plan.publish_release, ["node-01", "node-03"]);
+    let without = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
+    assert!(
+        without.publish_release.is_empty(),
+        "no release, nothing to publish"
+    );
+}

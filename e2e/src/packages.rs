@@ -1,0 +1,89 @@
+//! The Debian packages some tests run for real: Prometheus (the alert gate) and
+//! dbus-daemon (the agent's update_engine and logind clients). `ensure` installs the
+//! missing ones with apt-get when it can, and otherwise says how.
+
+use std::{path::PathBuf, process::Command};
+
+use crate::error::{Error, Result, io};
+
+/// A program a test needs, and the package that ships it.
+#[derive(Debug, Clone, Copy)]
+pub struct Package {
+    /// The program looked up on the PATH.
+    pub program: &'static str,
+    /// The Debian package.
+    pub package: &'static str,
+}
+
+/// Everything the tests need from the system.
+pub const PACKAGES: [Package; 2] = [
+    Package {
+        program: "prometheus",
+        package: "prometheus",
+    },
+    Package {
+        program: "dbus-daemon",
+        package: "dbus-daemon",
+    },
+];
+
+/// `program` on the PATH.
+pub fn find(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Installs the packages whose programs are missing, with apt-get (as root, or with
+/// sudo). Fails with instructions when that is impossible.
+pub fn ensure() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|p| find(p.program).is_none())
+        .map(|p| p.package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing {} with apt-get", missing.join(" "));
+    let sudo = find("sudo").filter(|_| !is_root());
+    let apt = |args: &[&str]| -> Result<bool> {
+        let mut cmd = match &sudo {
+            Some(sudo) => {
+                let mut c = Command::new(sudo);
+                c.arg("apt-get");
+                c
+            }
+            None => Command::new("apt-get"),
+        };
+        let status = cmd
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(args)
+            .status()
+            .map_err(io("running apt-get"))?;
+        Ok(status.success())
+    };
+    let mut install = vec!["install", "-y", "--no-install-recommends"];
+    install.extend(&missing);
+    if find("apt-get").is_some() && (apt(&install)? || (apt(&["update"])? && apt(&install)?)) {
+        return Ok(());
+    }
+    Err(Error::Other(format!(
+        "the tests need {}: install them (Debian: apt-get install {}) and run again",
+        missing.join(" and "),
+        missing.join(" ")
+    )))
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|v| v.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false)
+}
