@@ -1,6 +1,6 @@
 //! The agent's configuration: every flag has an environment-variable equivalent.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
@@ -44,9 +44,52 @@ pub struct Config {
     #[arg(long, env = "BATON_BACKEND", value_enum)]
     pub backend: BackendKind,
 
-    /// Where the sim backend keeps its slots and boot id.
-    #[arg(long, env = "BATON_STATE_DIR", required_if_eq("backend", "sim"))]
-    pub state_dir: Option<PathBuf>,
+    /// Where the agent keeps its record across reboots (a hostPath), and where the sim
+    /// backend keeps its slots and boot id.
+    #[arg(long, env = "BATON_STATE_DIR", default_value = "/var/lib/baton-agent")]
+    pub state_dir: PathBuf,
+
+    /// The kernel's boot id (the sim backend uses its own, in the state directory).
+    #[arg(long, env = "BATON_BOOT_ID_FILE", default_value = crate::boot::KERNEL_BOOT_ID)]
+    pub boot_id_file: PathBuf,
+
+    /// The os-release file the running version is read from (flatcar and sentinel).
+    #[arg(long, env = "BATON_OS_RELEASE", default_value = "/etc/os-release")]
+    pub os_release: PathBuf,
+
+    /// How often local state (a sentinel file, a failing health check) is looked at
+    /// again. Local only: it never causes an API request by itself.
+    #[arg(long, env = "BATON_CHECK_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub check_interval: Duration,
+
+    /// How long a new boot may take to be Ready and pass its health checks.
+    #[arg(long, env = "BATON_VERIFY_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub verify_timeout: Duration,
+
+    /// The bound on each health check, before-reboot and mark-good command.
+    #[arg(long, env = "BATON_COMMAND_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub command_timeout: Duration,
+
+    /// Commands run once the reboot is granted, before rebooting (exit 0 to go on).
+    #[arg(
+        long = "before-reboot",
+        env = "BATON_BEFORE_REBOOT",
+        value_delimiter = ';'
+    )]
+    pub before_reboot: Vec<String>,
+
+    /// flatcar: the command that marks the booted USR partition good once healthy (as
+    /// Flatcar's `flatcar-setgoodroot` does). Unset: Flatcar's own unit does it.
+    #[arg(long, env = "BATON_MARK_GOOD_COMMAND")]
+    pub mark_good_command: Option<String>,
+
+    /// sim: the version a new simulated machine runs.
+    #[arg(long, env = "BATON_SIM_VERSION", default_value = "1.0.0")]
+    pub sim_version: String,
+
+    /// sim: how long staging takes.
+    #[arg(long, env = "BATON_SIM_STAGE_TIME", default_value = "2s", value_parser = parse_duration)]
+    pub sim_stage_time: Duration,
 
     /// The sentinel backend's reboot-required file.
     #[arg(
@@ -86,26 +129,41 @@ pub struct Config {
     pub log: telemetry::LogArgs,
 }
 
+/// Parses a Go-style duration such as `90s` or `10m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    crds::duration::parse(text).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn sim_needs_a_state_dir() {
-        let err = Config::try_parse_from(["baton-agent", "--node-name", "n1", "--backend", "sim"])
-            .unwrap_err();
-        assert!(err.to_string().contains("--state-dir"), "{err}");
+    fn durations_are_go_style_and_the_state_dir_has_a_default() {
         let ok = Config::try_parse_from([
             "baton-agent",
             "--node-name",
             "n1",
             "--backend",
             "sim",
-            "--state-dir",
-            "/tmp/s",
+            "--check-interval",
+            "90s",
         ])
         .unwrap();
         assert_eq!(ok.backend, BackendKind::Sim);
+        assert_eq!(ok.check_interval, Duration::from_secs(90));
+        assert_eq!(ok.state_dir, PathBuf::from("/var/lib/baton-agent"));
+        let err = Config::try_parse_from([
+            "baton-agent",
+            "--node-name",
+            "n1",
+            "--backend",
+            "sim",
+            "--verify-timeout",
+            "soon",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("--verify-timeout"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,100 @@
-//! `baton-agent`: the node side of baton. It stages updates into the inactive slot,
-//! asks for a reboot, reboots only when granted, then verifies the new boot and
-//! commits it or reports a rollback. It writes only its own Node's `baton.dev/*` keys.
+//! `baton-agent`: the node side of baton. It stages OS updates through a backend,
+//! publishes its state on its own Node, reboots only when the operator grants it for
+//! the boot it runs under, and after the reboot checks that the new version booted and
+//! is healthy before committing it, or reports the rollback.
+//!
+//! - [`lifecycle`]: the state machine, pure.
+//! - [`daemon`]: the event loop around it.
+//! - [`backend`]: sim, sentinel, flatcar (and the A/B seam).
+//! - [`reboot`], [`node`], [`record`], [`health`], [`boot`], [`os_release`].
 #![forbid(unsafe_code)]
 
+pub mod backend;
+pub mod boot;
 pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod health;
+pub mod lifecycle;
+pub mod node;
+pub mod os_release;
+pub mod reboot;
+pub mod record;
+
+use config::{BackendKind, Config, RebootMethod};
+use error::AgentError;
+
+/// Runs the agent as configured, until a simulated reboot or a fatal error.
+pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, AgentError> {
+    let sim = config.backend == BackendKind::Sim;
+    let boot_id = if sim {
+        backend::sim::Sim::open(
+            &config.state_dir,
+            &sim_version(config)?,
+            config.sim_stage_time,
+        )?;
+        backend::sim::boot_id(&config.state_dir)?
+    } else {
+        boot::read_boot_id(&config.boot_id_file)?
+    };
+    std::fs::create_dir_all(&config.state_dir).map_err(error::io(format!(
+        "creating {}",
+        config.state_dir.display()
+    )))?;
+    let rebooter = if sim {
+        reboot::Rebooter::Sim(config.state_dir.clone())
+    } else {
+        match config.reboot_method {
+            RebootMethod::Logind => reboot::Rebooter::Logind,
+            RebootMethod::Signal => reboot::Rebooter::Signal,
+            RebootMethod::Command => {
+                reboot::Rebooter::Command(config.reboot_command.clone().unwrap_or_default())
+            }
+        }
+    };
+    let settings = daemon::Settings {
+        node_name: config.node_name.clone(),
+        boot_id,
+        record: record::RecordFile::new(&config.state_dir),
+        rebooter,
+        health_checks: config.health_checks.clone(),
+        before_reboot: config.before_reboot.clone(),
+        command_timeout: config.command_timeout,
+        check_interval: config.check_interval,
+        verify_timeout: config.verify_timeout,
+    };
+    match config.backend {
+        BackendKind::Sim => {
+            let b = backend::sim::Sim::open(
+                &config.state_dir,
+                &sim_version(config)?,
+                config.sim_stage_time,
+            )?;
+            daemon::run(client, b, settings).await
+        }
+        BackendKind::Sentinel => {
+            let b = backend::sentinel::Sentinel {
+                file: config.sentinel_file.clone(),
+                command: config.sentinel_command.clone(),
+                os_release: config.os_release.clone(),
+            };
+            daemon::run(client, b, settings).await
+        }
+        BackendKind::Flatcar => {
+            let bus = zbus::Connection::system().await?;
+            let b = backend::flatcar::Flatcar::open(
+                &bus,
+                config.os_release.clone(),
+                config.mark_good_command.clone(),
+            )
+            .await?;
+            daemon::run(client, b, settings).await
+        }
+        BackendKind::Ab => Err(backend::ab::unavailable()),
+    }
+}
+
+fn sim_version(config: &Config) -> Result<crds::protocol::Version, AgentError> {
+    crds::protocol::Version::new(config.sim_version.clone())
+        .map_err(|e| AgentError::Other(format!("--sim-version: {e}")))
+}

@@ -1,17 +1,35 @@
-//! `baton-agent` entry point: configuration, logging, then the agent loop.
+//! `baton-agent` entry point: configuration, logging, then the agent loop. Exit codes:
+//! 0 after a simulated reboot (start it again to "boot"), 1 on a runtime failure,
+//! 2 on bad configuration.
 
 use std::process::ExitCode;
 
 use agent::config::Config;
 use clap::Parser;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let config = Config::parse();
     if let Err(e) = config.log.init() {
         eprintln!("baton-agent: {e}");
         return ExitCode::from(2);
     }
-    tracing::info!(node = %config.node_name, backend = ?config.backend, "baton-agent configured");
-    ExitCode::SUCCESS
+    tracing::info!(node = %config.node_name, backend = ?config.backend, "baton-agent starting");
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "no Kubernetes client");
+            return ExitCode::from(2);
+        }
+    };
+    match agent::run(&config, client).await {
+        Ok(agent::daemon::Exit::Rebooted) => {
+            tracing::info!("simulated reboot: exiting; start the agent again to boot");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "baton-agent stopped");
+            ExitCode::from(1)
+        }
+    }
 }

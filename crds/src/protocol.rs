@@ -97,7 +97,9 @@ impl<T: Value> Key<T> {
 // === Values ===
 
 /// What the agent is doing, published as `baton.dev/state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum AgentState {
     /// Up to date, or nothing to install.
     Idle,
@@ -208,8 +210,22 @@ impl Value for Timestamp {
 macro_rules! token {
     ($(#[$doc:meta])* $name:ident, $max:expr, $allowed:expr, $what:expr) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+        #[serde(try_from = "String", into = "String")]
         pub struct $name(String);
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(text: String) -> Result<Self, String> {
+                $name::new(text)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.0
+            }
+        }
 
         impl $name {
             /// Checks and wraps a value.
