@@ -78,6 +78,11 @@ pub struct Config {
     )]
     pub before_reboot: Vec<String>,
 
+    /// The D-Bus address of the system bus (update_engine and logind). Unset: the
+    /// system bus at its standard path.
+    #[arg(long, env = "BATON_DBUS_ADDRESS")]
+    pub dbus_address: Option<String>,
+
     /// flatcar: the command that marks the booted USR partition good once healthy (as
     /// Flatcar's `flatcar-setgoodroot` does). Unset: Flatcar's own unit does it.
     #[arg(long, env = "BATON_MARK_GOOD_COMMAND")]

@@ -6,13 +6,14 @@
 //! - [`lifecycle`]: the state machine, pure.
 //! - [`daemon`]: the event loop around it.
 //! - [`backend`]: sim, sentinel, flatcar (and the A/B seam).
-//! - [`reboot`], [`node`], [`record`], [`health`], [`boot`], [`os_release`].
+//! - [`reboot`], [`node`], [`record`], [`health`], [`boot`], [`os_release`], [`dbus`].
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod boot;
 pub mod config;
 pub mod daemon;
+pub mod dbus;
 pub mod error;
 pub mod health;
 pub mod lifecycle;
@@ -45,7 +46,7 @@ pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, 
         reboot::Rebooter::Sim(config.state_dir.clone())
     } else {
         match config.reboot_method {
-            RebootMethod::Logind => reboot::Rebooter::Logind,
+            RebootMethod::Logind => reboot::Rebooter::Logind(config.dbus_address.clone()),
             RebootMethod::Signal => reboot::Rebooter::Signal,
             RebootMethod::Command => {
                 reboot::Rebooter::Command(config.reboot_command.clone().unwrap_or_default())
@@ -81,7 +82,7 @@ pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, 
             daemon::run(client, b, settings).await
         }
         BackendKind::Flatcar => {
-            let bus = zbus::Connection::system().await?;
+            let bus = dbus::connect(config.dbus_address.as_deref()).await?;
             let b = backend::flatcar::Flatcar::open(
                 &bus,
                 config.os_release.clone(),

@@ -26,8 +26,9 @@ pub use logind_proxy::LogindProxy;
 /// How to reboot.
 #[derive(Debug, Clone)]
 pub enum Rebooter {
-    /// `org.freedesktop.login1.Manager.Reboot(false)` on the system bus.
-    Logind,
+    /// `org.freedesktop.login1.Manager.Reboot(false)` on the system bus (or the bus at
+    /// this address).
+    Logind(Option<String>),
     /// SIGRTMIN+5 to PID 1.
     Signal,
     /// A shell command.
@@ -49,8 +50,8 @@ impl Rebooter {
     /// Asks for the reboot.
     pub async fn reboot(&self) -> Result<Rebooted, AgentError> {
         match self {
-            Rebooter::Logind => {
-                let bus = zbus::Connection::system().await?;
+            Rebooter::Logind(address) => {
+                let bus = crate::dbus::connect(address.as_deref()).await?;
                 LogindProxy::new(&bus).await?.reboot(false).await?;
                 Ok(Rebooted::Requested)
             }

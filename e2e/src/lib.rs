@@ -5,6 +5,7 @@
 
 pub mod binaries;
 pub mod cluster;
+pub mod dbus;
 pub mod error;
 pub mod packages;
 pub mod pki;

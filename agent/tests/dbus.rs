@@ -1,0 +1,277 @@
+//! The agent's D-Bus side against a real `dbus-daemon`: a small test service implements
+//! update_engine's `com.coreos.update1` and logind's `Reboot`, and the agent talks to
+//! them as it would on a Flatcar node.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use agent::{
+    backend::{Backend, flatcar::Flatcar},
+    daemon::{self, Settings},
+    lifecycle::Update,
+    reboot::Rebooter,
+    record::RecordFile,
+};
+use crds::protocol::{BootId, Version};
+use e2e::{TestCluster, dbus::Bus};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+};
+use zbus::object_server::SignalEmitter;
+
+type EngineStatus = (i64, f64, String, String, i64);
+
+/// update_engine as the test drives it.
+struct FakeEngine {
+    status: Arc<Mutex<EngineStatus>>,
+}
+
+#[zbus::interface(name = "com.coreos.update1.Manager")]
+impl FakeEngine {
+    fn get_status(&self) -> EngineStatus {
+        self.status.lock().unwrap().clone()
+    }
+
+    #[zbus(signal)]
+    async fn status_update(
+        emitter: &SignalEmitter<'_>,
+        last_checked_time: i64,
+        progress: f64,
+        current_operation: String,
+        new_version: String,
+        new_size: i64,
+    ) -> zbus::Result<()>;
+}
+
+/// logind, counting reboots.
+struct FakeLogind {
+    reboots: Arc<AtomicUsize>,
+}
+
+#[zbus::interface(name = "org.freedesktop.login1.Manager")]
+impl FakeLogind {
+    fn reboot(&self, interactive: bool) {
+        assert!(!interactive, "baton never asks interactively");
+        self.reboots.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The fake services on `bus`.
+struct Services {
+    engine: zbus::Connection,
+    status: Arc<Mutex<EngineStatus>>,
+    reboots: Arc<AtomicUsize>,
+    _logind: zbus::Connection,
+}
+
+impl Services {
+    async fn start(bus: &Bus) -> Services {
+        let status = Arc::new(Mutex::new((1_764_150_000, 0.0, "UPDATE_STATUS_IDLE".to_string(), String::new(), 0)));
+        let engine = zbus::connection::Builder::address(bus.address())
+            .unwrap()
+            .name("com.coreos.update1")
+            .unwrap()
+            .serve_at("/com/coreos/update1", FakeEngine { status: status.clone() })
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        let reboots = Arc::new(AtomicUsize::new(0));
+        let logind = zbus::connection::Builder::address(bus.address())
+            .unwrap()
+            .name("org.freedesktop.login1")
+            .unwrap()
+            .serve_at("/org/freedesktop/login1", FakeLogind { reboots: reboots.clone() })
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        Services {
+            engine,
+            status,
+            reboots,
+            _logind: logind,
+        }
+    }
+
+    /// Sets update_engine's status and emits `StatusUpdate`, as update_engine does.
+    async fn announce(&self, operation: &str, version: &str) {
+        let body = (1_764_153_600, 1.0, operation.to_string(), version.to_string(), 1 << 30);
+        *self.status.lock().unwrap() = body.clone();
+        let iface = self
+            .engine
+            .object_server()
+            .interface::<_, FakeEngine>("/com/coreos/update1")
+            .await
+            .unwrap();
+        FakeEngine::status_update(iface.signal_emitter(), body.0, body.1, body.2, body.3, body.4)
+            .await
+            .unwrap();
+    }
+}
+
+fn os_release(dir: &std::path::Path, version: &str) -> std::path::PathBuf {
+    let path = dir.join("os-release");
+    std::fs::write(&path, format!("ID=flatcar\nVERSION={version}\nVERSION_ID={version}\n")).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_engine_signals_are_followed_and_its_status_mapped() {
+    let bus = Bus::start().unwrap();
+    let services = Services::start(&bus).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = agent::dbus::connect(Some(bus.address())).await.unwrap();
+    let mut flatcar = Flatcar::open(&client, os_release(dir.path(), "4230.2.1"), None).await.unwrap();
+    let mut changes = flatcar.changes().unwrap();
+
+    let idle = flatcar.status(None).await.unwrap();
+    assert_eq!(idle.update, Update::Idle);
+    assert_eq!(idle.current_version.unwrap().as_str(), "4230.2.1");
+    assert_eq!(idle.last_checked.unwrap().as_second(), 1_764_150_000);
+
+    for (operation, expected) in [
+        ("UPDATE_STATUS_DOWNLOADING", Update::Staging(Version::new("4459.0.0").ok())),
+        (
+            "UPDATE_STATUS_UPDATED_NEED_REBOOT",
+            Update::Staged { version: Version::new("4459.0.0").ok(), slot: None },
+        ),
+    ] {
+        services.announce(operation, "4459.0.0").await;
+        tokio::time::timeout(Duration::from_secs(10), changes.next())
+            .await
+            .expect("the StatusUpdate signal reached the agent")
+            .unwrap();
+        assert_eq!(flatcar.status(None).await.unwrap().update, expected, "{operation}");
+    }
+}
+
+async fn wait_node(cluster: &TestCluster, nodes: &Api<Node>, name: &str, what: &str, check: impl Fn(&Node) -> bool) {
+    cluster
+        .wait_for(what, || async { check(&nodes.get(name).await.unwrap()) })
+        .await
+        .unwrap();
+}
+
+fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    node.annotations().get(key).map(String::as_str)
+}
+
+/// Starts the agent daemon in-process, with the flatcar backend on `bus` and logind
+/// rebooting, under `boot`.
+async fn start_agent(
+    cluster: &TestCluster,
+    bus: &Bus,
+    node: &str,
+    dir: &std::path::Path,
+    boot: &str,
+    version: &str,
+) -> tokio::task::JoinHandle<()> {
+    let connection = agent::dbus::connect(Some(bus.address())).await.unwrap();
+    let mark_good = format!("touch {}", dir.join("marked-good").display());
+    let backend = Flatcar::open(&connection, os_release(dir, version), Some(mark_good)).await.unwrap();
+    let settings = Settings {
+        node_name: node.to_string(),
+        boot_id: BootId::new(boot).unwrap(),
+        record: RecordFile::new(dir),
+        rebooter: Rebooter::Logind(Some(bus.address().to_string())),
+        health_checks: vec!["true".into()],
+        before_reboot: Vec::new(),
+        command_timeout: Duration::from_secs(10),
+        // An hour: everything below must be driven by signals and watch events.
+        check_interval: Duration::from_secs(3600),
+        verify_timeout: Duration::from_secs(60),
+    };
+    let client = cluster.client();
+    tokio::spawn(async move {
+        let _keep = connection;
+        daemon::run(client, backend, settings).await.unwrap();
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flatcar_node_reboots_through_logind_only_when_granted_and_is_verified_after() {
+    let cluster = TestCluster::start().await.unwrap();
+    let name = cluster.add_nodes(1).await.unwrap().remove(0);
+    let nodes: Api<Node> = Api::all(cluster.client());
+    let bus = Bus::start().unwrap();
+    let services = Services::start(&bus).await;
+    let dir = tempfile::tempdir().unwrap();
+    let boot1 = "0b0b0b0b-0000-4000-8000-000000000001";
+
+    let agent = start_agent(&cluster, &bus, &name, dir.path(), boot1, "4230.2.1").await;
+    wait_node(&cluster, &nodes, &name, "the agent to report Idle", |n| {
+        annotation(n, "baton.dev/state") == Some("Idle")
+            && annotation(n, "baton.dev/current-version") == Some("4230.2.1")
+            && annotation(n, "baton.dev/boot-id") == Some(boot1)
+    })
+    .await;
+
+    // update_engine finishes staging: the signal alone moves the agent.
+    services.announce("UPDATE_STATUS_UPDATED_NEED_REBOOT", "4459.0.0").await;
+    wait_node(&cluster, &nodes, &name, "the agent to ask for a reboot", |n| {
+        annotation(n, "baton.dev/state") == Some("RebootRequired")
+            && annotation(n, "baton.dev/target-version") == Some("4459.0.0")
+            && n.labels().get("baton.dev/reboot-required").map(String::as_str) == Some("true")
+    })
+    .await;
+
+    // A grant for another boot is no grant.
+    let grant = |boot: &str| serde_json::json!({"metadata": {"annotations": {"baton.dev/reboot-ok": boot}}});
+    nodes
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&grant("ffffffff")))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(services.reboots.load(Ordering::SeqCst), 0, "rebooted on a stale grant");
+
+    // The real grant: logind is asked to reboot.
+    nodes
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&grant(boot1)))
+        .await
+        .unwrap();
+    cluster
+        .wait_for("logind's Reboot to be called", || async { services.reboots.load(Ordering::SeqCst) == 1 })
+        .await
+        .unwrap();
+    wait_node(&cluster, &nodes, &name, "Rebooting", |n| annotation(n, "baton.dev/state") == Some("Rebooting")).await;
+
+    // The agent restarts under the same boot (the reboot has not happened): it asks
+    // logind again and never claims the new version.
+    agent.abort();
+    let _ = agent.await;
+    let agent = start_agent(&cluster, &bus, &name, dir.path(), boot1, "4230.2.1").await;
+    cluster
+        .wait_for("logind's Reboot to be called again", || async { services.reboots.load(Ordering::SeqCst) == 2 })
+        .await
+        .unwrap();
+    let n = nodes.get(&name).await.unwrap();
+    assert_eq!(annotation(&n, "baton.dev/state"), Some("Rebooting"));
+    assert!(!dir.path().join("marked-good").exists());
+
+    // The machine comes back on the new version under a new boot: verified, marked good
+    // as Flatcar does, Done.
+    agent.abort();
+    let _ = agent.await;
+    services.announce("UPDATE_STATUS_IDLE", "").await;
+    let boot2 = "0b0b0b0b-0000-4000-8000-000000000002";
+    let _agent = start_agent(&cluster, &bus, &name, dir.path(), boot2, "4459.0.0").await;
+    wait_node(&cluster, &nodes, &name, "the agent to report Done on 4459.0.0", |n| {
+        annotation(n, "baton.dev/state") == Some("Done")
+            && annotation(n, "baton.dev/current-version") == Some("4459.0.0")
+            && annotation(n, "baton.dev/boot-id") == Some(boot2)
+            && !n.labels().contains_key("baton.dev/reboot-required")
+    })
+    .await;
+    assert!(dir.path().join("marked-good").exists(), "the new boot was marked good");
+    assert_eq!(services.reboots.load(Ordering::SeqCst), 2);
+}
