@@ -7,6 +7,7 @@ pub mod binaries;
 pub mod cluster;
 pub mod dbus;
 pub mod error;
+pub mod fleet;
 pub mod packages;
 pub mod pki;
 pub mod process;

@@ -75,6 +75,12 @@ impl Supervised {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
+    /// Its exit code once it has exited (`None` while running or when killed by a
+    /// signal the supervisor did not turn into a code).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child.try_wait().ok().flatten().and_then(|s| s.code())
+    }
+
     /// The OS process id of the `sh` supervisor.
     pub fn pid(&self) -> u32 {
         self.child.id()

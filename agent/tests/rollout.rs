@@ -1,0 +1,275 @@
+//! Real agents and the operator on a real control plane: one `baton-agent` process
+//! (sim backend) per kwok node, the operator in-process, and a watcher that checks
+//! every node transition.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use clap::Parser;
+use crds::UpdatePolicy;
+use e2e::{
+    TestCluster,
+    fleet::{Fleet, FleetOptions},
+};
+use futures::StreamExt;
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Namespace, Node},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
+};
+
+/// What the watcher saw.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The most nodes disrupted at once (cordoned, rebooting or verifying).
+    max_disrupted: usize,
+    /// (node, boot id) pairs seen Rebooting: a node must never be Verifying or Done
+    /// under one of them.
+    rebooting_boots: BTreeSet<(String, String)>,
+    /// Claims of a finished reboot under the boot it rebooted out of.
+    violations: Vec<String>,
+    /// Each node's states, in order, without repeats.
+    states: BTreeMap<String, Vec<String>>,
+}
+
+fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    node.annotations().get(key).map(String::as_str)
+}
+
+fn disrupted(node: &Node) -> bool {
+    let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+    cordoned || matches!(annotation(node, "baton.dev/state"), Some("Rebooting" | "Verifying"))
+}
+
+async fn watch(client: Client, seen: Arc<Mutex<Seen>>) {
+    let api: Api<Node> = Api::all(client);
+    let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
+    let mut events = watcher(api, watcher::Config::default()).applied_objects().boxed();
+    while let Some(Ok(node)) = events.next().await {
+        let name = node.name_any();
+        let state = annotation(&node, "baton.dev/state").unwrap_or("").to_string();
+        let boot = annotation(&node, "baton.dev/boot-id").unwrap_or("").to_string();
+        let mut s = seen.lock().unwrap();
+        if state == "Rebooting" {
+            s.rebooting_boots.insert((name.clone(), boot.clone()));
+        }
+        if matches!(state.as_str(), "Verifying" | "Done") && s.rebooting_boots.contains(&(name.clone(), boot.clone())) {
+            s.violations.push(format!("{name} reported {state} under boot {boot}, the boot it rebooted out of"));
+        }
+        let states = s.states.entry(name.clone()).or_default();
+        if states.last() != Some(&state) && !state.is_empty() {
+            states.push(state);
+        }
+        nodes.insert(name, node);
+        let now = nodes.values().filter(|n| disrupted(n)).count();
+        s.max_disrupted = s.max_disrupted.max(now);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_agents_and_the_operator_roll_five_nodes_one_at_a_time() {
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.apply_crds().await.unwrap();
+    let client = cluster.client();
+    let names = cluster.add_nodes(5).await.unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": "baton-system"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let recorder = tokio::spawn(watch(client.clone(), seen.clone()));
+
+    // The agents: staging takes 1 s, a before-reboot step 2 s (the window in which one
+    // agent is killed), a machine is down 1 s.
+    let fleet = Fleet::start(
+        &names,
+        &FleetOptions {
+            binary: env!("CARGO_BIN_EXE_baton-agent").into(),
+            kubeconfig: cluster.kubeconfig(),
+            reboot_time: Duration::from_secs(1),
+            args: ["--sim-stage-time", "1s", "--before-reboot", "sleep 2", "--check-interval", "1h"]
+                .map(String::from)
+                .to_vec(),
+        },
+    )
+    .unwrap();
+    let nodes: Api<Node> = Api::all(client.clone());
+    cluster
+        .wait_for("every agent to report Idle on 1.0.0", || async {
+            nodes.list(&ListParams::default()).await.unwrap().items.iter().all(|n| {
+                annotation(n, "baton.dev/state") == Some("Idle") && annotation(n, "baton.dev/current-version") == Some("1.0.0")
+            })
+        })
+        .await
+        .unwrap();
+    let first_boots: BTreeMap<String, String> = nodes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|n| (n.name_any(), annotation(n, "baton.dev/boot-id").unwrap().to_string()))
+        .collect();
+
+    let config = operator::config::Config::try_parse_from([
+        "baton-operator",
+        "--namespace",
+        "baton-system",
+        "--identity",
+        "op-a",
+        "--leader-lease-duration",
+        "3s",
+        "--leader-renew-interval",
+        "1s",
+    ])
+    .unwrap();
+    let operator = tokio::spawn(operator::controller::run_replica(client.clone(), config));
+
+    // Kill the first agent that starts rebooting, during its before-reboot step.
+    let killer = {
+        let (nodes, fleet_nodes) = (nodes.clone(), names.clone());
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1);
+        tokio::spawn(async move {
+            let mut events = watcher(nodes, watcher::Config::default()).applied_objects().boxed();
+            while let Some(Ok(n)) = events.next().await {
+                if annotation(&n, "baton.dev/state") == Some("Rebooting") && fleet_nodes.contains(&n.name_any()) {
+                    let _ = tx.send(n.name_any()).await;
+                    return;
+                }
+            }
+        });
+        async move { rx.recv().await }
+    };
+
+    let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "workers"},
+        "spec": {
+            "maxUnavailable": 1,
+            "health": {"rebootTimeout": "3m"},
+            "release": {
+                "version": "2.0.0", "url": "https://images.invalid/os-2.0.0.img",
+                "sha256": "a".repeat(64), "signature": format!("{}==", "A".repeat(86)),
+            },
+        },
+    }))
+    .unwrap();
+    Api::<UpdatePolicy>::all(client.clone())
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+
+    let killed = tokio::time::timeout(Duration::from_secs(120), killer).await.unwrap().unwrap();
+    fleet.kill_agent(&killed);
+
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "baton-system");
+    cluster
+        .wait_for("every node Done on 2.0.0, uncordoned, with no lease left", || async {
+            let all = nodes.list(&ListParams::default()).await.unwrap().items;
+            let held = leases
+                .list(&ListParams::default().labels("app.kubernetes.io/managed-by=baton"))
+                .await
+                .unwrap()
+                .items;
+            held.is_empty()
+                && all.iter().all(|n| {
+                    annotation(n, "baton.dev/state") == Some("Done")
+                        && annotation(n, "baton.dev/current-version") == Some("2.0.0")
+                        && !n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false)
+                })
+        })
+        .await
+        .unwrap();
+    operator.abort();
+    recorder.abort();
+
+    let s = seen.lock().unwrap();
+    let logs: BTreeMap<&String, _> = names.iter().map(|n| (n, fleet.log(n))).collect();
+    eprintln!(
+        "[agents] at most {} disrupted at once; killed {killed}; machines {logs:?}; states {:?}",
+        s.max_disrupted, s.states
+    );
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    assert_eq!(s.max_disrupted, 1, "never two nodes disrupted at once");
+    for name in &names {
+        let log = &logs[name];
+        assert_eq!(log.reboots, 1, "{name} rebooted exactly once: {log:?}");
+        let node = nodes.get(name).await.unwrap();
+        assert_ne!(annotation(&node, "baton.dev/boot-id"), first_boots.get(name).map(String::as_str), "{name} booted anew");
+        assert_eq!(annotation(&node, "baton.dev/slot"), Some("SIM-B"));
+    }
+    assert!(logs[&killed].restarts >= 1, "the killed agent was restarted");
+    let states = &s.states[&killed];
+    let rebooting_runs = states.iter().filter(|st| *st == "Rebooting").count();
+    assert_eq!(rebooting_runs, 1, "the restart kept it Rebooting (no Done in between): {states:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_that_falls_back_to_its_old_slot_reports_rolled_back_and_halts_the_pool() {
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.apply_crds().await.unwrap();
+    let client = cluster.client();
+    let names = cluster.add_nodes(2).await.unwrap();
+    cluster.create_namespace("baton-system").await.unwrap();
+    let fleet = Fleet::start(
+        &names,
+        &FleetOptions {
+            binary: env!("CARGO_BIN_EXE_baton-agent").into(),
+            kubeconfig: cluster.kubeconfig(),
+            reboot_time: Duration::from_millis(500),
+            args: ["--sim-stage-time", "500ms"].map(String::from).to_vec(),
+        },
+    )
+    .unwrap();
+    // Both machines' next boot fails; whichever goes first must halt the pool.
+    for n in &names {
+        fleet.fail_next_boot(n).unwrap();
+    }
+    let config = operator::config::Config::try_parse_from(["baton-operator", "--namespace", "baton-system", "--identity", "op-a"]).unwrap();
+    let _operator = tokio::spawn(operator::controller::run_replica(client.clone(), config));
+    let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "workers"},
+        "spec": {"release": {
+            "version": "2.0.0", "url": "https://images.invalid/os-2.0.0.img",
+            "sha256": "a".repeat(64), "signature": format!("{}==", "A".repeat(86)),
+        }},
+    }))
+    .unwrap();
+    Api::<UpdatePolicy>::all(client.clone())
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let policies: Api<UpdatePolicy> = Api::all(client.clone());
+    cluster
+        .wait_for("the pool to halt", || async {
+            policies
+                .get("workers")
+                .await
+                .unwrap()
+                .status
+                .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Halted" && c.status == "True"))
+        })
+        .await
+        .unwrap();
+    let nodes: Api<Node> = Api::all(client.clone());
+    let all = nodes.list(&ListParams::default()).await.unwrap().items;
+    let rolled: Vec<&Node> = all.iter().filter(|n| annotation(n, "baton.dev/state") == Some("RolledBack")).collect();
+    assert_eq!(rolled.len(), 1, "exactly one node tried");
+    let message = annotation(rolled[0], "baton.dev/message").unwrap();
+    assert!(message.contains("booted 1.0.0 (slot SIM-A) instead of 2.0.0 (slot SIM-B)"), "{message}");
+    assert_eq!(annotation(rolled[0], "baton.dev/current-version"), Some("1.0.0"));
+    assert!(annotation(rolled[0], "baton.dev/failure").is_some(), "the operator marked it failed");
+    let other = all.iter().find(|n| n.name_any() != rolled[0].name_any()).unwrap();
+    assert_eq!(fleet.log(&other.name_any()).reboots, 0, "the halted pool rebooted nothing else");
+    assert_eq!(annotation(other, "baton.dev/state"), Some("RebootRequired"));
+}

@@ -1,0 +1,210 @@
+//! A fleet of simulated machines: one real `baton-agent` process (sim backend) per kwok
+//! node, each with its own state directory. When an agent "reboots" it exits with code
+//! 0 and a new boot id on disk; the fleet starts it again after the reboot time, as the
+//! machine coming back would. Any other exit is a crash, restarted at once, as the
+//! kubelet restarts a container: same boot, no reboot.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use crate::{
+    error::{Result, io},
+    process::Supervised,
+};
+
+/// How the fleet's agents run.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// The `baton-agent` binary.
+    pub binary: PathBuf,
+    /// The kubeconfig the agents use.
+    pub kubeconfig: PathBuf,
+    /// How long a simulated machine is down.
+    pub reboot_time: Duration,
+    /// Extra `baton-agent` arguments (such as `--sim-stage-time 1s`).
+    pub args: Vec<String>,
+}
+
+/// What happened to one machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MachineLog {
+    /// Simulated reboots (exit code 0).
+    pub reboots: u32,
+    /// Agent restarts without a reboot (crashes and kills).
+    pub restarts: u32,
+}
+
+struct Machine {
+    kill: AtomicBool,
+    log: Mutex<MachineLog>,
+}
+
+/// The running fleet. Dropping it stops every agent.
+pub struct Fleet {
+    machines: BTreeMap<String, Arc<Machine>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet").field("dir", &self.dir.path()).finish()
+    }
+}
+
+impl Fleet {
+    /// Starts one agent per node.
+    pub fn start(nodes: &[String], options: &FleetOptions) -> Result<Fleet> {
+        let dir = tempfile::Builder::new()
+            .prefix("baton-e2e-fleet-")
+            .tempdir()
+            .map_err(io("creating the fleet's directory"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut machines = BTreeMap::new();
+        let mut threads = Vec::new();
+        for node in nodes {
+            let machine = Arc::new(Machine {
+                kill: AtomicBool::new(false),
+                log: Mutex::new(MachineLog::default()),
+            });
+            let state = dir.path().join(node);
+            std::fs::create_dir_all(&state).map_err(io("creating a machine's state directory"))?;
+            let mut args = vec![
+                "--node-name".to_string(),
+                node.clone(),
+                "--backend".into(),
+                "sim".into(),
+                "--state-dir".into(),
+                state.display().to_string(),
+            ];
+            args.extend(options.args.iter().cloned());
+            let supervisor = Supervisor {
+                node: node.clone(),
+                state,
+                args,
+                options: options.clone(),
+                machine: Arc::clone(&machine),
+                stop: Arc::clone(&stop),
+            };
+            threads.push(std::thread::spawn(move || supervisor.run()));
+            machines.insert(node.clone(), machine);
+        }
+        Ok(Fleet {
+            machines,
+            stop,
+            threads,
+            dir,
+        })
+    }
+
+    /// Kills `node`'s agent (no reboot); it is restarted at once under the same boot.
+    pub fn kill_agent(&self, node: &str) {
+        if let Some(m) = self.machines.get(node) {
+            m.kill.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Makes `node`'s next simulated boot fall back to its old slot.
+    pub fn fail_next_boot(&self, node: &str) -> Result<()> {
+        let marker = self.dir.path().join(node).join("fail-next-boot");
+        std::fs::write(&marker, "").map_err(io(format!("writing {}", marker.display())))
+    }
+
+    /// What happened to `node` so far.
+    pub fn log(&self, node: &str) -> MachineLog {
+        self.machines
+            .get(node)
+            .map(|m| m.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+            .unwrap_or_default()
+    }
+
+    /// A machine's state directory.
+    pub fn state_dir(&self, node: &str) -> PathBuf {
+        self.dir.path().join(node)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Supervisor {
+    node: String,
+    state: PathBuf,
+    args: Vec<String>,
+    options: FleetOptions,
+    machine: Arc<Machine>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Supervisor {
+    fn run(self) {
+        let mut generation = 0u32;
+        while !self.stop.load(Ordering::SeqCst) {
+            generation += 1;
+            let log = self.state.join(format!("agent-{generation}.log"));
+            let mut proc = match spawn(&self.options.binary, &self.args, &self.options.kubeconfig, log) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("[fleet] {}: cannot start the agent: {e}", self.node);
+                    return;
+                }
+            };
+            let code = loop {
+                if self.stop.load(Ordering::SeqCst) {
+                    proc.stop();
+                    return;
+                }
+                if self.machine.kill.swap(false, Ordering::SeqCst) {
+                    proc.stop();
+                    break None;
+                }
+                if proc.exited() {
+                    break proc.exit_code();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            let mut log = self.machine.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if code == Some(0) {
+                log.reboots += 1;
+                drop(log);
+                sleep_unless_stopped(self.options.reboot_time, &self.stop);
+            } else {
+                log.restarts += 1;
+                drop(log);
+                if code.is_some() {
+                    eprintln!("[fleet] {}: agent exited with {code:?}:\n{}", self.node, proc.log_tail(5));
+                }
+                sleep_unless_stopped(Duration::from_millis(200), &self.stop);
+            }
+        }
+    }
+}
+
+fn spawn(binary: &Path, args: &[String], kubeconfig: &Path, log: PathBuf) -> Result<Supervised> {
+    // The watchdog runs `env KUBECONFIG=… baton-agent …`, so that nothing else in the
+    // test process's environment changes.
+    let mut full = vec![format!("KUBECONFIG={}", kubeconfig.display()), binary.display().to_string()];
+    full.extend(args.iter().cloned());
+    Supervised::spawn("baton-agent", Path::new("/usr/bin/env"), &full, log)
+}
+
+fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
+    let end = std::time::Instant::now() + d;
+    while std::time::Instant::now() < end && !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
