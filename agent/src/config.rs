@@ -49,7 +49,9 @@ pub struct Config {
     #[arg(long, env = "BATON_STATE_DIR", default_value = "/var/lib/baton-agent")]
     pub state_dir: PathBuf,
 
-    /// The kernel's boot id (the sim backend uses its own, in the state directory).
+    /// The boot id file: the kernel's by default. A path outside /proc that does not
+    /// exist is created with a fresh id (put it on a tmpfs such as /run for machines
+    /// whose kernel boot id survives a reboot). The sim backend uses its own.
     #[arg(long, env = "BATON_BOOT_ID_FILE", default_value = crate::boot::KERNEL_BOOT_ID)]
     pub boot_id_file: PathBuf,
 

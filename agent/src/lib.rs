@@ -36,7 +36,7 @@ pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, 
         )?;
         backend::sim::boot_id(&config.state_dir)?
     } else {
-        boot::read_boot_id(&config.boot_id_file)?
+        boot::read_or_create(&config.boot_id_file)?
     };
     std::fs::create_dir_all(&config.state_dir).map_err(error::io(format!(
         "creating {}",

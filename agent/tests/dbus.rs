@@ -1,7 +1,7 @@
 //! The agent's D-Bus side against a real `dbus-daemon`: a small test service implements
 //! update_engine's `com.coreos.update1` and logind's `Reboot`, and the agent talks to
 //! them as it would on a Flatcar node.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::{
     sync::{
@@ -75,12 +75,23 @@ struct Services {
 
 impl Services {
     async fn start(bus: &Bus) -> Services {
-        let status = Arc::new(Mutex::new((1_764_150_000, 0.0, "UPDATE_STATUS_IDLE".to_string(), String::new(), 0)));
+        let status = Arc::new(Mutex::new((
+            1_764_150_000,
+            0.0,
+            "UPDATE_STATUS_IDLE".to_string(),
+            String::new(),
+            0,
+        )));
         let engine = zbus::connection::Builder::address(bus.address())
             .unwrap()
             .name("com.coreos.update1")
             .unwrap()
-            .serve_at("/com/coreos/update1", FakeEngine { status: status.clone() })
+            .serve_at(
+                "/com/coreos/update1",
+                FakeEngine {
+                    status: status.clone(),
+                },
+            )
             .unwrap()
             .build()
             .await
@@ -90,7 +101,12 @@ impl Services {
             .unwrap()
             .name("org.freedesktop.login1")
             .unwrap()
-            .serve_at("/org/freedesktop/login1", FakeLogind { reboots: reboots.clone() })
+            .serve_at(
+                "/org/freedesktop/login1",
+                FakeLogind {
+                    reboots: reboots.clone(),
+                },
+            )
             .unwrap()
             .build()
             .await
@@ -105,7 +121,13 @@ impl Services {
 
     /// Sets update_engine's status and emits `StatusUpdate`, as update_engine does.
     async fn announce(&self, operation: &str, version: &str) {
-        let body = (1_764_153_600, 1.0, operation.to_string(), version.to_string(), 1 << 30);
+        let body = (
+            1_764_153_600,
+            1.0,
+            operation.to_string(),
+            version.to_string(),
+            1 << 30,
+        );
         *self.status.lock().unwrap() = body.clone();
         let iface = self
             .engine
@@ -113,15 +135,26 @@ impl Services {
             .interface::<_, FakeEngine>("/com/coreos/update1")
             .await
             .unwrap();
-        FakeEngine::status_update(iface.signal_emitter(), body.0, body.1, body.2, body.3, body.4)
-            .await
-            .unwrap();
+        FakeEngine::status_update(
+            iface.signal_emitter(),
+            body.0,
+            body.1,
+            body.2,
+            body.3,
+            body.4,
+        )
+        .await
+        .unwrap();
     }
 }
 
 fn os_release(dir: &std::path::Path, version: &str) -> std::path::PathBuf {
     let path = dir.join("os-release");
-    std::fs::write(&path, format!("ID=flatcar\nVERSION={version}\nVERSION_ID={version}\n")).unwrap();
+    std::fs::write(
+        &path,
+        format!("ID=flatcar\nVERSION={version}\nVERSION_ID={version}\n"),
+    )
+    .unwrap();
     path
 }
 
@@ -131,7 +164,9 @@ async fn update_engine_signals_are_followed_and_its_status_mapped() {
     let services = Services::start(&bus).await;
     let dir = tempfile::tempdir().unwrap();
     let client = agent::dbus::connect(Some(bus.address())).await.unwrap();
-    let mut flatcar = Flatcar::open(&client, os_release(dir.path(), "4230.2.1"), None).await.unwrap();
+    let mut flatcar = Flatcar::open(&client, os_release(dir.path(), "4230.2.1"), None)
+        .await
+        .unwrap();
     let mut changes = flatcar.changes().unwrap();
 
     let idle = flatcar.status(None).await.unwrap();
@@ -140,10 +175,16 @@ async fn update_engine_signals_are_followed_and_its_status_mapped() {
     assert_eq!(idle.last_checked.unwrap().as_second(), 1_764_150_000);
 
     for (operation, expected) in [
-        ("UPDATE_STATUS_DOWNLOADING", Update::Staging(Version::new("4459.0.0").ok())),
+        (
+            "UPDATE_STATUS_DOWNLOADING",
+            Update::Staging(Version::new("4459.0.0").ok()),
+        ),
         (
             "UPDATE_STATUS_UPDATED_NEED_REBOOT",
-            Update::Staged { version: Version::new("4459.0.0").ok(), slot: None },
+            Update::Staged {
+                version: Version::new("4459.0.0").ok(),
+                slot: None,
+            },
         ),
     ] {
         services.announce(operation, "4459.0.0").await;
@@ -151,11 +192,21 @@ async fn update_engine_signals_are_followed_and_its_status_mapped() {
             .await
             .expect("the StatusUpdate signal reached the agent")
             .unwrap();
-        assert_eq!(flatcar.status(None).await.unwrap().update, expected, "{operation}");
+        assert_eq!(
+            flatcar.status(None).await.unwrap().update,
+            expected,
+            "{operation}"
+        );
     }
 }
 
-async fn wait_node(cluster: &TestCluster, nodes: &Api<Node>, name: &str, what: &str, check: impl Fn(&Node) -> bool) {
+async fn wait_node(
+    cluster: &TestCluster,
+    nodes: &Api<Node>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Node) -> bool,
+) {
     cluster
         .wait_for(what, || async { check(&nodes.get(name).await.unwrap()) })
         .await
@@ -178,7 +229,9 @@ async fn start_agent(
 ) -> tokio::task::JoinHandle<()> {
     let connection = agent::dbus::connect(Some(bus.address())).await.unwrap();
     let mark_good = format!("touch {}", dir.join("marked-good").display());
-    let backend = Flatcar::open(&connection, os_release(dir, version), Some(mark_good)).await.unwrap();
+    let backend = Flatcar::open(&connection, os_release(dir, version), Some(mark_good))
+        .await
+        .unwrap();
     let settings = Settings {
         node_name: node.to_string(),
         boot_id: BootId::new(boot).unwrap(),
@@ -217,22 +270,41 @@ async fn a_flatcar_node_reboots_through_logind_only_when_granted_and_is_verified
     .await;
 
     // update_engine finishes staging: the signal alone moves the agent.
-    services.announce("UPDATE_STATUS_UPDATED_NEED_REBOOT", "4459.0.0").await;
-    wait_node(&cluster, &nodes, &name, "the agent to ask for a reboot", |n| {
-        annotation(n, "baton.dev/state") == Some("RebootRequired")
-            && annotation(n, "baton.dev/target-version") == Some("4459.0.0")
-            && n.labels().get("baton.dev/reboot-required").map(String::as_str) == Some("true")
-    })
+    services
+        .announce("UPDATE_STATUS_UPDATED_NEED_REBOOT", "4459.0.0")
+        .await;
+    wait_node(
+        &cluster,
+        &nodes,
+        &name,
+        "the agent to ask for a reboot",
+        |n| {
+            annotation(n, "baton.dev/state") == Some("RebootRequired")
+                && annotation(n, "baton.dev/target-version") == Some("4459.0.0")
+                && n.labels()
+                    .get("baton.dev/reboot-required")
+                    .map(String::as_str)
+                    == Some("true")
+        },
+    )
     .await;
 
     // A grant for another boot is no grant.
     let grant = |boot: &str| serde_json::json!({"metadata": {"annotations": {"baton.dev/reboot-ok": boot}}});
     nodes
-        .patch(&name, &PatchParams::default(), &Patch::Merge(&grant("ffffffff")))
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&grant("ffffffff")),
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(services.reboots.load(Ordering::SeqCst), 0, "rebooted on a stale grant");
+    assert_eq!(
+        services.reboots.load(Ordering::SeqCst),
+        0,
+        "rebooted on a stale grant"
+    );
 
     // The real grant: logind is asked to reboot.
     nodes
@@ -240,10 +312,15 @@ async fn a_flatcar_node_reboots_through_logind_only_when_granted_and_is_verified
         .await
         .unwrap();
     cluster
-        .wait_for("logind's Reboot to be called", || async { services.reboots.load(Ordering::SeqCst) == 1 })
+        .wait_for("logind's Reboot to be called", || async {
+            services.reboots.load(Ordering::SeqCst) == 1
+        })
         .await
         .unwrap();
-    wait_node(&cluster, &nodes, &name, "Rebooting", |n| annotation(n, "baton.dev/state") == Some("Rebooting")).await;
+    wait_node(&cluster, &nodes, &name, "Rebooting", |n| {
+        annotation(n, "baton.dev/state") == Some("Rebooting")
+    })
+    .await;
 
     // The agent restarts under the same boot (the reboot has not happened): it asks
     // logind again and never claims the new version.
@@ -251,7 +328,9 @@ async fn a_flatcar_node_reboots_through_logind_only_when_granted_and_is_verified
     let _ = agent.await;
     let agent = start_agent(&cluster, &bus, &name, dir.path(), boot1, "4230.2.1").await;
     cluster
-        .wait_for("logind's Reboot to be called again", || async { services.reboots.load(Ordering::SeqCst) == 2 })
+        .wait_for("logind's Reboot to be called again", || async {
+            services.reboots.load(Ordering::SeqCst) == 2
+        })
         .await
         .unwrap();
     let n = nodes.get(&name).await.unwrap();
@@ -265,13 +344,22 @@ async fn a_flatcar_node_reboots_through_logind_only_when_granted_and_is_verified
     services.announce("UPDATE_STATUS_IDLE", "").await;
     let boot2 = "0b0b0b0b-0000-4000-8000-000000000002";
     let _agent = start_agent(&cluster, &bus, &name, dir.path(), boot2, "4459.0.0").await;
-    wait_node(&cluster, &nodes, &name, "the agent to report Done on 4459.0.0", |n| {
-        annotation(n, "baton.dev/state") == Some("Done")
-            && annotation(n, "baton.dev/current-version") == Some("4459.0.0")
-            && annotation(n, "baton.dev/boot-id") == Some(boot2)
-            && !n.labels().contains_key("baton.dev/reboot-required")
-    })
+    wait_node(
+        &cluster,
+        &nodes,
+        &name,
+        "the agent to report Done on 4459.0.0",
+        |n| {
+            annotation(n, "baton.dev/state") == Some("Done")
+                && annotation(n, "baton.dev/current-version") == Some("4459.0.0")
+                && annotation(n, "baton.dev/boot-id") == Some(boot2)
+                && !n.labels().contains_key("baton.dev/reboot-required")
+        },
+    )
     .await;
-    assert!(dir.path().join("marked-good").exists(), "the new boot was marked good");
+    assert!(
+        dir.path().join("marked-good").exists(),
+        "the new boot was marked good"
+    );
     assert_eq!(services.reboots.load(Ordering::SeqCst), 2);
 }

@@ -45,24 +45,42 @@ fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
 }
 
 fn disrupted(node: &Node) -> bool {
-    let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
-    cordoned || matches!(annotation(node, "baton.dev/state"), Some("Rebooting" | "Verifying"))
+    let cordoned = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    cordoned
+        || matches!(
+            annotation(node, "baton.dev/state"),
+            Some("Rebooting" | "Verifying")
+        )
 }
 
 async fn watch(client: Client, seen: Arc<Mutex<Seen>>) {
     let api: Api<Node> = Api::all(client);
     let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
-    let mut events = watcher(api, watcher::Config::default()).applied_objects().boxed();
+    let mut events = watcher(api, watcher::Config::default())
+        .applied_objects()
+        .boxed();
     while let Some(Ok(node)) = events.next().await {
         let name = node.name_any();
-        let state = annotation(&node, "baton.dev/state").unwrap_or("").to_string();
-        let boot = annotation(&node, "baton.dev/boot-id").unwrap_or("").to_string();
+        let state = annotation(&node, "baton.dev/state")
+            .unwrap_or("")
+            .to_string();
+        let boot = annotation(&node, "baton.dev/boot-id")
+            .unwrap_or("")
+            .to_string();
         let mut s = seen.lock().unwrap();
         if state == "Rebooting" {
             s.rebooting_boots.insert((name.clone(), boot.clone()));
         }
-        if matches!(state.as_str(), "Verifying" | "Done") && s.rebooting_boots.contains(&(name.clone(), boot.clone())) {
-            s.violations.push(format!("{name} reported {state} under boot {boot}, the boot it rebooted out of"));
+        if matches!(state.as_str(), "Verifying" | "Done")
+            && s.rebooting_boots.contains(&(name.clone(), boot.clone()))
+        {
+            s.violations.push(format!(
+                "{name} reported {state} under boot {boot}, the boot it rebooted out of"
+            ));
         }
         let states = s.states.entry(name.clone()).or_default();
         if states.last() != Some(&state) && !state.is_empty() {
@@ -83,7 +101,8 @@ async fn real_agents_and_the_operator_roll_five_nodes_one_at_a_time() {
     Api::<Namespace>::all(client.clone())
         .create(
             &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({"metadata": {"name": "baton-system"}})).unwrap(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": "baton-system"}}))
+                .unwrap(),
         )
         .await
         .unwrap();
@@ -97,19 +116,34 @@ async fn real_agents_and_the_operator_roll_five_nodes_one_at_a_time() {
         &FleetOptions {
             binary: env!("CARGO_BIN_EXE_baton-agent").into(),
             kubeconfig: cluster.kubeconfig(),
+            kubeconfigs: Default::default(),
             reboot_time: Duration::from_secs(1),
-            args: ["--sim-stage-time", "1s", "--before-reboot", "sleep 2", "--check-interval", "1h"]
-                .map(String::from)
-                .to_vec(),
+            args: [
+                "--sim-stage-time",
+                "1s",
+                "--before-reboot",
+                "sleep 2",
+                "--check-interval",
+                "1h",
+            ]
+            .map(String::from)
+            .to_vec(),
         },
     )
     .unwrap();
     let nodes: Api<Node> = Api::all(client.clone());
     cluster
         .wait_for("every agent to report Idle on 1.0.0", || async {
-            nodes.list(&ListParams::default()).await.unwrap().items.iter().all(|n| {
-                annotation(n, "baton.dev/state") == Some("Idle") && annotation(n, "baton.dev/current-version") == Some("1.0.0")
-            })
+            nodes
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .all(|n| {
+                    annotation(n, "baton.dev/state") == Some("Idle")
+                        && annotation(n, "baton.dev/current-version") == Some("1.0.0")
+                })
         })
         .await
         .unwrap();
@@ -119,7 +153,12 @@ async fn real_agents_and_the_operator_roll_five_nodes_one_at_a_time() {
         .unwrap()
         .items
         .iter()
-        .map(|n| (n.name_any(), annotation(n, "baton.dev/boot-id").unwrap().to_string()))
+        .map(|n| {
+            (
+                n.name_any(),
+                annotation(n, "baton.dev/boot-id").unwrap().to_string(),
+            )
+        })
         .collect();
 
     let config = operator::config::Config::try_parse_from([
@@ -141,9 +180,13 @@ async fn real_agents_and_the_operator_roll_five_nodes_one_at_a_time() {
         let (nodes, fleet_nodes) = (nodes.clone(), names.clone());
         let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1);
         tokio::spawn(async move {
-            let mut events = watcher(nodes, watcher::Config::default()).applied_objects().boxed();
+            let mut events = watcher(nodes, watcher::Config::default())
+                .applied_objects()
+                .boxed();
             while let Some(Ok(n)) = events.next().await {
-                if annotation(&n, "baton.dev/state") == Some("Rebooting") && fleet_nodes.contains(&n.name_any()) {
+                if annotation(&n, "baton.dev/state") == Some("Rebooting")
+                    && fleet_nodes.contains(&n.name_any())
+                {
                     let _ = tx.send(n.name_any()).await;
                     return;
                 }
@@ -169,25 +212,35 @@ async fn real_agents_and_the_operator_roll_five_nodes_one_at_a_time() {
         .await
         .unwrap();
 
-    let killed = tokio::time::timeout(Duration::from_secs(120), killer).await.unwrap().unwrap();
+    let killed = tokio::time::timeout(Duration::from_secs(120), killer)
+        .await
+        .unwrap()
+        .unwrap();
     fleet.kill_agent(&killed);
 
     let leases: Api<Lease> = Api::namespaced(client.clone(), "baton-system");
     cluster
-        .wait_for("every node Done on 2.0.0, uncordoned, with no lease left", || async {
-            let all = nodes.list(&ListParams::default()).await.unwrap().items;
-            let held = leases
-                .list(&ListParams::default().labels("app.kubernetes.io/managed-by=baton"))
-                .await
-                .unwrap()
-                .items;
-            held.is_empty()
-                && all.iter().all(|n| {
-                    annotation(n, "baton.dev/state") == Some("Done")
-                        && annotation(n, "baton.dev/current-version") == Some("2.0.0")
-                        && !n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false)
-                })
-        })
+        .wait_for(
+            "every node Done on 2.0.0, uncordoned, with no lease left",
+            || async {
+                let all = nodes.list(&ListParams::default()).await.unwrap().items;
+                let held = leases
+                    .list(&ListParams::default().labels("app.kubernetes.io/managed-by=baton"))
+                    .await
+                    .unwrap()
+                    .items;
+                held.is_empty()
+                    && all.iter().all(|n| {
+                        annotation(n, "baton.dev/state") == Some("Done")
+                            && annotation(n, "baton.dev/current-version") == Some("2.0.0")
+                            && !n
+                                .spec
+                                .as_ref()
+                                .and_then(|s| s.unschedulable)
+                                .unwrap_or(false)
+                    })
+            },
+        )
         .await
         .unwrap();
     operator.abort();
@@ -205,13 +258,23 @@ async fn real_agents_and_the_operator_roll_five_nodes_one_at_a_time() {
         let log = &logs[name];
         assert_eq!(log.reboots, 1, "{name} rebooted exactly once: {log:?}");
         let node = nodes.get(name).await.unwrap();
-        assert_ne!(annotation(&node, "baton.dev/boot-id"), first_boots.get(name).map(String::as_str), "{name} booted anew");
+        assert_ne!(
+            annotation(&node, "baton.dev/boot-id"),
+            first_boots.get(name).map(String::as_str),
+            "{name} booted anew"
+        );
         assert_eq!(annotation(&node, "baton.dev/slot"), Some("SIM-B"));
     }
-    assert!(logs[&killed].restarts >= 1, "the killed agent was restarted");
+    assert!(
+        logs[&killed].restarts >= 1,
+        "the killed agent was restarted"
+    );
     let states = &s.states[&killed];
     let rebooting_runs = states.iter().filter(|st| *st == "Rebooting").count();
-    assert_eq!(rebooting_runs, 1, "the restart kept it Rebooting (no Done in between): {states:?}");
+    assert_eq!(
+        rebooting_runs, 1,
+        "the restart kept it Rebooting (no Done in between): {states:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,6 +289,7 @@ async fn a_machine_that_falls_back_to_its_old_slot_reports_rolled_back_and_halts
         &FleetOptions {
             binary: env!("CARGO_BIN_EXE_baton-agent").into(),
             kubeconfig: cluster.kubeconfig(),
+            kubeconfigs: Default::default(),
             reboot_time: Duration::from_millis(500),
             args: ["--sim-stage-time", "500ms"].map(String::from).to_vec(),
         },
@@ -235,7 +299,14 @@ async fn a_machine_that_falls_back_to_its_old_slot_reports_rolled_back_and_halts
     for n in &names {
         fleet.fail_next_boot(n).unwrap();
     }
-    let config = operator::config::Config::try_parse_from(["baton-operator", "--namespace", "baton-system", "--identity", "op-a"]).unwrap();
+    let config = operator::config::Config::try_parse_from([
+        "baton-operator",
+        "--namespace",
+        "baton-system",
+        "--identity",
+        "op-a",
+    ])
+    .unwrap();
     let _operator = tokio::spawn(operator::controller::run_replica(client.clone(), config));
     let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
         "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "workers"},
@@ -257,19 +328,42 @@ async fn a_machine_that_falls_back_to_its_old_slot_reports_rolled_back_and_halts
                 .await
                 .unwrap()
                 .status
-                .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Halted" && c.status == "True"))
+                .is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Halted" && c.status == "True")
+                })
         })
         .await
         .unwrap();
     let nodes: Api<Node> = Api::all(client.clone());
     let all = nodes.list(&ListParams::default()).await.unwrap().items;
-    let rolled: Vec<&Node> = all.iter().filter(|n| annotation(n, "baton.dev/state") == Some("RolledBack")).collect();
+    let rolled: Vec<&Node> = all
+        .iter()
+        .filter(|n| annotation(n, "baton.dev/state") == Some("RolledBack"))
+        .collect();
     assert_eq!(rolled.len(), 1, "exactly one node tried");
     let message = annotation(rolled[0], "baton.dev/message").unwrap();
-    assert!(message.contains("booted 1.0.0 (slot SIM-A) instead of 2.0.0 (slot SIM-B)"), "{message}");
-    assert_eq!(annotation(rolled[0], "baton.dev/current-version"), Some("1.0.0"));
-    assert!(annotation(rolled[0], "baton.dev/failure").is_some(), "the operator marked it failed");
-    let other = all.iter().find(|n| n.name_any() != rolled[0].name_any()).unwrap();
-    assert_eq!(fleet.log(&other.name_any()).reboots, 0, "the halted pool rebooted nothing else");
+    assert!(
+        message.contains("booted 1.0.0 (slot SIM-A) instead of 2.0.0 (slot SIM-B)"),
+        "{message}"
+    );
+    assert_eq!(
+        annotation(rolled[0], "baton.dev/current-version"),
+        Some("1.0.0")
+    );
+    assert!(
+        annotation(rolled[0], "baton.dev/failure").is_some(),
+        "the operator marked it failed"
+    );
+    let other = all
+        .iter()
+        .find(|n| n.name_any() != rolled[0].name_any())
+        .unwrap();
+    assert_eq!(
+        fleet.log(&other.name_any()).reboots,
+        0,
+        "the halted pool rebooted nothing else"
+    );
     assert_eq!(annotation(other, "baton.dev/state"), Some("RebootRequired"));
 }

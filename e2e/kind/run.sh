@@ -41,15 +41,23 @@ kind load docker-image --name "$CLUSTER" "baton-operator:${TAG}" "baton-agent:${
 
 helm upgrade --install baton charts/baton \
   --kube-context "$CTX" --namespace baton-system --create-namespace \
+  --set image.operatorRepository=baton-operator --set image.agentRepository=baton-agent \
   --set image.tag="$TAG" --set image.pullPolicy=Never \
   --set agent.backend=sentinel --set agent.rebootMethod=signal \
+  --set agent.bootIdFile=/run/baton/boot_id \
   --set defaultPolicy.enabled=true --set defaultPolicy.maxUnavailable=1 \
   --wait --timeout 5m
 
 workers=$(k get nodes -l '!node-role.kubernetes.io/control-plane' -o jsonpath='{.items[*].metadata.name}')
+# kind's node containers share the host's kernel, so the kernel boot id never changes
+# when one "reboots". The agent uses a boot id kept on the node container's /run tmpfs
+# (agent.bootIdFile), which a container restart clears; it publishes it as
+# baton.dev/boot-id.
+boot_id() { k get node "$1" -o jsonpath='{.metadata.annotations.baton\.dev/boot-id}' 2>/dev/null || true; }
+k wait --for=jsonpath='{.metadata.annotations.baton\.dev/state}'=Idle nodes --all --timeout=180s
 declare -A boot_before
 for node in $workers; do
-  boot_before[$node]=$(k get node "$node" -o jsonpath='{.status.nodeInfo.bootID}')
+  boot_before[$node]=$(boot_id "$node")
 done
 
 # The monitor: one line per second with the number of disrupted nodes; it records the
@@ -87,7 +95,7 @@ while :; do
   done
   done_count=0
   for node in $workers; do
-    boot=$(k get node "$node" -o jsonpath='{.status.nodeInfo.bootID}' 2>/dev/null || true)
+    boot=$(boot_id "$node")
     unschedulable=$(k get node "$node" -o jsonpath='{.spec.unschedulable}' 2>/dev/null || true)
     if [ -n "$boot" ] && [ "$boot" != "${boot_before[$node]}" ] && [ "$unschedulable" != true ] \
       && ! docker exec "$node" test -e /var/run/reboot-required; then

@@ -30,7 +30,7 @@ pub struct Tool {
 }
 
 /// Every binary, in build order.
-pub const TOOLS: [Tool; 6] = [
+pub const TOOLS: [Tool; 7] = [
     Tool {
         name: "etcd",
         env: "BATON_E2E_ETCD",
@@ -54,6 +54,12 @@ pub const TOOLS: [Tool; 6] = [
         env: "BATON_E2E_KUBE_SCHEDULER",
         module: "kubernetes",
         package: "k8s.io/kubernetes/cmd/kube-scheduler",
+    },
+    Tool {
+        name: "kubectl",
+        env: "BATON_E2E_KUBECTL",
+        module: "kubernetes",
+        package: "k8s.io/kubernetes/cmd/kubectl",
     },
     Tool {
         name: "kwok",

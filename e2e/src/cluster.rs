@@ -31,6 +31,20 @@ use crate::{
     process::Supervised,
 };
 
+/// The namespace whose ServiceAccounts' requests the API server audits.
+pub const AUDITED_NAMESPACE: &str = "baton-system";
+
+/// Logs each request of a `baton-system` ServiceAccount once, when it completes (a watch
+/// when it ends), and nothing else.
+const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived", "ResponseStarted"]
+rules:
+  - level: Metadata
+    userGroups: ["system:serviceaccounts:baton-system"]
+  - level: None
+"#;
+
 /// How long components get to become ready on a slow machine.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -119,7 +133,10 @@ impl TestCluster {
         )?);
         wait_tcp(&mut procs[0], etcd_port).await?;
 
-        // kube-apiserver
+        // kube-apiserver, auditing only baton's ServiceAccounts (so that their API traffic
+        // can be counted; everything else is not logged).
+        let audit_policy = dir.join("audit-policy.yaml");
+        std::fs::write(&audit_policy, AUDIT_POLICY).map_err(io("writing the audit policy"))?;
         let api_port = free_port()?;
         let server = format!("https://127.0.0.1:{api_port}");
         let p = |path: &Path| path.display().to_string();
@@ -141,6 +158,9 @@ impl TestCluster {
             "--endpoint-reconciler-type=none".into(),
             "--profiling=false".into(),
             format!("--cert-dir={}", p(&dir.join("apiserver-certs"))),
+            format!("--audit-policy-file={}", p(&audit_policy)),
+            format!("--audit-log-path={}", p(&dir.join("audit.log"))),
+            "--audit-log-mode=blocking".into(),
         ];
         procs.push(Supervised::spawn(
             "kube-apiserver",
@@ -309,13 +329,24 @@ impl TestCluster {
         })
     }
 
-    /// A client that presents `token`.
-    pub async fn client_with_token(&self, token: &str) -> Result<Client> {
-        let yaml = format!(
+    /// A kubeconfig (YAML) that presents `token`.
+    pub fn kubeconfig_with_token(&self, token: &str) -> String {
+        format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
             self.server,
             self.pki.ca_cert.display()
-        );
+        )
+    }
+
+    /// The audit log: one JSON event per completed request of a `baton-system`
+    /// ServiceAccount.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.log")
+    }
+
+    /// A client that presents `token`.
+    pub async fn client_with_token(&self, token: &str) -> Result<Client> {
+        let yaml = self.kubeconfig_with_token(token);
         let kubeconfig =
             Kubeconfig::from_yaml(&yaml).map_err(|e| Error::Kubeconfig(e.to_string()))?;
         let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())

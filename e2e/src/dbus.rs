@@ -51,7 +51,11 @@ impl Bus {
         let proc = Supervised::spawn(
             "dbus-daemon",
             &binary,
-            &[format!("--config-file={}", config_path.display()), "--nofork".into(), "--nopidfile".into()],
+            &[
+                format!("--config-file={}", config_path.display()),
+                "--nofork".into(),
+                "--nopidfile".into(),
+            ],
             dir.path().join("dbus.log"),
         )?;
         let deadline = Instant::now() + Duration::from_secs(20);

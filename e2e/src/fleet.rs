@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
     time::Duration,
 };
@@ -26,6 +26,9 @@ pub struct FleetOptions {
     pub binary: PathBuf,
     /// The kubeconfig the agents use.
     pub kubeconfig: PathBuf,
+    /// Per-node kubeconfigs (such as tokens bound to each node's agent pod), used
+    /// instead of `kubeconfig` for the nodes they name.
+    pub kubeconfigs: BTreeMap<String, PathBuf>,
     /// How long a simulated machine is down.
     pub reboot_time: Duration,
     /// Extra `baton-agent` arguments (such as `--sim-stage-time 1s`).
@@ -43,6 +46,8 @@ pub struct MachineLog {
 
 struct Machine {
     kill: AtomicBool,
+    /// The running agent's process id (0 while none runs).
+    pid: AtomicU32,
     log: Mutex<MachineLog>,
 }
 
@@ -56,7 +61,9 @@ pub struct Fleet {
 
 impl std::fmt::Debug for Fleet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fleet").field("dir", &self.dir.path()).finish()
+        f.debug_struct("Fleet")
+            .field("dir", &self.dir.path())
+            .finish()
     }
 }
 
@@ -73,6 +80,7 @@ impl Fleet {
         for node in nodes {
             let machine = Arc::new(Machine {
                 kill: AtomicBool::new(false),
+                pid: AtomicU32::new(0),
                 log: Mutex::new(MachineLog::default()),
             });
             let state = dir.path().join(node);
@@ -122,8 +130,21 @@ impl Fleet {
     pub fn log(&self, node: &str) -> MachineLog {
         self.machines
             .get(node)
-            .map(|m| m.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+            .map(|m| {
+                m.log
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone()
+            })
             .unwrap_or_default()
+    }
+
+    /// The process id of `node`'s running agent.
+    pub fn pid(&self, node: &str) -> Option<u32> {
+        self.machines
+            .get(node)
+            .map(|m| m.pid.load(Ordering::SeqCst))
+            .filter(|p| *p != 0)
     }
 
     /// A machine's state directory.
@@ -156,7 +177,12 @@ impl Supervisor {
         while !self.stop.load(Ordering::SeqCst) {
             generation += 1;
             let log = self.state.join(format!("agent-{generation}.log"));
-            let mut proc = match spawn(&self.options.binary, &self.args, &self.options.kubeconfig, log) {
+            let kubeconfig = self
+                .options
+                .kubeconfigs
+                .get(&self.node)
+                .unwrap_or(&self.options.kubeconfig);
+            let mut proc = match spawn(&self.options.binary, &self.args, kubeconfig, log) {
                 Ok(p) => p,
                 Err(e) => {
                     eprintln!("[fleet] {}: cannot start the agent: {e}", self.node);
@@ -164,6 +190,11 @@ impl Supervisor {
                 }
             };
             let code = loop {
+                if self.machine.pid.load(Ordering::SeqCst) == 0
+                    && let Some(pid) = proc.component_pid()
+                {
+                    self.machine.pid.store(pid, Ordering::SeqCst);
+                }
                 if self.stop.load(Ordering::SeqCst) {
                     proc.stop();
                     return;
@@ -177,7 +208,12 @@ impl Supervisor {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             };
-            let mut log = self.machine.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.machine.pid.store(0, Ordering::SeqCst);
+            let mut log = self
+                .machine
+                .log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if code == Some(0) {
                 log.reboots += 1;
                 drop(log);
@@ -186,7 +222,11 @@ impl Supervisor {
                 log.restarts += 1;
                 drop(log);
                 if code.is_some() {
-                    eprintln!("[fleet] {}: agent exited with {code:?}:\n{}", self.node, proc.log_tail(5));
+                    eprintln!(
+                        "[fleet] {}: agent exited with {code:?}:\n{}",
+                        self.node,
+                        proc.log_tail(5)
+                    );
                 }
                 sleep_unless_stopped(Duration::from_millis(200), &self.stop);
             }
@@ -197,7 +237,10 @@ impl Supervisor {
 fn spawn(binary: &Path, args: &[String], kubeconfig: &Path, log: PathBuf) -> Result<Supervised> {
     // The watchdog runs `env KUBECONFIG=… baton-agent …`, so that nothing else in the
     // test process's environment changes.
-    let mut full = vec![format!("KUBECONFIG={}", kubeconfig.display()), binary.display().to_string()];
+    let mut full = vec![
+        format!("KUBECONFIG={}", kubeconfig.display()),
+        binary.display().to_string(),
+    ];
     full.extend(args.iter().cloned());
     Supervised::spawn("baton-agent", Path::new("/usr/bin/env"), &full, log)
 }

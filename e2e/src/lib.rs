@@ -3,11 +3,14 @@
 //! built from pinned Go modules and cached outside the repository.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod binaries;
 pub mod cluster;
 pub mod dbus;
 pub mod error;
 pub mod fleet;
+pub mod footprint;
+pub mod identity;
 pub mod packages;
 pub mod pki;
 pub mod process;

@@ -5,6 +5,7 @@
 //! - `down`: stop it.
 //! - `demo`: the local demo (or install instructions for a real cluster).
 //! - `footprint --nodes N`: the control plane's memory with N kwok nodes.
+//! - `agent-footprint`: idle agents' memory, CPU and API requests, against a baseline.
 //! - `test [ARGS…]`: install the Debian packages some tests run (Prometheus,
 //!   dbus-daemon) when missing, build the binaries with progress shown, then run
 //!   `cargo test --workspace ARGS…` against them.
@@ -76,6 +77,16 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         settle_secs: u64,
     },
+    /// Measure idle agents (release build) against `kubectl get node --watch`:
+    /// memory, CPU and API requests per hour.
+    AgentFootprint {
+        /// kwok nodes, one agent and one baseline watcher each.
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        /// The measuring window, in seconds.
+        #[arg(long, default_value_t = 600)]
+        window_secs: u64,
+    },
     /// Build the binaries (with progress), then run `cargo test --workspace`.
     Test {
         /// Extra arguments for `cargo test`.
@@ -106,6 +117,7 @@ fn main() -> ExitCode {
             keep,
         } => demo::run(nodes, kubeconfig, keep),
         Cmd::Footprint { nodes, settle_secs } => footprint(nodes, settle_secs),
+        Cmd::AgentFootprint { nodes, window_secs } => agent_footprint(nodes, window_secs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -219,6 +231,14 @@ async fn footprint(nodes: usize, settle_secs: u64) -> Result<()> {
         format!("total ({nodes} kwok nodes)"),
         total as f64 / 1024.0
     );
+    Ok(())
+}
+
+#[tokio::main]
+async fn agent_footprint(nodes: usize, window_secs: u64) -> Result<()> {
+    let window = Duration::from_secs(window_secs);
+    let (agent, base) = e2e::footprint::agents(nodes, window).await?;
+    e2e::footprint::print(&agent, &base, window);
     Ok(())
 }
 

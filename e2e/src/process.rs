@@ -86,31 +86,30 @@ impl Supervised {
         self.child.id()
     }
 
-    /// The resident memory of the component itself (not its supervisor), in KiB.
-    pub fn rss_kib(&self) -> Option<u64> {
+    /// The component's own process id (not its supervisor's), while it runs.
+    pub fn component_pid(&self) -> Option<u32> {
         let sh = self.child.id();
         let children = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children")).ok()?;
         children
             .split_whitespace()
-            .filter_map(|pid| {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-                let program = cmdline
-                    .split(|b| *b == 0)
-                    .next()
-                    .map(|p| String::from_utf8_lossy(p).into_owned())?;
-                if program.ends_with("sh") {
-                    return None; // the watchdog
-                }
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next())
-                    .and_then(|v| v.parse().ok())
+            .filter_map(|p| p.parse().ok())
+            .find(|pid: &u32| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .ok()
+                    .and_then(|c| {
+                        c.split(|b| *b == 0)
+                            .next()
+                            .map(|p| String::from_utf8_lossy(p).into_owned())
+                    })
+                    .is_some_and(|program| !program.ends_with("sh"))
             })
-            .next()
     }
 
+    /// The resident memory of the component itself (not its supervisor), in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.component_pid()
+            .and_then(|pid| proc_status_kib(pid, "VmRSS:"))
+    }
     /// The last `n` lines of its log.
     pub fn log_tail(&self, n: usize) -> String {
         log_tail(&self.log, n)
@@ -135,6 +134,28 @@ impl Drop for Supervised {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A `/proc/<pid>/status` field in KiB, such as `VmRSS:` or `VmHWM:` (peak).
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// CPU time used by `pid` (user + system), in clock ticks (`getconf CLK_TCK`, 100 on
+/// Linux).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3; utime and stime are fields 14 and 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// The last `n` lines of a file.

@@ -1,0 +1,261 @@
+//! `cargo run -p e2e -- agent-footprint`: what idle agents cost, measured against a
+//! baseline in the same run. Each of N kwok nodes gets a release-built `baton-agent`
+//! (sim backend) and, as the baseline, a `kubectl get node <name> --watch`: the
+//! cheapest client that follows one Node. Both run under their own ServiceAccount, so
+//! the API server's audit log tells their requests apart. After they settle, the
+//! window's CPU time, resident memory and requests are reported per process.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::{Api, ResourceExt, api::ListParams};
+
+use crate::{
+    TestCluster, audit,
+    binaries::Binaries,
+    error::{Error, Result, io},
+    fleet::{Fleet, FleetOptions},
+    process::{Supervised, cpu_ticks, proc_status_kib},
+};
+
+/// Read access to Nodes, and patch for the agent's own reports.
+fn node_rules() -> serde_json::Value {
+    serde_json::json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]}])
+}
+
+/// One measured process kind.
+#[derive(Debug, Default, Clone)]
+pub struct Measured {
+    /// Processes measured.
+    pub processes: usize,
+    /// Mean resident memory at the end, KiB.
+    pub rss_kib: f64,
+    /// Mean peak resident memory, KiB.
+    pub peak_kib: f64,
+    /// Mean CPU time per hour, milliseconds.
+    pub cpu_ms_per_hour: f64,
+    /// Requests per process per hour, by verb.
+    pub requests_per_hour: BTreeMap<String, f64>,
+}
+
+/// Builds `baton-agent` in release mode and returns its path.
+pub fn release_agent() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "agent",
+            "--bin",
+            "baton-agent",
+        ])
+        .status()
+        .map_err(io("running cargo build"))?;
+    if !status.success() {
+        return Err(Error::Other("building baton-agent failed".into()));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    Ok(target.join("release/baton-agent"))
+}
+
+/// Measures `nodes` idle agents and their baselines over `window`.
+pub async fn agents(nodes: usize, window: Duration) -> Result<(Measured, Measured)> {
+    let agent_binary = tokio::task::spawn_blocking(release_agent)
+        .await
+        .map_err(|e| Error::Other(e.to_string()))??;
+    let binaries = tokio::task::spawn_blocking(Binaries::ensure)
+        .await
+        .map_err(|e| Error::Other(e.to_string()))??;
+    let cluster = TestCluster::start().await?;
+    let names = cluster.add_nodes(nodes).await?;
+    cluster.create_namespace("baton-system").await?;
+    let agent_kc =
+        crate::identity::kubeconfig_for(&cluster, "baton-system", "baton-agent", node_rules())
+            .await?;
+    let base_kc =
+        crate::identity::kubeconfig_for(&cluster, "baton-system", "baseline-watch", node_rules())
+            .await?;
+    let fleet = Fleet::start(
+        &names,
+        &FleetOptions {
+            binary: agent_binary,
+            kubeconfig: agent_kc,
+            kubeconfigs: Default::default(),
+            reboot_time: Duration::from_secs(1),
+            args: Vec::new(),
+        },
+    )?;
+    let dir = cluster.kubeconfig().with_file_name("baseline");
+    std::fs::create_dir_all(&dir).map_err(io("creating the baseline's directory"))?;
+    let mut baseline = Vec::new();
+    for name in &names {
+        baseline.push(Supervised::spawn(
+            "kubectl-watch",
+            &binaries.path("kubectl"),
+            &[
+                format!("--kubeconfig={}", base_kc.display()),
+                "get".into(),
+                "node".into(),
+                name.clone(),
+                "--watch".into(),
+                "-o".into(),
+                "name".into(),
+            ],
+            dir.join(format!("{name}.log")),
+        )?);
+    }
+    let api: Api<Node> = Api::all(cluster.client());
+    cluster
+        .wait_for("every agent to report Idle", || async {
+            api.list(&ListParams::default())
+                .await
+                .map(|l| {
+                    l.items.iter().all(|n| {
+                        n.annotations().get("baton.dev/state").map(String::as_str) == Some("Idle")
+                    })
+                })
+                .unwrap_or(false)
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+
+    let agent_pids: Vec<u32> = names.iter().filter_map(|n| fleet.pid(n)).collect();
+    let base_pids: Vec<u32> = baseline
+        .iter()
+        .filter_map(Supervised::component_pid)
+        .collect();
+    let before: Vec<Option<u64>> = agent_pids
+        .iter()
+        .chain(&base_pids)
+        .map(|p| cpu_ticks(*p))
+        .collect();
+    let from = jiff::Timestamp::now();
+    eprintln!(
+        "[footprint] {} agents and {} baseline watchers idle; measuring for {}s",
+        agent_pids.len(),
+        base_pids.len(),
+        window.as_secs()
+    );
+    tokio::time::sleep(window).await;
+    let to = jiff::Timestamp::now();
+    let after: Vec<Option<u64>> = agent_pids
+        .iter()
+        .chain(&base_pids)
+        .map(|p| cpu_ticks(*p))
+        .collect();
+    let ticks: Vec<u64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| a.unwrap_or(0).saturating_sub(b.unwrap_or(0)))
+        .collect();
+    let requests = audit::read(&cluster.audit_log())?;
+    let hours = window.as_secs_f64() / 3600.0;
+    let measure = |pids: &[u32], ticks: &[u64], user: &str| {
+        let n = pids.len().max(1) as f64;
+        let mut by_verb = BTreeMap::new();
+        for r in requests.iter().filter(|r| {
+            r.user.username == user
+                && r.request_received_timestamp >= from
+                && r.request_received_timestamp <= to
+        }) {
+            *by_verb.entry(r.verb.clone()).or_insert(0.0) += 1.0 / n / hours;
+        }
+        Measured {
+            processes: pids.len(),
+            rss_kib: pids
+                .iter()
+                .filter_map(|p| proc_status_kib(*p, "VmRSS:"))
+                .sum::<u64>() as f64
+                / n,
+            peak_kib: pids
+                .iter()
+                .filter_map(|p| proc_status_kib(*p, "VmHWM:"))
+                .sum::<u64>() as f64
+                / n,
+            // Clock ticks are 10 ms on Linux.
+            cpu_ms_per_hour: ticks.iter().sum::<u64>() as f64 * 10.0 / n / hours,
+            requests_per_hour: by_verb,
+        }
+    };
+    let agent = measure(
+        &agent_pids,
+        &ticks[..agent_pids.len()],
+        &audit::service_account("baton-system", "baton-agent"),
+    );
+    let base = measure(
+        &base_pids,
+        &ticks[agent_pids.len()..],
+        &audit::service_account("baton-system", "baseline-watch"),
+    );
+    drop(fleet);
+    drop(baseline);
+    Ok((agent, base))
+}
+
+/// Prints the comparison as a Markdown table.
+pub fn print(agent: &Measured, base: &Measured, window: Duration) {
+    let verbs: Vec<&String> = agent
+        .requests_per_hour
+        .keys()
+        .chain(base.requests_per_hour.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let ratio = |a: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.2}", a / b)
+        } else {
+            "n/a".into()
+        }
+    };
+    println!(
+        "Idle over {}s, {} agents, {} baseline watchers (means per process):\n",
+        window.as_secs(),
+        agent.processes,
+        base.processes
+    );
+    println!("| measure | baton-agent | kubectl get node --watch | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| RSS (MiB) | {:.1} | {:.1} | {} |",
+        agent.rss_kib / 1024.0,
+        base.rss_kib / 1024.0,
+        ratio(agent.rss_kib, base.rss_kib)
+    );
+    println!(
+        "| peak RSS (MiB) | {:.1} | {:.1} | {} |",
+        agent.peak_kib / 1024.0,
+        base.peak_kib / 1024.0,
+        ratio(agent.peak_kib, base.peak_kib)
+    );
+    println!(
+        "| CPU (ms per hour) | {:.0} | {:.0} | {} |",
+        agent.cpu_ms_per_hour,
+        base.cpu_ms_per_hour,
+        ratio(agent.cpu_ms_per_hour, base.cpu_ms_per_hour)
+    );
+    for verb in verbs {
+        let a = agent.requests_per_hour.get(verb).copied().unwrap_or(0.0);
+        let b = base.requests_per_hour.get(verb).copied().unwrap_or(0.0);
+        println!(
+            "| `{verb}` requests per hour | {a:.1} | {b:.1} | {} |",
+            ratio(a, b)
+        );
+    }
+    let writes: f64 = agent
+        .requests_per_hour
+        .iter()
+        .filter(|(v, _)| v.as_str() != "watch")
+        .map(|(_, n)| n)
+        .sum();
+    println!("\nbaton-agent requests other than watches while idle: {writes:.1} per hour");
+}

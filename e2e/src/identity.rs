@@ -1,0 +1,61 @@
+//! ServiceAccount identities for processes the tests run outside the cluster: a
+//! ServiceAccount, a ClusterRole and its binding, and a kubeconfig with a token.
+
+use std::path::PathBuf;
+
+use k8s_openapi::api::{
+    core::v1::ServiceAccount,
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
+
+use crate::{
+    TestCluster,
+    error::{Error, Result, io},
+};
+
+/// Creates (or updates) `namespace/name` with a ClusterRole of `rules` (RBAC
+/// PolicyRules as JSON), and writes a kubeconfig for it next to the cluster's files.
+pub async fn kubeconfig_for(
+    cluster: &TestCluster,
+    namespace: &str,
+    name: &str,
+    rules: serde_json::Value,
+) -> Result<PathBuf> {
+    let client = cluster.client();
+    let apply = PatchParams::apply("baton-e2e").force();
+    let sa: ServiceAccount = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace},
+    }))
+    .map_err(|e| Error::Other(e.to_string()))?;
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .patch(name, &apply, &Patch::Apply(&sa))
+        .await?;
+    let role_name = format!("{namespace}-{name}");
+    let role: ClusterRole = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": role_name}, "rules": rules,
+    }))
+    .map_err(|e| Error::Other(e.to_string()))?;
+    Api::<ClusterRole>::all(client.clone())
+        .patch(&role_name, &apply, &Patch::Apply(&role))
+        .await?;
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": role_name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+    }))
+    .map_err(|e| Error::Other(e.to_string()))?;
+    Api::<ClusterRoleBinding>::all(client)
+        .patch(&role_name, &apply, &Patch::Apply(&binding))
+        .await?;
+    let token = cluster.token_for(namespace, name, None).await?;
+    let path = cluster
+        .kubeconfig()
+        .with_file_name(format!("kubeconfig-{namespace}-{name}"));
+    std::fs::write(&path, cluster.kubeconfig_with_token(&token))
+        .map_err(io("writing a kubeconfig"))?;
+    Ok(path)
+}
