@@ -1,14 +1,22 @@
 # Static (musl) baton binaries on minimal bases, for linux/amd64 and linux/arm64:
 #   docker buildx build --platform linux/amd64,linux/arm64 --target operator -t baton-operator .
 #   docker buildx build --platform linux/amd64,linux/arm64 --target agent -t baton-agent .
-# Each platform builds natively (under emulation when it is not the host's), so no
-# cross linker is needed; rust:alpine targets musl, which links statically.
-FROM rust:1.95-alpine AS build
-RUN apk add --no-cache build-base
+# The build stage runs on the build machine's own platform and cross-compiles with clang
+# and rust-lld through .ci/static, the script CI runs to prove the binaries link
+# statically for both architectures; no emulation is needed.
+FROM --platform=$BUILDPLATFORM rust:1.95-bookworm AS build
+ARG TARGETARCH
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends clang llvm binutils \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p operator -p agent \
- && mkdir /out && cp target/release/baton-operator target/release/baton-agent /out/
+RUN case "$TARGETARCH" in \
+      amd64) arch=x86_64 ;; \
+      arm64) arch=aarch64 ;; \
+      *) echo "unsupported architecture $TARGETARCH" >&2; exit 1 ;; \
+    esac \
+ && .ci/static "$arch" /out
 
 # The operator needs no host access: non-root, nothing but the binary.
 FROM gcr.io/distroless/static-debian12:nonroot AS operator

@@ -246,7 +246,7 @@ async fn real_agents_and_the_operator_roll_five_nodes_one_at_a_time() {
     operator.abort();
     recorder.abort();
 
-    let s = seen.lock().unwrap();
+    let s = std::mem::take(&mut *seen.lock().unwrap());
     let logs: BTreeMap<&String, _> = names.iter().map(|n| (n, fleet.log(n))).collect();
     eprintln!(
         "[agents] at most {} disrupted at once; killed {killed}; machines {logs:?}; states {:?}",

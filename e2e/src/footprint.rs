@@ -67,11 +67,19 @@ pub fn release_agent() -> Result<PathBuf> {
     Ok(target.join("release/baton-agent"))
 }
 
-/// Measures `nodes` idle agents and their baselines over `window`.
-pub async fn agents(nodes: usize, window: Duration) -> Result<(Measured, Measured)> {
-    let agent_binary = tokio::task::spawn_blocking(release_agent)
-        .await
-        .map_err(|e| Error::Other(e.to_string()))??;
+/// Measures `nodes` idle agents (`binary`, or a fresh release build) and their
+/// baselines over `window`.
+pub async fn agents(
+    nodes: usize,
+    window: Duration,
+    binary: Option<PathBuf>,
+) -> Result<(Measured, Measured)> {
+    let agent_binary = match binary {
+        Some(b) => b,
+        None => tokio::task::spawn_blocking(release_agent)
+            .await
+            .map_err(|e| Error::Other(e.to_string()))??,
+    };
     let binaries = tokio::task::spawn_blocking(Binaries::ensure)
         .await
         .map_err(|e| Error::Other(e.to_string()))??;
@@ -157,7 +165,28 @@ pub async fn agents(nodes: usize, window: Duration) -> Result<(Measured, Measure
         .zip(&after)
         .map(|(b, a)| a.unwrap_or(0).saturating_sub(b.unwrap_or(0)))
         .collect();
+    let rss: Vec<(u32, Option<u64>, Option<u64>)> = agent_pids
+        .iter()
+        .chain(&base_pids)
+        .map(|p| {
+            (
+                *p,
+                proc_status_kib(*p, "VmRSS:"),
+                proc_status_kib(*p, "VmHWM:"),
+            )
+        })
+        .collect();
+    // Stopping the processes ends their watches, which the audit log records only when
+    // they end: every watch opened in the window is then counted.
+    drop(fleet);
+    drop(baseline);
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let requests = audit::read(&cluster.audit_log())?;
+    let memory = |pid: &u32, peak: bool| {
+        rss.iter()
+            .find(|(p, _, _)| p == pid)
+            .and_then(|(_, now, max)| if peak { *max } else { *now })
+    };
     let hours = window.as_secs_f64() / 3600.0;
     let measure = |pids: &[u32], ticks: &[u64], user: &str| {
         let n = pids.len().max(1) as f64;
@@ -171,16 +200,8 @@ pub async fn agents(nodes: usize, window: Duration) -> Result<(Measured, Measure
         }
         Measured {
             processes: pids.len(),
-            rss_kib: pids
-                .iter()
-                .filter_map(|p| proc_status_kib(*p, "VmRSS:"))
-                .sum::<u64>() as f64
-                / n,
-            peak_kib: pids
-                .iter()
-                .filter_map(|p| proc_status_kib(*p, "VmHWM:"))
-                .sum::<u64>() as f64
-                / n,
+            rss_kib: pids.iter().filter_map(|p| memory(p, false)).sum::<u64>() as f64 / n,
+            peak_kib: pids.iter().filter_map(|p| memory(p, true)).sum::<u64>() as f64 / n,
             // Clock ticks are 10 ms on Linux.
             cpu_ms_per_hour: ticks.iter().sum::<u64>() as f64 * 10.0 / n / hours,
             requests_per_hour: by_verb,
@@ -196,8 +217,6 @@ pub async fn agents(nodes: usize, window: Duration) -> Result<(Measured, Measure
         &ticks[agent_pids.len()..],
         &audit::service_account("baton-system", "baseline-watch"),
     );
-    drop(fleet);
-    drop(baseline);
     Ok((agent, base))
 }
 
@@ -256,6 +275,7 @@ pub fn print(agent: &Measured, base: &Measured, window: Duration) {
         .iter()
         .filter(|(v, _)| v.as_str() != "watch")
         .map(|(_, n)| n)
-        .sum();
+        .sum::<f64>()
+        .abs();
     println!("\nbaton-agent requests other than watches while idle: {writes:.1} per hour");
 }

@@ -86,6 +86,10 @@ enum Cmd {
         /// The measuring window, in seconds.
         #[arg(long, default_value_t = 600)]
         window_secs: u64,
+        /// The agent binary to measure (such as a static build from `.ci/static`);
+        /// default: a fresh release build.
+        #[arg(long)]
+        agent_binary: Option<PathBuf>,
     },
     /// Build the binaries (with progress), then run `cargo test --workspace`.
     Test {
@@ -117,7 +121,11 @@ fn main() -> ExitCode {
             keep,
         } => demo::run(nodes, kubeconfig, keep),
         Cmd::Footprint { nodes, settle_secs } => footprint(nodes, settle_secs),
-        Cmd::AgentFootprint { nodes, window_secs } => agent_footprint(nodes, window_secs),
+        Cmd::AgentFootprint {
+            nodes,
+            window_secs,
+            agent_binary,
+        } => agent_footprint(nodes, window_secs, agent_binary),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -235,9 +243,9 @@ async fn footprint(nodes: usize, settle_secs: u64) -> Result<()> {
 }
 
 #[tokio::main]
-async fn agent_footprint(nodes: usize, window_secs: u64) -> Result<()> {
+async fn agent_footprint(nodes: usize, window_secs: u64, binary: Option<PathBuf>) -> Result<()> {
     let window = Duration::from_secs(window_secs);
-    let (agent, base) = e2e::footprint::agents(nodes, window).await?;
+    let (agent, base) = e2e::footprint::agents(nodes, window, binary).await?;
     e2e::footprint::print(&agent, &base, window);
     Ok(())
 }
