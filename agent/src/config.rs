@@ -90,6 +90,50 @@ pub struct Config {
     #[arg(long, env = "BATON_MARK_GOOD_COMMAND")]
     pub mark_good_command: Option<String>,
 
+    /// ab: the block device or image file holding both slots.
+    #[arg(long, env = "BATON_AB_DEVICE", required_if_eq("backend", "ab"))]
+    pub ab_device: Option<PathBuf>,
+
+    /// ab: the two slots' partition labels.
+    #[arg(
+        long,
+        env = "BATON_AB_LABELS",
+        value_delimiter = ',',
+        num_args = 2,
+        default_value = "USR-A,USR-B"
+    )]
+    pub ab_labels: Vec<String>,
+
+    /// ab: the booted slot's label; default: from the kernel command line.
+    #[arg(long, env = "BATON_AB_BOOTED_SLOT")]
+    pub ab_booted_slot: Option<String>,
+
+    /// ab: the kernel command line naming the booted slot (`usr=PARTUUID=…`).
+    #[arg(long, env = "BATON_CMDLINE", default_value = "/proc/cmdline")]
+    pub cmdline: PathBuf,
+
+    /// ab: simulate the machine: reboots pick a slot with the gptprio model on
+    /// --ab-device and exit (for tests and demos on image files).
+    #[arg(long, env = "BATON_AB_SIMULATE")]
+    pub ab_simulate: bool,
+
+    /// ab: base64 ed25519 public keys; a release's signature must verify with one.
+    #[arg(
+        long = "release-public-key",
+        env = "BATON_RELEASE_PUBLIC_KEYS",
+        value_delimiter = ','
+    )]
+    pub release_public_keys: Vec<String>,
+
+    /// ab: an extra CA (PEM) for the release download, besides the system's roots.
+    #[arg(long, env = "BATON_RELEASE_CA_FILE")]
+    pub release_ca_file: Option<PathBuf>,
+
+    /// ab: the manual rollback. Makes the other slot (which booted successfully before)
+    /// boot next, prints it, and exits; reboot the node afterwards.
+    #[arg(long)]
+    pub rollback: bool,
+
     /// sim: the version a new simulated machine runs.
     #[arg(long, env = "BATON_SIM_VERSION", default_value = "1.0.0")]
     pub sim_version: String,

@@ -81,6 +81,7 @@ pub async fn run<B: Backend>(
         let mut current: Option<Node> = None;
         let mut health: Option<Result<(), String>> = None;
         let mut stage_failure: Option<(crds::protocol::Version, String)> = None;
+        let mut desired_now: Option<crate::backend::Desired> = None;
         let mut reboot_requested: Option<std::time::Instant> = None;
         let mut again = false;
         info!(pending = record.pending.is_some(), "agent started");
@@ -94,16 +95,19 @@ pub async fn run<B: Backend>(
                     },
                     Some(()) = changes.next() => {}
                     () = tokio::time::sleep(s.check_interval) => {
-                        // A failing health check is run again on the next look.
+                        // A failing health check, or a failed staging (a download cut
+                        // short resumes), is tried again on the next look.
                         if matches!(health, Some(Err(_))) {
                             health = None;
                         }
+                        stage_failure = None;
                     }
                 }
             }
             again = false;
             let Some(n) = current.as_ref() else { continue };
             let (desired, desired_note) = node::desired(n);
+            desired_now.clone_from(&desired);
             let (grant, grant_note) = node::grant(n);
             let mut status = match backend.status(desired.as_ref()).await {
                 Ok(status) => status,
@@ -146,7 +150,14 @@ pub async fn run<B: Backend>(
                 Effect::Wait => {}
                 Effect::Stage(version) => {
                     info!(%version, "staging");
-                    match backend.stage(&version).await {
+                    let wanted = desired_now
+                        .clone()
+                        .filter(|d| d.version == version)
+                        .unwrap_or(crate::backend::Desired {
+                            version: version.clone(),
+                            release: None,
+                        });
+                    match backend.stage(&wanted).await {
                         Ok(()) => stage_failure = None,
                         Err(e) => {
                             error!(%version, error = %e, "staging failed");

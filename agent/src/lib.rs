@@ -5,7 +5,8 @@
 //!
 //! - [`lifecycle`]: the state machine, pure.
 //! - [`daemon`]: the event loop around it.
-//! - [`backend`]: sim, sentinel, flatcar (and the A/B seam).
+//! - [`backend`]: sim, sentinel, flatcar and the native A/B backend ([`slot`],
+//!   [`payload`]).
 //! - [`reboot`], [`node`], [`record`], [`health`], [`boot`], [`os_release`], [`dbus`].
 #![forbid(unsafe_code)]
 
@@ -19,8 +20,10 @@ pub mod health;
 pub mod lifecycle;
 pub mod node;
 pub mod os_release;
+pub mod payload;
 pub mod reboot;
 pub mod record;
+pub mod slot;
 
 use config::{BackendKind, Config, RebootMethod};
 use error::AgentError;
@@ -91,8 +94,56 @@ pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, 
             .await?;
             daemon::run(client, b, settings).await
         }
-        BackendKind::Ab => Err(backend::ab::unavailable()),
+        BackendKind::Ab => daemon::run(client, ab(config)?, settings).await,
     }
+}
+
+/// The manual rollback (`--rollback`): the other slot boots next. Returns its label.
+pub fn rollback(config: &Config) -> Result<String, AgentError> {
+    if config.backend != BackendKind::Ab {
+        return Err(AgentError::Other("--rollback needs --backend ab".into()));
+    }
+    ab(config)?.rollback()
+}
+
+fn ab_device(config: &Config) -> Result<std::path::PathBuf, AgentError> {
+    config
+        .ab_device
+        .clone()
+        .ok_or_else(|| AgentError::Other("--ab-device is required with --backend ab".into()))
+}
+
+fn ab_labels(config: &Config) -> [&str; 2] {
+    match config.ab_labels.as_slice() {
+        [a, b] => [a.as_str(), b.as_str()],
+        _ => ["USR-A", "USR-B"],
+    }
+}
+
+fn ab(config: &Config) -> Result<backend::ab::Ab, AgentError> {
+    let keys = payload::parse_keys(&config.release_public_keys).map_err(AgentError::Other)?;
+    if keys.is_empty() {
+        return Err(AgentError::Other(
+            "--backend ab needs at least one --release-public-key: no payload is written unverified".into(),
+        ));
+    }
+    let booted = if config.ab_simulate {
+        backend::ab::BootedFrom::File(config.state_dir.join(backend::ab::BOOTED_FILE))
+    } else if let Some(label) = &config.ab_booted_slot {
+        backend::ab::BootedFrom::Label(label.clone())
+    } else {
+        backend::ab::BootedFrom::Cmdline(config.cmdline.clone())
+    };
+    Ok(backend::ab::Ab {
+        device: ab_device(config)?,
+        labels: ab_labels(config).map(String::from),
+        booted,
+        keys,
+        stager: payload::Stager::new(&config.state_dir, config.release_ca_file.as_deref())
+            .map_err(AgentError::Other)?,
+        versions_file: config.state_dir.join("ab-versions.json"),
+        os_release: config.os_release.clone(),
+    })
 }
 
 fn sim_version(config: &Config) -> Result<crds::protocol::Version, AgentError> {

@@ -14,6 +14,18 @@ async fn main() -> ExitCode {
         eprintln!("baton-agent: {e}");
         return ExitCode::from(2);
     }
+    if config.rollback {
+        return match agent::rollback(&config) {
+            Ok(slot) => {
+                println!("rolled back: {slot} boots next; reboot the node to use it");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("baton-agent: rollback failed: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     tracing::info!(node = %config.node_name, backend = ?config.backend, "baton-agent starting");
     let client = match kube::Client::try_default().await {
         Ok(c) => c,

@@ -124,15 +124,30 @@ pub fn grant(node: &Node) -> (Option<BootId>, Option<String>) {
     }
 }
 
-/// The release version the operator published, if any (malformed: none, and why).
-pub fn desired(node: &Node) -> (Option<crds::protocol::Version>, Option<String>) {
-    match protocol::DESIRED_VERSION.read(node.metadata.annotations.as_ref()) {
-        Ok(v) => (v, None),
+/// What the operator published for this node, if anything (malformed: nothing, and
+/// why).
+pub fn desired(node: &Node) -> (Option<crate::backend::Desired>, Option<String>) {
+    let annotations = node.metadata.annotations.as_ref();
+    let version = match protocol::DESIRED_VERSION.read(annotations) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                None,
+                Some(format!("ignoring a malformed desired version: {e}")),
+            );
+        }
+    };
+    let (release, note) = match protocol::DESIRED_RELEASE.read(annotations) {
+        Ok(r) => (r, None),
         Err(e) => (
             None,
-            Some(format!("ignoring a malformed desired version: {e}")),
+            Some(format!("ignoring a malformed desired release: {e}")),
         ),
-    }
+    };
+    (
+        version.map(|version| crate::backend::Desired { version, release }),
+        note,
+    )
 }
 
 /// The Node's `Ready` condition is True.

@@ -35,6 +35,15 @@ pub enum Rebooter {
     Command(String),
     /// The sim backend's reboot, in its state directory.
     Sim(PathBuf),
+    /// A simulated machine with real GPT slots: the gptprio model picks the slot.
+    SimAb {
+        /// The state directory (boot id, booted slot, fail-next-boot).
+        state_dir: PathBuf,
+        /// The image file with the slots.
+        device: PathBuf,
+        /// The slot labels.
+        labels: [String; 2],
+    },
 }
 
 /// What a reboot request led to.
@@ -78,6 +87,18 @@ impl Rebooter {
             }
             Rebooter::Sim(dir) => {
                 crate::backend::sim::reboot(dir)?;
+                Ok(Rebooted::Simulated)
+            }
+            Rebooter::SimAb {
+                state_dir,
+                device,
+                labels,
+            } => {
+                crate::backend::ab::simulated_reboot(
+                    state_dir,
+                    device,
+                    [labels[0].as_str(), labels[1].as_str()],
+                )?;
                 Ok(Rebooted::Simulated)
             }
         }

@@ -284,6 +284,32 @@ token!(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message(pub String);
 
+/// Where the A/B backend gets the release's image, as the operator publishes it from
+/// the policy's `release` (JSON). The agent trusts none of it until the signature
+/// verifies with a key it was configured with.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReleaseRef {
+    /// The image URL (HTTPS).
+    pub url: String,
+    /// Its SHA-256, lowercase hex.
+    pub sha256: String,
+    /// The base64 ed25519 signature of the SHA-256 digest.
+    pub signature: String,
+}
+
+impl Value for ReleaseRef {
+    fn parse(text: &str) -> Result<Self, String> {
+        if text.len() > 4096 {
+            return Err("expected at most 4096 characters".into());
+        }
+        serde_json::from_str(text)
+            .map_err(|e| format!("expected JSON {{url, sha256, signature}} ({e})"))
+    }
+    fn format(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
 impl Value for Message {
     fn parse(text: &str) -> Result<Self, String> {
         if text.chars().count() > 1024 || text.contains('\n') {
@@ -330,6 +356,9 @@ pub const LB_EXCLUDED: Key<bool> = Key::new("baton.dev/lb-excluded", Annotation,
 /// The version the policy's release wants on this node (A/B and sim backends).
 pub const DESIRED_VERSION: Key<Version> =
     Key::new("baton.dev/desired-version", Annotation, Operator);
+/// The image of the release the operator published (A/B backend).
+pub const DESIRED_RELEASE: Key<ReleaseRef> =
+    Key::new("baton.dev/desired-release", Annotation, Operator);
 /// The operator marked this node failed; the value is the reason.
 pub const FAILURE: Key<Message> = Key::new("baton.dev/failure", Annotation, Operator);
 /// Set while before-reboot hooks should run.
@@ -397,6 +426,11 @@ pub const NODE_KEYS: &[(&str, Kind, Writer)] = &[
         DESIRED_VERSION.name,
         DESIRED_VERSION.kind,
         DESIRED_VERSION.writer,
+    ),
+    (
+        DESIRED_RELEASE.name,
+        DESIRED_RELEASE.kind,
+        DESIRED_RELEASE.writer,
     ),
     (FAILURE.name, FAILURE.kind, FAILURE.writer),
     (BEFORE_REBOOT.name, BEFORE_REBOOT.kind, BEFORE_REBOOT.writer),
@@ -475,6 +509,21 @@ mod tests {
             for bad in ["", "yes", "True", "1", " true"] {
                 rejects(key, bad);
             }
+        }
+    }
+
+    #[test]
+    fn a_release_ref_round_trips_as_json_and_garbage_is_refused() {
+        round_trip(
+            &DESIRED_RELEASE,
+            ReleaseRef {
+                url: "https://images.example/os-2.img".into(),
+                sha256: "ab".repeat(32),
+                signature: "c2ln".into(),
+            },
+        );
+        for bad in ["", "{}", "[1]", "{\"url\": 3}"] {
+            rejects(&DESIRED_RELEASE, bad);
         }
     }
 

@@ -11,6 +11,7 @@ pub mod error;
 pub mod fleet;
 pub mod footprint;
 pub mod identity;
+pub mod image_server;
 pub mod packages;
 pub mod pki;
 pub mod process;

@@ -221,7 +221,7 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
             }
         }
         if let Some(version) = &rules.target_version {
-            crate::step::publish_release(&ctx, &plan.publish_release, version).await;
+            crate::step::publish_release(&ctx, &plan.publish_release, version, rules.release.as_ref()).await;
         }
         let status = status::from_plan(&plan, rules.paused, policy.meta().generation, policy.status.as_ref(), now);
         if policy.status.as_ref() != Some(&status) {

@@ -67,12 +67,16 @@ impl NodePatch {
         p
     }
 
-    /// Publish the release version the node's agent should stage.
-    pub fn desire(version: &Version) -> NodePatch {
+    /// Publish the release the node's agent should stage.
+    pub fn desire(version: &Version, release: Option<&protocol::ReleaseRef>) -> NodePatch {
         let mut p = NodePatch::default();
         p.annotations.insert(
             protocol::DESIRED_VERSION.name.into(),
             protocol::DESIRED_VERSION.format(version).into(),
+        );
+        p.annotations.insert(
+            protocol::DESIRED_RELEASE.name.into(),
+            release.map_or(Value::Null, |r| protocol::DESIRED_RELEASE.format(r).into()),
         );
         p
     }

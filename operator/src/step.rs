@@ -34,13 +34,21 @@ fn lease_of(ctx: &Context, node: &str) -> Option<Arc<Lease>> {
 
 /// Publishes the policy's release version on `names`, for their agents to stage.
 /// Failures are logged; the next reconcile sees the node unchanged and tries again.
-pub(crate) async fn publish_release(ctx: &Arc<Context>, names: &[String], version: &Version) {
+pub(crate) async fn publish_release(
+    ctx: &Arc<Context>,
+    names: &[String],
+    version: &Version,
+    release: Option<&protocol::ReleaseRef>,
+) {
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     for name in names {
         let Some(current) = node(ctx, name) else {
             continue;
         };
-        if let Err(e) = NodePatch::desire(version).apply(&nodes, &current).await {
+        if let Err(e) = NodePatch::desire(version, release)
+            .apply(&nodes, &current)
+            .await
+        {
             warn!(node = %name, error = %e, "could not publish the release version; will retry");
         }
     }

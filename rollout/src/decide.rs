@@ -58,7 +58,9 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     let publish_release = match &policy.target_version {
         Some(target) => pool
             .iter()
-            .filter(|n| n.desired_version.as_ref() != Some(target))
+            .filter(|n| {
+                n.desired_version.as_ref() != Some(target) || n.desired_release != policy.release
+            })
             .map(|n| n.name.clone())
             .collect(),
         None => Vec::new(),

@@ -32,8 +32,8 @@ pub struct Plan {
     pub conflicts: Vec<Conflict>,
     /// Counts for the status.
     pub counts: Counts,
-    /// Pool nodes whose `baton.dev/desired-version` must be set to the policy's release
-    /// version (never a disruption: the agent only stages it).
+    /// Pool nodes whose `baton.dev/desired-version` and `baton.dev/desired-release` must
+    /// be set to the policy's release (never a disruption: the agent only stages it).
     pub publish_release: Vec<String>,
     /// The earliest moment at which this plan can change without any watch event: a
     /// window edge, a timeout or the end of a settle time. `None`: only events matter.

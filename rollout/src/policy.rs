@@ -44,6 +44,8 @@ pub struct Policy {
     pub zone_label: String,
     /// The release version nodes converge on, when the policy names one.
     pub target_version: Option<Version>,
+    /// The release image nodes converge on, when the policy names one.
+    pub release: Option<crds::protocol::ReleaseRef>,
     /// The Prometheus alert gate, if configured.
     pub alert_gate: Option<AlertGate>,
 }
@@ -151,6 +153,11 @@ impl Policy {
             one_zone_at_a_time: spec.ordering.one_zone_at_a_time,
             zone_label: spec.ordering.zone_label.clone(),
             target_version,
+            release: spec.release.as_ref().map(|r| crds::protocol::ReleaseRef {
+                url: r.url.clone(),
+                sha256: r.sha256.clone(),
+                signature: r.signature.clone(),
+            }),
             alert_gate,
         })
     }

@@ -60,6 +60,8 @@ pub struct NodeView {
     pub malformed: Vec<ProtocolError>,
     /// The release version the operator last published on it.
     pub desired_version: Option<Version>,
+    /// The release image the operator last published on it.
+    pub desired_release: Option<protocol::ReleaseRef>,
 }
 
 /// The agent's report on its node.
@@ -137,6 +139,7 @@ impl NodeView {
         let paused = read(&protocol::PAUSED, annotations, m).unwrap_or(false);
         let failure = read(&protocol::FAILURE, annotations, m).map(|msg| msg.0);
         let desired_version = read(&protocol::DESIRED_VERSION, annotations, m);
+        let desired_release = read(&protocol::DESIRED_RELEASE, annotations, m);
         let ready = node
             .status
             .as_ref()
@@ -166,6 +169,7 @@ impl NodeView {
             malformed,
             labels,
             desired_version,
+            desired_release,
         }
     }
 }

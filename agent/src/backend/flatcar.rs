@@ -13,7 +13,7 @@ use jiff::Timestamp;
 use crds::protocol::Version;
 
 use crate::{
-    backend::Backend,
+    backend::{Backend, Desired},
     error::AgentError,
     lifecycle::{Status, Update},
     os_release,
@@ -103,7 +103,7 @@ impl Flatcar {
 }
 
 impl Backend for Flatcar {
-    async fn status(&mut self, _desired: Option<&Version>) -> Result<Status, AgentError> {
+    async fn status(&mut self, _desired: Option<&Desired>) -> Result<Status, AgentError> {
         let (last_checked, _progress, operation, new_version, _size) =
             self.proxy.get_status().await?;
         let (update, note) = map(&operation, &new_version);
@@ -118,7 +118,8 @@ impl Backend for Flatcar {
         })
     }
 
-    async fn stage(&mut self, version: &Version) -> Result<(), AgentError> {
+    async fn stage(&mut self, desired: &Desired) -> Result<(), AgentError> {
+        let version = &desired.version;
         Err(AgentError::Backend(format!(
             "update_engine chooses what to install; baton cannot ask it for {version}"
         )))

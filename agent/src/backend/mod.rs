@@ -10,7 +10,7 @@ use std::future::Future;
 
 use futures::stream::BoxStream;
 
-use crds::protocol::Version;
+use crds::protocol::{ReleaseRef, Version};
 
 use crate::{error::AgentError, lifecycle::Status};
 
@@ -19,17 +19,27 @@ pub mod flatcar;
 pub mod sentinel;
 pub mod sim;
 
+/// What the operator published for this node: the version to converge on and, for the
+/// A/B backend, where its image is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    /// `baton.dev/desired-version`.
+    pub version: Version,
+    /// `baton.dev/desired-release`.
+    pub release: Option<ReleaseRef>,
+}
+
 /// One way of getting OS updates onto a node.
 pub trait Backend: Send {
-    /// Reads where the OS stands. `desired` is the release version the operator
-    /// published on the Node, for backends that install a given version.
+    /// Reads where the OS stands. `desired` is what the operator published on the
+    /// Node, for backends that install a given version.
     fn status(
         &mut self,
-        desired: Option<&Version>,
+        desired: Option<&Desired>,
     ) -> impl Future<Output = Result<Status, AgentError>> + Send;
 
-    /// Writes `version` into the inactive slot, never touching the booted one.
-    fn stage(&mut self, version: &Version) -> impl Future<Output = Result<(), AgentError>> + Send;
+    /// Writes the desired version into the inactive slot, never touching the booted one.
+    fn stage(&mut self, desired: &Desired) -> impl Future<Output = Result<(), AgentError>> + Send;
 
     /// Marks the booted slot good, after the health checks passed.
     fn commit(&mut self) -> impl Future<Output = Result<(), AgentError>> + Send;

@@ -5,10 +5,8 @@
 
 use std::path::PathBuf;
 
-use crds::protocol::Version;
-
 use crate::{
-    backend::Backend,
+    backend::{Backend, Desired},
     error::AgentError,
     lifecycle::{Status, Update},
     os_release,
@@ -46,7 +44,7 @@ impl Sentinel {
 }
 
 impl Backend for Sentinel {
-    async fn status(&mut self, _desired: Option<&Version>) -> Result<Status, AgentError> {
+    async fn status(&mut self, _desired: Option<&Desired>) -> Result<Status, AgentError> {
         let update = if self.reboot_needed().await? {
             Update::Staged {
                 version: None,
@@ -64,7 +62,8 @@ impl Backend for Sentinel {
         })
     }
 
-    async fn stage(&mut self, version: &Version) -> Result<(), AgentError> {
+    async fn stage(&mut self, desired: &Desired) -> Result<(), AgentError> {
+        let version = &desired.version;
         Err(AgentError::Backend(format!(
             "the sentinel backend cannot install {version}: the OS installs updates itself"
         )))

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crds::protocol::{BootId, Slot, Version};
 
 use crate::{
-    backend::Backend,
+    backend::{Backend, Desired},
     error::{AgentError, io},
     lifecycle::{Status, Update},
     record::write_atomically,
@@ -149,7 +149,8 @@ pub fn reboot(dir: &Path) -> Result<(), AgentError> {
 }
 
 impl Backend for Sim {
-    async fn status(&mut self, desired: Option<&Version>) -> Result<Status, AgentError> {
+    async fn status(&mut self, desired: Option<&Desired>) -> Result<Status, AgentError> {
+        let desired = desired.map(|d| &d.version);
         let machine = load(&self.dir)?;
         let current = machine.holds(machine.booted).cloned();
         let inactive = machine.booted.other();
@@ -174,7 +175,8 @@ impl Backend for Sim {
         })
     }
 
-    async fn stage(&mut self, version: &Version) -> Result<(), AgentError> {
+    async fn stage(&mut self, desired: &Desired) -> Result<(), AgentError> {
+        let version = &desired.version;
         let mut machine = load(&self.dir)?;
         let inactive = machine.booted.other();
         // Staging overwrites the inactive slot: it holds nothing usable until done.
@@ -206,15 +208,22 @@ mod tests {
         Version::new(s).unwrap()
     }
 
+    fn d(s: &str) -> Desired {
+        Desired {
+            version: v(s),
+            release: None,
+        }
+    }
+
     #[tokio::test]
     async fn stage_reboot_and_fallback() {
         let dir = tempfile::tempdir().unwrap();
         let mut sim = Sim::open(dir.path(), &v("1.0.0"), Duration::ZERO).unwrap();
         let first = boot_id(dir.path()).unwrap();
-        let s = sim.status(Some(&v("2.0.0"))).await.unwrap();
+        let s = sim.status(Some(&d("2.0.0"))).await.unwrap();
         assert_eq!(s.update, Update::Available(v("2.0.0")));
-        sim.stage(&v("2.0.0")).await.unwrap();
-        let s = sim.status(Some(&v("2.0.0"))).await.unwrap();
+        sim.stage(&d("2.0.0")).await.unwrap();
+        let s = sim.status(Some(&d("2.0.0"))).await.unwrap();
         assert_eq!(
             s.update,
             Update::Staged {
@@ -224,14 +233,14 @@ mod tests {
         );
         reboot(dir.path()).unwrap();
         assert_ne!(boot_id(dir.path()).unwrap(), first);
-        let s = sim.status(Some(&v("2.0.0"))).await.unwrap();
+        let s = sim.status(Some(&d("2.0.0"))).await.unwrap();
         assert_eq!(
             (s.current_version, s.slot, s.update),
             (Some(v("2.0.0")), Slot::new("SIM-B").ok(), Update::Idle)
         );
 
         // A failing boot falls back to the old slot.
-        sim.stage(&v("3.0.0")).await.unwrap();
+        sim.stage(&d("3.0.0")).await.unwrap();
         std::fs::write(dir.path().join(FAIL_NEXT_BOOT), "").unwrap();
         reboot(dir.path()).unwrap();
         let s = sim.status(None).await.unwrap();

@@ -1,0 +1,326 @@
+//! Release payloads for the A/B backend: the ed25519 signature is checked before a
+//! byte is written; the image is downloaded over HTTPS (rustls), resuming where an
+//! interrupted download stopped, and streamed into the inactive slot with constant
+//! memory; then it is synced, read back and hashed, and only a matching SHA-256 lets
+//! the slot be armed.
+
+use std::{
+    io::{Read, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+};
+
+use base64::Engine;
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::{record::write_atomically, slot::Slot};
+
+pub use crds::protocol::ReleaseRef;
+
+/// Why a payload was refused or could not be staged.
+#[derive(Debug, Error)]
+pub enum PayloadError {
+    /// No configured key verifies the signature.
+    #[error(
+        "the release signature does not verify with any of the {keys} configured public key(s)"
+    )]
+    Signature {
+        /// How many keys were tried.
+        keys: usize,
+    },
+    /// The release fields are malformed.
+    #[error("malformed release: {0}")]
+    Malformed(String),
+    /// The image does not fit the slot.
+    #[error("the payload is {size} bytes but slot {slot} holds only {capacity}")]
+    TooLarge {
+        /// The payload's size.
+        size: u64,
+        /// The slot.
+        slot: String,
+        /// The slot's size.
+        capacity: u64,
+    },
+    /// What was written does not hash to the release's SHA-256.
+    #[error("sha256 mismatch: the release says {expected}, the written image hashes to {actual}")]
+    HashMismatch {
+        /// From the release.
+        expected: String,
+        /// Read back from the slot.
+        actual: String,
+    },
+    /// The download failed (it resumes on the next attempt).
+    #[error("downloading {url}: {message}")]
+    Download {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Reading or writing the slot failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PayloadError {
+    let what = what.into();
+    move |source| PayloadError::Io { what, source }
+}
+
+/// Parses base64 ed25519 public keys.
+pub fn parse_keys(texts: &[String]) -> Result<Vec<VerifyingKey>, String> {
+    texts
+        .iter()
+        .map(|t| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(t.trim())
+                .map_err(|e| format!("public key {t:?} is not base64: {e}"))?;
+            let bytes: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| format!("public key {t:?} is not 32 bytes"))?;
+            VerifyingKey::from_bytes(&bytes).map_err(|e| format!("public key {t:?}: {e}"))
+        })
+        .collect()
+}
+
+/// Checks the release's signature over its SHA-256 digest; returns the digest.
+pub fn verify(release: &ReleaseRef, keys: &[VerifyingKey]) -> Result<[u8; 32], PayloadError> {
+    let digest: [u8; 32] = hex::decode(&release.sha256)
+        .ok()
+        .and_then(|d| d.try_into().ok())
+        .ok_or_else(|| PayloadError::Malformed("sha256 must be 64 hex digits".into()))?;
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(&release.signature)
+        .ok()
+        .and_then(|s| <[u8; 64]>::try_from(s).ok())
+        .map(|s| Signature::from_bytes(&s))
+        .ok_or_else(|| {
+            PayloadError::Malformed("signature must be 64 base64-encoded bytes".into())
+        })?;
+    if keys.iter().any(|k| k.verify(&digest, &signature).is_ok()) {
+        Ok(digest)
+    } else {
+        Err(PayloadError::Signature { keys: keys.len() })
+    }
+}
+
+/// How far an interrupted staging got, kept in the state directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Progress {
+    sha256: String,
+    slot: String,
+    /// Bytes written and synced.
+    written: u64,
+}
+
+/// Stages payloads into slots.
+#[derive(Debug, Clone)]
+pub struct Stager {
+    /// The HTTPS client.
+    pub http: reqwest::Client,
+    /// Where progress is kept.
+    pub progress_file: PathBuf,
+    /// Synced and recorded every this many bytes.
+    pub checkpoint: u64,
+}
+
+/// The bytes per read when hashing the slot back.
+const READ_BACK: usize = 1 << 20;
+
+impl Stager {
+    /// A stager with an HTTPS client trusting the system roots plus `extra_ca` (PEM).
+    pub fn new(state_dir: &Path, extra_ca: Option<&Path>) -> Result<Stager, String> {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("baton-agent/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(std::time::Duration::from_secs(30))
+            .read_timeout(std::time::Duration::from_secs(60));
+        if let Some(path) = extra_ca {
+            let pem =
+                std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        Ok(Stager {
+            http: builder.build().map_err(|e| e.to_string())?,
+            progress_file: state_dir.join("ab-staging.json"),
+            checkpoint: 64 << 20,
+        })
+    }
+
+    fn progress(&self) -> Option<Progress> {
+        let text = std::fs::read_to_string(&self.progress_file).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn save(&self, p: &Progress) -> Result<(), PayloadError> {
+        let text = serde_json::to_vec(p).map_err(|e| PayloadError::Malformed(e.to_string()))?;
+        write_atomically(&self.progress_file, &text).map_err(|e| PayloadError::Io {
+            what: "saving staging progress".into(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
+    /// Forgets any progress (the next staging starts from the beginning).
+    pub fn forget(&self) {
+        let _ = std::fs::remove_file(&self.progress_file);
+    }
+
+    /// Whether an earlier staging of `release` into `slot` was interrupted.
+    pub fn resumable(&self, release: &ReleaseRef, slot: &str) -> bool {
+        self.progress()
+            .is_some_and(|p| p.sha256 == release.sha256 && p.slot == slot)
+    }
+
+    /// Downloads `release` into `slot` of `device` (resuming when the last attempt at
+    /// the same release and slot was interrupted), syncs, reads it back and checks its
+    /// hash. The caller has verified the signature and disarmed the slot. Returns the
+    /// payload's size.
+    pub async fn stage(
+        &self,
+        release: &ReleaseRef,
+        device: &Path,
+        slot: &Slot,
+    ) -> Result<u64, PayloadError> {
+        let mut written = self
+            .progress()
+            .filter(|p| p.sha256 == release.sha256 && p.slot == slot.label)
+            .map_or(0, |p| p.written);
+        let download = |message: String| PayloadError::Download {
+            url: release.url.clone(),
+            message,
+        };
+        let mut request = self.http.get(&release.url);
+        if written > 0 {
+            request = request.header(reqwest::header::RANGE, format!("bytes={written}-"));
+        }
+        let response = request.send().await.map_err(|e| download(e.to_string()))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::OK {
+            written = 0; // the server ignored the range: start over
+        } else if status != reqwest::StatusCode::PARTIAL_CONTENT || written == 0 {
+            return Err(download(format!("HTTP {status}")));
+        }
+        let total = response.content_length().map(|rest| rest + written);
+        if let Some(size) = total.filter(|s| *s > slot.len) {
+            return Err(PayloadError::TooLarge {
+                size,
+                slot: slot.label.clone(),
+                capacity: slot.len,
+            });
+        }
+        let mut progress = Progress {
+            sha256: release.sha256.clone(),
+            slot: slot.label.clone(),
+            written,
+        };
+        self.save(&progress)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(device)
+            .map_err(io_err(format!("opening {}", device.display())))?;
+        file.seek(SeekFrom::Start(slot.offset + written))
+            .map_err(io_err("seeking to the slot"))?;
+        let mut since_checkpoint = 0u64;
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| download(e.to_string()))?;
+            let len = chunk.len() as u64;
+            if written + len > slot.len {
+                return Err(PayloadError::TooLarge {
+                    size: written + len,
+                    slot: slot.label.clone(),
+                    capacity: slot.len,
+                });
+            }
+            file.write_all(&chunk).map_err(io_err("writing the slot"))?;
+            written += len;
+            since_checkpoint += len;
+            if since_checkpoint >= self.checkpoint {
+                file.sync_data().map_err(io_err("syncing the slot"))?;
+                progress.written = written;
+                self.save(&progress)?;
+                since_checkpoint = 0;
+            }
+        }
+        file.sync_all().map_err(io_err("syncing the slot"))?;
+        progress.written = written;
+        self.save(&progress)?;
+        drop(file);
+
+        let actual = hash_back(device, slot.offset, written)?;
+        if actual != release.sha256 {
+            self.forget();
+            return Err(PayloadError::HashMismatch {
+                expected: release.sha256.clone(),
+                actual,
+            });
+        }
+        Ok(written)
+    }
+}
+
+/// Reads `len` bytes at `offset` of `device` back and hashes them.
+pub fn hash_back(device: &Path, offset: u64, len: u64) -> Result<String, PayloadError> {
+    let mut file =
+        std::fs::File::open(device).map_err(io_err(format!("opening {}", device.display())))?;
+    file.seek(SeekFrom::Start(offset))
+        .map_err(io_err("seeking to the slot"))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; READ_BACK];
+    let mut left = len;
+    while left > 0 {
+        let want = left.min(READ_BACK as u64) as usize;
+        let n = file
+            .read(&mut buf[..want])
+            .map_err(io_err("reading the slot back"))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::{Signer, SigningKey};
+
+    #[test]
+    fn the_signature_over_the_digest_must_verify_with_a_configured_key() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let other = SigningKey::from_bytes(&[8; 32]);
+        let digest = Sha256::digest(b"an OS image");
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let release = ReleaseRef {
+            url: "https://example.invalid/os.img".into(),
+            sha256: hex::encode(digest),
+            signature: b64(&key.sign(&digest).to_bytes()),
+        };
+        let keys = parse_keys(&[b64(key.verifying_key().as_bytes())]).unwrap();
+        assert_eq!(
+            verify(&release, &keys).unwrap().as_slice(),
+            digest.as_slice()
+        );
+        let wrong = parse_keys(&[b64(other.verifying_key().as_bytes())]).unwrap();
+        assert!(matches!(
+            verify(&release, &wrong),
+            Err(PayloadError::Signature { keys: 1 })
+        ));
+        assert!(
+            parse_keys(&["not base64!".into()])
+                .unwrap_err()
+                .contains("not base64")
+        );
+    }
+}
