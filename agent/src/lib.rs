@@ -31,6 +31,11 @@ use error::AgentError;
 /// Runs the agent as configured, until a simulated reboot or a fatal error.
 pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, AgentError> {
     let sim = config.backend == BackendKind::Sim;
+    let sim_ab = config.backend == BackendKind::Ab && config.ab_simulate;
+    std::fs::create_dir_all(&config.state_dir).map_err(error::io(format!(
+        "creating {}",
+        config.state_dir.display()
+    )))?;
     let boot_id = if sim {
         backend::sim::Sim::open(
             &config.state_dir,
@@ -38,15 +43,27 @@ pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, 
             config.sim_stage_time,
         )?;
         backend::sim::boot_id(&config.state_dir)?
+    } else if sim_ab {
+        if !config.state_dir.join(backend::ab::BOOTED_FILE).exists() {
+            // The simulated machine's first power-on.
+            backend::ab::simulated_reboot(
+                &config.state_dir,
+                &ab_device(config)?,
+                ab_labels(config),
+            )?;
+        }
+        backend::sim::boot_id(&config.state_dir)?
     } else {
         boot::read_or_create(&config.boot_id_file)?
     };
-    std::fs::create_dir_all(&config.state_dir).map_err(error::io(format!(
-        "creating {}",
-        config.state_dir.display()
-    )))?;
     let rebooter = if sim {
         reboot::Rebooter::Sim(config.state_dir.clone())
+    } else if sim_ab {
+        reboot::Rebooter::SimAb {
+            state_dir: config.state_dir.clone(),
+            device: ab_device(config)?,
+            labels: ab_labels(config).map(String::from),
+        }
     } else {
         match config.reboot_method {
             RebootMethod::Logind => reboot::Rebooter::Logind(config.dbus_address.clone()),

@@ -251,6 +251,7 @@ async fn the_installed_charts_service_accounts_can_roll_nodes_and_the_agent_can_
             kubeconfigs: kubeconfigs.clone(),
             reboot_time: Duration::from_millis(500),
             args: ["--sim-stage-time", "500ms"].map(String::from).to_vec(),
+            node_args: Default::default(),
         },
     )
     .unwrap();

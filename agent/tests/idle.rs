@@ -33,6 +33,7 @@ async fn idle_agents_make_no_requests_besides_their_watches() {
             kubeconfigs: Default::default(),
             reboot_time: Duration::from_secs(1),
             args: ["--check-interval", "1s"].map(String::from).to_vec(),
+            node_args: Default::default(),
         },
     )
     .unwrap();

@@ -117,6 +117,7 @@ async fn real_agents_and_the_operator_roll_five_nodes_one_at_a_time() {
             binary: env!("CARGO_BIN_EXE_baton-agent").into(),
             kubeconfig: cluster.kubeconfig(),
             kubeconfigs: Default::default(),
+            node_args: Default::default(),
             reboot_time: Duration::from_secs(1),
             args: [
                 "--sim-stage-time",
@@ -292,6 +293,7 @@ async fn a_machine_that_falls_back_to_its_old_slot_reports_rolled_back_and_halts
             kubeconfigs: Default::default(),
             reboot_time: Duration::from_millis(500),
             args: ["--sim-stage-time", "500ms"].map(String::from).to_vec(),
+            node_args: Default::default(),
         },
     )
     .unwrap();
@@ -366,4 +368,156 @@ async fn a_machine_that_falls_back_to_its_old_slot_reports_rolled_back_and_halts
         "the halted pool rebooted nothing else"
     );
     assert_eq!(annotation(other, "baton.dev/state"), Some("RebootRequired"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ab_machines_on_gpt_images_stage_a_signed_release_boot_it_and_commit_or_fall_back() {
+    use base64::Engine;
+    use ed25519_dalek::Signer;
+    use sha2::Digest;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.apply_crds().await.unwrap();
+    let client = cluster.client();
+    let names = cluster.add_nodes(3).await.unwrap();
+    cluster.create_namespace("baton-system").await.unwrap();
+
+    // The release: 3 MiB signed with the key the agents trust, served over HTTPS.
+    let dir = tempfile::tempdir().unwrap();
+    let image: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.path().join("os-2.0.0.img"), &image).unwrap();
+    let digest = sha2::Sha256::digest(&image);
+    let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let server = e2e::image_server::ImageServer::start(&dir.path().join("os-2.0.0.img"))
+        .await
+        .unwrap();
+    let os_release = dir.path().join("os-release");
+    std::fs::write(&os_release, "ID=baton-demo\nVERSION_ID=1.0.0\n").unwrap();
+    let mut node_args = BTreeMap::new();
+    for n in &names {
+        let disk = dir.path().join(format!("{n}.img"));
+        agent::slot::create_image(&disk, ["USR-A", "USR-B"], 8 << 20).unwrap();
+        node_args.insert(
+            n.clone(),
+            vec!["--ab-device".to_string(), disk.display().to_string()],
+        );
+    }
+    let fleet = Fleet::start(
+        &names,
+        &FleetOptions {
+            binary: env!("CARGO_BIN_EXE_baton-agent").into(),
+            kubeconfig: cluster.kubeconfig(),
+            kubeconfigs: Default::default(),
+            node_args,
+            reboot_time: Duration::from_millis(500),
+            args: vec![
+                "--backend".into(),
+                "ab".into(),
+                "--ab-simulate".into(),
+                // The slot baton never wrote runs what its os-release says.
+                "--os-release".into(),
+                os_release.display().to_string(),
+                "--release-public-key".into(),
+                b64(key.verifying_key().as_bytes()),
+                "--release-ca-file".into(),
+                server.ca_file().display().to_string(),
+            ],
+        },
+    )
+    .unwrap();
+    // The last machine's new slot will not boot.
+    let unlucky = names[2].clone();
+    fleet.fail_next_boot(&unlucky).unwrap();
+
+    let config = operator::config::Config::try_parse_from([
+        "baton-operator",
+        "--namespace",
+        "baton-system",
+        "--identity",
+        "op-a",
+    ])
+    .unwrap();
+    let _operator = tokio::spawn(operator::controller::run_replica(client.clone(), config));
+    let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "workers"},
+        "spec": {"release": {
+            "version": "2.0.0", "url": server.url(),
+            "sha256": hex::encode(digest), "signature": b64(&key.sign(&digest).to_bytes()),
+        }},
+    }))
+    .unwrap();
+    Api::<UpdatePolicy>::all(client.clone())
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let policies: Api<UpdatePolicy> = Api::all(client.clone());
+    cluster
+        .wait_for(
+            "two machines Done on USR-B and the third to halt the pool",
+            || async {
+                policies
+                    .get("workers")
+                    .await
+                    .unwrap()
+                    .status
+                    .is_some_and(|s| {
+                        s.up_to_date == 2
+                            && s.conditions
+                                .iter()
+                                .any(|c| c.type_ == "Halted" && c.status == "True")
+                    })
+            },
+        )
+        .await
+        .unwrap_or_else(|e| {
+            for n in &names {
+                let dir = fleet.state_dir(n);
+                let mut logs: Vec<_> = std::fs::read_dir(&dir)
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                    .collect();
+                logs.sort();
+                for log in logs {
+                    eprintln!("== {}\n{}", log.display(), e2e::process::log_tail(&log, 15));
+                }
+            }
+            panic!("{e}");
+        });
+    let nodes: Api<Node> = Api::all(client.clone());
+    for n in &names {
+        let node = nodes.get(n).await.unwrap();
+        let disk = dir.path().join(format!("{n}.img"));
+        let slots = agent::slot::Slots::open(&disk, ["USR-A", "USR-B"]).unwrap();
+        let (a, b) = (slots.slots[0].attributes, slots.slots[1].attributes);
+        if *n == unlucky {
+            assert_eq!(annotation(&node, "baton.dev/state"), Some("RolledBack"));
+            assert_eq!(annotation(&node, "baton.dev/slot"), Some("USR-A"));
+            assert!(
+                annotation(&node, "baton.dev/message")
+                    .unwrap()
+                    .contains("booted 1.0.0 (slot USR-A) instead of 2.0.0 (slot USR-B)")
+            );
+            assert!(a.successful && !b.successful && b.tries == 0, "{a:?} {b:?}");
+        } else {
+            assert_eq!(annotation(&node, "baton.dev/state"), Some("Done"), "{n}");
+            assert_eq!(annotation(&node, "baton.dev/slot"), Some("USR-B"));
+            assert_eq!(
+                annotation(&node, "baton.dev/current-version"),
+                Some("2.0.0")
+            );
+            assert!(
+                b.successful && b.tries == 0,
+                "committed after its checks: {b:?}"
+            );
+            assert!(a.successful, "the old slot stays a fallback");
+            let hashed =
+                agent::payload::hash_back(&disk, slots.slots[1].offset, image.len() as u64)
+                    .unwrap();
+            assert_eq!(hashed, hex::encode(digest));
+        }
+    }
 }

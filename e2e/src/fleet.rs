@@ -31,8 +31,11 @@ pub struct FleetOptions {
     pub kubeconfigs: BTreeMap<String, PathBuf>,
     /// How long a simulated machine is down.
     pub reboot_time: Duration,
-    /// Extra `baton-agent` arguments (such as `--sim-stage-time 1s`).
+    /// Extra `baton-agent` arguments (such as `--sim-stage-time 1s`). Without a
+    /// `--backend` among them, the agents run `--backend sim`.
     pub args: Vec<String>,
+    /// Extra arguments per node (such as each machine's disk image).
+    pub node_args: BTreeMap<String, Vec<String>>,
 }
 
 /// What happened to one machine.
@@ -88,12 +91,14 @@ impl Fleet {
             let mut args = vec![
                 "--node-name".to_string(),
                 node.clone(),
-                "--backend".into(),
-                "sim".into(),
                 "--state-dir".into(),
                 state.display().to_string(),
             ];
+            if !options.args.iter().any(|a| a == "--backend") {
+                args.extend(["--backend".into(), "sim".into()]);
+            }
             args.extend(options.args.iter().cloned());
+            args.extend(options.node_args.get(node).into_iter().flatten().cloned());
             let supervisor = Supervisor {
                 node: node.clone(),
                 state,

@@ -100,6 +100,7 @@ pub async fn agents(
             kubeconfigs: Default::default(),
             reboot_time: Duration::from_secs(1),
             args: Vec::new(),
+            node_args: Default::default(),
         },
     )?;
     let dir = cluster.kubeconfig().with_file_name("baseline");
