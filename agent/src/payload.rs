@@ -152,7 +152,7 @@ impl Stager {
         Ok(Stager {
             http: builder.build().map_err(|e| e.to_string())?,
             progress_file: state_dir.join("ab-staging.json"),
-            checkpoint: 64 << 20,
+            checkpoint: 32 << 20,
         })
     }
 
@@ -223,12 +223,17 @@ impl Stager {
             written,
         };
         self.save(&progress)?;
-        let mut file = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .write(true)
             .open(device)
             .map_err(io_err(format!("opening {}", device.display())))?;
-        file.seek(SeekFrom::Start(slot.offset + written))
+        let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+        out.seek(SeekFrom::Start(slot.offset + written))
             .map_err(io_err("seeking to the slot"))?;
+        // The read-back runs beside the download: each range is read back and hashed
+        // once it has been synced, in order, so the check overlaps the writing.
+        let verifier = ReadBack::start(device.to_path_buf(), slot.offset);
+        verifier.synced(written);
         let mut since_checkpoint = 0u64;
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
@@ -241,22 +246,29 @@ impl Stager {
                     capacity: slot.len,
                 });
             }
-            file.write_all(&chunk).map_err(io_err("writing the slot"))?;
+            out.write_all(&chunk).map_err(io_err("writing the slot"))?;
             written += len;
             since_checkpoint += len;
             if since_checkpoint >= self.checkpoint {
-                file.sync_data().map_err(io_err("syncing the slot"))?;
+                out.flush().map_err(io_err("writing the slot"))?;
+                out.get_ref()
+                    .sync_data()
+                    .map_err(io_err("syncing the slot"))?;
                 progress.written = written;
                 self.save(&progress)?;
+                verifier.synced(written);
                 since_checkpoint = 0;
             }
         }
-        file.sync_all().map_err(io_err("syncing the slot"))?;
+        out.flush().map_err(io_err("writing the slot"))?;
+        out.get_ref()
+            .sync_all()
+            .map_err(io_err("syncing the slot"))?;
         progress.written = written;
         self.save(&progress)?;
-        drop(file);
-
-        let actual = hash_back(device, slot.offset, written)?;
+        drop(out);
+        verifier.synced(written);
+        let actual = verifier.finish().await?;
         if actual != release.sha256 {
             self.forget();
             return Err(PayloadError::HashMismatch {
@@ -265,6 +277,62 @@ impl Stager {
             });
         }
         Ok(written)
+    }
+}
+
+/// Bytes buffered before a write to the slot.
+const WRITE_BUFFER: usize = 4 << 20;
+
+/// The read-back: a blocking task that reads the slot from its start up to each
+/// synced mark, hashing as it goes.
+struct ReadBack {
+    marks: std::sync::mpsc::Sender<u64>,
+    task: tokio::task::JoinHandle<Result<String, PayloadError>>,
+}
+
+impl ReadBack {
+    fn start(device: PathBuf, offset: u64) -> ReadBack {
+        let (marks, rx) = std::sync::mpsc::channel::<u64>();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut file = std::fs::File::open(&device)
+                .map_err(io_err(format!("opening {}", device.display())))?;
+            file.seek(SeekFrom::Start(offset))
+                .map_err(io_err("seeking to the slot"))?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; READ_BACK];
+            let mut hashed = 0u64;
+            // Each mark is a synced length; the channel closes after the last one.
+            for mark in rx {
+                while hashed < mark {
+                    let want = (mark - hashed).min(READ_BACK as u64) as usize;
+                    let n = file
+                        .read(&mut buf[..want])
+                        .map_err(io_err("reading the slot back"))?;
+                    if n == 0 {
+                        return Err(PayloadError::Io {
+                            what: "reading the slot back".into(),
+                            source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                        });
+                    }
+                    hasher.update(&buf[..n]);
+                    hashed += n as u64;
+                }
+            }
+            Ok(hex::encode(hasher.finalize()))
+        });
+        ReadBack { marks, task }
+    }
+
+    fn synced(&self, upto: u64) {
+        let _ = self.marks.send(upto);
+    }
+
+    async fn finish(self) -> Result<String, PayloadError> {
+        drop(self.marks);
+        self.task.await.map_err(|e| PayloadError::Io {
+            what: "reading the slot back".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
     }
 }
 

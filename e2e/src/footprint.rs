@@ -20,7 +20,7 @@ use crate::{
     binaries::Binaries,
     error::{Error, Result, io},
     fleet::{Fleet, FleetOptions},
-    process::{Supervised, cpu_ticks, proc_status_kib},
+    process::{Supervised, cpu_ns, proc_status_kib},
 };
 
 /// Read access to Nodes, and patch for the agent's own reports.
@@ -145,7 +145,7 @@ pub async fn agents(
     let before: Vec<Option<u64>> = agent_pids
         .iter()
         .chain(&base_pids)
-        .map(|p| cpu_ticks(*p))
+        .map(|p| cpu_ns(*p))
         .collect();
     let from = jiff::Timestamp::now();
     eprintln!(
@@ -159,7 +159,7 @@ pub async fn agents(
     let after: Vec<Option<u64>> = agent_pids
         .iter()
         .chain(&base_pids)
-        .map(|p| cpu_ticks(*p))
+        .map(|p| cpu_ns(*p))
         .collect();
     let ticks: Vec<u64> = before
         .iter()
@@ -203,8 +203,7 @@ pub async fn agents(
             processes: pids.len(),
             rss_kib: pids.iter().filter_map(|p| memory(p, false)).sum::<u64>() as f64 / n,
             peak_kib: pids.iter().filter_map(|p| memory(p, true)).sum::<u64>() as f64 / n,
-            // Clock ticks are 10 ms on Linux.
-            cpu_ms_per_hour: ticks.iter().sum::<u64>() as f64 * 10.0 / n / hours,
+            cpu_ms_per_hour: ticks.iter().sum::<u64>() as f64 / 1e6 / n / hours,
             requests_per_hour: by_verb,
         }
     };
@@ -258,7 +257,7 @@ pub fn print(agent: &Measured, base: &Measured, window: Duration) {
         ratio(agent.peak_kib, base.peak_kib)
     );
     println!(
-        "| CPU (ms per hour) | {:.0} | {:.0} | {} |",
+        "| CPU (ms per hour) | {:.1} | {:.1} | {} |",
         agent.cpu_ms_per_hour,
         base.cpu_ms_per_hour,
         ratio(agent.cpu_ms_per_hour, base.cpu_ms_per_hour)
