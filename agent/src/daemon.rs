@@ -135,6 +135,12 @@ pub async fn run<B: Backend>(
                 grant: grant.as_ref(),
                 node_ready: node::ready(n),
                 health: health.as_ref(),
+                retry: crds::protocol::RETRY
+                    .read(n.metadata.annotations.as_ref())
+                    .ok()
+                    .flatten()
+                    .as_ref()
+                    == Some(&s.boot_id),
                 verify_timeout: SignedDuration::try_from(s.verify_timeout)
                     .unwrap_or(SignedDuration::MAX),
                 now,
@@ -225,6 +231,16 @@ pub async fn run<B: Backend>(
                     }
                     Err(e) => warn!(error = %e, "marking the boot good failed; retrying"),
                 },
+                Effect::Retry => {
+                    info!("an admin asked for a retry: dropping this boot's verdict");
+                    record.outcome = None;
+                    s.record.save(&record)?;
+                    let clear = serde_json::json!({"metadata": {"annotations": {crds::protocol::RETRY.name: null}}});
+                    if let Err(e) = node::apply(&api, &s.node_name, &clear).await {
+                        warn!(error = %e, "could not remove the retry mark");
+                    }
+                    again = true;
+                }
                 Effect::Conclude(outcome) => {
                     warn!(state = %outcome.state, message = %outcome.message, "update concluded");
                     record.outcome = Some(outcome);

@@ -103,6 +103,8 @@ pub struct Inputs<'a> {
     pub node_ready: bool,
     /// The result of the health checks run in this boot, if they ran.
     pub health: Option<&'a Result<(), String>>,
+    /// An admin's `baton.dev/retry` names this boot: drop a failed verdict.
+    pub retry: bool,
     /// How long a new boot may take to pass its health checks.
     pub verify_timeout: SignedDuration,
     /// Now.
@@ -141,6 +143,8 @@ pub enum Effect {
     Commit,
     /// Record the verdict for this boot and forget the pending reboot.
     Conclude(Outcome),
+    /// Drop this boot's failed verdict (the admin fixed the cause) and the retry mark.
+    Retry,
 }
 
 /// The decision: what to report, and what to do.
@@ -277,7 +281,7 @@ fn steady(i: &Inputs<'_>) -> Decision {
     if let Some(o) = verdict.filter(|o| o.state.is_failure()) {
         return Decision {
             report: report(o.state, None, Some(o.message.clone())),
-            effect: Effect::Wait,
+            effect: if i.retry { Effect::Retry } else { Effect::Wait },
         };
     }
     let done = verdict.is_some_and(|o| o.state == AgentState::Done);
@@ -386,6 +390,7 @@ mod tests {
             grant,
             node_ready: true,
             health: None,
+            retry: false,
             verify_timeout: SignedDuration::from_mins(10),
             now: NOW.parse().unwrap(),
         }

@@ -180,24 +180,15 @@ fn the_chart_lints_and_renders_for_every_backend_with_and_without_a_service_moni
 /// A kubeconfig presenting a token of the chart's agent ServiceAccount bound to the
 /// agent pod on `node` (which gives it the node-name claim).
 async fn agent_kubeconfig(cluster: &TestCluster, node: &str) -> PathBuf {
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), "baton-system");
-    let list = ListParams::default()
-        .labels("app.kubernetes.io/component=agent")
-        .fields(&format!("spec.nodeName={node}"));
-    let pod = pods.list(&list).await.unwrap().items.remove(0);
-    let token = cluster
-        .token_for(
-            "baton-system",
-            "baton-agent",
-            Some((&pod.name_any(), &pod.uid().unwrap())),
-        )
-        .await
-        .unwrap();
-    let path = cluster
-        .kubeconfig()
-        .with_file_name(format!("kubeconfig-agent-{node}"));
-    std::fs::write(&path, cluster.kubeconfig_with_token(&token)).unwrap();
-    path
+    e2e::identity::pod_bound_kubeconfig(
+        cluster,
+        "baton-system",
+        "baton-agent",
+        "app.kubernetes.io/component=agent",
+        node,
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

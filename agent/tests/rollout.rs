@@ -521,3 +521,135 @@ async fn ab_machines_on_gpt_images_stage_a_signed_release_boot_it_and_commit_or_
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_baton_pauses_resumes_and_retries_a_halted_pool() {
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.apply_crds().await.unwrap();
+    let client = cluster.client();
+    let names = cluster.add_nodes(2).await.unwrap();
+    cluster.create_namespace("baton-system").await.unwrap();
+    let fleet = Fleet::start(
+        &names,
+        &FleetOptions {
+            binary: env!("CARGO_BIN_EXE_baton-agent").into(),
+            kubeconfig: cluster.kubeconfig(),
+            kubeconfigs: Default::default(),
+            node_args: Default::default(),
+            reboot_time: Duration::from_millis(500),
+            args: ["--sim-stage-time", "500ms"].map(String::from).to_vec(),
+        },
+    )
+    .unwrap();
+    let first = names[0].clone();
+    fleet.fail_next_boot(&first).unwrap();
+    let config = operator::config::Config::try_parse_from([
+        "baton-operator",
+        "--namespace",
+        "baton-system",
+        "--identity",
+        "op-a",
+    ])
+    .unwrap();
+    let _operator = tokio::spawn(operator::controller::run_replica(client.clone(), config));
+    let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "workers"},
+        "spec": {"paused": true, "release": {
+            "version": "2.0.0", "url": "https://images.invalid/os-2.0.0.img",
+            "sha256": "a".repeat(64), "signature": format!("{}==", "A".repeat(86)),
+        }},
+    }))
+    .unwrap();
+    let policies: Api<UpdatePolicy> = Api::all(client.clone());
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let condition = |name: &'static str| {
+        let policies = policies.clone();
+        async move {
+            policies
+                .get("workers")
+                .await
+                .unwrap()
+                .status
+                .is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == name && c.status == "True")
+                })
+        }
+    };
+    let status = || async {
+        let p = policies.list(&ListParams::default()).await.unwrap().items;
+        let n = Api::<Node>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items;
+        let l = Api::<Lease>::namespaced(client.clone(), "baton-system")
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items;
+        kubectl_baton::status::render(&p, &n, &l, None, jiff::Timestamp::now())
+    };
+
+    // Paused: both nodes stage and ask, nothing is granted.
+    cluster
+        .wait_for(
+            "the pool to report Paused with both nodes asking",
+            || async {
+                let text = status().await;
+                condition("Paused").await && text.matches("RebootRequired").count() == 2
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(fleet.log(&first).reboots + fleet.log(&names[1]).reboots, 0);
+
+    // Resumed: the first node's new version fails to boot; the pool halts.
+    kubectl_baton::steer::set_policy_paused(client.clone(), "workers", false)
+        .await
+        .unwrap();
+    cluster
+        .wait_for("the pool to halt", || condition("Halted"))
+        .await
+        .unwrap();
+    let halted = status().await;
+    eprintln!("[kubectl-baton] halted:\n{halted}");
+    assert!(halted.contains("! Halted:"), "{halted}");
+    assert!(halted.contains("RolledBack"), "{halted}");
+
+    // Retried, after "fixing the cause" (the failing boot was one-off): the node
+    // restages, reboots into 2.0.0, and the pool finishes.
+    let retried = kubectl_baton::steer::retry(client.clone(), "baton-system", Some("workers"), &[])
+        .await
+        .unwrap();
+    assert_eq!(retried, std::slice::from_ref(&first));
+    cluster
+        .wait_for("both nodes Done on 2.0.0", || async {
+            Api::<Node>::all(client.clone())
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .all(|n| {
+                    annotation(n, "baton.dev/state") == Some("Done")
+                        && annotation(n, "baton.dev/current-version") == Some("2.0.0")
+                })
+                && !condition("Halted").await
+        })
+        .await
+        .unwrap();
+    let done = status().await;
+    eprintln!("[kubectl-baton] done:\n{done}");
+    assert!(done.contains("updated 2/2"), "{done}");
+    let node = Api::<Node>::all(client.clone()).get(&first).await.unwrap();
+    assert!(
+        annotation(&node, "baton.dev/retry").is_none(),
+        "the agent removed the retry mark"
+    );
+    assert_eq!(fleet.log(&first).reboots, 2, "one failed boot, one good");
+}

@@ -366,6 +366,9 @@ pub const BEFORE_REBOOT: Key<bool> = Key::new("baton.dev/before-reboot", Label, 
 /// Set while after-reboot hooks should run.
 pub const AFTER_REBOOT: Key<bool> = Key::new("baton.dev/after-reboot", Label, Operator);
 
+/// An admin asks the agent to drop its failed verdict for this boot (the value) and
+/// report afresh, after fixing the cause (`kubectl baton retry`). The agent removes it.
+pub const RETRY: Key<BootId> = Key::new("baton.dev/retry", Annotation, Admin);
 /// An admin paused this node: no new disruption starts on it.
 pub const PAUSED: Key<bool> = Key::new("baton.dev/paused", Annotation, Admin);
 
@@ -433,6 +436,7 @@ pub const NODE_KEYS: &[(&str, Kind, Writer)] = &[
         DESIRED_RELEASE.writer,
     ),
     (FAILURE.name, FAILURE.kind, FAILURE.writer),
+    (RETRY.name, RETRY.kind, RETRY.writer),
     (BEFORE_REBOOT.name, BEFORE_REBOOT.kind, BEFORE_REBOOT.writer),
     (AFTER_REBOOT.name, AFTER_REBOOT.kind, AFTER_REBOOT.writer),
     (PAUSED.name, PAUSED.kind, PAUSED.writer),
@@ -540,7 +544,7 @@ mod tests {
                 rejects(key, bad);
             }
         }
-        for key in [&BOOT_ID, &REBOOT_OK, &lease::GRANTED_BOOT_ID] {
+        for key in [&BOOT_ID, &REBOOT_OK, &RETRY, &lease::GRANTED_BOOT_ID] {
             round_trip(
                 key,
                 BootId::new("3f1c2b8e-5d6a-4e2f-9b1a-0c7d8e9f0a1b").unwrap(),

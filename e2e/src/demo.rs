@@ -1,27 +1,47 @@
-//! `cargo run -p e2e -- demo`: baton on a local control plane, or how to install it on
-//! a real cluster.
+//! `cargo run -p e2e -- demo`: baton on a local control plane, live; or, given a
+//! kubeconfig for a real cluster, how to install it there.
+//!
+//! Locally: the control plane with N kwok nodes, the chart installed with real helm,
+//! `baton-operator` and one `baton-agent` per node (sim backend) as real processes
+//! under the chart's ServiceAccounts, a release version set, the rollout shown live
+//! (`kubectl baton status`), and a summary.
 
-use std::path::PathBuf;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use crds::UpdatePolicy;
-use e2e::{Error, Result, TestCluster};
-use jiff::{SignedDuration, Timestamp, tz::TimeZone};
-use k8s_openapi::api::core::v1::Node;
+use jiff::Timestamp;
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::{
-    Api,
+    Api, ResourceExt,
     api::{ListParams, PostParams},
 };
-use kubectl_baton::plan::{PlanOptions, render};
 
-/// The policy the demo installs: one node at a time, always open.
+use crate::{
+    Error, Result, TestCluster,
+    binaries::Binaries,
+    error::io,
+    fleet::{Fleet, FleetOptions},
+    identity,
+    process::Supervised,
+};
+
+/// The policy the demo installs: one node at a time, always open, release 2.0.0.
 const DEMO_POLICY: &str = r#"
 apiVersion: baton.dev/v1alpha1
 kind: UpdatePolicy
 metadata: {name: demo}
 spec:
-  nodeSelector: {matchLabels: {type: kwok}}
   maxUnavailable: 1
-  health: {rebootTimeout: 10m, settleTime: 10s}
+  health: {rebootTimeout: 10m, settleTime: 2s}
+  release:
+    version: "2.0.0"
+    url: https://images.example/os-2.0.0.img
+    sha256: "2f1d3b4c5a69788796a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3"
+    signature: "c2ltdWxhdGVkIG1hY2hpbmVzIGRvIG5vdCBjaGVjayB0aGlzIHNpZ25hdHVyZTsgaXQgaGFzIHRoZSBzaGFwZS=="
 "#;
 
 /// Runs the demo.
@@ -33,66 +53,248 @@ pub fn run(nodes: usize, kubeconfig: Option<PathBuf>, keep: bool) -> Result<()> 
     local(nodes, keep)
 }
 
-fn print_install(kubeconfig: &std::path::Path) {
-    println!(
-        "A kubeconfig was given ({}): starting nothing locally.",
-        kubeconfig.display()
-    );
-    println!();
+fn print_install(kubeconfig: &Path) {
+    let k = kubeconfig.display();
+    println!("A kubeconfig was given ({k}): starting nothing locally.\n");
     println!("Install baton on that cluster with the chart in this repository:");
     println!(
-        "  helm install baton charts/baton --namespace baton-system --create-namespace --kubeconfig {}",
-        kubeconfig.display()
+        "  helm install baton charts/baton --namespace baton-system --create-namespace --kubeconfig {k} \\"
     );
-    println!("Then describe a pool and watch it:");
-    println!("  kubectl apply -f crds/tests/valid/full.yaml");
-    println!("  kubectl get updatepolicies -w");
+    println!("    --set agent.backend=flatcar   # or sentinel (kured-style reboot-required file)");
+    println!("Describe a pool (see README.md), then watch it:");
+    println!("  kubectl --kubeconfig {k} apply -f my-policy.yaml");
+    println!("  cargo run -p kubectl-baton -- status -w     # or: kubectl baton status -w");
+}
+
+/// Builds the operator and agent binaries (debug) and returns the target directory.
+fn build_binaries() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    println!("Building baton-operator and baton-agent...");
+    let status = Command::new(cargo)
+        .args(["build", "--locked", "-p", "operator", "-p", "agent"])
+        .status()
+        .map_err(io("running cargo build"))?;
+    if !status.success() {
+        return Err(Error::Other("building baton failed".into()));
+    }
+    Ok(std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("debug"))
+}
+
+fn helm_install(helm: &Path, kubeconfig: &Path) -> Result<()> {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/baton");
+    let out = Command::new(helm)
+        .arg("install")
+        .arg("baton")
+        .arg(&chart)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args([
+            "--namespace",
+            "baton-system",
+            "--create-namespace",
+            "--set",
+            "agent.backend=sim",
+            "--wait",
+            "--timeout",
+            "3m",
+        ])
+        .env(
+            "HELM_CACHE_HOME",
+            std::env::temp_dir().join("baton-e2e-helm-cache"),
+        )
+        .env(
+            "HELM_CONFIG_HOME",
+            std::env::temp_dir().join("baton-e2e-helm-config"),
+        )
+        .env(
+            "HELM_DATA_HOME",
+            std::env::temp_dir().join("baton-e2e-helm-data"),
+        )
+        .output()
+        .map_err(io("running helm"))?;
+    if !out.status.success() {
+        return Err(Error::Other(format!(
+            "helm install failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    node.annotations().get(key).map(String::as_str)
 }
 
 #[tokio::main]
-async fn local(nodes: usize, keep: bool) -> Result<()> {
+async fn local(n: usize, keep: bool) -> Result<()> {
+    let target = tokio::task::spawn_blocking(build_binaries)
+        .await
+        .map_err(|e| Error::Other(e.to_string()))??;
+    let binaries = tokio::task::spawn_blocking(Binaries::ensure)
+        .await
+        .map_err(|e| Error::Other(e.to_string()))??;
     println!(
         "Starting a local Kubernetes control plane (etcd, kube-apiserver, controllers, scheduler, kwok)..."
     );
     let cluster = TestCluster::start().await?;
-    cluster.apply_crds().await?;
-    let names = cluster.add_nodes(nodes).await?;
-    println!("{} kwok nodes Ready: {}", names.len(), names.join(", "));
+    let names = cluster.add_nodes(n).await?;
+    println!("{} kwok nodes Ready.", names.len());
+    println!(
+        "Installing the chart with helm (CRD, RBAC, admission policy, operator, agent DaemonSet)..."
+    );
+    helm_install(&binaries.path("helm"), &cluster.kubeconfig())?;
+
+    // The chart's pods run on kwok nodes, which run no containers: baton's processes
+    // run here instead, under the chart's ServiceAccounts.
+    let operator_kc =
+        identity::service_account_kubeconfig(&cluster, "baton-system", "baton-operator").await?;
+    let mut kubeconfigs = std::collections::BTreeMap::new();
+    for node in &names {
+        let kc = identity::pod_bound_kubeconfig(
+            &cluster,
+            "baton-system",
+            "baton-agent",
+            "app.kubernetes.io/component=agent",
+            node,
+        )
+        .await?;
+        kubeconfigs.insert(node.clone(), kc);
+    }
+    let logs = cluster.kubeconfig().with_file_name("demo-operator.log");
+    let _operator = Supervised::spawn(
+        "baton-operator",
+        Path::new("/usr/bin/env"),
+        &[
+            format!("KUBECONFIG={}", operator_kc.display()),
+            target.join("baton-operator").display().to_string(),
+            "--namespace".into(),
+            "baton-system".into(),
+            "--identity".into(),
+            "demo-operator".into(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+        ],
+        logs,
+    )?;
+    let fleet = Fleet::start(
+        &names,
+        &FleetOptions {
+            binary: target.join("baton-agent"),
+            kubeconfig: cluster.kubeconfig(),
+            kubeconfigs,
+            node_args: Default::default(),
+            reboot_time: Duration::from_secs(3),
+            args: ["--sim-stage-time", "2s"].map(String::from).to_vec(),
+        },
+    )?;
+    let client = cluster.client();
+    let nodes: Api<Node> = Api::all(client.clone());
+    cluster
+        .wait_for("every agent to report Idle on 1.0.0", || async {
+            nodes.list(&ListParams::default()).await.is_ok_and(|l| {
+                l.items
+                    .iter()
+                    .all(|n| annotation(n, "baton.dev/state") == Some("Idle"))
+            })
+        })
+        .await?;
+    println!(
+        "baton-operator and {} baton-agent processes running. Setting the release to 2.0.0...",
+        names.len()
+    );
     let policy: UpdatePolicy =
         serde_yaml_ng::from_str(DEMO_POLICY).map_err(|e| Error::Other(e.to_string()))?;
-    let client = cluster.client();
     Api::<UpdatePolicy>::all(client.clone())
         .create(&PostParams::default(), &policy)
         .await?;
-    println!("UpdatePolicy demo created (maxUnavailable: 1).");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let started = Instant::now();
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut last = String::new();
+    let mut max_disrupted = 0;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "baton-system");
+    let policies: Api<UpdatePolicy> = Api::all(client.clone());
+    loop {
+        let p = policies.list(&ListParams::default()).await?.items;
+        let all = nodes.list(&ListParams::default()).await?.items;
+        let held = leases
+            .list(&ListParams::default().labels("app.kubernetes.io/managed-by=baton"))
+            .await?
+            .items;
+        let disrupted = all
+            .iter()
+            .filter(|n| {
+                n.spec
+                    .as_ref()
+                    .and_then(|s| s.unschedulable)
+                    .unwrap_or(false)
+                    || matches!(
+                        annotation(n, "baton.dev/state"),
+                        Some("Rebooting" | "Verifying")
+                    )
+            })
+            .count();
+        max_disrupted = max_disrupted.max(disrupted);
+        let text = kubectl_baton::status::render(&p, &all, &held, None, Timestamp::now());
+        let stable: String = text
+            .lines()
+            .map(|l| l.split(" held ").next().unwrap_or(l))
+            .collect();
+        if terminal {
+            print!("\x1b[H\x1b[2J");
+            println!(
+                "baton demo: {} nodes, one at a time  (elapsed {:.0?})\n",
+                names.len(),
+                started.elapsed()
+            );
+            print!("{text}");
+        } else if stable != last {
+            println!("--- {:.0?}", started.elapsed());
+            print!("{text}");
+        }
+        last = stable;
+        let done = held.is_empty()
+            && all.iter().all(|n| {
+                annotation(n, "baton.dev/state") == Some("Done")
+                    && annotation(n, "baton.dev/current-version") == Some("2.0.0")
+            });
+        if done {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err(Error::Other(
+                "the rollout did not finish within 10 minutes".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let reboots: u32 = names.iter().map(|n| fleet.log(n).reboots).sum();
     println!();
-    let nodes: Vec<Node> = Api::<Node>::all(client)
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let opts = PlanOptions {
-        start: Timestamp::now(),
-        horizon: SignedDuration::from_hours(24),
-        reboot_time: SignedDuration::from_mins(2),
-        node_reboot_times: Default::default(),
-        time_zone: TimeZone::UTC,
-        operator_node: None,
-    };
-    println!("kubectl baton plan demo --reboot-time 2m:");
-    print!(
-        "{}",
-        render(&policy, &nodes, &opts).map_err(|e| Error::Other(e.to_string()))?
-    );
-    println!();
+    println!("Summary");
     println!(
-        "The live rollout (baton-operator with simulated agents) is not wired into the demo yet;"
+        "  {} of {} nodes updated 1.0.0 -> 2.0.0 in {:.1?}",
+        names.len(),
+        names.len(),
+        started.elapsed()
     );
-    println!("the plan above is what the decision core will make it do.");
+    println!(
+        "  {reboots} reboots, each verified by a new boot id; at most {max_disrupted} node(s) disrupted at once (budget 1)"
+    );
+    println!(
+        "  the operator and agents ran under the chart's ServiceAccounts and admission policy"
+    );
     if keep {
+        println!();
+        println!("Cluster kubeconfig: {}", cluster.kubeconfig().display());
         println!(
-            "Cluster kubeconfig: {} (Ctrl-C to stop)",
+            "  KUBECONFIG={} cargo run -p kubectl-baton -- status",
             cluster.kubeconfig().display()
         );
+        println!("Ctrl-C to stop.");
         let _ = tokio::signal::ctrl_c().await;
     }
     Ok(())

@@ -4,12 +4,12 @@
 use std::path::PathBuf;
 
 use k8s_openapi::api::{
-    core::v1::ServiceAccount,
+    core::v1::{Pod, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
 use kube::{
-    Api,
-    api::{Patch, PatchParams},
+    Api, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
 };
 
 use crate::{
@@ -55,6 +55,54 @@ pub async fn kubeconfig_for(
     let path = cluster
         .kubeconfig()
         .with_file_name(format!("kubeconfig-{namespace}-{name}"));
+    std::fs::write(&path, cluster.kubeconfig_with_token(&token))
+        .map_err(io("writing a kubeconfig"))?;
+    Ok(path)
+}
+
+/// A kubeconfig presenting a token of `namespace/service_account` bound to the pod
+/// matching `pod_labels` on `node` (a DaemonSet's pod): the token carries the
+/// `authentication.kubernetes.io/node-name` claim, as the kubelet's projected tokens do.
+pub async fn pod_bound_kubeconfig(
+    cluster: &TestCluster,
+    namespace: &str,
+    service_account: &str,
+    pod_labels: &str,
+    node: &str,
+) -> Result<PathBuf> {
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), namespace);
+    let list = ListParams::default()
+        .labels(pod_labels)
+        .fields(&format!("spec.nodeName={node}"));
+    let pod = pods
+        .list(&list)
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Other(format!("no pod {pod_labels} on {node}")))?;
+    let uid = pod.uid().unwrap_or_default();
+    let token = cluster
+        .token_for(namespace, service_account, Some((&pod.name_any(), &uid)))
+        .await?;
+    let path = cluster
+        .kubeconfig()
+        .with_file_name(format!("kubeconfig-{service_account}-{node}"));
+    std::fs::write(&path, cluster.kubeconfig_with_token(&token))
+        .map_err(io("writing a kubeconfig"))?;
+    Ok(path)
+}
+
+/// A kubeconfig presenting a token of an existing `namespace/service_account`.
+pub async fn service_account_kubeconfig(
+    cluster: &TestCluster,
+    namespace: &str,
+    service_account: &str,
+) -> Result<PathBuf> {
+    let token = cluster.token_for(namespace, service_account, None).await?;
+    let path = cluster
+        .kubeconfig()
+        .with_file_name(format!("kubeconfig-{namespace}-{service_account}"));
     std::fs::write(&path, cluster.kubeconfig_with_token(&token))
         .map_err(io("writing a kubeconfig"))?;
     Ok(path)

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod binaries;
 pub mod cluster;
 pub mod dbus;
+pub mod demo;
 pub mod error;
 pub mod fleet;
 pub mod footprint;

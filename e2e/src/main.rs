@@ -20,8 +20,6 @@ use std::{
 use clap::{Parser, Subcommand};
 use e2e::{Error, Result, TestCluster, binaries::Binaries, error::io};
 
-mod demo;
-
 #[derive(Debug, Parser)]
 #[command(name = "e2e", about = "baton's local Kubernetes control plane")]
 struct Cli {
@@ -56,7 +54,8 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// The demo: a local cluster with kwok nodes, baton's CRDs and a policy.
+    /// The demo: a live rollout on a local cluster (the chart, the operator and simulated
+    /// agents), or how to install on the cluster a kubeconfig names.
     Demo {
         /// kwok nodes to add.
         #[arg(long, default_value_t = 5)]
@@ -119,7 +118,7 @@ fn main() -> ExitCode {
             nodes,
             kubeconfig,
             keep,
-        } => demo::run(nodes, kubeconfig, keep),
+        } => e2e::demo::run(nodes, kubeconfig, keep),
         Cmd::Footprint { nodes, settle_secs } => footprint(nodes, settle_secs),
         Cmd::AgentFootprint {
             nodes,

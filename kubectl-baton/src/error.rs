@@ -34,6 +34,9 @@ pub enum Error {
     /// A command-line value is malformed.
     #[error("{0}")]
     Usage(String),
+    /// Anything else, with its explanation.
+    #[error("{0}")]
+    Other(String),
     /// The API server refused or failed a request.
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),

@@ -3,14 +3,20 @@
 use std::{collections::BTreeMap, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp, tz::TimeZone};
-use k8s_openapi::api::core::v1::Node;
-use kube::{Api, Client, api::ListParams};
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
+use kube::{
+    Api, Client,
+    api::ListParams,
+    runtime::{WatchStreamExt, reflector, watcher},
+};
 
 use crds::UpdatePolicy;
 use kubectl_baton::{
     Error,
     plan::{self, PlanOptions},
+    status, steer,
 };
 
 /// Plan, watch and steer baton rollouts.
@@ -25,6 +31,44 @@ struct Cli {
 enum Command {
     /// Simulate a rollout of a policy and print its timeline.
     Plan(PlanArgs),
+    /// The rollout now: per policy a progress bar, per node its state, version,
+    /// lease and cordon. `-w` keeps it live (from watches).
+    Status {
+        /// Only this policy.
+        policy: Option<String>,
+        /// Keep watching and redraw on every change.
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// The operator's namespace (where the reboot Leases are).
+        #[arg(short = 'n', long, default_value = "baton-system")]
+        namespace: String,
+    },
+    /// Pause a policy (nothing new starts; nodes in flight finish) or, with --node, a node.
+    Pause(Target),
+    /// Resume a paused policy or node.
+    Resume(Target),
+    /// After fixing the cause: clear failed nodes (every failed node of a policy, or
+    /// the --node ones) so that a halted pool resumes. See docs/operations.md.
+    Retry {
+        /// The policy whose failed nodes to retry.
+        policy: Option<String>,
+        /// Retry these nodes instead.
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// The operator's namespace (where the reboot Leases are).
+        #[arg(short = 'n', long, default_value = "baton-system")]
+        namespace: String,
+    },
+}
+
+/// A policy, or nodes.
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// The policy.
+    policy: Option<String>,
+    /// Nodes instead of a policy.
+    #[arg(long = "node")]
+    nodes: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,11 +177,148 @@ async fn run_plan(args: PlanArgs) -> Result<String, Error> {
     plan::render(&policy, &nodes, &opts)
 }
 
+async fn snapshot(
+    client: &Client,
+    namespace: &str,
+) -> Result<(Vec<UpdatePolicy>, Vec<Node>, Vec<Lease>), Error> {
+    let policies = Api::<UpdatePolicy>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let leases = Api::<Lease>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=baton"))
+        .await?
+        .items;
+    Ok((policies, nodes, leases))
+}
+
+async fn run_status(
+    policy: Option<String>,
+    watch: bool,
+    namespace: String,
+) -> Result<String, Error> {
+    let client = Client::try_default().await?;
+    if !watch {
+        let (p, n, l) = snapshot(&client, &namespace).await?;
+        return Ok(status::render(
+            &p,
+            &n,
+            &l,
+            policy.as_deref(),
+            Timestamp::now(),
+        ));
+    }
+    // Three watches feed three caches; every change redraws (at most every 250 ms).
+    let (policies, pw) = reflector::store::<UpdatePolicy>();
+    let (nodes, nw) = reflector::store::<Node>();
+    let (leases, lw) = reflector::store::<Lease>();
+    let p = watcher(
+        Api::<UpdatePolicy>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(pw)
+    .map(|_| ());
+    let n = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(nw)
+        .map(|_| ());
+    let l = watcher(
+        Api::<Lease>::namespaced(client.clone(), &namespace),
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=baton"),
+    )
+    .default_backoff()
+    .reflect(lw)
+    .map(|_| ());
+    let mut events = futures::stream::select(futures::stream::select(p, n), l).boxed();
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            e = events.next() => if e.is_none() { return Ok(String::new()) },
+            _ = ticker.tick() => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let text = status::render(
+            &owned(policies.state()),
+            &owned(nodes.state()),
+            &owned(leases.state()),
+            policy.as_deref(),
+            Timestamp::now(),
+        );
+        if terminal {
+            print!("\x1b[H\x1b[2J");
+        }
+        println!(
+            "{}  (kubectl baton status -w; Ctrl-C to stop)\n{text}",
+            Timestamp::now().strftime("%H:%M:%S")
+        );
+    }
+}
+
+fn owned<T: Clone>(items: Vec<std::sync::Arc<T>>) -> Vec<T> {
+    items.into_iter().map(|o| (*o).clone()).collect()
+}
+
+async fn run_pause(target: Target, paused: bool) -> Result<String, Error> {
+    let client = Client::try_default().await?;
+    let word = if paused { "paused" } else { "resumed" };
+    match (target.policy, target.nodes.is_empty()) {
+        (Some(policy), true) => {
+            steer::set_policy_paused(client, &policy, paused).await?;
+            Ok(format!("updatepolicy/{policy} {word}\n"))
+        }
+        (None, false) => {
+            let mut out = String::new();
+            for node in &target.nodes {
+                steer::set_node_paused(client.clone(), node, paused).await?;
+                out.push_str(&format!("node/{node} {word}\n"));
+            }
+            Ok(out)
+        }
+        _ => Err(Error::Usage(
+            "name a policy, or nodes with --node (not both)".into(),
+        )),
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan(args) => run_plan(args).await,
+        Command::Status {
+            policy,
+            watch,
+            namespace,
+        } => run_status(policy, watch, namespace).await,
+        Command::Pause(t) => run_pause(t, true).await,
+        Command::Resume(t) => run_pause(t, false).await,
+        Command::Retry {
+            policy,
+            nodes,
+            namespace,
+        } => match (&policy, nodes.is_empty()) {
+            (Some(_), true) | (None, false) => {
+                async {
+                    let client = Client::try_default().await?;
+                    let done = steer::retry(client, &namespace, policy.as_deref(), &nodes).await?;
+                    Ok(if done.is_empty() {
+                        "no failed node to retry\n".to_string()
+                    } else {
+                        done.iter().map(|n| format!("node/{n} retried\n")).collect()
+                    })
+                }
+                .await
+            }
+            _ => Err(Error::Usage(
+                "name a policy, or nodes with --node (not both)".into(),
+            )),
+        },
     };
     match result {
         Ok(out) => {
