@@ -427,9 +427,20 @@ async fn ab_machines_on_gpt_images_stage_a_signed_release_boot_it_and_commit_or_
         },
     )
     .unwrap();
-    // The last machine's new slot will not boot.
+    // The last machine's new slot will not boot; it is held back (paused) until the
+    // others are done, so that the order is known.
     let unlucky = names[2].clone();
     fleet.fail_next_boot(&unlucky).unwrap();
+    let nodes: Api<Node> = Api::all(client.clone());
+    let pause = |on: bool| serde_json::json!({"metadata": {"annotations": {"baton.dev/paused": if on { serde_json::Value::from("true") } else { serde_json::Value::Null }}}});
+    nodes
+        .patch(
+            &unlucky,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(pause(true)),
+        )
+        .await
+        .unwrap();
 
     let config = operator::config::Config::try_parse_from([
         "baton-operator",
@@ -454,8 +465,27 @@ async fn ab_machines_on_gpt_images_stage_a_signed_release_boot_it_and_commit_or_
         .unwrap();
     let policies: Api<UpdatePolicy> = Api::all(client.clone());
     cluster
+        .wait_for("two machines Done on USR-B", || async {
+            policies
+                .get("workers")
+                .await
+                .unwrap()
+                .status
+                .is_some_and(|s| s.up_to_date == 2)
+        })
+        .await
+        .unwrap();
+    nodes
+        .patch(
+            &unlucky,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(pause(false)),
+        )
+        .await
+        .unwrap();
+    cluster
         .wait_for(
-            "two machines Done on USR-B and the third to halt the pool",
+            "the third machine to fall back and halt the pool",
             || async {
                 policies
                     .get("workers")
@@ -487,7 +517,6 @@ async fn ab_machines_on_gpt_images_stage_a_signed_release_boot_it_and_commit_or_
             }
             panic!("{e}");
         });
-    let nodes: Api<Node> = Api::all(client.clone());
     for n in &names {
         let node = nodes.get(n).await.unwrap();
         let disk = dir.path().join(format!("{n}.img"));

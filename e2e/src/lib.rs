@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod footprint;
 pub mod identity;
 pub mod image_server;
+pub mod invariants;
 pub mod packages;
 pub mod pki;
 pub mod process;
