@@ -43,8 +43,8 @@ pub struct Measured {
     pub requests_per_hour: BTreeMap<String, f64>,
 }
 
-/// Builds `baton-agent` in release mode and returns its path.
-pub fn release_agent() -> Result<PathBuf> {
+/// Builds `package`'s binary `bin` in release mode and returns its path.
+pub fn release_binary(package: &str, bin: &str) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args([
@@ -52,19 +52,134 @@ pub fn release_agent() -> Result<PathBuf> {
             "--release",
             "--locked",
             "-p",
-            "agent",
+            package,
             "--bin",
-            "baton-agent",
+            bin,
         ])
         .status()
         .map_err(io("running cargo build"))?;
     if !status.success() {
-        return Err(Error::Other("building baton-agent failed".into()));
+        return Err(Error::Other(format!("building {bin} failed")));
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    Ok(target.join("release/baton-agent"))
+    Ok(target.join("release").join(bin))
+}
+
+/// Builds `baton-agent` in release mode and returns its path.
+pub fn release_agent() -> Result<PathBuf> {
+    release_binary("agent", "baton-agent")
+}
+
+/// What the operator may do (the chart's rules, with its namespaced Lease rule made
+/// cluster-wide for brevity).
+pub fn operator_rules() -> serde_json::Value {
+    serde_json::json!([
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "delete"]},
+        {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
+        {"apiGroups": ["baton.dev"], "resources": ["updatepolicies"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["baton.dev"], "resources": ["updatepolicies/status"], "verbs": ["get", "patch", "update"]},
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+    ])
+}
+
+/// The operator's footprint with `nodes` kwok nodes, idle (a policy over every node,
+/// no agent asking for a reboot), over `window`: (operator, kube-scheduler baseline).
+pub async fn operator(nodes: usize, window: Duration) -> Result<(Measured, Measured)> {
+    let operator_binary =
+        tokio::task::spawn_blocking(|| release_binary("operator", "baton-operator"))
+            .await
+            .map_err(|e| Error::Other(e.to_string()))??;
+    let mut cluster = TestCluster::start().await?;
+    cluster.apply_crds().await?;
+    let started = std::time::Instant::now();
+    cluster.add_nodes(nodes).await?;
+    eprintln!(
+        "[footprint] {nodes} kwok nodes Ready in {:.0?}",
+        started.elapsed()
+    );
+    cluster.create_namespace("baton-system").await?;
+    let kubeconfig = crate::identity::kubeconfig_for(
+        &cluster,
+        "baton-system",
+        "baton-operator",
+        operator_rules(),
+    )
+    .await?;
+    let policy: crds::UpdatePolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "all"}, "spec": {"maxUnavailable": "10%"},
+    }))
+    .map_err(|e| Error::Other(e.to_string()))?;
+    let policies: Api<crds::UpdatePolicy> = Api::all(cluster.client());
+    policies
+        .create(&kube::api::PostParams::default(), &policy)
+        .await?;
+    let log = cluster.kubeconfig().with_file_name("operator.log");
+    let proc = Supervised::spawn(
+        "baton-operator",
+        Path::new("/usr/bin/env"),
+        &[
+            format!("KUBECONFIG={}", kubeconfig.display()),
+            operator_binary.display().to_string(),
+            "--namespace".into(),
+            "baton-system".into(),
+            "--identity".into(),
+            "bench".into(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+        ],
+        log,
+    )?;
+    let expected = u32::try_from(nodes).unwrap_or(u32::MAX);
+    cluster
+        .wait_for("the operator to count every node", || async {
+            policies
+                .get("all")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .is_some_and(|s| s.nodes == expected)
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let pid = proc
+        .component_pid()
+        .ok_or_else(|| Error::Other("the operator is not running".into()))?;
+    let scheduler = cluster
+        .components()
+        .iter()
+        .find(|p| p.name == "kube-scheduler")
+        .and_then(Supervised::component_pid)
+        .ok_or_else(|| Error::Other("no kube-scheduler".into()))?;
+    let before = (cpu_ns(pid).unwrap_or(0), cpu_ns(scheduler).unwrap_or(0));
+    let from = jiff::Timestamp::now();
+    tokio::time::sleep(window).await;
+    let to = jiff::Timestamp::now();
+    let after = (cpu_ns(pid).unwrap_or(0), cpu_ns(scheduler).unwrap_or(0));
+    let hours = window.as_secs_f64() / 3600.0;
+    let mut by_verb = BTreeMap::new();
+    let user = audit::service_account("baton-system", "baton-operator");
+    for r in audit::read(&cluster.audit_log())?.iter().filter(|r| {
+        r.user.username == user
+            && r.request_received_timestamp >= from
+            && r.request_received_timestamp <= to
+    }) {
+        *by_verb.entry(r.verb.clone()).or_insert(0.0) += 1.0 / nodes as f64 / hours;
+    }
+    let measured = |pid: u32, cpu: u64, requests| Measured {
+        processes: 1,
+        rss_kib: proc_status_kib(pid, "VmRSS:").unwrap_or(0) as f64,
+        peak_kib: proc_status_kib(pid, "VmHWM:").unwrap_or(0) as f64,
+        cpu_ms_per_hour: cpu as f64 / 1e6 / hours,
+        requests_per_hour: requests,
+    };
+    Ok((
+        measured(pid, after.0.saturating_sub(before.0), by_verb),
+        measured(scheduler, after.1.saturating_sub(before.1), BTreeMap::new()),
+    ))
 }
 
 /// Measures `nodes` idle agents (`binary`, or a fresh release build) and their

@@ -14,6 +14,7 @@ pub mod footprint;
 pub mod identity;
 pub mod image_server;
 pub mod invariants;
+pub mod makespan;
 pub mod packages;
 pub mod pki;
 pub mod process;

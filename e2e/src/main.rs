@@ -90,6 +90,32 @@ enum Cmd {
         #[arg(long)]
         agent_binary: Option<PathBuf>,
     },
+    /// Measure the idle operator (release build) with N kwok nodes against the
+    /// kube-scheduler of the same cluster: memory, CPU and API requests.
+    OperatorFootprint {
+        /// kwok nodes, comma-separated runs.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+        nodes: Vec<usize>,
+        /// The measuring window, in seconds.
+        #[arg(long, default_value_t = 300)]
+        window_secs: u64,
+    },
+    /// Rollouts of N nodes with real agents: makespan against ceil(N/k)·T, the
+    /// coordination gap, and API requests per node.
+    RolloutBench {
+        /// kwok nodes (one agent each).
+        #[arg(long, default_value_t = 50)]
+        nodes: usize,
+        /// The budgets to roll with, one rollout each.
+        #[arg(long, value_delimiter = ',', default_value = "1,5")]
+        k: Vec<usize>,
+        /// How long a simulated machine is down (T), in seconds.
+        #[arg(long, default_value_t = 10)]
+        reboot_secs: u64,
+        /// The kured-like baseline's poll period, in seconds.
+        #[arg(long, default_value_t = 60)]
+        poll_secs: u64,
+    },
     /// Build the binaries (with progress), then run `cargo test --workspace`.
     Test {
         /// Extra arguments for `cargo test`.
@@ -120,6 +146,13 @@ fn main() -> ExitCode {
             keep,
         } => e2e::demo::run(nodes, kubeconfig, keep),
         Cmd::Footprint { nodes, settle_secs } => footprint(nodes, settle_secs),
+        Cmd::OperatorFootprint { nodes, window_secs } => operator_footprint(&nodes, window_secs),
+        Cmd::RolloutBench {
+            nodes,
+            k,
+            reboot_secs,
+            poll_secs,
+        } => rollout_bench(nodes, &k, reboot_secs, poll_secs),
         Cmd::AgentFootprint {
             nodes,
             window_secs,
@@ -246,6 +279,49 @@ async fn agent_footprint(nodes: usize, window_secs: u64, binary: Option<PathBuf>
     let window = Duration::from_secs(window_secs);
     let (agent, base) = e2e::footprint::agents(nodes, window, binary).await?;
     e2e::footprint::print(&agent, &base, window);
+    Ok(())
+}
+
+#[tokio::main]
+async fn operator_footprint(nodes: &[usize], window_secs: u64) -> Result<()> {
+    let window = Duration::from_secs(window_secs);
+    println!(
+        "| kwok nodes | baton-operator RSS | peak RSS | CPU per hour | kube-scheduler RSS (baseline) | CPU per hour | RSS ratio | operator requests per node per hour |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for n in nodes {
+        let (op, base) = e2e::footprint::operator(*n, window).await?;
+        let requests: Vec<String> = op
+            .requests_per_hour
+            .iter()
+            .map(|(v, r)| format!("{v} {r:.3}"))
+            .collect();
+        println!(
+            "| {n} | {:.1} MiB | {:.1} MiB | {:.0} ms | {:.1} MiB | {:.0} ms | {:.2} | {} |",
+            op.rss_kib / 1024.0,
+            op.peak_kib / 1024.0,
+            op.cpu_ms_per_hour,
+            base.rss_kib / 1024.0,
+            base.cpu_ms_per_hour,
+            op.rss_kib / base.rss_kib.max(1.0),
+            if requests.is_empty() {
+                "none".to_string()
+            } else {
+                requests.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn rollout_bench(nodes: usize, k: &[usize], reboot_secs: u64, poll_secs: u64) -> Result<()> {
+    let (reboot, poll) = (
+        Duration::from_secs(reboot_secs),
+        Duration::from_secs(poll_secs),
+    );
+    let rollouts = e2e::makespan::run(nodes, k, reboot, poll).await?;
+    e2e::makespan::print(nodes, reboot, poll, &rollouts);
     Ok(())
 }
 

@@ -83,7 +83,8 @@ pub async fn run(client: Client, config: Config, metrics: Arc<Metrics>) {
     let (nodes, node_writer) = reflector::store();
     let (leases, lease_writer) = reflector::store();
     // Nodes are cached without their image lists and managed fields: on big clusters
-    // those dominate the operator's memory and baton never reads them.
+    // those dominate the operator's memory and baton never reads them. Deletions count
+    // as changes (touched, not only applied): a deleted node frees its lease at once.
     let node_stream = watcher(nodes_api, watcher::Config::default())
         .modify(|node: &mut Node| {
             node.managed_fields_mut().clear();
@@ -92,7 +93,7 @@ pub async fn run(client: Client, config: Config, metrics: Arc<Metrics>) {
             }
         })
         .reflect(node_writer)
-        .applied_objects()
+        .touched_objects()
         .default_backoff();
     let lease_selector = format!("{}={}", lease::MANAGED_BY.0, lease::MANAGED_BY.1);
     let lease_stream = watcher(
@@ -100,7 +101,7 @@ pub async fn run(client: Client, config: Config, metrics: Arc<Metrics>) {
         watcher::Config::default().labels(&lease_selector),
     )
     .reflect(lease_writer)
-    .applied_objects()
+    .touched_objects()
     .default_backoff();
 
     let controller = Controller::new(

@@ -1,0 +1,358 @@
+//! `cargo run -p e2e -- rollout-bench`: how fast a rollout goes and what it costs the
+//! API server. N kwok nodes, each with a release-built `baton-agent` (sim backend,
+//! machine down for a fixed T), the release-built operator under its own
+//! ServiceAccount, one rollout per budget k. From the reboot Leases' watch events:
+//! the makespan (first grant to last release) against the ideal ceil(N/k)·T, and the
+//! coordination gap (a release to the next grant). From the audit log: the operator's
+//! and the agents' requests per node.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
+use kube::{
+    Api, ResourceExt,
+    api::{ListParams, Patch, PatchParams, PostParams},
+    runtime::watcher,
+};
+
+use crate::{
+    TestCluster, audit,
+    error::{Error, Result},
+    fleet::{Fleet, FleetOptions},
+    footprint::{operator_rules, release_binary},
+    identity,
+    process::Supervised,
+};
+
+/// One rollout's figures.
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    /// The budget.
+    pub k: usize,
+    /// First grant to last release.
+    pub makespan: SignedDuration,
+    /// ceil(N/k)·T.
+    pub ideal: SignedDuration,
+    /// Release-to-next-grant gaps, sorted.
+    pub gaps: Vec<SignedDuration>,
+    /// The same gaps for nodes polling every `poll` (kured's model), modelled from the
+    /// measured release times.
+    pub polled_gaps: Vec<SignedDuration>,
+    /// Operator requests per node, by verb, during the rollout.
+    pub operator_requests: BTreeMap<String, f64>,
+    /// Agent requests per node, by verb, during the rollout.
+    pub agent_requests: BTreeMap<String, f64>,
+}
+
+fn percentile(sorted: &[SignedDuration], p: f64) -> SignedDuration {
+    if sorted.is_empty() {
+        return SignedDuration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// The lease events seen: (time, holder, granted or released).
+type Events = Arc<Mutex<Vec<(Timestamp, String, bool)>>>;
+
+/// Runs one rollout per budget in `ks` on `nodes` nodes, machines down for `reboot`.
+pub async fn run(
+    nodes: usize,
+    ks: &[usize],
+    reboot: Duration,
+    poll: Duration,
+) -> Result<Vec<Rollout>> {
+    let agent = tokio::task::spawn_blocking(|| release_binary("agent", "baton-agent"))
+        .await
+        .map_err(|e| Error::Other(e.to_string()))??;
+    let operator = tokio::task::spawn_blocking(|| release_binary("operator", "baton-operator"))
+        .await
+        .map_err(|e| Error::Other(e.to_string()))??;
+    let cluster = TestCluster::start().await?;
+    cluster.apply_crds().await?;
+    let names = cluster.add_nodes(nodes).await?;
+    cluster.create_namespace("baton-system").await?;
+    let operator_kc =
+        identity::kubeconfig_for(&cluster, "baton-system", "baton-operator", operator_rules())
+            .await?;
+    let agent_kc = identity::kubeconfig_for(
+        &cluster,
+        "baton-system",
+        "baton-agent",
+        serde_json::json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]}]),
+    )
+    .await?;
+    let _fleet = Fleet::start(
+        &names,
+        &FleetOptions {
+            binary: agent,
+            kubeconfig: agent_kc,
+            kubeconfigs: Default::default(),
+            node_args: Default::default(),
+            reboot_time: reboot,
+            args: ["--sim-stage-time", "1s"].map(String::from).to_vec(),
+        },
+    )?;
+    let _operator = Supervised::spawn(
+        "baton-operator",
+        Path::new("/usr/bin/env"),
+        &[
+            format!("KUBECONFIG={}", operator_kc.display()),
+            operator.display().to_string(),
+            "--namespace".into(),
+            "baton-system".into(),
+            "--identity".into(),
+            "bench".into(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+        ],
+        cluster.kubeconfig().with_file_name("operator.log"),
+    )?;
+    let events: Events = Arc::new(Mutex::new(Vec::new()));
+    let recorder = {
+        let events = Arc::clone(&events);
+        let api: Api<Lease> = Api::namespaced(cluster.client(), "baton-system");
+        tokio::spawn(async move {
+            let config = watcher::Config::default().labels("app.kubernetes.io/managed-by=baton");
+            let mut stream = watcher(api, config).boxed();
+            let mut held = std::collections::BTreeSet::new();
+            while let Some(Ok(event)) = stream.next().await {
+                let now = Timestamp::now();
+                let (lease, granted) = match event {
+                    watcher::Event::Apply(l) | watcher::Event::InitApply(l) => (l, true),
+                    watcher::Event::Delete(l) => (l, false),
+                    _ => continue,
+                };
+                let Some(holder) = lease.spec.and_then(|s| s.holder_identity) else {
+                    continue;
+                };
+                let changed = if granted {
+                    held.insert(holder.clone())
+                } else {
+                    held.remove(&holder)
+                };
+                if changed {
+                    events
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((now, holder, granted));
+                }
+            }
+        })
+    };
+    let nodes_api: Api<Node> = Api::all(cluster.client());
+    let policies: Api<crds::UpdatePolicy> = Api::all(cluster.client());
+    let mut out = Vec::new();
+    for (round, k) in ks.iter().enumerate() {
+        let version = format!("{}.0.0", round + 2);
+        let spec = serde_json::json!({"maxUnavailable": k, "health": {"rebootTimeout": "10m"}, "release": {
+            "version": version, "url": "https://images.invalid/os.img",
+            "sha256": "d".repeat(64), "signature": format!("{}==", "A".repeat(86)),
+        }});
+        if round == 0 {
+            let policy: crds::UpdatePolicy = serde_json::from_value(serde_json::json!({
+                "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "bench"}, "spec": spec,
+            }))
+            .map_err(|e| Error::Other(e.to_string()))?;
+            policies.create(&PostParams::default(), &policy).await?;
+        } else {
+            policies
+                .patch(
+                    "bench",
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({"spec": spec})),
+                )
+                .await?;
+        }
+        eprintln!(
+            "[rollout-bench] {nodes} nodes, maxUnavailable {k}, machines down {reboot:?}: rolling to {version}"
+        );
+        let from = Timestamp::now();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3600);
+        loop {
+            let done = nodes_api
+                .list(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .all(|n| {
+                    n.annotations().get("baton.dev/current-version") == Some(&version)
+                        && n.annotations().get("baton.dev/state").map(String::as_str)
+                            == Some("Done")
+                });
+            let held = events
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .filter(|(t, _, _)| *t >= from)
+                .fold(0i64, |acc, (_, _, g)| acc + if *g { 1 } else { -1 });
+            if done && held == 0 {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Other(
+                    "the rollout did not finish within an hour".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let to = Timestamp::now();
+        let seen: Vec<(Timestamp, String, bool)> = events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|(t, _, _)| *t >= from)
+            .cloned()
+            .collect();
+        out.push(figures(&cluster, nodes, *k, reboot, poll, &seen, from, to)?);
+    }
+    recorder.abort();
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn figures(
+    cluster: &TestCluster,
+    nodes: usize,
+    k: usize,
+    reboot: Duration,
+    poll: Duration,
+    seen: &[(Timestamp, String, bool)],
+    from: Timestamp,
+    to: Timestamp,
+) -> Result<Rollout> {
+    let first = seen.iter().find(|e| e.2).map(|e| e.0).unwrap_or(from);
+    let last = seen.iter().rev().find(|e| !e.2).map(|e| e.0).unwrap_or(to);
+    let t = SignedDuration::try_from(reboot).unwrap_or(SignedDuration::ZERO);
+    let ideal = t * i32::try_from(nodes.div_ceil(k)).unwrap_or(i32::MAX);
+    // Each release is followed by the next grant (while nodes wait).
+    let mut gaps = Vec::new();
+    let mut polled = Vec::new();
+    let poll_ns = i128::try_from(poll.as_nanos()).unwrap_or(i128::MAX).max(1);
+    let mut phase: u64 = 0x2545_f491_4f6c_dd1d;
+    for (i, e) in seen.iter().enumerate() {
+        if e.2 {
+            continue;
+        }
+        if let Some(next) = seen[i + 1..].iter().find(|n| n.2) {
+            gaps.push(next.0.duration_since(e.0));
+            // kured's model: each waiting node looks at the lock every `poll`, at its
+            // own phase; the gap is the wait for the first look after the release.
+            let waiting = seen[i + 1..].iter().filter(|n| n.2).count().max(1);
+            let mut best = poll_ns;
+            for _ in 0..waiting {
+                phase ^= phase << 13;
+                phase ^= phase >> 7;
+                phase ^= phase << 17;
+                best = best.min(i128::from(phase % poll_ns as u64));
+            }
+            polled.push(SignedDuration::from_nanos(
+                i64::try_from(best).unwrap_or(i64::MAX),
+            ));
+        }
+    }
+    gaps.sort();
+    polled.sort();
+    let hours_nodes = nodes as f64;
+    let mut operator_requests = BTreeMap::new();
+    let mut agent_requests = BTreeMap::new();
+    let (op, ag) = (
+        audit::service_account("baton-system", "baton-operator"),
+        audit::service_account("baton-system", "baton-agent"),
+    );
+    for r in audit::read(&cluster.audit_log())?
+        .iter()
+        .filter(|r| r.request_received_timestamp >= from && r.request_received_timestamp <= to)
+    {
+        let map = if r.user.username == op {
+            &mut operator_requests
+        } else if r.user.username == ag {
+            &mut agent_requests
+        } else {
+            continue;
+        };
+        *map.entry(r.verb.clone()).or_insert(0.0) += 1.0 / hours_nodes;
+    }
+    Ok(Rollout {
+        k,
+        makespan: last.duration_since(first),
+        ideal,
+        gaps,
+        polled_gaps: polled,
+        operator_requests,
+        agent_requests,
+    })
+}
+
+/// Prints the figures as Markdown.
+pub fn print(nodes: usize, reboot: Duration, poll: Duration, rollouts: &[Rollout]) {
+    let secs = |d: SignedDuration| d.as_secs_f64();
+    println!(
+        "{nodes} nodes, machines down T = {:.0} s:\n",
+        reboot.as_secs_f64()
+    );
+    println!("| maxUnavailable k | makespan | ideal ceil(N/k)·T | ratio (target ≤ 1.05) |");
+    println!("|---|---|---|---|");
+    for r in rollouts {
+        println!(
+            "| {} | {:.1} s | {:.1} s | {:.3} |",
+            r.k,
+            secs(r.makespan),
+            secs(r.ideal),
+            secs(r.makespan) / secs(r.ideal).max(f64::MIN_POSITIVE)
+        );
+    }
+    println!("\nCoordination gap (a release to the next grant):\n");
+    println!(
+        "| k | gaps | baton p50 | baton p99 | baton max | kured model ({:.0} s poll) p50 | p99 | ratio of p99s |",
+        poll.as_secs_f64()
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in rollouts {
+        let (p50, p99, max) = (
+            percentile(&r.gaps, 0.5),
+            percentile(&r.gaps, 0.99),
+            r.gaps.last().copied().unwrap_or_default(),
+        );
+        let (b50, b99) = (
+            percentile(&r.polled_gaps, 0.5),
+            percentile(&r.polled_gaps, 0.99),
+        );
+        println!(
+            "| {} | {} | {:.3} s | {:.3} s | {:.3} s | {:.1} s | {:.1} s | {:.4} |",
+            r.k,
+            r.gaps.len(),
+            secs(p50),
+            secs(p99),
+            secs(max),
+            secs(b50),
+            secs(b99),
+            secs(p99) / secs(b99).max(f64::MIN_POSITIVE)
+        );
+    }
+    println!("\nAPI requests per node during each rollout (audit log):\n");
+    for r in rollouts {
+        let fmt = |m: &BTreeMap<String, f64>| {
+            m.iter()
+                .map(|(v, n)| format!("{v} {n:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let total = |m: &BTreeMap<String, f64>| m.values().sum::<f64>();
+        println!(
+            "- k = {}: operator {:.1} ({}); agents {:.1} ({})",
+            r.k,
+            total(&r.operator_requests),
+            fmt(&r.operator_requests),
+            total(&r.agent_requests),
+            fmt(&r.agent_requests)
+        );
+    }
+}
