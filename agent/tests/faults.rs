@@ -467,3 +467,132 @@ async fn a_pdb_that_never_allows_an_eviction_fails_its_node_and_halts_the_pool()
     let report = s.finish("a PDB that never allows an eviction");
     assert_eq!(report.failures.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_jump_out_of_the_window_lets_the_reboot_in_flight_finish_and_starts_nothing() {
+    use std::sync::atomic::AtomicBool;
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.apply_crds().await.unwrap();
+    let client = cluster.client();
+    let names = cluster.add_nodes(3).await.unwrap();
+    cluster.create_namespace("baton-system").await.unwrap();
+    let fleet = Fleet::start(
+        &names,
+        &FleetOptions {
+            binary: env!("CARGO_BIN_EXE_baton-agent").into(),
+            kubeconfig: cluster.kubeconfig(),
+            kubeconfigs: Default::default(),
+            node_args: Default::default(),
+            reboot_time: Duration::from_secs(1),
+            args: ["--sim-stage-time", "1s", "--before-reboot", "sleep 3"]
+                .map(String::from)
+                .to_vec(),
+        },
+    )
+    .unwrap();
+    // Grants are judged on the operator's clock: while it reads 2 h ahead, the window is
+    // closed.
+    let jumped = Arc::new(AtomicBool::new(false));
+    let window = {
+        let jumped = Arc::clone(&jumped);
+        Arc::new(move |_| !jumped.load(Ordering::SeqCst)) as e2e::invariants::WindowFn
+    };
+    let watcher = Watcher::start(client.clone(), "baton-system", 1, 1, Some(window));
+    let clock = Arc::new(operator::clock::Clock::system());
+    let config = operator::config::Config::try_parse_from([
+        "baton-operator",
+        "--namespace",
+        "baton-system",
+        "--identity",
+        "op-a",
+    ])
+    .unwrap();
+    let _operator = tokio::spawn(operator::controller::run_replica_with_clock(
+        client.clone(),
+        config,
+        Arc::new(operator::metrics::Metrics::default()),
+        Arc::clone(&clock),
+    ));
+    // A daily one-hour window that opened 5 minutes ago.
+    let start = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .checked_sub(jiff::SignedDuration::from_mins(5))
+        .unwrap();
+    let spec = serde_json::json!({
+        "maxUnavailable": 1,
+        "health": {"rebootTimeout": "4h"},
+        "maintenanceWindows": [{"weekdays": ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"], "start": start.strftime("%H:%M").to_string(), "duration": "1h", "timeZone": "UTC"}],
+        "release": {"version": "2.0.0", "url": "https://images.invalid/os.img", "sha256": "e".repeat(64), "signature": format!("{}==", "A".repeat(86))},
+    });
+    let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "pool"}, "spec": spec,
+    }))
+    .unwrap();
+    let policies: Api<UpdatePolicy> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client.clone());
+    let rebooting = tokio::spawn(first_in_state(nodes.clone(), "Rebooting", None));
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let first = rebooting.await.unwrap();
+    jumped.store(true, Ordering::SeqCst);
+    clock.set_offset(jiff::SignedDuration::from_hours(2));
+    eprintln!("[faults] the operator's clock jumped 2 h ahead while {first} was rebooting");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "baton-system");
+    let reboot_leases = ListParams::default().labels("app.kubernetes.io/managed-by=baton");
+    cluster
+        .wait_for("the reboot in flight to finish", || async {
+            state(&nodes.get(&first).await.unwrap()) == Some("Done")
+                && leases.list(&reboot_leases).await.unwrap().items.is_empty()
+        })
+        .await
+        .unwrap();
+    cluster
+        .wait_for("the status to show the closed window", || async {
+            policies
+                .get("pool")
+                .await
+                .unwrap()
+                .status
+                .and_then(|s| s.window)
+                .as_deref()
+                == Some("Closed")
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        leases.list(&reboot_leases).await.unwrap().items.is_empty(),
+        "nothing started outside the window"
+    );
+    // The clock comes back: the window is open again and the rest follows.
+    clock.set_offset(jiff::SignedDuration::ZERO);
+    jumped.store(false, Ordering::SeqCst);
+    cluster
+        .wait_for("every node Done on 2.0.0", || async {
+            nodes
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .all(|n| {
+                    state(n) == Some("Done")
+                        && n.annotations()
+                            .get("baton.dev/current-version")
+                            .map(String::as_str)
+                            == Some("2.0.0")
+                })
+                && leases.list(&reboot_leases).await.unwrap().items.is_empty()
+        })
+        .await
+        .unwrap();
+    let report = watcher.finish();
+    eprintln!("[faults] clock jump: {report}");
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert_eq!(report.reboots, 3);
+    for n in &names {
+        assert_eq!(fleet.log(n).reboots, 1);
+    }
+}

@@ -7,7 +7,6 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use jiff::Timestamp;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -44,6 +43,7 @@ pub struct Context {
     pub(crate) drains: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) alerts: crate::alert::Alerts,
+    pub(crate) clock: Arc<crate::clock::Clock>,
 }
 
 /// One operator replica: waits to lead, then runs the controller until leadership is
@@ -54,6 +54,22 @@ pub async fn run_replica(client: Client, config: Config) {
 
 /// [`run_replica`], recording into `metrics`.
 pub async fn run_replica_with(client: Client, config: Config, metrics: Arc<Metrics>) {
+    run_replica_with_clock(
+        client,
+        config,
+        metrics,
+        Arc::new(crate::clock::Clock::system()),
+    )
+    .await;
+}
+
+/// [`run_replica_with`], judging every rule at `clock`'s time.
+pub async fn run_replica_with_clock(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    clock: Arc<crate::clock::Clock>,
+) {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let elector = crate::leader::Elector::new(
         leases,
@@ -63,7 +79,7 @@ pub async fn run_replica_with(client: Client, config: Config, metrics: Arc<Metri
     elector.acquire(config.leader_renew_interval).await;
     metrics.leader.set(1);
     tokio::select! {
-        () = run(client, config.clone(), Arc::clone(&metrics)) => {}
+        () = run_with_clock(client, config.clone(), Arc::clone(&metrics), clock) => {}
         () = elector.hold(config.leader_renew_interval) => warn!("stopping: no longer the leader"),
     }
     metrics.leader.set(0);
@@ -71,6 +87,22 @@ pub async fn run_replica_with(client: Client, config: Config, metrics: Arc<Metri
 
 /// Runs the controller until the process is stopped.
 pub async fn run(client: Client, config: Config, metrics: Arc<Metrics>) {
+    run_with_clock(
+        client,
+        config,
+        metrics,
+        Arc::new(crate::clock::Clock::system()),
+    )
+    .await;
+}
+
+/// [`run`], judging every rule at `clock`'s time.
+pub async fn run_with_clock(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    clock: Arc<crate::clock::Clock>,
+) {
     let alerts = match crate::alert::Alerts::new() {
         Ok(alerts) => alerts,
         Err(e) => {
@@ -134,6 +166,7 @@ pub async fn run(client: Client, config: Config, metrics: Arc<Metrics>) {
         drains: std::sync::Mutex::new(HashMap::new()),
         metrics,
         alerts,
+        clock,
     });
     // Drains run as their own tasks; they must not outlive this controller (a replica
     // that stops leading must stop evicting at once).
@@ -193,7 +226,7 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
     async move {
         ctx.nodes.wait_until_ready().await.ok();
         ctx.leases.wait_until_ready().await.ok();
-        let now = Timestamp::now();
+        let now = ctx.clock.now();
         let rules = match Policy::from_spec(&name, &policy.spec) {
             Ok(rules) => rules,
             Err(errors) => {
@@ -237,14 +270,19 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
         let gated = blocked || snapshot.gate.is_some();
         let blocked_recheck = gated.then(|| now.checked_add(GATE_RECHECK).ok()).flatten();
         let next = [plan.next_change, blocked_recheck].into_iter().flatten().min();
-        Ok(match next {
-            Some(t) => Requeue::requeue(t.duration_since(now).unsigned_abs().max(Duration::from_millis(100))),
-            None => Requeue::await_change(),
-        })
+        // Timers run on the monotonic clock while the rules run on the wall clock: a
+        // clock step (NTP, a resumed VM) would leave a far-off requeue far off. Looking
+        // again at least every RESYNC bounds that; it reads only the caches and writes
+        // nothing unless something changed.
+        let wait = next.map_or(RESYNC, |t| t.duration_since(now).unsigned_abs().clamp(Duration::from_millis(100), RESYNC));
+        Ok(Requeue::requeue(wait))
     }
     .instrument(span)
     .await
 }
+
+/// The longest a policy goes without a reconcile (see the requeue in `reconcile`).
+const RESYNC: Duration = Duration::from_secs(60);
 
 /// How often a node held back only by a blocking pod or a closed gate is looked at
 /// again.

@@ -132,6 +132,7 @@ pub async fn drain(
     rules: &DrainRules,
     deadline: Timestamp,
     blocked_tx: &tokio::sync::mpsc::UnboundedSender<Blocked>,
+    clock: &crate::clock::Clock,
 ) -> Result<Outcome> {
     let pods: Api<Pod> = Api::all(client.clone());
     let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
@@ -167,7 +168,7 @@ pub async fn drain(
             info!(node, "drained");
             return Ok(Outcome::Drained);
         }
-        if Timestamp::now() >= deadline {
+        if clock.now() >= deadline {
             return Ok(Outcome::TimedOut(remaining));
         }
         let results: Vec<(Pod, std::result::Result<(), kube::Error>)> = stream::iter(to_evict)
@@ -211,7 +212,7 @@ pub async fn drain(
         } else {
             Duration::from_millis(250)
         };
-        let left = deadline.duration_since(Timestamp::now()).unsigned_abs();
+        let left = deadline.duration_since(clock.now()).unsigned_abs();
         tokio::time::sleep(backoff.min(left)).await;
     }
 }

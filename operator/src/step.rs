@@ -178,7 +178,7 @@ pub(crate) async fn perform(
                         ),
                     )
                     .await;
-                    mark_drained(&leases, l).await?;
+                    mark_drained(&leases, l, ctx.clock.now()).await?;
                 }
                 OnTimeout::Proceed => {
                     node_event(
@@ -189,7 +189,7 @@ pub(crate) async fn perform(
                         "drain timed out; rebooting with the remaining pods (onTimeout: Proceed)",
                     )
                     .await;
-                    mark_drained(&leases, l).await?;
+                    mark_drained(&leases, l, ctx.clock.now()).await?;
                 }
             }
         }
@@ -294,8 +294,8 @@ async fn fail(
     Ok(())
 }
 
-async fn mark_drained(leases: &Api<Lease>, held: &Lease) -> Result<()> {
-    let at = protocol::lease::DRAINED_AT.format(&Timestamp::now());
+async fn mark_drained(leases: &Api<Lease>, held: &Lease, now: Timestamp) -> Result<()> {
+    let at = protocol::lease::DRAINED_AT.format(&now);
     lease::annotate(leases, held, &[(protocol::lease::DRAINED_AT.name, at)]).await
 }
 
@@ -352,7 +352,7 @@ async fn start_drain(ctx: &Arc<Context>, policy: &UpdatePolicy, node: &str, dead
             };
             ctx.metrics.drains.inc();
             let started = std::time::Instant::now();
-            let outcome = drain::drain(&ctx.client, &name, &rules, deadline, &blocked_tx).await;
+            let outcome = drain::drain(&ctx.client, &name, &rules, deadline, &blocked_tx, &ctx.clock).await;
             ctx.metrics.drains.dec();
             ctx.metrics.drain_seconds.observe(started.elapsed().as_secs_f64());
             drop(blocked_tx);
@@ -362,7 +362,7 @@ async fn start_drain(ctx: &Arc<Context>, policy: &UpdatePolicy, node: &str, dead
                     if let Some(l) = lease_of(&ctx, &name) {
                         let leases: Api<Lease> =
                             Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-                        if let Err(e) = mark_drained(&leases, &l).await {
+                        if let Err(e) = mark_drained(&leases, &l, ctx.clock.now()).await {
                             warn!(error = %e, "recording the drain failed; it will be redone");
                         }
                     }
