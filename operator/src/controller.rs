@@ -114,16 +114,11 @@ pub async fn run_with_clock(
     let leases_api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let (nodes, node_writer) = reflector::store();
     let (leases, lease_writer) = reflector::store();
-    // Nodes are cached without their image lists and managed fields: on big clusters
-    // those dominate the operator's memory and baton never reads them. Deletions count
+    // Nodes are cached slimmed (see `slim`): on big clusters their images, addresses
+    // and conditions dominate the operator's memory and baton never reads them. Deletions count
     // as changes (touched, not only applied): a deleted node frees its lease at once.
     let node_stream = watcher(nodes_api, watcher::Config::default())
-        .modify(|node: &mut Node| {
-            node.managed_fields_mut().clear();
-            if let Some(status) = node.status.as_mut() {
-                status.images = None;
-            }
-        })
+        .modify(slim)
         .reflect(node_writer)
         .touched_objects()
         .default_backoff();
@@ -191,6 +186,29 @@ impl Drop for AbortDrains {
         for handle in drains(&self.0).values() {
             handle.abort();
         }
+    }
+}
+
+/// What the operator keeps of a Node: metadata without managed fields, the spec's
+/// `unschedulable`, and the `Ready` condition. Images, addresses, capacity, node info
+/// and the other conditions dominate a Node's size and baton reads none of them.
+fn slim(node: &mut Node) {
+    node.managed_fields_mut().clear();
+    if let Some(spec) = node.spec.as_mut() {
+        *spec = k8s_openapi::api::core::v1::NodeSpec {
+            unschedulable: spec.unschedulable,
+            ..Default::default()
+        };
+    }
+    if let Some(status) = node.status.as_mut() {
+        let ready = status
+            .conditions
+            .take()
+            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect());
+        *status = k8s_openapi::api::core::v1::NodeStatus {
+            conditions: ready,
+            ..Default::default()
+        };
     }
 }
 
