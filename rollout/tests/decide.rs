@@ -571,12 +571,17 @@ fn a_node_whose_agent_never_reported_is_waiting_not_up_to_date() {
 #[test]
 fn a_release_version_is_published_on_pool_nodes_that_lack_it_and_only_those() {
     let mut w = world(3);
-    w.node_mut("node-02").unwrap().desired_version = Version::new("2.0.0").ok();
     let release = serde_json::json!({"release": {
         "version": "2.0.0", "url": "https://example.invalid/os.img",
         "sha256": "0".repeat(64), "signature": format!("{}==", "A".repeat(86)),
     }});
-    let plan = decide(&w.snapshot(), &policy(release), at(NOW));
+    let p = policy(release);
+    // node-02 has the version and the image; node-03 only the version (an older image).
+    let n2 = w.node_mut("node-02").unwrap();
+    n2.desired_version = Version::new("2.0.0").ok();
+    n2.desired_release = p.release.clone();
+    w.node_mut("node-03").unwrap().desired_version = Version::new("2.0.0").ok();
+    let plan = decide(&w.snapshot(), &p, at(NOW));
     assert_eq!(plan.publish_release, ["node-01", "node-03"]);
     let without = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
     assert!(
