@@ -26,7 +26,6 @@ use crate::{
     error::io,
     fleet::{Fleet, FleetOptions},
     identity,
-    process::Supervised,
 };
 
 /// The policy the demo installs: one node at a time, always open, release 2.0.0.
@@ -164,18 +163,17 @@ async fn local(n: usize, keep: bool) -> Result<()> {
         kubeconfigs.insert(node.clone(), kc);
     }
     let logs = cluster.kubeconfig().with_file_name("demo-operator.log");
-    let _operator = Supervised::spawn(
+    let _operator = crate::process::spawn_with_kubeconfig(
         "baton-operator",
-        Path::new("/usr/bin/env"),
+        &target.join("baton-operator"),
+        &operator_kc,
         &[
-            format!("KUBECONFIG={}", operator_kc.display()),
-            target.join("baton-operator").display().to_string(),
-            "--namespace".into(),
-            "baton-system".into(),
-            "--identity".into(),
-            "demo-operator".into(),
-            "--metrics-addr".into(),
-            "127.0.0.1:0".into(),
+            "--namespace",
+            "baton-system",
+            "--identity",
+            "demo-operator",
+            "--metrics-addr",
+            "127.0.0.1:0",
         ],
         logs,
     )?;

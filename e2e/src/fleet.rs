@@ -240,14 +240,8 @@ impl Supervisor {
 }
 
 fn spawn(binary: &Path, args: &[String], kubeconfig: &Path, log: PathBuf) -> Result<Supervised> {
-    // The watchdog runs `env KUBECONFIG=… baton-agent …`, so that nothing else in the
-    // test process's environment changes.
-    let mut full = vec![
-        format!("KUBECONFIG={}", kubeconfig.display()),
-        binary.display().to_string(),
-    ];
-    full.extend(args.iter().cloned());
-    Supervised::spawn("baton-agent", Path::new("/usr/bin/env"), &full, log)
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    crate::process::spawn_with_kubeconfig("baton-agent", binary, kubeconfig, &args, log)
 }
 
 fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {

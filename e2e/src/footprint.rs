@@ -118,18 +118,17 @@ pub async fn operator(nodes: usize, window: Duration) -> Result<(Measured, Measu
         .create(&kube::api::PostParams::default(), &policy)
         .await?;
     let log = cluster.kubeconfig().with_file_name("operator.log");
-    let proc = Supervised::spawn(
+    let proc = crate::process::spawn_with_kubeconfig(
         "baton-operator",
-        Path::new("/usr/bin/env"),
+        &operator_binary,
+        &kubeconfig,
         &[
-            format!("KUBECONFIG={}", kubeconfig.display()),
-            operator_binary.display().to_string(),
-            "--namespace".into(),
-            "baton-system".into(),
-            "--identity".into(),
-            "bench".into(),
-            "--metrics-addr".into(),
-            "127.0.0.1:0".into(),
+            "--namespace",
+            "baton-system",
+            "--identity",
+            "bench",
+            "--metrics-addr",
+            "127.0.0.1:0",
         ],
         log,
     )?;

@@ -8,7 +8,6 @@
 
 use std::{
     collections::BTreeMap,
-    path::Path,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -28,7 +27,6 @@ use crate::{
     fleet::{Fleet, FleetOptions},
     footprint::{operator_rules, release_binary},
     identity,
-    process::Supervised,
 };
 
 /// One rollout's figures.
@@ -100,18 +98,17 @@ pub async fn run(
             args: ["--sim-stage-time", "1s"].map(String::from).to_vec(),
         },
     )?;
-    let _operator = Supervised::spawn(
+    let _operator = crate::process::spawn_with_kubeconfig(
         "baton-operator",
-        Path::new("/usr/bin/env"),
+        &operator,
+        &operator_kc,
         &[
-            format!("KUBECONFIG={}", operator_kc.display()),
-            operator.display().to_string(),
-            "--namespace".into(),
-            "baton-system".into(),
-            "--identity".into(),
-            "bench".into(),
-            "--metrics-addr".into(),
-            "127.0.0.1:0".into(),
+            "--namespace",
+            "baton-system",
+            "--identity",
+            "bench",
+            "--metrics-addr",
+            "127.0.0.1:0",
         ],
         cluster.kubeconfig().with_file_name("operator.log"),
     )?;

@@ -136,6 +136,23 @@ impl Drop for Supervised {
     }
 }
 
+/// Starts `binary args…` with `KUBECONFIG=kubeconfig` (through `env`, so that nothing
+/// else in the caller's environment changes), logging to `log`.
+pub fn spawn_with_kubeconfig(
+    name: &str,
+    binary: &Path,
+    kubeconfig: &Path,
+    args: &[&str],
+    log: PathBuf,
+) -> Result<Supervised> {
+    let mut full = vec![
+        format!("KUBECONFIG={}", kubeconfig.display()),
+        binary.display().to_string(),
+    ];
+    full.extend(args.iter().map(|a| a.to_string()));
+    Supervised::spawn(name, Path::new("/usr/bin/env"), &full, log)
+}
+
 /// A `/proc/<pid>/status` field in KiB, such as `VmRSS:` or `VmHWM:` (peak).
 pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
