@@ -34,20 +34,8 @@ fn helm() -> PathBuf {
 
 /// Runs helm; returns stdout, or panics with stderr.
 fn run_helm(args: &[&str]) -> String {
-    let out = Command::new(helm())
+    let out = e2e::binaries::helm_command(&helm())
         .args(args)
-        .env(
-            "HELM_CACHE_HOME",
-            std::env::temp_dir().join("baton-e2e-helm-cache"),
-        )
-        .env(
-            "HELM_CONFIG_HOME",
-            std::env::temp_dir().join("baton-e2e-helm-config"),
-        )
-        .env(
-            "HELM_DATA_HOME",
-            std::env::temp_dir().join("baton-e2e-helm-data"),
-        )
         .output()
         .unwrap();
     assert!(

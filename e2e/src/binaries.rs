@@ -312,3 +312,17 @@ fn build(tool: &Tool, out: &Path) -> Result<()> {
     }
     fs::rename(&tmp, out).map_err(io(format!("moving {} into place", out.display())))
 }
+
+/// A `helm` command whose cache, config and data live in the harness's own temporary
+/// directories, so that tests never read or change the user's helm setup.
+pub fn helm_command(helm: &Path) -> Command {
+    let mut cmd = Command::new(helm);
+    for (var, dir) in [
+        ("HELM_CACHE_HOME", "baton-e2e-helm-cache"),
+        ("HELM_CONFIG_HOME", "baton-e2e-helm-config"),
+        ("HELM_DATA_HOME", "baton-e2e-helm-data"),
+    ] {
+        cmd.env(var, std::env::temp_dir().join(dir));
+    }
+    cmd
+}

@@ -84,7 +84,7 @@ fn build_binaries() -> Result<PathBuf> {
 
 fn helm_install(helm: &Path, kubeconfig: &Path) -> Result<()> {
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/baton");
-    let out = Command::new(helm)
+    let out = crate::binaries::helm_command(helm)
         .arg("install")
         .arg("baton")
         .arg(&chart)
@@ -100,18 +100,6 @@ fn helm_install(helm: &Path, kubeconfig: &Path) -> Result<()> {
             "--timeout",
             "3m",
         ])
-        .env(
-            "HELM_CACHE_HOME",
-            std::env::temp_dir().join("baton-e2e-helm-cache"),
-        )
-        .env(
-            "HELM_CONFIG_HOME",
-            std::env::temp_dir().join("baton-e2e-helm-config"),
-        )
-        .env(
-            "HELM_DATA_HOME",
-            std::env::temp_dir().join("baton-e2e-helm-data"),
-        )
         .output()
         .map_err(io("running helm"))?;
     if !out.status.success() {
