@@ -156,7 +156,7 @@ fn the_chart_lints_and_renders_for_every_backend_with_and_without_a_service_moni
     );
     assert!(find(&logind, "PodDisruptionBudget").is_some());
     // values.schema.json refuses nonsense with a clear message.
-    let out = Command::new(helm())
+    let out = e2e::binaries::helm_command(&helm())
         .args(["template", "baton", chart, "--set", "agent.backend=yum"])
         .output()
         .unwrap();
