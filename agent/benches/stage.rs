@@ -3,22 +3,23 @@
 //!
 //! `cargo bench -p agent --bench stage` (1 GiB; `BATON_BENCH_MIB=256` for a quicker
 //! run). Staging is the whole job: HTTPS download from loopback, the write into slot B
-//! with periodic syncs, the final sync, the read-back and its SHA-256. The baseline is
-//! `dd if=payload of=image bs=4M seek=<slot> oflag=seek_bytes conv=notrunc,fsync`: the
-//! write alone. The staging process's peak RSS is reset before each round
+//! with periodic syncs, the final sync, the read-back and its SHA-256. The baselines
+//! are the write alone, `dd if=payload of=image bs=4M seek=<slot> conv=notrunc,fsync`
+//! with `oflag=seek_bytes,direct` (direct I/O, as the agent writes) and with
+//! `oflag=seek_bytes` (through the page cache). The staging process's peak RSS is reset before each round
 //! (`/proc/self/clear_refs`) and read after it (`VmHWM`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::{
     io::Write,
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
 
 use agent::{
     payload::{ReleaseRef, Stager},
-    slot::create_image,
+    slot::{Slot, create_image},
 };
 use sha2::{Digest, Sha256};
 
@@ -104,52 +105,190 @@ async fn main() {
         signature: String::new(), // the backend checks it before staging; not measured
     };
     let stager = Stager::new(dir.path(), Some(&ca)).unwrap();
-    let (mut dd, mut stage, mut peaks) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..rounds {
+    let bench = Bench {
+        payload,
+        image,
+        slot,
+        release,
+        stager,
+        mib,
+        rounds,
+    };
+    let disk = whole_disk(&bench.image);
+    let speeds: Vec<u64> = std::env::var("BATON_BENCH_DISK_MIBPS")
+        .unwrap_or_else(|_| "500,125".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+
+    let mut rows = vec![(
+        "this machine's disk, as is".to_string(),
+        bench.run(true).await,
+    )];
+    for mibps in speeds {
+        let label = format!("the same disk limited to {mibps} MiB/s (read and write)");
+        match Throttle::apply(disk, mibps << 20) {
+            Ok(throttle) => {
+                let measured = bench.run(false).await;
+                drop(throttle);
+                rows.push((label, measured));
+            }
+            Err(why) => eprintln!("skipped {label}: {why}"),
+        }
+    }
+    println!("Staging {mib} MiB into an image file, {rounds} rounds each, medians:\n");
+    println!(
+        "| disk | `dd oflag=direct conv=fsync` (baseline) | `dd conv=fsync` | baton staging | ratio (dd direct / staging) | staging peak RSS |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let rate = |d: Duration| {
+        format!(
+            "{:.2} s ({:.0} MiB/s)",
+            d.as_secs_f64(),
+            mib as f64 / d.as_secs_f64()
+        )
+    };
+    for (label, m) in rows {
+        println!(
+            "| {label} | {} | {} | {} | **{:.2}** | {:.1} MiB |",
+            rate(m.dd_direct),
+            m.dd.map_or("—".into(), rate),
+            rate(m.stage),
+            m.dd_direct.as_secs_f64() / m.stage.as_secs_f64(),
+            m.peak_kib as f64 / 1024.0
+        );
+    }
+}
+
+/// Medians of one configuration.
+struct Measured {
+    dd_direct: Duration,
+    dd: Option<Duration>,
+    stage: Duration,
+    peak_kib: u64,
+}
+
+struct Bench {
+    payload: PathBuf,
+    image: PathBuf,
+    slot: Slot,
+    release: ReleaseRef,
+    stager: Stager,
+    mib: usize,
+    rounds: usize,
+}
+
+impl Bench {
+    fn dd(&self, oflag: &str) -> Duration {
         let t = Instant::now();
         let status = Command::new("dd")
-            .arg(format!("if={}", payload.display()))
-            .arg(format!("of={}", image.display()))
+            .arg(format!("if={}", self.payload.display()))
+            .arg(format!("of={}", self.image.display()))
             .args([
                 "bs=4M",
-                "oflag=seek_bytes",
+                &format!("oflag={oflag}"),
                 "conv=notrunc,fsync",
                 "status=none",
             ])
-            .arg(format!("seek={}", slot.offset))
+            .arg(format!("seek={}", self.slot.offset))
             .status()
             .unwrap();
         assert!(status.success());
-        dd.push(t.elapsed());
-
-        stager.forget();
-        std::fs::write("/proc/self/clear_refs", "5").unwrap();
-        let t = Instant::now();
-        let written = stager.stage(&release, &image, &slot).await.unwrap();
-        stage.push(t.elapsed());
-        peaks.push(peak_kib());
-        assert_eq!(written, (mib as u64) << 20);
-        eprintln!(
-            "round {}: dd {:.2?}, staging {:.2?}, peak RSS {} KiB",
-            round + 1,
-            dd[round],
-            stage[round],
-            peaks[round]
-        );
+        t.elapsed()
     }
-    let (dd, stage) = (median(dd), median(stage));
-    let rate = |d: Duration| mib as f64 / d.as_secs_f64();
-    let peak = *peaks.iter().max().unwrap() as f64 / 1024.0;
-    println!("Staging {mib} MiB into an image file, {rounds} rounds, medians:\n");
-    println!("| measure | dd (baseline) | baton staging | ratio (dd time / staging time) |");
-    println!("|---|---|---|---|");
-    println!(
-        "| time | {:.2} s ({:.0} MiB/s) | {:.2} s ({:.0} MiB/s) | {:.2} |",
-        dd.as_secs_f64(),
-        rate(dd),
-        stage.as_secs_f64(),
-        rate(stage),
-        dd.as_secs_f64() / stage.as_secs_f64()
-    );
-    println!("| staging peak RSS | | {peak:.1} MiB | |");
+
+    /// `rounds` of: dd with direct I/O (as the agent writes), dd through the page
+    /// cache (when `buffered`: a throttle does not bound page-cache writeback
+    /// reliably), then staging.
+    async fn run(&self, buffered: bool) -> Measured {
+        let (mut dd_direct, mut dd, mut stage, mut peak) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for round in 0..self.rounds {
+            dd_direct.push(self.dd("seek_bytes,direct"));
+            if buffered {
+                dd.push(self.dd("seek_bytes"));
+            }
+            self.stager.forget();
+            std::fs::write("/proc/self/clear_refs", "5").unwrap();
+            let t = Instant::now();
+            let written = self
+                .stager
+                .stage(&self.release, &self.image, &self.slot)
+                .await
+                .unwrap();
+            stage.push(t.elapsed());
+            let round_peak = peak_kib();
+            peak = peak.max(round_peak);
+            assert_eq!(written, (self.mib as u64) << 20);
+            eprintln!(
+                "round {}: dd direct {:.2?}, dd {:?}, staging {:.2?}, peak RSS {round_peak} KiB",
+                round + 1,
+                dd_direct[round],
+                dd.get(round),
+                stage[round],
+            );
+        }
+        Measured {
+            dd_direct: median(dd_direct),
+            dd: (!dd.is_empty()).then(|| median(dd)),
+            stage: median(stage),
+            peak_kib: peak,
+        }
+    }
+}
+
+/// The whole disk (major, minor) holding `path`: block throttles apply to disks, not
+/// partitions.
+fn whole_disk(path: &Path) -> (u32, u32) {
+    let dev = rustix::fs::stat(path).unwrap().st_dev;
+    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    if sys.join("partition").exists()
+        && let Ok(parent) = std::fs::read_to_string(sys.join("../dev"))
+        && let Some((a, b)) = parent.trim().split_once(':')
+    {
+        return (a.parse().unwrap(), b.parse().unwrap());
+    }
+    (major, minor)
+}
+
+/// This process (and the `dd`s it starts) in a cgroup-v1 blkio group limited to `bps`
+/// for reads and writes of one disk, as on a slower device; back out when dropped.
+/// Needs root and the v1 blkio controller; on other machines the throttled rows are
+/// skipped with the reason.
+struct Throttle {
+    group: PathBuf,
+}
+
+impl Throttle {
+    const ROOT: &str = "/sys/fs/cgroup/blkio";
+
+    fn apply(disk: (u32, u32), bps: u64) -> Result<Throttle, String> {
+        let root = Path::new(Self::ROOT);
+        if !root.join("blkio.throttle.write_bps_device").exists() {
+            return Err("no cgroup-v1 blkio controller at /sys/fs/cgroup/blkio".into());
+        }
+        let group = root.join(format!("baton-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&group)
+            .map_err(|e| format!("creating {}: {e}", group.display()))?;
+        let rule = format!("{}:{} {bps}", disk.0, disk.1);
+        for file in [
+            "blkio.throttle.write_bps_device",
+            "blkio.throttle.read_bps_device",
+        ] {
+            std::fs::write(group.join(file), &rule).map_err(|e| format!("{file}: {e}"))?;
+        }
+        std::fs::write(group.join("cgroup.procs"), std::process::id().to_string())
+            .map_err(|e| format!("joining {}: {e}", group.display()))?;
+        Ok(Throttle { group })
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            Path::new(Self::ROOT).join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        let _ = std::fs::remove_dir(&self.group);
+    }
 }

@@ -5,7 +5,7 @@
 //! the slot be armed.
 
 use std::{
-    io::{Read, Seek, SeekFrom, Write},
+    io::{Read, Seek, SeekFrom},
     path::{Path, PathBuf},
 };
 
@@ -128,12 +128,19 @@ pub struct Stager {
     pub http: reqwest::Client,
     /// Where progress is kept.
     pub progress_file: PathBuf,
-    /// Synced and recorded every this many bytes.
+    /// Synced and recorded every this many bytes (a multiple of the write size, at
+    /// most [`BLOCK`], is used for the writes themselves).
     pub checkpoint: u64,
 }
 
-/// The bytes per read when hashing the slot back.
-const READ_BACK: usize = 1 << 20;
+/// The most bytes per write to the slot, and per read when hashing it back.
+pub const BLOCK: usize = 2 << 20;
+
+/// Buffers in flight between the download and the writer.
+const BUFFERS: usize = 3;
+
+/// The alignment of direct I/O: offsets, lengths and memory.
+const DIRECT_ALIGN: usize = 4096;
 
 impl Stager {
     /// A stager with an HTTPS client trusting the system roots plus `extra_ca` (PEM).
@@ -180,35 +187,56 @@ impl Stager {
             .is_some_and(|p| p.sha256 == release.sha256 && p.slot == slot)
     }
 
+    /// The size of each write: a multiple of the direct-I/O alignment, at most
+    /// [`BLOCK`] and at most one checkpoint.
+    fn block(&self) -> usize {
+        let checkpoint = usize::try_from(self.checkpoint).unwrap_or(BLOCK);
+        (checkpoint.min(BLOCK) / DIRECT_ALIGN).max(1) * DIRECT_ALIGN
+    }
+
     /// Downloads `release` into `slot` of `device` (resuming when the last attempt at
     /// the same release and slot was interrupted), syncs, reads it back and checks its
     /// hash. The caller has verified the signature and disarmed the slot. Returns the
     /// payload's size.
+    ///
+    /// The slot is written and read back with direct I/O where the device allows it:
+    /// staging an OS image then does not push the node's workloads out of the page
+    /// cache, and the read-back hashes what the device holds, not what the cache does.
+    /// The download, the writes and the read-back run on three threads, so the network,
+    /// the disk and the hash overlap.
     pub async fn stage(
         &self,
         release: &ReleaseRef,
         device: &Path,
         slot: &Slot,
     ) -> Result<u64, PayloadError> {
+        let block = self.block();
+        // Resume on a write boundary (a checkpoint always is one).
         let mut written = self
             .progress()
             .filter(|p| p.sha256 == release.sha256 && p.slot == slot.label)
-            .map_or(0, |p| p.written);
+            .map_or(0, |p| p.written / block as u64 * block as u64);
         let download = |message: String| PayloadError::Download {
             url: release.url.clone(),
             message,
         };
-        let mut request = self.http.get(&release.url);
-        if written > 0 {
-            request = request.header(reqwest::header::RANGE, format!("bytes={written}-"));
-        }
-        let response = request.send().await.map_err(|e| download(e.to_string()))?;
-        let status = response.status();
-        if status == reqwest::StatusCode::OK {
-            written = 0; // the server ignored the range: start over
-        } else if status != reqwest::StatusCode::PARTIAL_CONTENT || written == 0 {
-            return Err(download(format!("HTTP {status}")));
-        }
+        let response = loop {
+            let mut request = self.http.get(&release.url);
+            if written > 0 {
+                request = request.header(reqwest::header::RANGE, format!("bytes={written}-"));
+            }
+            let response = request.send().await.map_err(|e| download(e.to_string()))?;
+            let status = response.status();
+            if status == reqwest::StatusCode::OK {
+                written = 0; // the server ignored the range: start over
+            } else if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE && written > 0 {
+                written = 0; // the payload changed size under the same name: start over
+                continue;
+            } else if status != reqwest::StatusCode::PARTIAL_CONTENT || written == 0 {
+                return Err(download(format!("HTTP {status}")));
+            }
+            break response;
+        };
         let total = response.content_length().map(|rest| rest + written);
         if let Some(size) = total.filter(|s| *s > slot.len) {
             return Err(PayloadError::TooLarge {
@@ -217,56 +245,50 @@ impl Stager {
                 capacity: slot.len,
             });
         }
-        let mut progress = Progress {
+        let progress = Progress {
             sha256: release.sha256.clone(),
             slot: slot.label.clone(),
             written,
         };
         self.save(&progress)?;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(device)
-            .map_err(io_err(format!("opening {}", device.display())))?;
-        let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
-        out.seek(SeekFrom::Start(slot.offset + written))
-            .map_err(io_err("seeking to the slot"))?;
+        let (file, direct) = open_slot(device, true)?;
         // The read-back runs beside the download: each range is read back and hashed
         // once it has been synced, in order, so the check overlaps the writing.
-        let verifier = ReadBack::start(device.to_path_buf(), slot.offset);
+        let verifier = ReadBack::start(device.to_path_buf(), slot.offset, block);
         verifier.synced(written);
-        let mut since_checkpoint = 0u64;
-        let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| download(e.to_string()))?;
-            let len = chunk.len() as u64;
-            if written + len > slot.len {
-                return Err(PayloadError::TooLarge {
-                    size: written + len,
-                    slot: slot.label.clone(),
-                    capacity: slot.len,
-                });
-            }
-            out.write_all(&chunk).map_err(io_err("writing the slot"))?;
-            written += len;
-            since_checkpoint += len;
-            if since_checkpoint >= self.checkpoint {
-                out.flush().map_err(io_err("writing the slot"))?;
-                out.get_ref()
-                    .sync_data()
-                    .map_err(io_err("syncing the slot"))?;
-                progress.written = written;
-                self.save(&progress)?;
-                verifier.synced(written);
-                since_checkpoint = 0;
-            }
+        let (full_tx, full_rx) = tokio::sync::mpsc::channel::<Aligned>(BUFFERS);
+        let (empty_tx, mut empty_rx) = tokio::sync::mpsc::channel::<Aligned>(BUFFERS);
+        for _ in 0..BUFFERS {
+            let _ = empty_tx.try_send(Aligned::new(block));
         }
-        out.flush().map_err(io_err("writing the slot"))?;
-        out.get_ref()
-            .sync_all()
-            .map_err(io_err("syncing the slot"))?;
-        progress.written = written;
-        self.save(&progress)?;
-        drop(out);
+        let writer = SlotWriter {
+            stager: self.clone(),
+            device: device.to_path_buf(),
+            file,
+            direct,
+            offset: slot.offset,
+            progress,
+            marks: verifier.marks.clone(),
+        };
+        let writing = tokio::task::spawn_blocking(move || writer.run(full_rx, empty_tx));
+        let received = Self::receive(
+            &release.url,
+            response,
+            slot,
+            written,
+            &full_tx,
+            &mut empty_rx,
+        )
+        .await;
+        // Whatever happened, let the writer finish what it has (synced and recorded,
+        // so an interrupted download resumes from there) before returning.
+        drop(full_tx);
+        let wrote = writing.await.map_err(|e| PayloadError::Io {
+            what: "writing the slot".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        received?;
+        let written = wrote?;
         verifier.synced(written);
         let actual = verifier.finish().await?;
         if actual != release.sha256 {
@@ -278,10 +300,186 @@ impl Stager {
         }
         Ok(written)
     }
+
+    /// Copies the response body into full buffers for the writer (the last one may be
+    /// partial); refuses a body that outgrows the slot.
+    async fn receive(
+        url: &str,
+        response: reqwest::Response,
+        slot: &Slot,
+        mut written: u64,
+        full: &tokio::sync::mpsc::Sender<Aligned>,
+        empty: &mut tokio::sync::mpsc::Receiver<Aligned>,
+    ) -> Result<(), PayloadError> {
+        let stopped = || PayloadError::Io {
+            what: "writing the slot".into(),
+            source: std::io::Error::other("the writer stopped"),
+        };
+        let mut current = empty.recv().await.ok_or_else(stopped)?;
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| PayloadError::Download {
+                url: url.to_string(),
+                message: e.to_string(),
+            })?;
+            written += chunk.len() as u64;
+            if written > slot.len {
+                return Err(PayloadError::TooLarge {
+                    size: written,
+                    slot: slot.label.clone(),
+                    capacity: slot.len,
+                });
+            }
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                let n = current.fill(rest);
+                rest = &rest[n..];
+                if current.is_full() {
+                    full.send(current).await.map_err(|_| stopped())?;
+                    current = empty.recv().await.ok_or_else(stopped)?;
+                }
+            }
+        }
+        if !current.data().is_empty() {
+            full.send(current).await.map_err(|_| stopped())?;
+        }
+        Ok(())
+    }
 }
 
-/// Bytes buffered before a write to the slot.
-const WRITE_BUFFER: usize = 4 << 20;
+/// A buffer whose usable part starts on a [`DIRECT_ALIGN`] boundary (direct I/O needs
+/// aligned memory); built from an ordinary vector, without unsafe code.
+struct Aligned {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+    filled: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let raw = vec![0u8; len + DIRECT_ALIGN];
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        Aligned {
+            raw,
+            start,
+            len,
+            filled: 0,
+        }
+    }
+
+    /// Copies as much of `bytes` as fits; returns how much.
+    fn fill(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.len - self.filled);
+        let at = self.start + self.filled;
+        self.raw[at..at + n].copy_from_slice(&bytes[..n]);
+        self.filled += n;
+        n
+    }
+
+    fn is_full(&self) -> bool {
+        self.filled == self.len
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.filled]
+    }
+
+    /// The whole usable part, for a read.
+    fn space(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+/// Opens `device` for direct I/O when it allows it (block devices and most local file
+/// systems do), else for ordinary I/O. Returns whether the I/O is direct.
+fn open_slot(device: &Path, write: bool) -> Result<(std::fs::File, bool), PayloadError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let what = || format!("opening {}", device.display());
+    let mut options = std::fs::OpenOptions::new();
+    options.read(!write).write(write);
+    let direct = options
+        .clone()
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .open(device);
+    match direct {
+        Ok(file) => Ok((file, true)),
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => options
+            .open(device)
+            .map(|file| (file, false))
+            .map_err(io_err(what())),
+        Err(e) => Err(io_err(what())(e)),
+    }
+}
+
+/// The writer: a blocking task that writes full buffers at their place in the slot,
+/// syncs and records progress every checkpoint, and tells the read-back what is synced.
+struct SlotWriter {
+    stager: Stager,
+    device: PathBuf,
+    file: std::fs::File,
+    direct: bool,
+    offset: u64,
+    progress: Progress,
+    marks: std::sync::mpsc::Sender<u64>,
+}
+
+impl SlotWriter {
+    /// Writes until the download side closes the channel; returns the bytes written.
+    fn run(
+        mut self,
+        mut full: tokio::sync::mpsc::Receiver<Aligned>,
+        empty: tokio::sync::mpsc::Sender<Aligned>,
+    ) -> Result<u64, PayloadError> {
+        use std::os::unix::fs::FileExt;
+        let mut written = self.progress.written;
+        let mut since_checkpoint = 0u64;
+        while let Some(mut buffer) = full.blocking_recv() {
+            let data = buffer.data();
+            let at = self.offset + written;
+            // Only the last buffer may end off the alignment: that tail goes through
+            // the page cache.
+            let aligned = if self.direct {
+                data.len() / DIRECT_ALIGN * DIRECT_ALIGN
+            } else {
+                data.len()
+            };
+            self.file
+                .write_all_at(&data[..aligned], at)
+                .map_err(io_err("writing the slot"))?;
+            if aligned < data.len() {
+                let tail = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&self.device)
+                    .map_err(io_err(format!("opening {}", self.device.display())))?;
+                tail.write_all_at(&data[aligned..], at + aligned as u64)
+                    .map_err(io_err("writing the slot"))?;
+                tail.sync_data().map_err(io_err("syncing the slot"))?;
+            }
+            let len = data.len() as u64;
+            written += len;
+            since_checkpoint += len;
+            buffer.filled = 0;
+            let _ = empty.blocking_send(buffer);
+            if since_checkpoint >= self.stager.checkpoint {
+                self.checkpoint(written)?;
+                since_checkpoint = 0;
+            }
+        }
+        self.file.sync_all().map_err(io_err("syncing the slot"))?;
+        self.progress.written = written;
+        self.stager.save(&self.progress)?;
+        Ok(written)
+    }
+
+    fn checkpoint(&mut self, written: u64) -> Result<(), PayloadError> {
+        self.file.sync_data().map_err(io_err("syncing the slot"))?;
+        self.progress.written = written;
+        self.stager.save(&self.progress)?;
+        let _ = self.marks.send(written);
+        Ok(())
+    }
+}
 
 /// The read-back: a blocking task that reads the slot from its start up to each
 /// synced mark, hashing as it goes.
@@ -291,31 +489,38 @@ struct ReadBack {
 }
 
 impl ReadBack {
-    fn start(device: PathBuf, offset: u64) -> ReadBack {
+    fn start(device: PathBuf, offset: u64, block: usize) -> ReadBack {
         let (marks, rx) = std::sync::mpsc::channel::<u64>();
         let task = tokio::task::spawn_blocking(move || {
-            let mut file = std::fs::File::open(&device)
-                .map_err(io_err(format!("opening {}", device.display())))?;
-            file.seek(SeekFrom::Start(offset))
-                .map_err(io_err("seeking to the slot"))?;
+            use std::os::unix::fs::FileExt;
+            let (file, _) = open_slot(&device, false)?;
             let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; READ_BACK];
+            let mut buf = Aligned::new(block);
             let mut hashed = 0u64;
+            let eof = || PayloadError::Io {
+                what: "reading the slot back".into(),
+                source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            };
             // Each mark is a synced length; the channel closes after the last one.
             for mark in rx {
                 while hashed < mark {
-                    let want = (mark - hashed).min(READ_BACK as u64) as usize;
-                    let n = file
-                        .read(&mut buf[..want])
-                        .map_err(io_err("reading the slot back"))?;
-                    if n == 0 {
-                        return Err(PayloadError::Io {
-                            what: "reading the slot back".into(),
-                            source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
-                        });
+                    let want = (mark - hashed).min(block as u64) as usize;
+                    // Direct reads are whole aligned blocks: read past a partial end,
+                    // hash only what was written.
+                    let read = want.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+                    let space = &mut buf.space()[..read];
+                    let mut got = 0;
+                    while got < want {
+                        let n = file
+                            .read_at(&mut space[got..], offset + hashed + got as u64)
+                            .map_err(io_err("reading the slot back"))?;
+                        if n == 0 {
+                            return Err(eof());
+                        }
+                        got += n;
                     }
-                    hasher.update(&buf[..n]);
-                    hashed += n as u64;
+                    hasher.update(&buf.space()[..want]);
+                    hashed += want as u64;
                 }
             }
             Ok(hex::encode(hasher.finalize()))
@@ -335,6 +540,9 @@ impl ReadBack {
         })?
     }
 }
+
+/// The bytes per read when hashing a slot back.
+const READ_BACK: usize = 1 << 20;
 
 /// Reads `len` bytes at `offset` of `device` back and hashes them.
 pub fn hash_back(device: &Path, offset: u64, len: u64) -> Result<String, PayloadError> {

@@ -43,6 +43,38 @@ pub struct Measured {
     pub requests_per_hour: BTreeMap<String, f64>,
 }
 
+/// What the operator did in a window, from its own metrics, per hour.
+#[derive(Debug, Default, Clone)]
+pub struct Activity {
+    /// Policy reconciles per hour.
+    pub reconciles: f64,
+    /// Mean reconcile time, milliseconds.
+    pub reconcile_ms: f64,
+    /// Node watch events that triggered a reconcile, per hour.
+    pub events_admitted: f64,
+    /// Node watch events ignored (nothing baton reads changed), per hour.
+    pub events_ignored: f64,
+}
+
+/// The operator's metrics at `addr`, by series (name and labels as exposed).
+async fn scrape(addr: std::net::SocketAddr) -> Result<BTreeMap<String, f64>> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| Error::Other(format!("scraping the operator: {e}")))?
+        .text()
+        .await
+        .map_err(|e| Error::Other(format!("scraping the operator: {e}")))?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect())
+}
+
 /// Builds `package`'s binary `bin` in release mode and returns its path.
 pub fn release_binary(package: &str, bin: &str) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -87,8 +119,9 @@ pub fn operator_rules() -> serde_json::Value {
 }
 
 /// The operator's footprint with `nodes` kwok nodes, idle (a policy over every node,
-/// no agent asking for a reboot), over `window`: (operator, kube-scheduler baseline).
-pub async fn operator(nodes: usize, window: Duration) -> Result<(Measured, Measured)> {
+/// no agent asking for a reboot), over `window`: (operator, kube-scheduler baseline,
+/// what the operator did).
+pub async fn operator(nodes: usize, window: Duration) -> Result<(Measured, Measured, Activity)> {
     let operator_binary =
         tokio::task::spawn_blocking(|| release_binary("operator", "baton-operator"))
             .await
@@ -118,6 +151,10 @@ pub async fn operator(nodes: usize, window: Duration) -> Result<(Measured, Measu
         .create(&kube::api::PostParams::default(), &policy)
         .await?;
     let log = cluster.kubeconfig().with_file_name("operator.log");
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(io("choosing a metrics port"))?;
+    let metrics_arg = metrics_addr.to_string();
     let proc = crate::process::spawn_with_kubeconfig(
         "baton-operator",
         &operator_binary,
@@ -128,7 +165,7 @@ pub async fn operator(nodes: usize, window: Duration) -> Result<(Measured, Measu
             "--identity",
             "bench",
             "--metrics-addr",
-            "127.0.0.1:0",
+            &metrics_arg,
         ],
         log,
     )?;
@@ -143,7 +180,33 @@ pub async fn operator(nodes: usize, window: Duration) -> Result<(Measured, Measu
                 .is_some_and(|s| s.nodes == expected)
         })
         .await?;
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    // Idle means nothing baton reads is changing: a new cluster keeps relabelling and
+    // re-annotating its Nodes for a while (kwok's labels; the TTL controller's
+    // annotation, rewritten on every Node as the cluster grows), so the window starts
+    // once the operator has seen no such change for 30 s.
+    let settling = std::time::Instant::now();
+    let admitted = "baton_node_events_total{outcome=\"admitted\"}";
+    let mut last = (f64::NAN, std::time::Instant::now());
+    while last.1.elapsed() < Duration::from_secs(30) {
+        if settling.elapsed() > Duration::from_secs(900) {
+            return Err(Error::Other(
+                "the cluster did not settle in 15 minutes".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = scrape(metrics_addr)
+            .await?
+            .get(admitted)
+            .copied()
+            .unwrap_or(0.0);
+        if now != last.0 {
+            last = (now, std::time::Instant::now());
+        }
+    }
+    eprintln!(
+        "[footprint] Nodes settled (no change baton reads for 30 s) after {:.0?}",
+        settling.elapsed()
+    );
     let pid = proc
         .component_pid()
         .ok_or_else(|| Error::Other("the operator is not running".into()))?;
@@ -155,10 +218,23 @@ pub async fn operator(nodes: usize, window: Duration) -> Result<(Measured, Measu
         .ok_or_else(|| Error::Other("no kube-scheduler".into()))?;
     let before = (cpu_ns(pid).unwrap_or(0), cpu_ns(scheduler).unwrap_or(0));
     let from = jiff::Timestamp::now();
+    let metrics_before = scrape(metrics_addr).await?;
     tokio::time::sleep(window).await;
+    let metrics_after = scrape(metrics_addr).await?;
     let to = jiff::Timestamp::now();
     let after = (cpu_ns(pid).unwrap_or(0), cpu_ns(scheduler).unwrap_or(0));
     let hours = window.as_secs_f64() / 3600.0;
+    let delta = |series: &str| {
+        metrics_after.get(series).copied().unwrap_or(0.0)
+            - metrics_before.get(series).copied().unwrap_or(0.0)
+    };
+    let reconciles = delta("baton_reconcile_duration_seconds_count");
+    let activity = Activity {
+        reconciles: reconciles / hours,
+        reconcile_ms: delta("baton_reconcile_duration_seconds_sum") * 1000.0 / reconciles.max(1.0),
+        events_admitted: delta("baton_node_events_total{outcome=\"admitted\"}") / hours,
+        events_ignored: delta("baton_node_events_total{outcome=\"ignored\"}") / hours,
+    };
     let mut by_verb = BTreeMap::new();
     let user = audit::service_account("baton-system", "baton-operator");
     for r in audit::read(&cluster.audit_log())?.iter().filter(|r| {
@@ -178,6 +254,7 @@ pub async fn operator(nodes: usize, window: Duration) -> Result<(Measured, Measu
     Ok((
         measured(pid, after.0.saturating_sub(before.0), by_verb),
         measured(scheduler, after.1.saturating_sub(before.1), BTreeMap::new()),
+        activity,
     ))
 }
 

@@ -286,18 +286,18 @@ async fn agent_footprint(nodes: usize, window_secs: u64, binary: Option<PathBuf>
 async fn operator_footprint(nodes: &[usize], window_secs: u64) -> Result<()> {
     let window = Duration::from_secs(window_secs);
     println!(
-        "| kwok nodes | baton-operator RSS | peak RSS | CPU per hour | kube-scheduler RSS (baseline) | CPU per hour | RSS ratio | operator requests per node per hour |"
+        "| kwok nodes | baton-operator RSS | peak RSS | CPU per hour | kube-scheduler RSS (baseline) | CPU per hour | RSS ratio | operator requests per node per hour | reconciles per hour (mean) | Node events per hour: admitted / ignored |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for n in nodes {
-        let (op, base) = e2e::footprint::operator(*n, window).await?;
+        let (op, base, activity) = e2e::footprint::operator(*n, window).await?;
         let requests: Vec<String> = op
             .requests_per_hour
             .iter()
             .map(|(v, r)| format!("{v} {r:.3}"))
             .collect();
         println!(
-            "| {n} | {:.1} MiB | {:.1} MiB | {:.0} ms | {:.1} MiB | {:.0} ms | {:.2} | {} |",
+            "| {n} | {:.1} MiB | {:.1} MiB | {:.0} ms | {:.1} MiB | {:.0} ms | {:.2} | {} | {:.0} ({:.1} ms) | {:.0} / {:.0} |",
             op.rss_kib / 1024.0,
             op.peak_kib / 1024.0,
             op.cpu_ms_per_hour,
@@ -308,7 +308,11 @@ async fn operator_footprint(nodes: &[usize], window_secs: u64) -> Result<()> {
                 "none".to_string()
             } else {
                 requests.join(", ")
-            }
+            },
+            activity.reconciles,
+            activity.reconcile_ms,
+            activity.events_admitted,
+            activity.events_ignored,
         );
     }
     Ok(())

@@ -29,11 +29,11 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
 
     /// How long a leader-election Lease stays valid without renewal.
-    #[arg(long, env = "BATON_LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "BATON_LEADER_LEASE_DURATION", default_value = "30s", value_parser = parse_duration)]
     pub leader_lease_duration: Duration,
 
     /// How often the leader renews its Lease; must be shorter than the lease duration.
-    #[arg(long, env = "BATON_LEADER_RENEW_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "BATON_LEADER_RENEW_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub leader_renew_interval: Duration,
 
     /// Logging.
@@ -69,7 +69,7 @@ mod tests {
     fn defaults_are_valid() {
         let config = Config::try_parse_from(["baton-operator"]).unwrap();
         assert_eq!(config.namespace, "baton-system");
-        assert_eq!(config.leader_lease_duration, Duration::from_secs(15));
+        assert_eq!(config.leader_lease_duration, Duration::from_secs(30));
         config.validate().unwrap();
     }
 
@@ -87,7 +87,7 @@ mod tests {
     #[test]
     fn renew_must_be_shorter_than_the_lease() {
         let config =
-            Config::try_parse_from(["baton-operator", "--leader-renew-interval", "20s"]).unwrap();
+            Config::try_parse_from(["baton-operator", "--leader-renew-interval", "40s"]).unwrap();
         assert!(config.validate().unwrap_err().contains("must be shorter"));
     }
 

@@ -70,19 +70,52 @@ pub async fn run_replica_with_clock(
     metrics: Arc<Metrics>,
     clock: Arc<crate::clock::Clock>,
 ) {
+    run_replica_until(client, config, metrics, clock, std::future::pending()).await;
+}
+
+/// How a replica's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Leadership was lost (or could not be confirmed): the replica must stop acting.
+    LostLeadership,
+    /// `shutdown` completed; leadership, if held, was released.
+    ShutDown,
+}
+
+/// One operator replica until leadership is lost or `shutdown` completes. On a clean
+/// shutdown the leader gives its Lease up, so a follower takes over at once.
+pub async fn run_replica_until(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    clock: Arc<crate::clock::Clock>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Ended {
+    let mut shutdown = std::pin::pin!(shutdown);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let elector = crate::leader::Elector::new(
         leases,
         config.identity.clone(),
         config.leader_lease_duration,
     );
-    elector.acquire(config.leader_renew_interval).await;
-    metrics.leader.set(1);
     tokio::select! {
-        () = run_with_clock(client, config.clone(), Arc::clone(&metrics), clock) => {}
-        () = elector.hold(config.leader_renew_interval) => warn!("stopping: no longer the leader"),
+        () = elector.acquire() => {}
+        () = &mut shutdown => return Ended::ShutDown,
     }
+    metrics.leader.set(1);
+    let ended = tokio::select! {
+        () = run_with_clock(client, config.clone(), Arc::clone(&metrics), clock) => Ended::LostLeadership,
+        () = elector.hold(config.leader_renew_interval) => {
+            warn!("stopping: no longer the leader");
+            Ended::LostLeadership
+        }
+        () = &mut shutdown => Ended::ShutDown,
+    };
     metrics.leader.set(0);
+    if ended == Ended::ShutDown {
+        elector.release().await;
+    }
+    ended
 }
 
 /// Runs the controller until the process is stopped.
@@ -114,12 +147,21 @@ pub async fn run_with_clock(
     let leases_api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let (nodes, node_writer) = reflector::store();
     let (leases, lease_writer) = reflector::store();
-    // Nodes are cached slimmed (see `slim`): on big clusters their images, addresses
-    // and conditions dominate the operator's memory and baton never reads them. Deletions count
-    // as changes (touched, not only applied): a deleted node frees its lease at once.
+    // Nodes are cached slimmed (`cache::slim`): on big clusters their images, addresses
+    // and conditions dominate the operator's memory and baton never reads them. Deletions
+    // count as changes (touched, not only applied): a deleted node frees its lease at once.
+    // Heartbeats and other changes baton does not read update the cache but wake
+    // nothing (`cache::Changes`).
+    let mut changes = crate::cache::Changes::default();
+    let counted = Arc::clone(&metrics);
     let node_stream = watcher(nodes_api, watcher::Config::default())
-        .modify(slim)
+        .modify(crate::cache::slim)
         .reflect(node_writer)
+        .filter(move |event| {
+            let admitted = event.as_ref().map_or(true, |e| changes.admit(e));
+            counted.node_event(admitted);
+            std::future::ready(admitted)
+        })
         .touched_objects()
         .default_backoff();
     let lease_selector = format!("{}={}", lease::MANAGED_BY.0, lease::MANAGED_BY.1);
@@ -189,29 +231,6 @@ impl Drop for AbortDrains {
     }
 }
 
-/// What the operator keeps of a Node: metadata without managed fields, the spec's
-/// `unschedulable`, and the `Ready` condition. Images, addresses, capacity, node info
-/// and the other conditions dominate a Node's size and baton reads none of them.
-fn slim(node: &mut Node) {
-    node.managed_fields_mut().clear();
-    if let Some(spec) = node.spec.as_mut() {
-        *spec = k8s_openapi::api::core::v1::NodeSpec {
-            unschedulable: spec.unschedulable,
-            ..Default::default()
-        };
-    }
-    if let Some(status) = node.status.as_mut() {
-        let ready = status
-            .conditions
-            .take()
-            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect());
-        *status = k8s_openapi::api::core::v1::NodeStatus {
-            conditions: ready,
-            ..Default::default()
-        };
-    }
-}
-
 /// The running drains. Never held across an await.
 pub(crate) fn drains(
     ctx: &Context,
@@ -241,7 +260,9 @@ fn error_policy(policy: Arc<UpdatePolicy>, error: &Error, ctx: Arc<Context>) -> 
 async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Requeue> {
     let name = policy.name_any();
     let span = info_span!("policy", policy = %name);
-    async move {
+    let started = std::time::Instant::now();
+    let metrics = Arc::clone(&ctx.metrics);
+    let result = async move {
         ctx.nodes.wait_until_ready().await.ok();
         ctx.leases.wait_until_ready().await.ok();
         let now = ctx.clock.now();
@@ -296,7 +317,11 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
         Ok(Requeue::requeue(wait))
     }
     .instrument(span)
-    .await
+    .await;
+    metrics
+        .reconcile_seconds
+        .observe(started.elapsed().as_secs_f64());
+    result
 }
 
 /// The longest a policy goes without a reconcile (see the requeue in `reconcile`).

@@ -6,10 +6,18 @@
 //! never both believe they lead. A replica that loses the Lease stops acting at once
 //! (the process exits and is restarted), so a leader change in the middle of a drain
 //! is handled by the new leader rebuilding everything from the API.
+//!
+//! The election costs one request per renewal and nothing else: the leader renews from
+//! the Lease its last write returned (an update, no read), and followers watch the
+//! Lease instead of polling it. Like client-go, a follower judges expiry by how long
+//! it has itself seen the Lease unchanged, on its monotonic clock, never by comparing
+//! the holder's timestamps with its own wall clock, so clock skew between machines
+//! cannot shorten a leader's term.
 
 use std::time::Duration;
 
-use jiff::{SignedDuration, Timestamp};
+use futures::StreamExt;
+use jiff::Timestamp;
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::MicroTime,
@@ -17,7 +25,9 @@ use k8s_openapi::{
 use kube::{
     Api,
     api::{ObjectMeta, PostParams},
+    runtime::{WatchStreamExt, watcher},
 };
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::error::Result;
@@ -25,29 +35,51 @@ use crate::error::Result;
 /// The leader-election Lease's name.
 pub const LEASE_NAME: &str = "baton-operator-leader";
 
-/// Whether `me` may take or keep the lock described by `spec` at `now`.
+/// How soon a failed renewal is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Whether `me` may take or keep the lock described by `spec`, having seen it
+/// unchanged for `unchanged_for`. A lock held by another replica may be taken only
+/// once it went unrenewed for its whole duration (`default_duration` when it names
+/// none).
 pub fn may_hold(
     spec: Option<&LeaseSpec>,
     me: &str,
-    now: Timestamp,
-    default_duration: SignedDuration,
+    unchanged_for: Duration,
+    default_duration: Duration,
 ) -> bool {
     let Some(spec) = spec else { return true };
     match spec.holder_identity.as_deref() {
         None | Some("") => true,
         Some(holder) if holder == me => true,
-        Some(_) => {
-            let duration = spec
-                .lease_duration_seconds
-                .map_or(default_duration, |s| SignedDuration::from_secs(s.into()));
-            let renewed = spec
-                .renew_time
-                .as_ref()
-                .or(spec.acquire_time.as_ref())
-                .map(|t| t.0);
-            renewed.is_none_or(|r| r.checked_add(duration).is_ok_and(|expiry| expiry <= now))
-        }
+        Some(_) => unchanged_for >= term_of(spec, default_duration),
     }
+}
+
+/// How long the lock described by `spec` stays valid without renewal.
+fn term_of(spec: &LeaseSpec, default_duration: Duration) -> Duration {
+    spec.lease_duration_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .map_or(default_duration, Duration::from_secs)
+}
+
+/// What identifies one renewal of the lock: a follower restarts its countdown when it
+/// changes.
+fn renewal(lease: &Lease) -> (Option<String>, Option<String>) {
+    (
+        lease.metadata.resource_version.clone(),
+        lease.spec.as_ref().and_then(|s| s.holder_identity.clone()),
+    )
+}
+
+/// What a renewal found.
+enum Renewal {
+    /// Renewed; the Lease as written.
+    Renewed(Lease),
+    /// Someone else wrote the Lease but this replica still holds it; renew from this.
+    Stale(Lease),
+    /// Another replica holds it, or it is gone.
+    Lost,
 }
 
 /// One replica's view of the election.
@@ -55,6 +87,8 @@ pub struct Elector {
     api: Api<Lease>,
     identity: String,
     duration: Duration,
+    /// The Lease as this replica last wrote it, while it leads.
+    held: std::sync::Mutex<Option<Lease>>,
 }
 
 impl Elector {
@@ -64,15 +98,28 @@ impl Elector {
             api,
             identity,
             duration,
+            held: std::sync::Mutex::new(None),
         }
     }
 
-    /// Takes or renews the lock. `Ok(true)` while this replica leads.
-    pub async fn try_lead(&self) -> Result<bool> {
-        let now = Timestamp::now();
-        let seconds = i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX);
-        let current = self.api.get_opt(LEASE_NAME).await?;
-        let Some(mut lease) = current else {
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<Lease>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn seconds(&self) -> i32 {
+        i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX)
+    }
+
+    /// Takes the lock if `may_hold` allows it. `Ok(Some(lease))` when this replica now
+    /// leads, `Ok(None)` with the Lease as seen when another replica holds it.
+    async fn try_take(
+        &self,
+        unchanged_for: Duration,
+    ) -> Result<std::result::Result<Lease, Option<Lease>>> {
+        let now = MicroTime(Timestamp::now());
+        let Some(mut lease) = self.api.get_opt(LEASE_NAME).await? else {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(LEASE_NAME.into()),
@@ -80,80 +127,189 @@ impl Elector {
                 },
                 spec: Some(LeaseSpec {
                     holder_identity: Some(self.identity.clone()),
-                    lease_duration_seconds: Some(seconds),
-                    acquire_time: Some(MicroTime(now)),
-                    renew_time: Some(MicroTime(now)),
+                    lease_duration_seconds: Some(self.seconds()),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now),
                     lease_transitions: Some(0),
                     ..Default::default()
                 }),
             };
-            return Ok(self
-                .api
-                .create(&PostParams::default(), &lease)
-                .await
-                .is_ok());
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(created) => Ok(Ok(created)),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Err(None)),
+                Err(e) => Err(e.into()),
+            };
         };
-        let default =
-            SignedDuration::try_from(self.duration).unwrap_or(SignedDuration::from_secs(15));
-        if !may_hold(lease.spec.as_ref(), &self.identity, now, default) {
-            return Ok(false);
+        if !may_hold(
+            lease.spec.as_ref(),
+            &self.identity,
+            unchanged_for,
+            self.duration,
+        ) {
+            return Ok(Err(Some(lease)));
         }
         let spec = lease.spec.get_or_insert_with(Default::default);
         if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
             info!(previous = ?spec.holder_identity, "taking over leadership");
             spec.holder_identity = Some(self.identity.clone());
-            spec.acquire_time = Some(MicroTime(now));
+            spec.acquire_time = Some(now.clone());
             spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
         }
-        spec.renew_time = Some(MicroTime(now));
-        spec.lease_duration_seconds = Some(seconds);
+        spec.renew_time = Some(now);
+        spec.lease_duration_seconds = Some(self.seconds());
         // `replace` carries the observed resourceVersion: a concurrent writer makes it 409.
         match self
             .api
             .replace(LEASE_NAME, &PostParams::default(), &lease)
             .await
         {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Ok(taken) => Ok(Ok(taken)),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Err(None)),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Waits until this replica leads, retrying every `retry`.
-    pub async fn acquire(&self, retry: Duration) {
+    /// Waits until this replica leads. Between attempts it only watches the Lease.
+    pub async fn acquire(&self) {
+        let mut unchanged_for = Duration::ZERO;
         loop {
-            match self.try_lead().await {
-                Ok(true) => {
+            match self.try_take(unchanged_for).await {
+                Ok(Ok(lease)) => {
                     info!(identity = %self.identity, "leading");
+                    *self.held() = Some(lease);
                     return;
                 }
-                Ok(false) => {}
-                Err(e) => warn!(error = %e, "leader election failed; retrying"),
+                Ok(Err(seen)) => {
+                    unchanged_for = self.follow(seen.as_ref()).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "leader election failed; retrying");
+                    tokio::time::sleep(RETRY).await;
+                }
             }
-            tokio::time::sleep(retry).await;
         }
     }
 
-    /// Renews every `interval`; returns as soon as leadership is lost or cannot be
-    /// confirmed within the lease duration.
-    pub async fn hold(&self, interval: Duration) {
-        let mut confirmed = tokio::time::Instant::now();
+    /// Watches the Lease held by another replica until it goes unrenewed for its
+    /// term, or is released or deleted. Returns how long it was seen unchanged.
+    async fn follow(&self, seen: Option<&Lease>) -> Duration {
+        let mut last = seen.map(renewal);
+        let mut term = seen
+            .and_then(|l| l.spec.as_ref())
+            .map_or(self.duration, |s| term_of(s, self.duration));
+        let mut since = Instant::now();
+        let mut events =
+            std::pin::pin!(watcher::watch_object(self.api.clone(), LEASE_NAME).default_backoff());
         loop {
-            tokio::time::sleep(interval).await;
-            match self.try_lead().await {
-                Ok(true) => confirmed = tokio::time::Instant::now(),
-                Ok(false) => {
+            tokio::select! {
+                () = tokio::time::sleep_until(since + term) => return since.elapsed(),
+                event = events.next() => match event {
+                    Some(Ok(Some(lease))) => {
+                        let free = lease
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.holder_identity.as_deref())
+                            .is_none_or(str::is_empty);
+                        if free {
+                            return since.elapsed();
+                        }
+                        let now = Some(renewal(&lease));
+                        if now != last {
+                            last = now;
+                            since = Instant::now();
+                            term = lease.spec.as_ref().map_or(self.duration, |s| term_of(s, self.duration));
+                        }
+                    }
+                    Some(Ok(None)) => return since.elapsed(),
+                    Some(Err(e)) => warn!(error = %e, "watching the leader Lease failed; retrying"),
+                    None => return since.elapsed(),
+                },
+            }
+        }
+    }
+
+    /// Renews `lease` (as this replica last wrote it) with one update.
+    async fn renew(&self, lease: &Lease) -> Result<Renewal> {
+        let mut next = lease.clone();
+        let spec = next.spec.get_or_insert_with(Default::default);
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+        spec.lease_duration_seconds = Some(self.seconds());
+        match self
+            .api
+            .replace(LEASE_NAME, &PostParams::default(), &next)
+            .await
+        {
+            Ok(renewed) => Ok(Renewal::Renewed(renewed)),
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
+                // Someone else wrote it: look once.
+                let current = self.api.get_opt(LEASE_NAME).await?;
+                let mine = current
+                    .as_ref()
+                    .and_then(|l| l.spec.as_ref())
+                    .and_then(|s| s.holder_identity.as_deref())
+                    == Some(self.identity.as_str());
+                Ok(match current {
+                    Some(current) if mine => Renewal::Stale(current),
+                    _ => Renewal::Lost,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Renews every `interval` from the Lease as last written; returns as soon as
+    /// leadership is lost or cannot be confirmed within the lease duration.
+    pub async fn hold(&self, interval: Duration) {
+        let mut confirmed = Instant::now();
+        let mut wait = interval;
+        loop {
+            tokio::time::sleep(wait).await;
+            let Some(lease) = self.held().clone() else {
+                return;
+            };
+            match self.renew(&lease).await {
+                Ok(Renewal::Renewed(renewed)) => {
+                    *self.held() = Some(renewed);
+                    confirmed = Instant::now();
+                    wait = interval;
+                }
+                Ok(Renewal::Stale(current)) => {
+                    *self.held() = Some(current);
+                    wait = Duration::ZERO;
+                }
+                Ok(Renewal::Lost) => {
+                    *self.held() = None;
                     warn!("leadership lost");
                     return;
                 }
                 Err(e) => {
                     warn!(error = %e, "renewing leadership failed");
+                    wait = RETRY.min(interval);
                     // Stop before another replica may legitimately take over.
-                    if confirmed.elapsed() + interval >= self.duration {
+                    if confirmed.elapsed() + wait >= self.duration {
                         return;
                     }
                 }
             }
+        }
+    }
+
+    /// Gives the lock up (on a clean shutdown) so that a follower takes over at once
+    /// instead of after the lease duration. Best effort: a failure only delays that.
+    pub async fn release(&self) {
+        let Some(mut next) = self.held().take() else {
+            return;
+        };
+        if let Some(spec) = next.spec.as_mut() {
+            spec.holder_identity = None;
+            spec.lease_duration_seconds = Some(1);
+        }
+        if let Err(e) = self
+            .api
+            .replace(LEASE_NAME, &PostParams::default(), &next)
+            .await
+        {
+            warn!(error = %e, "could not release leadership");
         }
     }
 }
@@ -162,36 +318,33 @@ impl Elector {
 mod tests {
     use super::*;
 
-    fn at(s: &str) -> Timestamp {
-        s.parse().unwrap()
-    }
-
-    fn spec(holder: &str, renewed: &str) -> LeaseSpec {
+    fn spec(holder: &str) -> LeaseSpec {
         LeaseSpec {
             holder_identity: Some(holder.into()),
             lease_duration_seconds: Some(15),
-            renew_time: Some(MicroTime(at(renewed))),
             ..Default::default()
         }
     }
 
+    const D: Duration = Duration::from_secs(30);
+
     #[test]
     fn a_free_or_own_lock_may_be_held() {
-        let d = SignedDuration::from_secs(15);
-        assert!(may_hold(None, "a", at("2026-01-01T00:00:00Z"), d));
-        assert!(may_hold(
-            Some(&spec("a", "2026-01-01T00:00:00Z")),
-            "a",
-            at("2026-01-01T00:00:05Z"),
-            d
-        ));
+        assert!(may_hold(None, "a", Duration::ZERO, D));
+        assert!(may_hold(Some(&spec("a")), "a", Duration::ZERO, D));
+        assert!(may_hold(Some(&spec("")), "a", Duration::ZERO, D));
     }
 
     #[test]
-    fn another_holders_lock_is_taken_only_once_it_expired() {
-        let d = SignedDuration::from_secs(15);
-        let s = spec("b", "2026-01-01T00:00:00Z");
-        assert!(!may_hold(Some(&s), "a", at("2026-01-01T00:00:14Z"), d));
-        assert!(may_hold(Some(&s), "a", at("2026-01-01T00:00:15Z"), d));
+    fn another_holders_lock_is_taken_only_once_seen_unrenewed_for_its_term() {
+        let s = spec("b");
+        assert!(!may_hold(Some(&s), "a", Duration::from_secs(14), D));
+        assert!(may_hold(Some(&s), "a", Duration::from_secs(15), D));
+        let unnamed = LeaseSpec {
+            lease_duration_seconds: None,
+            ..spec("b")
+        };
+        assert!(!may_hold(Some(&unnamed), "a", Duration::from_secs(15), D));
+        assert!(may_hold(Some(&unnamed), "a", D, D));
     }
 }

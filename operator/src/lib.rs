@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod alert;
+pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod controller;

@@ -26,14 +26,38 @@ async fn main() -> ExitCode {
     };
     let metrics = std::sync::Arc::new(operator::metrics::Metrics::default());
     let server = operator::metrics::serve(config.metrics_addr, std::sync::Arc::clone(&metrics));
+    let clock = std::sync::Arc::new(operator::clock::Clock::system());
+    let replica =
+        operator::controller::run_replica_until(client, config, metrics, clock, shutdown());
     tokio::select! {
-        // Returns only when leadership is lost: exit, and be restarted as a follower.
-        () = operator::controller::run_replica_with(client, config, metrics) => return ExitCode::FAILURE,
+        ended = replica => match ended {
+            // Exit, and be restarted as a follower.
+            operator::controller::Ended::LostLeadership => ExitCode::FAILURE,
+            operator::controller::Ended::ShutDown => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+        },
         Err(e) = server => {
             eprintln!("baton-operator: cannot serve metrics: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
     }
-    ExitCode::SUCCESS
+}
+
+/// Completes on SIGTERM (what Kubernetes sends to stop a pod) or SIGINT.
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("asked to stop");
 }

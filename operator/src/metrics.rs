@@ -33,6 +33,13 @@ pub struct ErrorLabels {
     pub kind: String,
 }
 
+/// Labels naming what became of a Node watch event.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// `admitted` (it triggered a reconcile) or `ignored` (nothing baton reads changed).
+    pub outcome: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     registry: Registry,
@@ -56,6 +63,10 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     /// 1 while this replica leads.
     pub leader: Gauge,
+    /// How long reconciles took, in seconds (the count is the number of reconciles).
+    pub reconcile_seconds: Histogram,
+    /// Node watch events, admitted or ignored.
+    pub node_events: Family<EventLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -74,6 +85,8 @@ impl Default for Metrics {
             evictions_blocked: Counter::default(),
             reconcile_errors: Family::default(),
             leader: Gauge::default(),
+            reconcile_seconds: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
+            node_events: Family::default(),
             registry: Registry::default(),
         };
         registry.register("nodes", "Nodes by rollout state", m.nodes.clone());
@@ -110,6 +123,16 @@ impl Default for Metrics {
             m.reconcile_errors.clone(),
         );
         registry.register("is_leader", "1 while this replica leads", m.leader.clone());
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile durations (one per policy reconcile)",
+            m.reconcile_seconds.clone(),
+        );
+        registry.register(
+            "node_events",
+            "Node watch events, by whether they triggered a reconcile",
+            m.node_events.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -146,6 +169,16 @@ impl Metrics {
         self.gate_closed
             .get_or_create(&policy)
             .set(plan.gate.is_some().into());
+    }
+
+    /// Counts a Node watch event.
+    pub fn node_event(&self, admitted: bool) {
+        let outcome = if admitted { "admitted" } else { "ignored" };
+        self.node_events
+            .get_or_create(&EventLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     /// The text exposition.
