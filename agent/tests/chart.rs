@@ -154,6 +154,32 @@ fn the_chart_lints_and_renders_for_every_backend_with_and_without_a_service_moni
         "RuntimeDefault"
     );
     assert!(find(&logind, "PodDisruptionBudget").is_some());
+    assert!(
+        deploy["spec"]["strategy"].is_null(),
+        "rolling, with a standby"
+    );
+    // Without leader election: one replica, never two at once.
+    let single = template(&[
+        "operator.leaderElection.enabled=false",
+        "operator.replicas=1",
+    ]);
+    let deploy = find(&single, "Deployment").unwrap();
+    assert_eq!(deploy["spec"]["strategy"]["type"], "Recreate");
+    let args = deploy["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("--leader-elect=false"), "{args}");
+    let out = e2e::binaries::helm_command(&helm())
+        .args([
+            "template",
+            "baton",
+            chart,
+            "--set",
+            "operator.leaderElection.enabled=false",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "two replicas without an election");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("set operator.replicas=1"), "{err}");
     // values.schema.json refuses nonsense with a clear message.
     let out = e2e::binaries::helm_command(&helm())
         .args(["template", "baton", chart, "--set", "agent.backend=yum"])

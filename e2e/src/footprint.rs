@@ -119,9 +119,14 @@ pub fn operator_rules() -> serde_json::Value {
 }
 
 /// The operator's footprint with `nodes` kwok nodes, idle (a policy over every node,
+/// leader election on or off,
 /// no agent asking for a reboot), over `window`: (operator, kube-scheduler baseline,
 /// what the operator did).
-pub async fn operator(nodes: usize, window: Duration) -> Result<(Measured, Measured, Activity)> {
+pub async fn operator(
+    nodes: usize,
+    window: Duration,
+    leader_elect: bool,
+) -> Result<(Measured, Measured, Activity)> {
     let operator_binary =
         tokio::task::spawn_blocking(|| release_binary("operator", "baton-operator"))
             .await
@@ -155,6 +160,7 @@ pub async fn operator(nodes: usize, window: Duration) -> Result<(Measured, Measu
         .and_then(|l| l.local_addr())
         .map_err(io("choosing a metrics port"))?;
     let metrics_arg = metrics_addr.to_string();
+    let elect_arg = format!("--leader-elect={leader_elect}");
     let proc = crate::process::spawn_with_kubeconfig(
         "baton-operator",
         &operator_binary,
@@ -166,6 +172,7 @@ pub async fn operator(nodes: usize, window: Duration) -> Result<(Measured, Measu
             "bench",
             "--metrics-addr",
             &metrics_arg,
+            &elect_arg,
         ],
         log,
     )?;

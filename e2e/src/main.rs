@@ -99,6 +99,9 @@ enum Cmd {
         /// The measuring window, in seconds.
         #[arg(long, default_value_t = 300)]
         window_secs: u64,
+        /// Run the operator with leader election (`false`: a single replica).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        leader_elect: bool,
     },
     /// Rollouts of N nodes with real agents: makespan against ceil(N/k)·T, the
     /// coordination gap, and API requests per node.
@@ -146,7 +149,11 @@ fn main() -> ExitCode {
             keep,
         } => e2e::demo::run(nodes, kubeconfig, keep),
         Cmd::Footprint { nodes, settle_secs } => footprint(nodes, settle_secs),
-        Cmd::OperatorFootprint { nodes, window_secs } => operator_footprint(&nodes, window_secs),
+        Cmd::OperatorFootprint {
+            nodes,
+            window_secs,
+            leader_elect,
+        } => operator_footprint(&nodes, window_secs, leader_elect),
         Cmd::RolloutBench {
             nodes,
             k,
@@ -283,14 +290,14 @@ async fn agent_footprint(nodes: usize, window_secs: u64, binary: Option<PathBuf>
 }
 
 #[tokio::main]
-async fn operator_footprint(nodes: &[usize], window_secs: u64) -> Result<()> {
+async fn operator_footprint(nodes: &[usize], window_secs: u64, leader_elect: bool) -> Result<()> {
     let window = Duration::from_secs(window_secs);
     println!(
         "| kwok nodes | baton-operator RSS | peak RSS | CPU per hour | kube-scheduler RSS (baseline) | CPU per hour | RSS ratio | operator requests per node per hour | reconciles per hour (mean) | Node events per hour: admitted / ignored |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for n in nodes {
-        let (op, base, activity) = e2e::footprint::operator(*n, window).await?;
+        let (op, base, activity) = e2e::footprint::operator(*n, window, leader_elect).await?;
         let requests: Vec<String> = op
             .requests_per_hour
             .iter()

@@ -28,6 +28,12 @@ pub struct Config {
     #[arg(long, env = "BATON_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
 
+    /// Elect a leader among replicas through a Lease. `false` is for a single replica
+    /// (the chart then uses the Recreate strategy): no Lease renewals at all, but no
+    /// standby to take over while that replica is down.
+    #[arg(long, env = "BATON_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+
     /// How long a leader-election Lease stays valid without renewal.
     #[arg(long, env = "BATON_LEADER_LEASE_DURATION", default_value = "30s", value_parser = parse_duration)]
     pub leader_lease_duration: Duration,
@@ -89,6 +95,17 @@ mod tests {
         let config =
             Config::try_parse_from(["baton-operator", "--leader-renew-interval", "40s"]).unwrap();
         assert!(config.validate().unwrap_err().contains("must be shorter"));
+    }
+
+    #[test]
+    fn leader_election_can_be_turned_off_for_a_single_replica() {
+        assert!(
+            Config::try_parse_from(["baton-operator"])
+                .unwrap()
+                .leader_elect
+        );
+        let single = Config::try_parse_from(["baton-operator", "--leader-elect=false"]).unwrap();
+        assert!(!single.leader_elect);
     }
 
     #[test]

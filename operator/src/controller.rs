@@ -76,7 +76,8 @@ pub async fn run_replica_with_clock(
 /// How a replica's run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
-    /// Leadership was lost (or could not be confirmed): the replica must stop acting.
+    /// Leadership was lost (or could not be confirmed), or the controller stopped:
+    /// the replica must stop acting.
     LostLeadership,
     /// `shutdown` completed; leadership, if held, was released.
     ShutDown,
@@ -92,6 +93,15 @@ pub async fn run_replica_until(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Ended {
     let mut shutdown = std::pin::pin!(shutdown);
+    if !config.leader_elect {
+        metrics.leader.set(1);
+        let ended = tokio::select! {
+            () = run_with_clock(client, config, Arc::clone(&metrics), clock) => Ended::LostLeadership,
+            () = &mut shutdown => Ended::ShutDown,
+        };
+        metrics.leader.set(0);
+        return ended;
+    }
     let leases: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let elector = crate::leader::Elector::new(
         leases,
@@ -287,10 +297,15 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
         }
         let plan = decide(&snapshot, &rules, now);
         ctx.metrics.observe(&plan);
+        // A failed step is tried again soon: the change that made it fail (a conflict
+        // with a heartbeat, say) may be one that wakes nothing.
+        let mut retry: Option<Duration> = None;
         for step in &plan.nodes {
             let span = info_span!("node", node = %step.node);
             if let Err(e) = crate::step::perform(&ctx, &rules, &policy, step, now).instrument(span).await {
                 warn!(node = %step.node, action = %step.action, error = %e, "step failed; will retry");
+                let after = if matches!(e, Error::Conflict(_)) { STEP_CONFLICT_RETRY } else { STEP_RETRY };
+                retry = Some(retry.map_or(after, |r| r.min(after)));
             }
         }
         if let Some(version) = &rules.target_version {
@@ -314,6 +329,7 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
         // again at least every RESYNC bounds that; it reads only the caches and writes
         // nothing unless something changed.
         let wait = next.map_or(RESYNC, |t| t.duration_since(now).unsigned_abs().clamp(Duration::from_millis(100), RESYNC));
+        let wait = retry.map_or(wait, |r| wait.min(r));
         Ok(Requeue::requeue(wait))
     }
     .instrument(span)
@@ -323,6 +339,12 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
         .observe(started.elapsed().as_secs_f64());
     result
 }
+
+/// How soon a step that failed on a write conflict is tried again.
+const STEP_CONFLICT_RETRY: Duration = Duration::from_millis(200);
+
+/// How soon a step that failed otherwise is tried again.
+const STEP_RETRY: Duration = Duration::from_secs(5);
 
 /// The longest a policy goes without a reconcile (see the requeue in `reconcile`).
 const RESYNC: Duration = Duration::from_secs(60);
