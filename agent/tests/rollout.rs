@@ -669,6 +669,8 @@ async fn kubectl_baton_pauses_resumes_and_retries_a_halted_pool() {
                         && annotation(n, "baton.dev/current-version") == Some("2.0.0")
                 })
                 && !condition("Halted").await
+                // The operator releases the last lease after the agent reports Done.
+                && status().await.contains("updated 2/2")
         })
         .await
         .unwrap();
