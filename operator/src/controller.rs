@@ -93,36 +93,37 @@ pub async fn run_replica_until(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Ended {
     let mut shutdown = std::pin::pin!(shutdown);
-    if !config.leader_elect {
-        metrics.leader.set(1);
-        let ended = tokio::select! {
-            () = run_with_clock(client, config, Arc::clone(&metrics), clock) => Ended::LostLeadership,
-            () = &mut shutdown => Ended::ShutDown,
-        };
-        metrics.leader.set(0);
-        return ended;
+    let elector = config.leader_elect.then(|| {
+        crate::leader::Elector::new(
+            Api::namespaced(client.clone(), &config.namespace),
+            config.identity.clone(),
+            config.leader_lease_duration,
+        )
+    });
+    if let Some(elector) = &elector {
+        tokio::select! {
+            () = elector.acquire() => {}
+            () = &mut shutdown => return Ended::ShutDown,
+        }
     }
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
-    let elector = crate::leader::Elector::new(
-        leases,
-        config.identity.clone(),
-        config.leader_lease_duration,
-    );
-    tokio::select! {
-        () = elector.acquire() => {}
-        () = &mut shutdown => return Ended::ShutDown,
-    }
+    // Without an election, this replica acts until it is stopped.
+    let hold = async {
+        match &elector {
+            Some(elector) => {
+                elector.hold(config.leader_renew_interval).await;
+                warn!("stopping: no longer the leader");
+            }
+            None => std::future::pending().await,
+        }
+    };
     metrics.leader.set(1);
     let ended = tokio::select! {
         () = run_with_clock(client, config.clone(), Arc::clone(&metrics), clock) => Ended::LostLeadership,
-        () = elector.hold(config.leader_renew_interval) => {
-            warn!("stopping: no longer the leader");
-            Ended::LostLeadership
-        }
+        () = hold => Ended::LostLeadership,
         () = &mut shutdown => Ended::ShutDown,
     };
     metrics.leader.set(0);
-    if ended == Ended::ShutDown {
+    if let (Ended::ShutDown, Some(elector)) = (ended, &elector) {
         elector.release().await;
     }
     ended

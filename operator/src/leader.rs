@@ -63,9 +63,12 @@ fn term_of(spec: &LeaseSpec, default_duration: Duration) -> Duration {
         .map_or(default_duration, Duration::from_secs)
 }
 
-/// What identifies one renewal of the lock: a follower restarts its countdown when it
-/// changes.
-fn renewal(lease: &Lease) -> (Option<String>, Option<String>) {
+/// What identifies one renewal of the lock (resourceVersion and holder): a follower
+/// restarts its countdown when it changes.
+type RenewalId = (Option<String>, Option<String>);
+
+/// The [`RenewalId`] of `lease`.
+fn renewal(lease: &Lease) -> RenewalId {
     (
         lease.metadata.resource_version.clone(),
         lease.spec.as_ref().and_then(|s| s.holder_identity.clone()),
@@ -112,10 +115,13 @@ impl Elector {
         i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX)
     }
 
-    /// Takes the lock if `may_hold` allows it. `Ok(Some(lease))` when this replica now
-    /// leads, `Ok(None)` with the Lease as seen when another replica holds it.
+    /// Takes the lock if `may_hold` allows it, having seen the renewal `watched`
+    /// unchanged for `unchanged_for` (a renewal the watch had not shown yet counts as
+    /// just seen). `Ok(Ok(lease))` when this replica now leads, `Ok(Err(lease))` with
+    /// the Lease as seen when another replica holds it.
     async fn try_take(
         &self,
+        watched: Option<&RenewalId>,
         unchanged_for: Duration,
     ) -> Result<std::result::Result<Lease, Option<Lease>>> {
         let now = MicroTime(Timestamp::now());
@@ -139,6 +145,11 @@ impl Elector {
                 Err(kube::Error::Api(s)) if s.code == 409 => Ok(Err(None)),
                 Err(e) => Err(e.into()),
             };
+        };
+        let unchanged_for = if watched == Some(&renewal(&lease)) {
+            unchanged_for
+        } else {
+            Duration::ZERO
         };
         if !may_hold(
             lease.spec.as_ref(),
@@ -171,16 +182,19 @@ impl Elector {
 
     /// Waits until this replica leads. Between attempts it only watches the Lease.
     pub async fn acquire(&self) {
-        let mut unchanged_for = Duration::ZERO;
+        let mut watched: Option<(RenewalId, Duration)> = None;
         loop {
-            match self.try_take(unchanged_for).await {
+            let (seen, unchanged_for) = watched
+                .as_ref()
+                .map_or((None, Duration::ZERO), |(id, d)| (Some(id), *d));
+            match self.try_take(seen, unchanged_for).await {
                 Ok(Ok(lease)) => {
                     info!(identity = %self.identity, "leading");
                     *self.held() = Some(lease);
                     return;
                 }
                 Ok(Err(seen)) => {
-                    unchanged_for = self.follow(seen.as_ref()).await;
+                    watched = Some(self.follow(seen.as_ref()).await);
                 }
                 Err(e) => {
                     warn!(error = %e, "leader election failed; retrying");
@@ -191,8 +205,9 @@ impl Elector {
     }
 
     /// Watches the Lease held by another replica until it goes unrenewed for its
-    /// term, or is released or deleted. Returns how long it was seen unchanged.
-    async fn follow(&self, seen: Option<&Lease>) -> Duration {
+    /// term, or is released or deleted. Returns the last renewal seen and how long it
+    /// was seen unchanged.
+    async fn follow(&self, seen: Option<&Lease>) -> (RenewalId, Duration) {
         let mut last = seen.map(renewal);
         let mut term = seen
             .and_then(|l| l.spec.as_ref())
@@ -202,7 +217,7 @@ impl Elector {
             std::pin::pin!(watcher::watch_object(self.api.clone(), LEASE_NAME).default_backoff());
         loop {
             tokio::select! {
-                () = tokio::time::sleep_until(since + term) => return since.elapsed(),
+                () = tokio::time::sleep_until(since + term) => return (last.unwrap_or_default(), since.elapsed()),
                 event = events.next() => match event {
                     Some(Ok(Some(lease))) => {
                         let free = lease
@@ -211,7 +226,7 @@ impl Elector {
                             .and_then(|s| s.holder_identity.as_deref())
                             .is_none_or(str::is_empty);
                         if free {
-                            return since.elapsed();
+                            return (last.unwrap_or_default(), since.elapsed());
                         }
                         let now = Some(renewal(&lease));
                         if now != last {
@@ -220,9 +235,9 @@ impl Elector {
                             term = lease.spec.as_ref().map_or(self.duration, |s| term_of(s, self.duration));
                         }
                     }
-                    Some(Ok(None)) => return since.elapsed(),
+                    Some(Ok(None)) => return (last.unwrap_or_default(), since.elapsed()),
                     Some(Err(e)) => warn!(error = %e, "watching the leader Lease failed; retrying"),
-                    None => return since.elapsed(),
+                    None => return (last.unwrap_or_default(), since.elapsed()),
                 },
             }
         }
