@@ -8,6 +8,11 @@
 //! with `oflag=seek_bytes,direct` (direct I/O, as the agent writes) and with
 //! `oflag=seek_bytes` (through the page cache). The staging process's peak RSS is reset before each round
 //! (`/proc/self/clear_refs`) and read after it (`VmHWM`).
+//!
+//! Two floors are measured in the same run on the unthrottled disk: the HTTPS download
+//! alone (bytes discarded) and the SHA-256 of the payload alone (in memory). Staging
+//! cannot finish before either, so `dd direct / max(floors)` is the highest ratio any
+//! staging that downloads and checks the payload could reach on this machine.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::{
@@ -105,12 +110,17 @@ async fn main() {
         signature: String::new(), // the backend checks it before staging; not measured
     };
     let stager = Stager::new(dir.path(), Some(&ca)).unwrap();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .build()
+        .unwrap();
     let bench = Bench {
         payload,
         image,
         slot,
         release,
         stager,
+        http,
         mib,
         rounds,
     };
@@ -121,10 +131,9 @@ async fn main() {
         .filter_map(|v| v.trim().parse().ok())
         .collect();
 
-    let mut rows = vec![(
-        "this machine's disk, as is".to_string(),
-        bench.run(true).await,
-    )];
+    let unthrottled = bench.run(true).await;
+    let floors = bench.floors().await;
+    let mut rows = vec![("this machine's disk, as is".to_string(), unthrottled)];
     for mibps in speeds {
         let label = format!("the same disk limited to {mibps} MiB/s (read and write)");
         match Throttle::apply(disk, mibps << 20) {
@@ -148,6 +157,7 @@ async fn main() {
             mib as f64 / d.as_secs_f64()
         )
     };
+    let dd_direct = rows[0].1.dd_direct;
     for (label, m) in rows {
         println!(
             "| {label} | {} | {} | {} | **{:.2}** | {:.1} MiB |",
@@ -158,6 +168,25 @@ async fn main() {
             m.peak_kib as f64 / 1024.0
         );
     }
+    let floor = floors.download.max(floors.sha256);
+    println!("\nFloors on this machine's CPU, same run (medians):\n");
+    println!(
+        "| HTTPS download alone | SHA-256 alone | dd direct | highest reachable ratio (dd direct / slower floor) |"
+    );
+    println!("|---|---|---|---|");
+    println!(
+        "| {} | {} | {} | {:.2} |",
+        rate(floors.download),
+        rate(floors.sha256),
+        rate(dd_direct),
+        dd_direct.as_secs_f64() / floor.as_secs_f64()
+    );
+}
+
+/// The time of the work staging cannot skip, each part alone.
+struct Floors {
+    download: Duration,
+    sha256: Duration,
 }
 
 /// Medians of one configuration.
@@ -174,6 +203,7 @@ struct Bench {
     slot: Slot,
     release: ReleaseRef,
     stager: Stager,
+    http: reqwest::Client,
     mib: usize,
     rounds: usize,
 }
@@ -195,6 +225,37 @@ impl Bench {
             .unwrap();
         assert!(status.success());
         t.elapsed()
+    }
+
+    /// `rounds` of the download alone (same server, bytes discarded) and the SHA-256 of
+    /// the payload alone (from memory).
+    async fn floors(&self) -> Floors {
+        use futures::StreamExt;
+        let (mut download, mut sha256) = (Vec::new(), Vec::new());
+        let block = vec![0x5au8; 2 << 20];
+        for _ in 0..self.rounds {
+            let t = Instant::now();
+            let response = self.http.get(&self.release.url).send().await.unwrap();
+            let mut body = response.bytes_stream();
+            let mut got = 0u64;
+            while let Some(chunk) = body.next().await {
+                got += chunk.unwrap().len() as u64;
+            }
+            download.push(t.elapsed());
+            assert_eq!(got, (self.mib as u64) << 20);
+            let t = Instant::now();
+            let mut hasher = Sha256::new();
+            for _ in 0..self.mib / 2 {
+                hasher.update(&block);
+            }
+            std::hint::black_box(hasher.finalize());
+            sha256.push(t.elapsed());
+        }
+        eprintln!("floors: download {download:.2?}, SHA-256 {sha256:.2?}");
+        Floors {
+            download: median(download),
+            sha256: median(sha256),
+        }
     }
 
     /// `rounds` of: dd with direct I/O (as the agent writes), dd through the page

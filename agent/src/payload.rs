@@ -482,7 +482,8 @@ impl SlotWriter {
 }
 
 /// The read-back: a blocking task that reads the slot from its start up to each
-/// synced mark, hashing as it goes.
+/// synced mark, and a thread beside it that hashes each block while the next one is
+/// read, so the device's reads and the hash overlap.
 struct ReadBack {
     marks: std::sync::mpsc::Sender<u64>,
     task: tokio::task::JoinHandle<Result<String, PayloadError>>,
@@ -492,40 +493,80 @@ impl ReadBack {
     fn start(device: PathBuf, offset: u64, block: usize) -> ReadBack {
         let (marks, rx) = std::sync::mpsc::channel::<u64>();
         let task = tokio::task::spawn_blocking(move || {
-            use std::os::unix::fs::FileExt;
             let (file, _) = open_slot(&device, false)?;
-            let mut hasher = Sha256::new();
-            let mut buf = Aligned::new(block);
-            let mut hashed = 0u64;
-            let eof = || PayloadError::Io {
-                what: "reading the slot back".into(),
-                source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
-            };
-            // Each mark is a synced length; the channel closes after the last one.
-            for mark in rx {
-                while hashed < mark {
-                    let want = (mark - hashed).min(block as u64) as usize;
-                    // Direct reads are whole aligned blocks: read past a partial end,
-                    // hash only what was written.
-                    let read = want.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-                    let space = &mut buf.space()[..read];
-                    let mut got = 0;
-                    while got < want {
-                        let n = file
-                            .read_at(&mut space[got..], offset + hashed + got as u64)
-                            .map_err(io_err("reading the slot back"))?;
-                        if n == 0 {
-                            return Err(eof());
-                        }
-                        got += n;
-                    }
-                    hasher.update(&buf.space()[..want]);
-                    hashed += want as u64;
-                }
+            let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Aligned, usize)>(BUFFERS);
+            let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Aligned>(BUFFERS);
+            for _ in 0..BUFFERS {
+                let _ = empty_tx.send(Aligned::new(block));
             }
-            Ok(hex::encode(hasher.finalize()))
+            std::thread::scope(|scope| {
+                let hashing = std::thread::Builder::new()
+                    .name("baton-hash".into())
+                    .spawn_scoped(scope, move || {
+                        let mut hasher = Sha256::new();
+                        for (mut buf, len) in full_rx {
+                            hasher.update(&buf.space()[..len]);
+                            let _ = empty_tx.send(buf);
+                        }
+                        hex::encode(hasher.finalize())
+                    })
+                    .map_err(io_err("starting the read-back's hash thread"))?;
+                let read = Self::read(&file, offset, block, &rx, &full_tx, &empty_rx);
+                drop(full_tx);
+                let digest = hashing.join().map_err(|_| PayloadError::Io {
+                    what: "hashing the slot".into(),
+                    source: std::io::Error::other("the hash thread panicked"),
+                });
+                read?;
+                digest
+            })
         });
         ReadBack { marks, task }
+    }
+
+    /// Reads each range up to the next synced mark, in blocks, handing each block to
+    /// the hash thread; returns when the marks end.
+    fn read(
+        file: &std::fs::File,
+        offset: u64,
+        block: usize,
+        marks: &std::sync::mpsc::Receiver<u64>,
+        full: &std::sync::mpsc::SyncSender<(Aligned, usize)>,
+        empty: &std::sync::mpsc::Receiver<Aligned>,
+    ) -> Result<(), PayloadError> {
+        use std::os::unix::fs::FileExt;
+        let stopped = || PayloadError::Io {
+            what: "hashing the slot".into(),
+            source: std::io::Error::other("the hash thread stopped"),
+        };
+        let mut hashed = 0u64;
+        // Each mark is a synced length; the channel closes after the last one.
+        for mark in marks {
+            while hashed < mark {
+                let mut buf = empty.recv().map_err(|_| stopped())?;
+                let want = (mark - hashed).min(block as u64) as usize;
+                // Direct reads are whole aligned blocks: read past a partial end, hash
+                // only what was written.
+                let len = want.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+                let space = &mut buf.space()[..len];
+                let mut got = 0;
+                while got < want {
+                    let n = file
+                        .read_at(&mut space[got..], offset + hashed + got as u64)
+                        .map_err(io_err("reading the slot back"))?;
+                    if n == 0 {
+                        return Err(PayloadError::Io {
+                            what: "reading the slot back".into(),
+                            source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                        });
+                    }
+                    got += n;
+                }
+                full.send((buf, want)).map_err(|_| stopped())?;
+                hashed += want as u64;
+            }
+        }
+        Ok(())
     }
 
     fn synced(&self, upto: u64) {

@@ -250,12 +250,13 @@ async fn the_installed_charts_service_accounts_can_roll_nodes_and_the_agent_can_
     let _fleet = Fleet::start(
         &names,
         &FleetOptions {
-            binary: env!("CARGO_BIN_EXE_baton-agent").into(),
-            kubeconfig: kubeconfig.clone(),
             kubeconfigs: kubeconfigs.clone(),
-            reboot_time: Duration::from_millis(500),
-            args: ["--sim-stage-time", "500ms"].map(String::from).to_vec(),
-            node_args: Default::default(),
+            ..FleetOptions::new(
+                env!("CARGO_BIN_EXE_baton-agent"),
+                kubeconfig.clone(),
+                Duration::from_millis(500),
+                ["--sim-stage-time", "500ms"],
+            )
         },
     )
     .unwrap();

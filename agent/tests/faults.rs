@@ -55,25 +55,20 @@ struct Scenario {
 
 impl Scenario {
     async fn start(nodes: usize, budget: usize, agent_args: &[&str]) -> Scenario {
-        let cluster = TestCluster::start().await.unwrap();
-        cluster.apply_crds().await.unwrap();
+        let (cluster, names) = TestCluster::start_with_nodes(nodes).await.unwrap();
         let client = cluster.client();
-        let names = cluster.add_nodes(nodes).await.unwrap();
-        cluster.create_namespace("baton-system").await.unwrap();
         let mut args: Vec<String> = agent_args.iter().map(|a| a.to_string()).collect();
         if !args.iter().any(|a| a == "--sim-stage-time") {
             args.extend(["--sim-stage-time".to_string(), "1s".into()]);
         }
         let fleet = Fleet::start(
             &names,
-            &FleetOptions {
-                binary: env!("CARGO_BIN_EXE_baton-agent").into(),
-                kubeconfig: cluster.kubeconfig(),
-                kubeconfigs: Default::default(),
-                node_args: Default::default(),
-                reboot_time: Duration::from_secs(1),
+            &FleetOptions::new(
+                env!("CARGO_BIN_EXE_baton-agent"),
+                cluster.kubeconfig(),
+                Duration::from_secs(1),
                 args,
-            },
+            ),
         )
         .unwrap();
         let watcher = Watcher::start(client.clone(), "baton-system", budget, 1, None);
@@ -471,23 +466,16 @@ async fn a_pdb_that_never_allows_an_eviction_fails_its_node_and_halts_the_pool()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_jump_out_of_the_window_lets_the_reboot_in_flight_finish_and_starts_nothing() {
     use std::sync::atomic::AtomicBool;
-    let cluster = TestCluster::start().await.unwrap();
-    cluster.apply_crds().await.unwrap();
+    let (cluster, names) = TestCluster::start_with_nodes(3).await.unwrap();
     let client = cluster.client();
-    let names = cluster.add_nodes(3).await.unwrap();
-    cluster.create_namespace("baton-system").await.unwrap();
     let fleet = Fleet::start(
         &names,
-        &FleetOptions {
-            binary: env!("CARGO_BIN_EXE_baton-agent").into(),
-            kubeconfig: cluster.kubeconfig(),
-            kubeconfigs: Default::default(),
-            node_args: Default::default(),
-            reboot_time: Duration::from_secs(1),
-            args: ["--sim-stage-time", "1s", "--before-reboot", "sleep 3"]
-                .map(String::from)
-                .to_vec(),
-        },
+        &FleetOptions::new(
+            env!("CARGO_BIN_EXE_baton-agent"),
+            cluster.kubeconfig(),
+            Duration::from_secs(1),
+            ["--sim-stage-time", "1s", "--before-reboot", "sleep 3"],
+        ),
     )
     .unwrap();
     // Grants are judged on the operator's clock: while it reads 2 h ahead, the window is

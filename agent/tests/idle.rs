@@ -27,14 +27,12 @@ async fn idle_agents_make_no_requests_besides_their_watches() {
     // Local re-checks every second: they must never turn into API requests.
     let _fleet = Fleet::start(
         &names,
-        &FleetOptions {
-            binary: env!("CARGO_BIN_EXE_baton-agent").into(),
+        &FleetOptions::new(
+            env!("CARGO_BIN_EXE_baton-agent"),
             kubeconfig,
-            kubeconfigs: Default::default(),
-            reboot_time: Duration::from_secs(1),
-            args: ["--check-interval", "1s"].map(String::from).to_vec(),
-            node_args: Default::default(),
-        },
+            Duration::from_secs(1),
+            ["--check-interval", "1s"],
+        ),
     )
     .unwrap();
     let nodes: Api<Node> = Api::all(cluster.client());

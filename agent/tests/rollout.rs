@@ -16,10 +16,7 @@ use e2e::{
     fleet::{Fleet, FleetOptions},
 };
 use futures::StreamExt;
-use k8s_openapi::api::{
-    coordination::v1::Lease,
-    core::v1::{Namespace, Node},
-};
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, PostParams},
@@ -94,18 +91,8 @@ async fn watch(client: Client, seen: Arc<Mutex<Seen>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_agents_and_the_operator_roll_five_nodes_one_at_a_time() {
-    let cluster = TestCluster::start().await.unwrap();
-    cluster.apply_crds().await.unwrap();
+    let (cluster, names) = TestCluster::start_with_nodes(5).await.unwrap();
     let client = cluster.client();
-    let names = cluster.add_nodes(5).await.unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({"metadata": {"name": "baton-system"}}))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let recorder = tokio::spawn(watch(client.clone(), seen.clone()));
 
@@ -113,23 +100,19 @@ async fn real_agents_and_the_operator_roll_five_nodes_one_at_a_time() {
     // agent is killed), a machine is down 1 s.
     let fleet = Fleet::start(
         &names,
-        &FleetOptions {
-            binary: env!("CARGO_BIN_EXE_baton-agent").into(),
-            kubeconfig: cluster.kubeconfig(),
-            kubeconfigs: Default::default(),
-            node_args: Default::default(),
-            reboot_time: Duration::from_secs(1),
-            args: [
+        &FleetOptions::new(
+            env!("CARGO_BIN_EXE_baton-agent"),
+            cluster.kubeconfig(),
+            Duration::from_secs(1),
+            [
                 "--sim-stage-time",
                 "1s",
                 "--before-reboot",
                 "sleep 2",
                 "--check-interval",
                 "1h",
-            ]
-            .map(String::from)
-            .to_vec(),
-        },
+            ],
+        ),
     )
     .unwrap();
     let nodes: Api<Node> = Api::all(client.clone());
@@ -280,21 +263,16 @@ async fn real_agents_and_the_operator_roll_five_nodes_one_at_a_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_machine_that_falls_back_to_its_old_slot_reports_rolled_back_and_halts_the_pool() {
-    let cluster = TestCluster::start().await.unwrap();
-    cluster.apply_crds().await.unwrap();
+    let (cluster, names) = TestCluster::start_with_nodes(2).await.unwrap();
     let client = cluster.client();
-    let names = cluster.add_nodes(2).await.unwrap();
-    cluster.create_namespace("baton-system").await.unwrap();
     let fleet = Fleet::start(
         &names,
-        &FleetOptions {
-            binary: env!("CARGO_BIN_EXE_baton-agent").into(),
-            kubeconfig: cluster.kubeconfig(),
-            kubeconfigs: Default::default(),
-            reboot_time: Duration::from_millis(500),
-            args: ["--sim-stage-time", "500ms"].map(String::from).to_vec(),
-            node_args: Default::default(),
-        },
+        &FleetOptions::new(
+            env!("CARGO_BIN_EXE_baton-agent"),
+            cluster.kubeconfig(),
+            Duration::from_millis(500),
+            ["--sim-stage-time", "500ms"],
+        ),
     )
     .unwrap();
     // Both machines' next boot fails; whichever goes first must halt the pool.
@@ -376,11 +354,8 @@ async fn ab_machines_on_gpt_images_stage_a_signed_release_boot_it_and_commit_or_
     use ed25519_dalek::Signer;
     use sha2::Digest;
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    let cluster = TestCluster::start().await.unwrap();
-    cluster.apply_crds().await.unwrap();
+    let (cluster, names) = TestCluster::start_with_nodes(3).await.unwrap();
     let client = cluster.client();
-    let names = cluster.add_nodes(3).await.unwrap();
-    cluster.create_namespace("baton-system").await.unwrap();
 
     // The release: 3 MiB signed with the key the agents trust, served over HTTPS.
     let dir = tempfile::tempdir().unwrap();
@@ -407,23 +382,24 @@ async fn ab_machines_on_gpt_images_stage_a_signed_release_boot_it_and_commit_or_
     let fleet = Fleet::start(
         &names,
         &FleetOptions {
-            binary: env!("CARGO_BIN_EXE_baton-agent").into(),
-            kubeconfig: cluster.kubeconfig(),
-            kubeconfigs: Default::default(),
             node_args,
-            reboot_time: Duration::from_millis(500),
-            args: vec![
-                "--backend".into(),
-                "ab".into(),
-                "--ab-simulate".into(),
-                // The slot baton never wrote runs what its os-release says.
-                "--os-release".into(),
-                os_release.display().to_string(),
-                "--release-public-key".into(),
-                b64(key.verifying_key().as_bytes()),
-                "--release-ca-file".into(),
-                server.ca_file().display().to_string(),
-            ],
+            ..FleetOptions::new(
+                env!("CARGO_BIN_EXE_baton-agent"),
+                cluster.kubeconfig(),
+                Duration::from_millis(500),
+                vec![
+                    "--backend".into(),
+                    "ab".into(),
+                    "--ab-simulate".into(),
+                    // The slot baton never wrote runs what its os-release says.
+                    "--os-release".into(),
+                    os_release.display().to_string(),
+                    "--release-public-key".into(),
+                    b64(key.verifying_key().as_bytes()),
+                    "--release-ca-file".into(),
+                    server.ca_file().display().to_string(),
+                ],
+            )
         },
     )
     .unwrap();
@@ -553,21 +529,16 @@ async fn ab_machines_on_gpt_images_stage_a_signed_release_boot_it_and_commit_or_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_baton_pauses_resumes_and_retries_a_halted_pool() {
-    let cluster = TestCluster::start().await.unwrap();
-    cluster.apply_crds().await.unwrap();
+    let (cluster, names) = TestCluster::start_with_nodes(2).await.unwrap();
     let client = cluster.client();
-    let names = cluster.add_nodes(2).await.unwrap();
-    cluster.create_namespace("baton-system").await.unwrap();
     let fleet = Fleet::start(
         &names,
-        &FleetOptions {
-            binary: env!("CARGO_BIN_EXE_baton-agent").into(),
-            kubeconfig: cluster.kubeconfig(),
-            kubeconfigs: Default::default(),
-            node_args: Default::default(),
-            reboot_time: Duration::from_millis(500),
-            args: ["--sim-stage-time", "500ms"].map(String::from).to_vec(),
-        },
+        &FleetOptions::new(
+            env!("CARGO_BIN_EXE_baton-agent"),
+            cluster.kubeconfig(),
+            Duration::from_millis(500),
+            ["--sim-stage-time", "500ms"],
+        ),
     )
     .unwrap();
     let first = names[0].clone();

@@ -95,6 +95,17 @@ impl TestCluster {
         Ok(cluster)
     }
 
+    /// Starts a cluster ready for baton without its chart: the CRDs applied, the
+    /// `baton-system` namespace created and `nodes` kwok nodes added (their names are
+    /// returned too).
+    pub async fn start_with_nodes(nodes: usize) -> Result<(TestCluster, Vec<String>)> {
+        let cluster = Self::start().await?;
+        cluster.apply_crds().await?;
+        cluster.create_namespace("baton-system").await?;
+        let names = cluster.add_nodes(nodes).await?;
+        Ok((cluster, names))
+    }
+
     /// Starts a cluster whose files live in `dir` (kept after it stops).
     pub async fn start_in(dir: &Path) -> Result<TestCluster> {
         let binaries = tokio::task::spawn_blocking(Binaries::ensure)

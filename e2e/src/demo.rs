@@ -168,12 +168,13 @@ async fn local(n: usize, keep: bool) -> Result<()> {
     let fleet = Fleet::start(
         &names,
         &FleetOptions {
-            binary: target.join("baton-agent"),
-            kubeconfig: cluster.kubeconfig(),
             kubeconfigs,
-            node_args: Default::default(),
-            reboot_time: Duration::from_secs(3),
-            args: ["--sim-stage-time", "2s"].map(String::from).to_vec(),
+            ..FleetOptions::new(
+                target.join("baton-agent"),
+                cluster.kubeconfig(),
+                Duration::from_secs(3),
+                ["--sim-stage-time", "2s"],
+            )
         },
     )?;
     let client = cluster.client();

@@ -38,6 +38,26 @@ pub struct FleetOptions {
     pub node_args: BTreeMap<String, Vec<String>>,
 }
 
+impl FleetOptions {
+    /// Agents run from `binary` with `kubeconfig` and the extra `args`, machines down
+    /// for `reboot_time`; no per-node kubeconfigs or arguments.
+    pub fn new(
+        binary: impl Into<PathBuf>,
+        kubeconfig: PathBuf,
+        reboot_time: Duration,
+        args: impl IntoIterator<Item = impl Into<String>>,
+    ) -> FleetOptions {
+        FleetOptions {
+            binary: binary.into(),
+            kubeconfig,
+            kubeconfigs: BTreeMap::new(),
+            reboot_time,
+            args: args.into_iter().map(Into::into).collect(),
+            node_args: BTreeMap::new(),
+        }
+    }
+}
+
 /// What happened to one machine.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MachineLog {

@@ -292,14 +292,12 @@ pub async fn agents(
             .await?;
     let fleet = Fleet::start(
         &names,
-        &FleetOptions {
-            binary: agent_binary,
-            kubeconfig: agent_kc,
-            kubeconfigs: Default::default(),
-            reboot_time: Duration::from_secs(1),
-            args: Vec::new(),
-            node_args: Default::default(),
-        },
+        &FleetOptions::new(
+            agent_binary,
+            agent_kc,
+            Duration::from_secs(1),
+            Vec::<String>::new(),
+        ),
     )?;
     let dir = cluster.kubeconfig().with_file_name("baseline");
     std::fs::create_dir_all(&dir).map_err(io("creating the baseline's directory"))?;

@@ -89,14 +89,7 @@ pub async fn run(
     .await?;
     let _fleet = Fleet::start(
         &names,
-        &FleetOptions {
-            binary: agent,
-            kubeconfig: agent_kc,
-            kubeconfigs: Default::default(),
-            node_args: Default::default(),
-            reboot_time: reboot,
-            args: ["--sim-stage-time", "1s"].map(String::from).to_vec(),
-        },
+        &FleetOptions::new(agent, agent_kc, reboot, ["--sim-stage-time", "1s"]),
     )?;
     let _operator = crate::process::spawn_with_kubeconfig(
         "baton-operator",

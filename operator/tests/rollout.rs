@@ -9,10 +9,7 @@ use clap::Parser;
 use crds::UpdatePolicy;
 use e2e::TestCluster;
 use futures::StreamExt;
-use k8s_openapi::api::{
-    coordination::v1::Lease,
-    core::v1::{Namespace, Node},
-};
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, Patch, PatchParams, PostParams},
@@ -190,18 +187,8 @@ impl Run {
         // At most three clusters at once: on 2 cores more only makes every test slower.
         static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(3);
         let _slot = SLOTS.acquire().await.unwrap();
-        let cluster = TestCluster::start().await.unwrap();
-        cluster.apply_crds().await.unwrap();
+        let (cluster, names) = TestCluster::start_with_nodes(nodes).await.unwrap();
         let client = cluster.client();
-        let names = cluster.add_nodes(nodes).await.unwrap();
-        Api::<Namespace>::all(client.clone())
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(serde_json::json!({"metadata": {"name": "baton-system"}}))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
         let observed = Arc::new(Mutex::new(Observed::default()));
         let metrics = Arc::new(operator::metrics::Metrics::default());
         let lost = lost.iter().map(|i| names[*i].clone()).collect();
