@@ -40,6 +40,11 @@ pub struct Config {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
 
+    /// The operator's namespace, where its reboot Leases are: right before rebooting,
+    /// the agent reads its Lease there to confirm the grant is still live.
+    #[arg(long, env = "BATON_LEASE_NAMESPACE", default_value = "baton-system")]
+    pub lease_namespace: String,
+
     /// The update backend.
     #[arg(long, env = "BATON_BACKEND", value_enum)]
     pub backend: BackendKind,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::{StreamExt, stream::BoxStream};
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt, watcher},
@@ -37,6 +37,8 @@ pub enum Exit {
 pub struct Settings {
     /// Its Node.
     pub node_name: String,
+    /// The operator's namespace, where the reboot Leases are.
+    pub lease_namespace: String,
     /// The boot it runs under.
     pub boot_id: BootId,
     /// Its record.
@@ -66,7 +68,8 @@ pub async fn run<B: Backend>(
 ) -> Result<Exit, AgentError> {
     let span = info_span!("node", node = %s.node_name, boot = %s.boot_id);
     async move {
-        let api: Api<Node> = Api::all(client);
+        let api: Api<Node> = Api::all(client.clone());
+        let leases: Api<Lease> = Api::namespaced(client, &s.lease_namespace);
         let mut nodes = watcher(
             api.clone(),
             watcher::Config::default().fields(&format!("metadata.name={}", s.node_name)),
@@ -83,6 +86,7 @@ pub async fn run<B: Backend>(
         let mut stage_failure: Option<(crds::protocol::Version, String)> = None;
         let mut desired_now: Option<crate::backend::Desired> = None;
         let mut reboot_requested: Option<std::time::Instant> = None;
+        let mut refused: Option<(BootId, bool)> = None;
         let mut again = false;
         info!(pending = record.pending.is_some(), "agent started");
         loop {
@@ -101,6 +105,7 @@ pub async fn run<B: Backend>(
                             health = None;
                         }
                         stage_failure = None;
+                        refused = None;
                     }
                 }
             }
@@ -109,6 +114,14 @@ pub async fn run<B: Backend>(
             let (desired, desired_note) = node::desired(n);
             desired_now.clone_from(&desired);
             let (grant, grant_note) = node::grant(n);
+            // A refused grant is judged afresh once the node shows another grant (or
+            // none), or baton's cordon changed, or at the next local re-check.
+            if refused.as_ref().is_some_and(|(boot, cordon)| {
+                grant.as_ref() != Some(boot) || *cordon != node::cordoned(n)
+            }) {
+                refused = None;
+            }
+            let retry = node::retry(n);
             let mut status = match backend.status(desired.as_ref()).await {
                 Ok(status) => status,
                 Err(e) => {
@@ -133,14 +146,10 @@ pub async fn run<B: Backend>(
                 status: &status,
                 record: &record,
                 grant: grant.as_ref(),
+                refused: refused.as_ref().map(|(boot, _)| boot),
                 node_ready: node::ready(n),
                 health: health.as_ref(),
-                retry: crds::protocol::RETRY
-                    .read(n.metadata.annotations.as_ref())
-                    .ok()
-                    .flatten()
-                    .as_ref()
-                    == Some(&s.boot_id),
+                retry: retry.as_ref(),
                 verify_timeout: SignedDuration::try_from(s.verify_timeout)
                     .unwrap_or(SignedDuration::MAX),
                 now,
@@ -190,6 +199,16 @@ pub async fn run<B: Backend>(
                         again = true;
                         continue;
                     }
+                    // The commands may have taken minutes: the grant must still be live,
+                    // on fresh reads and not on the watch, right before the reboot.
+                    if let Err(why) = confirm_grant(&api, &leases, &s).await {
+                        warn!(reason = %why, "the grant is not live: not rebooting");
+                        refused = Some((s.boot_id.clone(), node::cordoned(n)));
+                        record.pending = None;
+                        s.record.save(&record)?;
+                        again = true;
+                        continue;
+                    }
                     info!("rebooting");
                     match s.rebooter.reboot().await {
                         Ok(Rebooted::Simulated) => return Ok(Exit::Rebooted),
@@ -232,13 +251,10 @@ pub async fn run<B: Backend>(
                     Err(e) => warn!(error = %e, "marking the boot good failed; retrying"),
                 },
                 Effect::Retry => {
+                    // The mark is removed with the next report (`Report::drop_retry`).
                     info!("an admin asked for a retry: dropping this boot's verdict");
                     record.outcome = None;
                     s.record.save(&record)?;
-                    let clear = serde_json::json!({"metadata": {"annotations": {crds::protocol::RETRY.name: null}}});
-                    if let Err(e) = node::apply(&api, &s.node_name, &clear).await {
-                        warn!(error = %e, "could not remove the retry mark");
-                    }
                     again = true;
                 }
                 Effect::Conclude(outcome) => {
@@ -253,6 +269,30 @@ pub async fn run<B: Backend>(
     }
     .instrument(span)
     .await
+}
+
+/// The bound on the fresh reads that confirm a grant; a read that takes longer is no
+/// confirmation.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Confirms on fresh reads of the Node and its reboot Lease that the grant is live
+/// ([`crds::grant::check`]). Any read that fails or times out is a refusal.
+async fn confirm_grant(api: &Api<Node>, leases: &Api<Lease>, s: &Settings) -> Result<(), String> {
+    let reads = async {
+        let node = api.get(&s.node_name).await;
+        let lease = leases.get_opt(&crds::grant::lease_name(&s.node_name)).await;
+        (node, lease)
+    };
+    match tokio::time::timeout(CONFIRM_TIMEOUT, reads).await {
+        Err(_) => Err(format!(
+            "reading the node and its Lease took over {CONFIRM_TIMEOUT:?}"
+        )),
+        Ok((Err(e), _)) => Err(format!("cannot read the node: {e}")),
+        Ok((_, Err(e))) => Err(format!("cannot read the reboot Lease: {e}")),
+        Ok((Ok(node), Ok(lease))) => {
+            crds::grant::check(&node, lease.as_ref(), &s.boot_id).map_err(|e| e.to_string())
+        }
+    }
 }
 
 fn conclude(

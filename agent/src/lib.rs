@@ -6,7 +6,7 @@
 //! - [`lifecycle`]: the state machine, pure.
 //! - [`daemon`]: the event loop around it.
 //! - [`backend`]: sim, sentinel, flatcar and the native A/B backend ([`slot`],
-//!   [`payload`]).
+//!   [`payload`], [`partition_table`], [`gptprio`]).
 //! - [`reboot`], [`node`], [`record`], [`health`], [`boot`], [`os_release`], [`dbus`].
 #![forbid(unsafe_code)]
 
@@ -16,10 +16,12 @@ pub mod config;
 pub mod daemon;
 pub mod dbus;
 pub mod error;
+pub mod gptprio;
 pub mod health;
 pub mod lifecycle;
 pub mod node;
 pub mod os_release;
+pub mod partition_table;
 pub mod payload;
 pub mod reboot;
 pub mod record;
@@ -75,6 +77,7 @@ pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, 
     };
     let settings = daemon::Settings {
         node_name: config.node_name.clone(),
+        lease_namespace: config.lease_namespace.clone(),
         boot_id,
         record: record::RecordFile::new(&config.state_dir),
         rebooter,

@@ -99,12 +99,15 @@ pub struct Inputs<'a> {
     pub record: &'a Record,
     /// The operator's grant (`baton.dev/reboot-ok`), naming the boot it applies to.
     pub grant: Option<&'a BootId>,
+    /// A grant for this boot that fresh reads found not live (its Lease gone, failed,
+    /// or baton's cordon off): it is no grant until the node shows none again.
+    pub refused: Option<&'a BootId>,
     /// The Node's `Ready` condition.
     pub node_ready: bool,
     /// The result of the health checks run in this boot, if they ran.
     pub health: Option<&'a Result<(), String>>,
-    /// An admin's `baton.dev/retry` names this boot: drop a failed verdict.
-    pub retry: bool,
+    /// An admin's `baton.dev/retry` mark, naming the boot whose failed verdict to drop.
+    pub retry: Option<&'a BootId>,
     /// How long a new boot may take to pass its health checks.
     pub verify_timeout: SignedDuration,
     /// Now.
@@ -122,6 +125,10 @@ pub struct Report {
     pub reboot_required: bool,
     /// `baton.dev/message`.
     pub message: Option<String>,
+    /// Remove the admin's `baton.dev/retry` mark: it was acted on (or names another
+    /// boot). It goes in the same write as the new state, so that the operator never
+    /// sees the mark gone while the old failed state is still reported.
+    pub drop_retry: bool,
 }
 
 /// What the daemon does next.
@@ -162,15 +169,31 @@ fn report(state: AgentState, target: Option<Version>, message: Option<String>) -
         target_version: target,
         reboot_required: false,
         message,
+        drop_retry: false,
     }
 }
 
 /// Decides. See the module documentation.
 pub fn decide(i: &Inputs<'_>) -> Decision {
-    match &i.record.pending {
+    let grant = i.grant.filter(|g| Some(*g) != i.refused);
+    let i = &Inputs { grant, ..i.clone() };
+    let mut d = match &i.record.pending {
         Some(p) => after_reboot_request(i, p),
         None => steady(i),
-    }
+    };
+    // The retry mark stays only while it waits for this agent to act on it.
+    d.report.drop_retry = i.retry.is_some() && d.effect != Effect::Retry && !retry_pending(i);
+    d
+}
+
+/// Whether the retry mark names this boot and its failed verdict is still recorded.
+fn retry_pending(i: &Inputs<'_>) -> bool {
+    i.retry == Some(i.boot_id)
+        && i.record.pending.is_none()
+        && i.record
+            .outcome
+            .as_ref()
+            .is_some_and(|o| &o.boot == i.boot_id && o.state.is_failure())
 }
 
 /// A reboot was started (before this boot or in it).
@@ -281,7 +304,11 @@ fn steady(i: &Inputs<'_>) -> Decision {
     if let Some(o) = verdict.filter(|o| o.state.is_failure()) {
         return Decision {
             report: report(o.state, None, Some(o.message.clone())),
-            effect: if i.retry { Effect::Retry } else { Effect::Wait },
+            effect: if i.retry == Some(i.boot_id) {
+                Effect::Retry
+            } else {
+                Effect::Wait
+            },
         };
     }
     let done = verdict.is_some_and(|o| o.state == AgentState::Done);
@@ -388,9 +415,10 @@ mod tests {
             status,
             record,
             grant,
+            refused: None,
             node_ready: true,
             health: None,
-            retry: false,
+            retry: None,
             verify_timeout: SignedDuration::from_mins(10),
             now: NOW.parse().unwrap(),
         }
@@ -574,6 +602,66 @@ mod tests {
         );
         i.now = i.now.checked_add(SignedDuration::from_mins(11)).unwrap();
         assert_eq!(settle(&mut i, &mut record).report.state, AgentState::Failed);
+    }
+
+    #[test]
+    fn a_grant_refused_on_fresh_reads_is_no_grant_until_the_node_shows_none() {
+        let (b, s, r) = (boot("aa"), staged(), Record::default());
+        let mut i = inputs(&b, &s, &r, Some(&b));
+        i.refused = Some(&b);
+        let d = decide(&i);
+        assert_eq!(
+            (d.report.state, d.effect),
+            (AgentState::RebootRequired, Effect::Wait)
+        );
+    }
+
+    #[test]
+    fn a_retry_drops_the_failed_verdict_and_the_mark_goes_with_the_new_report() {
+        let (b, s) = (boot("aa"), staged());
+        let mut record = Record {
+            pending: None,
+            outcome: Some(Outcome {
+                boot: b.clone(),
+                state: AgentState::Failed,
+                message: "before-reboot command failed".into(),
+            }),
+        };
+        let mut i = inputs(&b, &s, EMPTY, None);
+        i.retry = Some(&b);
+        let d = decide(&Inputs {
+            record: &record,
+            ..i.clone()
+        });
+        assert_eq!(
+            (d.report.state, &d.effect),
+            (AgentState::Failed, &Effect::Retry)
+        );
+        assert!(
+            !d.report.drop_retry,
+            "the mark stays until the new state goes out"
+        );
+        record.outcome = None;
+        let d = decide(&Inputs {
+            record: &record,
+            ..i.clone()
+        });
+        assert_eq!(d.report.state, AgentState::RebootRequired);
+        assert!(
+            d.report.drop_retry,
+            "dropped in the same write as the new state"
+        );
+        // A mark naming another boot is dropped at once.
+        let other = boot("bb");
+        i.retry = Some(&other);
+        assert!(
+            decide(&Inputs {
+                record: &record,
+                ..i
+            })
+            .report
+            .drop_retry
+        );
     }
 
     #[test]

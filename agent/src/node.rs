@@ -31,7 +31,7 @@ pub fn wanted(
         .as_ref()
         .filter(|m| !m.is_empty())
         .map(|m| MESSAGE.format(&Message(m.replace('\n', " ").chars().take(1024).collect())));
-    vec![
+    let mut keys = vec![
         (STATE.name, STATE.kind, Some(STATE.format(&report.state))),
         (
             CURRENT_VERSION.name,
@@ -68,7 +68,11 @@ pub fn wanted(
                 .reboot_required
                 .then(|| REBOOT_REQUIRED_LABEL.format(&true)),
         ),
-    ]
+    ];
+    if report.drop_retry {
+        keys.push((protocol::RETRY.name, protocol::RETRY.kind, None));
+    }
+    keys
 }
 
 /// The merge patch that brings `node` to `wanted`, or `None` when it already matches.
@@ -116,6 +120,14 @@ pub async fn apply(api: &Api<Node>, name: &str, patch: &Value) -> Result<(), kub
         .map(|_| ())
 }
 
+/// The admin's retry mark, if any (a malformed one is ignored: it names no boot).
+pub fn retry(node: &Node) -> Option<BootId> {
+    protocol::RETRY
+        .read(node.metadata.annotations.as_ref())
+        .ok()
+        .flatten()
+}
+
 /// The grant on the Node, if any. A malformed one is no grant, and says why.
 pub fn grant(node: &Node) -> (Option<BootId>, Option<String>) {
     match protocol::REBOOT_OK.read(node.metadata.annotations.as_ref()) {
@@ -150,6 +162,21 @@ pub fn desired(node: &Node) -> (Option<crate::backend::Desired>, Option<String>)
     )
 }
 
+/// Whether baton's cordon is on the node (`spec.unschedulable` and `baton.dev/cordoned`).
+pub fn cordoned(node: &Node) -> bool {
+    let marked = protocol::CORDONED
+        .read(node.metadata.annotations.as_ref())
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+    marked
+        && node
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false)
+}
+
 /// The Node's `Ready` condition is True.
 pub fn ready(node: &Node) -> bool {
     node.status
@@ -171,6 +198,7 @@ mod tests {
             target_version: Version::new("2.0.0").ok(),
             reboot_required: required,
             message: None,
+            drop_retry: false,
         }
     }
 

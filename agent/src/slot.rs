@@ -1,7 +1,9 @@
-//! A/B slots: two GPT partitions found by label (`USR-A`/`USR-B` by default, as on
-//! Flatcar), with the ChromeOS/Flatcar attribute bits that GRUB's gptprio reads:
-//! priority (bits 48–51), tries left (52–55) and successful (56). Arming, committing
-//! and rolling back only ever change those bits.
+//! A/B slots: two GPT partitions of Flatcar's /usr type found by label (`USR-A`/`USR-B`
+//! by default, as on Flatcar), with the ChromeOS/Flatcar attribute bits that GRUB's
+//! gptprio reads: priority (bits 48–51), tries left (52–55) and successful (56).
+//! Arming, committing and rolling back change only those bits of the two slot entries
+//! (and the table's CRCs), in place (`partition_table`): no entry moves, nothing else
+//! in either table changes.
 
 use std::{
     fs::OpenOptions,
@@ -9,6 +11,8 @@ use std::{
 };
 
 use thiserror::Error;
+
+use crate::{gptprio::USR_TYPE, partition_table};
 
 /// Why a slot operation failed.
 #[derive(Debug, Error)]
@@ -35,12 +39,29 @@ pub enum SlotError {
         /// The labels the table has.
         found: String,
     },
+    /// A slot's partition is not of Flatcar's /usr type, so gptprio would never boot it.
+    #[error(
+        "{path}: partition {number} ({label}) has type {found}, not Flatcar's /usr type {USR_TYPE}: the bootloader would never boot it"
+    )]
+    Type {
+        /// The device or image.
+        path: PathBuf,
+        /// The label.
+        label: String,
+        /// Its entry number.
+        number: u32,
+        /// Its type GUID.
+        found: String,
+    },
     /// The slot asked for is the one booted: it is never written.
     #[error("refusing to touch {0}: it is the booted slot")]
     Booted(String),
     /// The booted slot could not be told.
     #[error("cannot tell the booted slot: {0}")]
     Unknown(String),
+    /// The manual rollback has nowhere to go.
+    #[error("cannot roll back: {0}")]
+    NoRollback(String),
 }
 
 /// The gptprio attribute bits of one partition.
@@ -122,12 +143,12 @@ impl Slots {
     /// Reads the two slots labelled `labels` on `path`.
     pub fn open(path: &Path, labels: [&str; 2]) -> Result<Slots, SlotError> {
         let err = table_error(path);
-        let disk = gpt::GptConfig::new()
+        let disk = ::gpt::GptConfig::new()
             .writable(false)
             .open(path)
             .map_err(|e| err(e.to_string()))?;
         let block = u64::from(*disk.logical_block_size());
-        let all: Vec<(u32, &gpt::partition::Partition)> = disk
+        let all: Vec<(u32, &::gpt::partition::Partition)> = disk
             .partitions()
             .iter()
             .filter(|(_, p)| p.is_used())
@@ -147,6 +168,15 @@ impl Slots {
                         .join(", "),
                 });
             };
+            let type_guid = p.part_type_guid.guid.to_string().to_ascii_lowercase();
+            if type_guid != USR_TYPE {
+                return Err(SlotError::Type {
+                    path: path.to_path_buf(),
+                    label: label.to_string(),
+                    number: *number,
+                    found: type_guid,
+                });
+            }
             Ok(Slot {
                 label: label.to_string(),
                 number: *number,
@@ -201,33 +231,25 @@ impl Slots {
         format!("{} and {}", self.slots[0].label, self.slots[1].label)
     }
 
-    /// Sets the attribute bits of the slots named in `changes`, and syncs the device.
+    /// Sets the attribute bits of the slots named in `changes`, in place, and syncs the
+    /// device: every other bit and byte of the table stays as it was.
     pub fn set(&mut self, changes: &[(&str, Attributes)]) -> Result<(), SlotError> {
         let err = table_error(&self.path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.path)
-            .map_err(|e| err(e.to_string()))?;
-        let mut disk = gpt::GptConfig::new()
-            .writable(true)
-            .open_from_device(file)
-            .map_err(|e| err(e.to_string()))?;
-        let mut partitions = disk.partitions().clone();
+        let mut writes: Vec<(u32, Attributes)> = Vec::new();
         for (label, attributes) in changes {
             let slot = self
                 .get(label)
-                .ok_or_else(|| err(format!("no slot {label}")))?
-                .clone();
-            let entry = partitions
-                .get_mut(&slot.number)
-                .ok_or_else(|| err(format!("partition {} vanished", slot.number)))?;
-            entry.flags = attributes.apply(entry.flags);
+                .ok_or_else(|| err(format!("no slot {label}")))?;
+            writes.push((slot.number, *attributes));
         }
-        disk.update_partitions(partitions)
-            .map_err(|e| err(e.to_string()))?;
-        let file = disk.write().map_err(|e| err(e.to_string()))?;
-        file.sync_all().map_err(|e| err(e.to_string()))?;
+        let numbers: Vec<u32> = writes.iter().map(|(n, _)| *n).collect();
+        partition_table::set_attributes(&self.path, &numbers, |number, flags| {
+            writes
+                .iter()
+                .find(|(n, _)| *n == number)
+                .map_or(flags, |(_, a)| a.apply(flags))
+        })
+        .map_err(|e| err(e.to_string()))?;
         for (label, attributes) in changes {
             if let Some(s) = self.slots.iter_mut().find(|s| s.label == *label) {
                 s.attributes = *attributes;
@@ -236,8 +258,9 @@ impl Slots {
         Ok(())
     }
 
-    /// Arms `target` for one try at the highest priority; the booted slot keeps its
-    /// bits (it stays successful, so the bootloader falls back to it).
+    /// Arms `target` for one try at the highest priority. The booted slot stays
+    /// successful (so the bootloader falls back to it); its priority is lowered by one
+    /// only when it already has the highest (15), to make room above it.
     pub fn arm(&mut self, target: &str, booted: &str) -> Result<(), SlotError> {
         if target == booted {
             return Err(SlotError::Booted(target.to_string()));
@@ -290,11 +313,11 @@ impl Slots {
     pub fn rollback(&mut self, booted: &str) -> Result<String, SlotError> {
         let other = self
             .other(booted)
-            .ok_or_else(|| SlotError::Unknown("no other slot".into()))?
+            .ok_or_else(|| SlotError::NoRollback("there is no other slot".into()))?
             .clone();
         if !other.attributes.successful {
-            return Err(SlotError::Unknown(format!(
-                "{} never booted successfully: nothing to roll back to",
+            return Err(SlotError::NoRollback(format!(
+                "{} has never booted successfully (it is not marked successful), so there is nothing to roll back to",
                 other.label
             )));
         }
@@ -335,12 +358,12 @@ pub fn create_image(path: &Path, labels: [&str; 2], slot_len: u64) -> Result<Slo
         .map_err(|e| err(e.to_string()))?;
     file.set_len(total).map_err(|e| err(e.to_string()))?;
     let sectors = u32::try_from(total / block - 1).unwrap_or(u32::MAX);
-    gpt::mbr::ProtectiveMBR::with_lb_size(sectors)
+    ::gpt::mbr::ProtectiveMBR::with_lb_size(sectors)
         .overwrite_lba0(&mut file)
         .map_err(|e| err(e.to_string()))?;
-    let mut disk = gpt::GptConfig::new()
+    let mut disk = ::gpt::GptConfig::new()
         .writable(true)
-        .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)
+        .logical_block_size(::gpt::disk::LogicalBlockSize::Lb512)
         .create_from_device(file, None)
         .map_err(|e| err(e.to_string()))?;
     let slot_a = Attributes {
@@ -352,7 +375,7 @@ pub fn create_image(path: &Path, labels: [&str; 2], slot_len: u64) -> Result<Slo
         disk.add_partition(
             label,
             slot_len,
-            gpt::partition_types::LINUX_FS,
+            ::gpt::partition_types::COREOS_USR,
             attributes.apply(0),
             Some(2048),
         )
@@ -363,27 +386,15 @@ pub fn create_image(path: &Path, labels: [&str; 2], slot_len: u64) -> Result<Slo
     Slots::open(path, labels)
 }
 
-/// The gptprio choice, for simulated boots: the highest-priority slot with tries left
-/// or marked successful; a try is used up when an unsuccessful slot is picked. Returns
-/// the label booted, or `None` when nothing is bootable.
+/// A simulated boot of the disk `slots` lives on, as GRUB's gptprio picks it
+/// ([`crate::gptprio`]): the label booted, or `None` when nothing can boot. The slots'
+/// bits are read again afterwards.
 pub fn gptprio_boot(slots: &mut Slots) -> Result<Option<String>, SlotError> {
-    let mut candidates: Vec<&Slot> = slots
-        .slots
-        .iter()
-        .filter(|s| s.attributes.bootable())
-        .collect();
-    candidates.sort_by_key(|s| std::cmp::Reverse(s.attributes.priority));
-    let Some(chosen) = candidates.first().map(|s| (*s).clone()) else {
-        return Ok(None);
-    };
-    if !chosen.attributes.successful {
-        let used = Attributes {
-            tries: chosen.attributes.tries - 1,
-            ..chosen.attributes
-        };
-        slots.set(&[(chosen.label.as_str(), used)])?;
-    }
-    Ok(Some(chosen.label))
+    let path = slots.path.clone();
+    let chosen = crate::gptprio::boot(&path).map_err(|e| table_error(&path)(e.to_string()))?;
+    let labels = [slots.slots[0].label.clone(), slots.slots[1].label.clone()];
+    *slots = Slots::open(&path, [labels[0].as_str(), labels[1].as_str()])?;
+    Ok(chosen.map(|e| e.name))
 }
 
 #[cfg(test)]

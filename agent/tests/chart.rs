@@ -1,7 +1,8 @@
 //! The Helm chart with the real helm on a real API server: lint and template across
 //! the values that matter, install, then prove that the chart's RBAC is enough (the
 //! operator and the agents run under its ServiceAccounts and roll nodes) and no more
-//! (the agent's token cannot touch another Node, keys outside baton.dev/, or Pods).
+//! (the agent's token cannot touch another Node, any key but its own, finalizers, or
+//! Pods, and reads only the reboot Leases).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -360,9 +361,129 @@ async fn the_installed_charts_service_accounts_can_roll_nodes_and_the_agent_can_
     eprintln!("[helm] a foreign annotation: {code} {message}");
     assert_eq!(code, 403);
     assert!(
-        message.contains("baton-agent may change only baton.dev/* annotations on its Node"),
+        message.contains("baton-agent may change only its own annotations")
+            && message.contains("refused: example.com/owner"),
         "{message}"
     );
+    // Every key whose writer is not the agent is refused, set or removed, with the key
+    // named (the list comes from crds/src/protocol.rs, as the policy's does).
+    use crds::protocol::{AGENT_REMOVES, Kind, NODE_KEYS, Writer};
+    for (key, kind, writer) in NODE_KEYS {
+        if *writer == Writer::Agent {
+            continue;
+        }
+        let value = if key.ends_with("reboot-ok") || key.ends_with("retry") {
+            "0b0b0b0b-0000-4000-8000-000000000001"
+        } else {
+            "true"
+        };
+        let field = match kind {
+            Kind::Annotation => "annotations",
+            Kind::Label => "labels",
+        };
+        let (code, message) = refused(
+            as_agent
+                .patch(
+                    mine,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {field: {*key: value}}})),
+                )
+                .await,
+        );
+        assert_eq!(code, 403, "{key}: {message}");
+        assert!(
+            message.contains(&format!("refused: {key}")),
+            "{key}: {message}"
+        );
+        if AGENT_REMOVES.contains(key) {
+            continue;
+        }
+        // Nor may it remove one the operator set.
+        nodes
+            .patch(
+                mine,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {field: {*key: value}}})),
+            )
+            .await
+            .unwrap();
+        let (code, message) = refused(
+            as_agent
+                .patch(
+                    mine,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {field: {*key: null}}})),
+                )
+                .await,
+        );
+        assert_eq!(code, 403, "removing {key}: {message}");
+        nodes
+            .patch(
+                mine,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {field: {*key: null}}})),
+            )
+            .await
+            .unwrap();
+    }
+    eprintln!("[helm] every operator and admin key refused to the agent, set or removed");
+    // The admin's retry mark: the agent may remove it (once acted on), not set it.
+    nodes
+        .patch(
+            mine,
+            &PatchParams::default(),
+            &patch(json!({"baton.dev/retry": "0b0b0b0b-0000-4000-8000-000000000001"})),
+        )
+        .await
+        .unwrap();
+    as_agent
+        .patch(
+            mine,
+            &PatchParams::default(),
+            &patch(json!({"baton.dev/retry": null})),
+        )
+        .await
+        .unwrap();
+    // Finalizers and owner references: refused.
+    for metadata in [
+        json!({"finalizers": ["example.com/hold"]}),
+        json!({"ownerReferences": [{"apiVersion": "v1", "kind": "Namespace", "name": "default", "uid": "0b0b0b0b-0000-4000-8000-000000000001"}]}),
+    ] {
+        let (code, message) = refused(
+            as_agent
+                .patch(
+                    mine,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": metadata})),
+                )
+                .await,
+        );
+        assert_eq!(code, 403, "{message}");
+        assert!(
+            message.contains("finalizers or ownerReferences"),
+            "{message}"
+        );
+    }
+    // The agent reads reboot Leases in the release namespace (get, nothing more).
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(agent.clone(), "baton-system");
+    assert!(
+        leases
+            .get_opt("baton-reboot-nosuch")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    match leases.list(&ListParams::default()).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{}", s.message),
+        other => panic!("the agent listed Leases: {other:?}"),
+    }
+    let elsewhere: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(agent.clone(), "kube-system");
+    match elsewhere.get("baton-reboot-nosuch").await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{}", s.message),
+        other => panic!("the agent read Leases outside its namespace: {other:?}"),
+    }
     let (code, message) = refused(
         as_agent
             .patch(

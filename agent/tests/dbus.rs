@@ -234,6 +234,7 @@ async fn start_agent(
         .unwrap();
     let settings = Settings {
         node_name: node.to_string(),
+        lease_namespace: "baton-system".into(),
         boot_id: BootId::new(boot).unwrap(),
         record: RecordFile::new(dir),
         rebooter: Rebooter::Logind(Some(bus.address().to_string())),
@@ -306,9 +307,55 @@ async fn a_flatcar_node_reboots_through_logind_only_when_granted_and_is_verified
         "rebooted on a stale grant"
     );
 
-    // The real grant: logind is asked to reboot.
+    // reboot-ok naming this boot, without the operator's Lease and cordon, is no grant
+    // either: the agent confirms on fresh reads right before it reboots.
     nodes
         .patch(&name, &PatchParams::default(), &Patch::Merge(&grant(boot1)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        services.reboots.load(Ordering::SeqCst),
+        0,
+        "rebooted on reboot-ok alone, without a Lease"
+    );
+    wait_node(&cluster, &nodes, &name, "the agent to ask again", |n| {
+        annotation(n, "baton.dev/state") == Some("RebootRequired")
+    })
+    .await;
+
+    // The real grant (the Lease, baton's cordon and reboot-ok, as the operator gives
+    // it): logind is asked to reboot.
+    nodes
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&grant("ffffffff")),
+        )
+        .await
+        .unwrap();
+    cluster.create_namespace("baton-system").await.unwrap();
+    let lease: k8s_openapi::api::coordination::v1::Lease =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("baton-reboot-{name}"),
+                         "annotations": {"baton.dev/granted-boot-id": boot1}},
+            "spec": {"holderIdentity": name},
+        }))
+        .unwrap();
+    Api::namespaced(cluster.client(), "baton-system")
+        .create(&kube::api::PostParams::default(), &lease)
+        .await
+        .unwrap();
+    let cordon_and_grant = serde_json::json!({
+        "spec": {"unschedulable": true},
+        "metadata": {"annotations": {"baton.dev/cordoned": "true", "baton.dev/reboot-ok": boot1}},
+    });
+    nodes
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&cordon_and_grant),
+        )
         .await
         .unwrap();
     cluster

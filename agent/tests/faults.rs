@@ -25,7 +25,7 @@ use futures::StreamExt;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, ListParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
 
@@ -184,18 +184,184 @@ impl Scenario {
     }
 
     fn finish(self, name: &str) -> Report {
-        let report = self.watcher.finish();
-        eprintln!("[faults] {name}: {report}");
-        for v in &report.violations {
-            eprintln!("[faults]   violation: {v}");
-        }
-        assert!(
-            report.violations.is_empty(),
-            "{name}: {:?}",
-            report.violations
-        );
-        report
+        finish(self.watcher, name)
     }
+
+    fn policies(&self) -> Api<UpdatePolicy> {
+        Api::all(self.client.clone())
+    }
+
+    fn leases(&self) -> Api<Lease> {
+        Api::namespaced(self.client.clone(), "baton-system")
+    }
+
+    /// Whether the policy `pool` has the condition `type_` True.
+    async fn condition(&self, type_: &str) -> bool {
+        self.policies()
+            .get_opt("pool")
+            .await
+            .unwrap()
+            .and_then(|p| p.status)
+            .is_some_and(|st| {
+                st.conditions
+                    .iter()
+                    .any(|c| c.type_ == type_ && c.status == "True")
+            })
+    }
+
+    async fn wait_condition(&self, type_: &str) {
+        self.cluster
+            .wait_for(&format!("the pool's {type_} condition"), || {
+                self.condition(type_)
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Puts a pod on `node` that a PodDisruptionBudget never lets go, so that baton's
+    /// drain of that node stays in progress until its timeout.
+    async fn unevictable_pod(&self, node: &str) {
+        let app = format!("ledger-{node}");
+        if self.cluster.create_namespace("app").await.is_err() {
+            // It exists already.
+        }
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": app, "labels": {"app": app}},
+            "spec": {"nodeName": node, "containers": [{"name": "ledger", "image": "registry.invalid/ledger:1"}]},
+        }))
+        .unwrap();
+        Api::namespaced(self.client.clone(), "app")
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap();
+        let pdb: k8s_openapi::api::policy::v1::PodDisruptionBudget =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": app},
+                "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": app}}},
+            }))
+            .unwrap();
+        Api::namespaced(self.client.clone(), "app")
+            .create(&PostParams::default(), &pdb)
+            .await
+            .unwrap();
+    }
+
+    /// Waits until `node` is cordoned by baton and holds its Lease (being drained).
+    async fn wait_draining(&self, node: &str) {
+        let (nodes, leases) = (self.nodes(), self.leases());
+        self.cluster
+            .wait_for(&format!("{node} to be drained"), || async {
+                let n = nodes.get(node).await.unwrap();
+                cordoned_by_baton(&n)
+                    && leases
+                        .get_opt(&format!("baton-reboot-{node}"))
+                        .await
+                        .unwrap()
+                        .is_some()
+            })
+            .await
+            .unwrap();
+    }
+
+    /// The order the rollout takes the nodes: by zone, then oldest first, then name.
+    async fn rollout_order(&self) -> Vec<String> {
+        let mut nodes = self
+            .nodes()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items;
+        nodes.sort_by_key(|n| {
+            (
+                n.labels().get("topology.kubernetes.io/zone").cloned(),
+                n.metadata.creation_timestamp.clone().map(|t| t.0),
+                n.name_any(),
+            )
+        });
+        nodes.iter().map(|n| n.name_any()).collect()
+    }
+
+    /// Creates the policy paused, waits until every agent has staged and asks for a
+    /// reboot, then resumes it: the rollout then takes the nodes in [`rollout_order`]
+    /// (`Scenario::rollout_order`), whatever order their staging finished in.
+    async fn policy_staged(&self, spec: serde_json::Value) {
+        let mut paused = spec.clone();
+        paused["paused"] = true.into();
+        self.policy(paused).await;
+        let nodes = self.nodes();
+        self.cluster
+            .wait_for("every agent to ask for a reboot", || async {
+                nodes
+                    .list(&ListParams::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .iter()
+                    .all(|n| state(n) == Some("RebootRequired"))
+            })
+            .await
+            .unwrap();
+        kubectl_baton::steer::set_policy_paused(self.client.clone(), "pool", false)
+            .await
+            .unwrap();
+    }
+
+    /// `kubectl baton retry pool`, as an admin runs it.
+    async fn retry_pool(&self) -> Vec<String> {
+        kubectl_baton::steer::retry(self.client.clone(), "baton-system", Some("pool"), &[])
+            .await
+            .unwrap()
+    }
+}
+
+/// Stops `watcher` and checks its report: no rule broken. The counts are printed, and
+/// appended to `$BATON_FAULTS_REPORT` when set (CI prints that file).
+fn finish(watcher: Watcher, name: &str) -> Report {
+    let report = watcher.finish();
+    let mut lines = vec![format!("[faults] {name}: {report}")];
+    lines.extend(
+        report
+            .violations
+            .iter()
+            .map(|v| format!("[faults]   violation: {v}")),
+    );
+    for line in &lines {
+        eprintln!("{line}");
+    }
+    if let Ok(path) = std::env::var("BATON_FAULTS_REPORT") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{}", lines.join("\n"));
+        }
+    }
+    assert!(
+        report.violations.is_empty(),
+        "{name}: {:?}",
+        report.violations
+    );
+    assert_eq!(report.reboots_without_grant, 0, "{name}");
+    report
+}
+
+/// Only baton's reboot Leases (not the leader-election Lease).
+fn reboot_leases() -> ListParams {
+    ListParams::default().labels("app.kubernetes.io/managed-by=baton")
+}
+
+fn cordoned_by_baton(node: &Node) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false)
+        && node
+            .annotations()
+            .get("baton.dev/cordoned")
+            .map(String::as_str)
+            == Some("true")
 }
 
 fn state(node: &Node) -> Option<&str> {
@@ -576,11 +742,361 @@ async fn a_clock_jump_out_of_the_window_lets_the_reboot_in_flight_finish_and_sta
         })
         .await
         .unwrap();
-    let report = watcher.finish();
-    eprintln!("[faults] clock jump: {report}");
-    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    let report = finish(watcher, "a clock jump out of the window and back");
     assert_eq!(report.reboots, 3);
     for n in &names {
         assert_eq!(fleet.log(n).reboots, 1);
     }
+}
+
+// === Safety: admin actions and the grant (issue 14's regressions) ===
+
+/// A before-reboot command that fails while `marker` exists: the admin "fixes the
+/// cause" by removing it.
+fn failing_while(marker: &std::path::Path) -> String {
+    format!("test ! -e {}", marker.display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_failed_before_reboot_command_never_reboots_without_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken");
+    std::fs::write(&broken, "").unwrap();
+    let command = failing_while(&broken);
+    let s = Scenario::start(4, 1, &["--before-reboot", &command]).await;
+    let _operator = s.operator(s.client.clone(), "op-a");
+    s.policy_staged(serde_json::json!({"maxUnavailable": 1}))
+        .await;
+    s.wait_condition("Halted").await;
+    let order = s.rollout_order().await;
+    let first = order[0].clone();
+    let failed = s.nodes().get(&first).await.unwrap();
+
+    assert!(failed.annotations().contains_key("baton.dev/failure"));
+    assert!(
+        !failed.annotations().contains_key("baton.dev/reboot-ok"),
+        "failing the node ended its grant: {:?}",
+        failed.annotations()
+    );
+    // The admin fixes the cause, then retries the pool.
+    std::fs::remove_file(&broken).unwrap();
+    assert_eq!(s.retry_pool().await, std::slice::from_ref(&first));
+    s.wait_done(&[]).await;
+    for n in &s.names {
+        assert_eq!(s.fleet.log(n).reboots, 1, "{n} rebooted exactly once");
+    }
+    let report = s.finish("a retry after a failed before-reboot command");
+    assert_eq!(report.reboots, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_node_deleted_by_an_admin_halts_the_pool_until_a_retry_clears_it() {
+    let s = Scenario::start(4, 1, &[]).await;
+    let order = s.rollout_order().await;
+    s.fleet.fail_next_boot(&order[0]).unwrap();
+    let _operator = s.operator(s.client.clone(), "op-a");
+    s.policy_staged(serde_json::json!({"maxUnavailable": 1}))
+        .await;
+    s.wait_condition("Halted").await;
+    s.nodes()
+        .delete(&order[0], &DeleteParams::default())
+        .await
+        .unwrap();
+    eprintln!("[faults] deleted the failed node {}", order[0]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        s.condition("Halted").await,
+        "a failure counts until a retry"
+    );
+    let held = s.leases().list(&reboot_leases()).await.unwrap().items;
+    assert_eq!(held.len(), 1, "only the failed node's Lease: {held:?}");
+    // `kubectl baton retry pool` finds the deleted node's failed Lease.
+    assert_eq!(s.retry_pool().await, [order[0].clone()]);
+    s.wait_done(std::slice::from_ref(&order[0])).await;
+    s.finish("a failed node deleted, then retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staging_failure_halts_the_pool_until_a_retry_even_once_the_agent_stops_reporting_it() {
+    let s = Scenario::start(3, 1, &["--check-interval", "2s"]).await;
+    let order = s.rollout_order().await;
+    let broken = order[2].clone();
+    s.fleet.fail_staging(&broken, true).unwrap();
+    let _operator = s.operator(s.client.clone(), "op-a");
+    s.policy(serde_json::json!({"maxUnavailable": 1})).await;
+    s.wait_condition("Halted").await;
+    // The payload comes right: the agent stages and asks for a reboot again.
+    s.fleet.fail_staging(&broken, false).unwrap();
+    let nodes = s.nodes();
+    s.cluster
+        .wait_for("the agent to stop reporting its failure", || async {
+            state(&nodes.get(&broken).await.unwrap()) == Some("RebootRequired")
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(s.condition("Halted").await, "a halt never lifts by itself");
+    let n = nodes.get(&broken).await.unwrap();
+    assert!(
+        n.annotations()
+            .get("baton.dev/failure")
+            .is_some_and(|f| f.contains("staging failure")),
+        "{:?}",
+        n.annotations()
+    );
+    assert_eq!(s.retry_pool().await, std::slice::from_ref(&broken));
+    s.wait_done(&[]).await;
+    s.finish("a staging failure, recovered, then retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_in_flight_relabelled_out_of_the_pool_keeps_its_slot_until_it_is_done() {
+    let s = Scenario::start(4, 1, &[]).await;
+    for n in &s.names {
+        label(&s.nodes(), n, "a").await;
+    }
+    let order = s.rollout_order().await;
+    s.unevictable_pod(&order[0]).await;
+    let _operator = s.operator(s.client.clone(), "op-a");
+    s.policy_staged(
+        serde_json::json!({"nodeSelector": {"matchLabels": {"pool": "a"}}, "maxUnavailable": 1,
+        "drain": {"timeout": "15s", "onTimeout": "Proceed"}}),
+    )
+    .await;
+    s.wait_draining(&order[0]).await;
+    label(&s.nodes(), &order[0], "b").await;
+    eprintln!("[faults] relabelled {} out of the pool mid-drain", order[0]);
+    // The watcher fails the run if a second node is disrupted meanwhile.
+    s.wait_done(&[]).await;
+    s.finish("a node relabelled out of its pool mid-drain");
+}
+
+async fn label(nodes: &Api<Node>, node: &str, pool: &str) {
+    let patch = serde_json::json!({"metadata": {"labels": {"pool": pool}}});
+    nodes
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_deleted_mid_drain_ends_its_grants_before_it_goes() {
+    let s = Scenario::start(3, 1, &[]).await;
+    let order = s.rollout_order().await;
+    s.unevictable_pod(&order[0]).await;
+    let _operator = s.operator(s.client.clone(), "op-a");
+    s.policy_staged(serde_json::json!({"maxUnavailable": 1, "drain": {"timeout": "10m"}}))
+        .await;
+    s.wait_draining(&order[0]).await;
+    // `kubectl baton retry --node` on a node in flight that has not failed: refused,
+    // and its Lease stays.
+    let err = kubectl_baton::steer::retry(
+        s.client.clone(),
+        "baton-system",
+        None,
+        std::slice::from_ref(&order[0]),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("has not failed") && err.contains("in progress"),
+        "{err}"
+    );
+    assert!(
+        s.leases()
+            .get_opt(&format!("baton-reboot-{}", order[0]))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    s.policies()
+        .delete("pool", &DeleteParams::default())
+        .await
+        .unwrap();
+    let (policies, nodes, leases) = (s.policies(), s.nodes(), s.leases());
+    s.cluster
+        .wait_for("the policy to go, its grant ended", || async {
+            policies.get_opt("pool").await.unwrap().is_none()
+        })
+        .await
+        .unwrap();
+    let n = nodes.get(&order[0]).await.unwrap();
+    assert!(!cordoned_by_baton(&n), "baton's cordon is undone");
+    assert!(
+        !n.spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false),
+        "uncordoned"
+    );
+    assert!(
+        leases
+            .list(&reboot_leases())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    s.finish("a policy deleted mid-drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_mid_drain_undoes_batons_cordon_instead_of_freezing() {
+    let s = Scenario::start(3, 1, &[]).await;
+    let order = s.rollout_order().await;
+    s.unevictable_pod(&order[0]).await;
+    let _operator = s.operator(s.client.clone(), "op-a");
+    s.policy_staged(serde_json::json!({"maxUnavailable": 1, "drain": {"timeout": "10m"}}))
+        .await;
+    s.wait_draining(&order[0]).await;
+    // An invalid drain.podSelector: it used to leave no pod alone (everything evicted)
+    // and froze the nodes in flight.
+    let bad = serde_json::json!({"spec": {"drain": {"podSelector": {"matchExpressions": [
+        {"key": "app", "operator": "Like", "values": ["ledger"]}]}}}});
+    s.policies()
+        .patch("pool", &PatchParams::default(), &Patch::Merge(&bad))
+        .await
+        .unwrap();
+    s.wait_condition("InvalidSpec").await;
+    let (nodes, leases) = (s.nodes(), s.leases());
+    s.cluster
+        .wait_for("the grant in flight to end", || async {
+            !cordoned_by_baton(&nodes.get(&order[0]).await.unwrap())
+                && leases
+                    .list(&reboot_leases())
+                    .await
+                    .unwrap()
+                    .items
+                    .is_empty()
+        })
+        .await
+        .unwrap();
+    let message = s
+        .policies()
+        .get("pool")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "InvalidSpec")
+        .unwrap()
+        .message;
+    assert!(message.contains("spec.drain.podSelector"), "{message}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        leases
+            .list(&reboot_leases())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "nothing new starts under an invalid spec"
+    );
+    s.finish("an invalid spec mid-drain");
+}
+
+/// One rollout, with every admin action an operations team takes mid-rollout: a failed
+/// node retried, a failed node deleted (and retried), a node relabelled out of the
+/// pool mid-drain, the policy deleted and re-created mid-drain, and a pause and a
+/// resume. The invariant watcher must see no rule broken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_actions_mid_rollout_break_no_rule() {
+    let s = Scenario::start(6, 1, &[]).await;
+    for n in &s.names {
+        label(&s.nodes(), n, "a").await;
+    }
+    let order = s.rollout_order().await;
+    s.fleet.fail_next_boot(&order[0]).unwrap();
+    s.fleet.fail_next_boot(&order[1]).unwrap();
+    s.unevictable_pod(&order[2]).await;
+    s.unevictable_pod(&order[3]).await;
+    let _operator = s.operator(s.client.clone(), "op-a");
+    let spec = serde_json::json!({"nodeSelector": {"matchLabels": {"pool": "a"}}, "maxUnavailable": 1,
+        "drain": {"timeout": "20s", "onTimeout": "Proceed"}});
+    s.policy_staged(spec.clone()).await;
+
+    // 1. The first node fails (its new version does not boot): retried.
+    s.wait_condition("Halted").await;
+    assert_eq!(s.retry_pool().await, [order[0].clone()]);
+    eprintln!("[faults] retried {}", order[0]);
+    // 2. The second fails too: its machine is deleted, then the pool retried.
+    let nodes = s.nodes();
+    s.cluster
+        .wait_for("the second failure", || async {
+            nodes
+                .get(&order[1])
+                .await
+                .unwrap()
+                .annotations()
+                .contains_key("baton.dev/failure")
+        })
+        .await
+        .unwrap();
+    nodes
+        .delete(&order[1], &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(s.condition("Halted").await);
+    assert_eq!(s.retry_pool().await, [order[1].clone()]);
+    eprintln!("[faults] deleted and retried {}", order[1]);
+    // 3. The third is relabelled out of the pool while its drain is held by a PDB.
+    s.wait_draining(&order[2]).await;
+    label(&nodes, &order[2], "b").await;
+    eprintln!("[faults] relabelled {} mid-drain", order[2]);
+    // 4. The policy is deleted while the fourth drains, then re-created.
+    s.wait_draining(&order[3]).await;
+    s.policies()
+        .delete("pool", &DeleteParams::default())
+        .await
+        .unwrap();
+    let policies = s.policies();
+    s.cluster
+        .wait_for("the deleted policy to go", || async {
+            policies.get_opt("pool").await.unwrap().is_none()
+        })
+        .await
+        .unwrap();
+    assert!(!cordoned_by_baton(&nodes.get(&order[3]).await.unwrap()));
+    s.policy(spec).await;
+    eprintln!(
+        "[faults] deleted and re-created the policy while {} drained",
+        order[3]
+    );
+    // 5. Pause while the fifth starts, then resume.
+    s.wait_draining(&order[4]).await;
+    kubectl_baton::steer::set_policy_paused(s.client.clone(), "pool", true)
+        .await
+        .unwrap();
+    let leases = s.leases();
+    s.cluster
+        .wait_for("the node in flight to finish while paused", || async {
+            leases
+                .list(&reboot_leases())
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        leases
+            .list(&reboot_leases())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "nothing starts while paused"
+    );
+    kubectl_baton::steer::set_policy_paused(s.client.clone(), "pool", false)
+        .await
+        .unwrap();
+    eprintln!("[faults] paused and resumed");
+    s.wait_done(std::slice::from_ref(&order[1])).await;
+    s.finish("admin actions mid-rollout");
 }

@@ -1,4 +1,5 @@
-//! `cargo run -p crds`: writes the CRD YAML into `crds/yaml/` and the chart.
+//! `cargo run -p crds`: writes the CRD YAML into `crds/yaml/` and the chart,
+//! and the protocol's key lists for the chart's admission policy.
 
 use std::{path::Path, process::ExitCode};
 
@@ -22,5 +23,12 @@ fn main() -> ExitCode {
             println!("wrote {}", path.display());
         }
     }
+    let (path, text) = crds::crd::protocol_partial();
+    let path = workspace.join(path);
+    if let Err(e) = std::fs::write(&path, text) {
+        eprintln!("error: cannot write {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    println!("wrote {}", path.display());
     ExitCode::SUCCESS
 }

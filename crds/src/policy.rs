@@ -156,6 +156,11 @@ pub struct UpdatePolicyStatus {
     pub next_window: Option<Time>,
 }
 
+/// The finalizer the operator puts on every UpdatePolicy: deleting a policy first ends
+/// its grants (undoing baton's cordons and releasing its Leases; a reboot under way
+/// finishes first), and only then does the policy go.
+pub const FINALIZER: &str = "baton.dev/end-grants";
+
 /// The condition types baton sets on an `UpdatePolicy`.
 pub mod condition {
     /// The policy is valid and its pool is not halted.

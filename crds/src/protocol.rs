@@ -395,6 +395,18 @@ pub mod lease {
     pub const FAILURE: Key<Message> = Key::new("baton.dev/failure", Annotation, Operator);
 }
 
+/// Keys the agent may remove although it never writes them: it drops an admin's
+/// `baton.dev/retry` once it has acted on it (or when it names another boot).
+pub const AGENT_REMOVES: &[&str] = &[RETRY.name];
+
+/// The names of the node keys of `kind` that `writer` writes.
+pub fn written_by(writer: Writer, kind: Kind) -> impl Iterator<Item = &'static str> {
+    NODE_KEYS
+        .iter()
+        .filter(move |(_, k, w)| *w == writer && *k == kind)
+        .map(|(name, _, _)| *name)
+}
+
 /// Every node key's name, kind and writer, for documentation and RBAC checks.
 pub const NODE_KEYS: &[(&str, Kind, Writer)] = &[
     (STATE.name, STATE.kind, STATE.writer),

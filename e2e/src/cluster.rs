@@ -349,6 +349,11 @@ impl TestCluster {
         )
     }
 
+    /// The cluster CA's certificate (PEM), which clients trust.
+    pub fn ca_file(&self) -> &Path {
+        &self.pki.ca_cert
+    }
+
     /// The audit log: one JSON event per completed request of a `baton-system`
     /// ServiceAccount.
     pub fn audit_log(&self) -> PathBuf {

@@ -151,6 +151,17 @@ impl Fleet {
         std::fs::write(&marker, "").map_err(io(format!("writing {}", marker.display())))
     }
 
+    /// Makes `node`'s staging fail (`true`) until called again with `false`.
+    pub fn fail_staging(&self, node: &str, failing: bool) -> Result<()> {
+        let marker = self.dir.path().join(node).join("fail-staging");
+        if failing {
+            std::fs::write(&marker, "the payload does not verify")
+                .map_err(io(format!("writing {}", marker.display())))
+        } else {
+            std::fs::remove_file(&marker).map_err(io(format!("removing {}", marker.display())))
+        }
+    }
+
     /// What happened to `node` so far.
     pub fn log(&self, node: &str) -> MachineLog {
         self.machines

@@ -111,7 +111,7 @@ pub fn operator_rules() -> serde_json::Value {
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "delete"]},
         {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
-        {"apiGroups": ["baton.dev"], "resources": ["updatepolicies"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["baton.dev"], "resources": ["updatepolicies"], "verbs": ["get", "list", "watch", "patch"]},
         {"apiGroups": ["baton.dev"], "resources": ["updatepolicies/status"], "verbs": ["get", "patch", "update"]},
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},

@@ -20,10 +20,9 @@ use axum::{
     routing::get,
 };
 use futures::StreamExt;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use crate::error::{Error, Result, io};
+use crate::error::{Result, io};
 
 /// Chunk size of the streamed body.
 const CHUNK: usize = 256 << 10;
@@ -60,28 +59,8 @@ impl ImageServer {
             .prefix("baton-e2e-images-")
             .tempdir()
             .map_err(io("creating the image server's directory"))?;
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
-        let mut leaf = CertificateParams::new(vec!["localhost".to_string()])?;
-        leaf.subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
-        let key = KeyPair::generate()?;
-        let cert = leaf.signed_by(&key, &ca)?;
         let ca_file = dir.path().join("images-ca.crt");
-        std::fs::write(&ca_file, ca.pem()).map_err(io("writing the image CA"))?;
-
-        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let tls = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::Other(e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .map_err(|e| Error::Other(e.to_string()))?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let acceptor = crate::pki::loopback_tls(&ca_file)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(io("binding the image server"))?;

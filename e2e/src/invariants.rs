@@ -1,13 +1,22 @@
-//! The invariant watcher: records every node transition and every reboot Lease from
-//! watches, and checks baton's safety rules over a whole run:
+//! The invariant watcher: records every Node and reboot-Lease event from watches and
+//! checks baton's safety rules over a whole run. The rules are judged in the order
+//! etcd applied the changes (by resourceVersion; one etcd, so the order is total), not
+//! in the order two watches happen to deliver them:
 //!
 //! - the budget: never more nodes disrupted (cordoned, rebooting or verifying) at once
 //!   than allowed;
-//! - windows: no disruption starts (a Lease created or a node cordoned) while the
-//!   window is closed;
-//! - leases: a node never reboots (its boot id changes) without holding a Lease, and
-//!   every Lease ends with its node done, failed or deleted;
-//! - halting: once failures reach the limit, no new Lease is granted.
+//! - windows: no disruption starts (a Lease created or a node cordoned by baton) while
+//!   the window is closed (judged at arrival, on the wall clock);
+//! - grants: every reboot (a boot id change) happened under a live grant: from the
+//!   agent's last `Rebooting` report in the old boot to the new boot id, the node's
+//!   Lease named the old boot, was not deleted, and carried no failure, and the node
+//!   carried `baton.dev/reboot-ok` for that boot and baton's cordon;
+//! - leases: a Lease is released only once its node is done, failed, deleted, or no
+//!   longer disrupted by baton, and none is left behind at the end but a failed one;
+//! - halting: while failures reach the limit, no new Lease is granted.
+//!
+//! It reads the wire format on purpose, with its own key strings: it checks the
+//! protocol, so it must not share the code under test.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -35,6 +44,8 @@ pub struct Report {
     pub releases: usize,
     /// Reboots seen (boot id changes).
     pub reboots: usize,
+    /// Reboots that happened without a live grant.
+    pub reboots_without_grant: usize,
     /// The most nodes disrupted at once.
     pub max_disrupted: usize,
     /// Nodes marked failed.
@@ -47,12 +58,13 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} node events, {} state transitions, {} grants, {} releases, {} reboots, at most {} disrupted at once, {} failed, {} violations",
+            "{} node events, {} state transitions, {} grants, {} releases, {} reboots ({} without a live grant), at most {} disrupted at once, {} failed, {} violations",
             self.node_events,
             self.transitions,
             self.grants,
             self.releases,
             self.reboots,
+            self.reboots_without_grant,
             self.max_disrupted,
             self.failures.len(),
             self.violations.len()
@@ -60,40 +72,71 @@ impl std::fmt::Display for Report {
     }
 }
 
+/// One recorded change, in etcd's order by `rv`.
+#[derive(Debug, Clone)]
+struct Change {
+    rv: u64,
+    what: What,
+}
+
+#[derive(Debug, Clone)]
+enum What {
+    Node(Box<Node>),
+    NodeGone(String),
+    Lease(Box<Lease>),
+    LeaseGone(Box<Lease>),
+}
+
 #[derive(Default)]
-struct State {
-    report: Report,
-    nodes: BTreeMap<String, Node>,
-    leases: BTreeSet<String>,
-    /// Nodes that held a lease at some point since their last boot.
-    leased_this_boot: BTreeSet<String>,
+struct Recorded {
+    changes: Vec<Change>,
+    /// Violations judged at arrival (windows).
+    early: Vec<String>,
+    node_events: usize,
 }
 
 /// A running watcher.
 pub struct Watcher {
-    state: Arc<Mutex<State>>,
+    recorded: Arc<Mutex<Recorded>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     budget: usize,
     max_failed: usize,
 }
 
-fn disrupted(node: &Node) -> bool {
+fn lock(state: &Mutex<Recorded>) -> std::sync::MutexGuard<'_, Recorded> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn rv_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64 {
+    meta.resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn ann<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    node.annotations().get(key).map(String::as_str)
+}
+
+fn unschedulable(node: &Node) -> bool {
     node.spec
         .as_ref()
         .and_then(|s| s.unschedulable)
         .unwrap_or(false)
+}
+
+fn disrupted(node: &Node) -> bool {
+    unschedulable(node)
         || matches!(
-            node.annotations()
-                .get("baton.dev/state")
-                .map(String::as_str),
+            ann(node, "baton.dev/state"),
             Some("Rebooting" | "Verifying")
         )
 }
 
-fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+fn holder(lease: &Lease) -> Option<String> {
+    lease.spec.as_ref().and_then(|s| s.holder_identity.clone())
 }
 
 impl Watcher {
@@ -107,59 +150,91 @@ impl Watcher {
         max_failed: usize,
         window: Option<WindowFn>,
     ) -> Watcher {
-        let state = Arc::new(Mutex::new(State::default()));
+        let recorded = Arc::new(Mutex::new(Recorded::default()));
         let window = window.unwrap_or_else(|| Arc::new(|_| true));
         let nodes_task = {
-            let (state, window) = (Arc::clone(&state), Arc::clone(&window));
+            let (recorded, window) = (Arc::clone(&recorded), Arc::clone(&window));
             let api: Api<Node> = Api::all(client.clone());
             tokio::spawn(async move {
+                let mut cordoned: BTreeSet<String> = BTreeSet::new();
                 let mut events = watcher(api, watcher::Config::default()).boxed();
                 while let Some(event) = events.next().await {
                     let Ok(event) = event else { continue };
-                    let mut s = lock(&state);
+                    let mut r = lock(&recorded);
                     match event {
                         watcher::Event::Apply(node) | watcher::Event::InitApply(node) => {
-                            s.observe_node(node, budget, &window)
+                            r.node_events += 1;
+                            let name = node.name_any();
+                            let by_baton = unschedulable(&node)
+                                && ann(&node, "baton.dev/cordoned") == Some("true");
+                            if by_baton
+                                && cordoned.insert(name.clone())
+                                && !window(Timestamp::now())
+                            {
+                                r.early.push(format!("{name} cordoned outside the window"));
+                            }
+                            if !by_baton {
+                                cordoned.remove(&name);
+                            }
+                            r.changes.push(Change {
+                                rv: rv_of(&node.metadata),
+                                what: What::Node(Box::new(node)),
+                            });
                         }
-                        watcher::Event::Delete(node) => {
-                            s.nodes.remove(&node.name_any());
-                        }
+                        watcher::Event::Delete(node) => r.changes.push(Change {
+                            rv: rv_of(&node.metadata),
+                            what: What::NodeGone(node.name_any()),
+                        }),
                         _ => {}
                     }
                 }
             })
         };
         let leases_task = {
-            let state = Arc::clone(&state);
+            let (recorded, window) = (Arc::clone(&recorded), Arc::clone(&window));
             let api: Api<Lease> = Api::namespaced(client, namespace);
             tokio::spawn(async move {
+                let mut known: BTreeSet<String> = BTreeSet::new();
                 let config =
                     watcher::Config::default().labels("app.kubernetes.io/managed-by=baton");
                 let mut events = watcher(api, config).boxed();
                 while let Some(event) = events.next().await {
                     let Ok(event) = event else { continue };
-                    let mut s = lock(&state);
+                    let mut r = lock(&recorded);
                     match event {
                         watcher::Event::Apply(l) | watcher::Event::InitApply(l) => {
-                            s.lease_seen(&l, max_failed, &window)
+                            if let Some(h) = holder(&l)
+                                && known.insert(l.uid().unwrap_or_default())
+                                && !window(Timestamp::now())
+                            {
+                                r.early.push(format!("{h} granted outside the window"));
+                            }
+                            r.changes.push(Change {
+                                rv: rv_of(&l.metadata),
+                                what: What::Lease(Box::new(l)),
+                            });
                         }
-                        watcher::Event::Delete(l) => s.lease_gone(&l),
+                        watcher::Event::Delete(l) => r.changes.push(Change {
+                            rv: rv_of(&l.metadata),
+                            what: What::LeaseGone(Box::new(l)),
+                        }),
                         _ => {}
                     }
                 }
             })
         };
         Watcher {
-            state,
+            recorded,
             tasks: vec![nodes_task, leases_task],
             budget,
             max_failed,
         }
     }
 
-    /// The report so far.
+    /// The report so far (end-of-run checks excluded).
     pub fn report(&self) -> Report {
-        lock(&self.state).report.clone()
+        let r = lock(&self.recorded);
+        judge(&r, self.budget, self.max_failed, false)
     }
 
     /// Stops watching and returns the final report, with the end-of-run checks: every
@@ -168,24 +243,8 @@ impl Watcher {
         for t in &self.tasks {
             t.abort();
         }
-        let mut s = lock(&self.state);
-        let leftover: Vec<String> = s
-            .leases
-            .iter()
-            .filter(|holder| {
-                s.nodes
-                    .get(*holder)
-                    .is_some_and(|n| !n.annotations().contains_key("baton.dev/failure"))
-            })
-            .cloned()
-            .collect();
-        for holder in leftover {
-            s.report.violations.push(format!(
-                "lease of {holder} left behind although it did not fail"
-            ));
-        }
-        let _ = (self.budget, self.max_failed);
-        s.report.clone()
+        let r = lock(&self.recorded);
+        judge(&r, self.budget, self.max_failed, true)
     }
 }
 
@@ -197,104 +256,220 @@ impl Drop for Watcher {
     }
 }
 
-impl State {
-    fn observe_node(&mut self, node: Node, budget: usize, window: &WindowFn) {
-        let name = node.name_any();
-        self.report.node_events += 1;
-        let now = Timestamp::now();
-        let old = self.nodes.get(&name).cloned();
-        let get = |n: &Node, k: &str| n.annotations().get(k).cloned();
-        if let Some(old) = &old {
-            if get(old, "baton.dev/state") != get(&node, "baton.dev/state") {
-                self.report.transitions += 1;
-            }
-            let (before, after) = (
-                get(old, "baton.dev/boot-id"),
-                get(&node, "baton.dev/boot-id"),
-            );
-            if before.is_some() && after.is_some() && before != after {
-                self.report.reboots += 1;
-                if !self.leased_this_boot.contains(&name) && !self.leases.contains(&name) {
-                    self.report
-                        .violations
-                        .push(format!("{name} rebooted without holding a lease"));
-                }
-                self.leased_this_boot.remove(&name);
-                if self.leases.contains(&name) {
-                    self.leased_this_boot.insert(name.clone());
-                }
-            }
-            let was_cordoned = old
-                .spec
-                .as_ref()
-                .and_then(|s| s.unschedulable)
-                .unwrap_or(false);
-            let cordoned = node
-                .spec
-                .as_ref()
-                .and_then(|s| s.unschedulable)
-                .unwrap_or(false);
-            if cordoned
-                && !was_cordoned
-                && get(&node, "baton.dev/cordoned").as_deref() == Some("true")
-                && !window(now)
-            {
-                self.report
-                    .violations
-                    .push(format!("{name} cordoned outside the window"));
-            }
-        }
-        if node.annotations().contains_key("baton.dev/failure") {
-            self.report.failures.insert(name.clone());
-        }
-        self.nodes.insert(name, node);
-        let now_disrupted = self.nodes.values().filter(|n| disrupted(n)).count();
-        self.report.max_disrupted = self.report.max_disrupted.max(now_disrupted);
-        if now_disrupted > budget {
-            self.report.violations.push(format!(
-                "{now_disrupted} nodes disrupted at once, budget {budget}"
-            ));
-        }
-    }
+/// A reboot Lease as it stood at one moment.
+#[derive(Debug, Clone)]
+struct Held {
+    uid: String,
+    boot: Option<String>,
+    failed: bool,
+}
 
-    fn lease_seen(&mut self, lease: &Lease, max_failed: usize, window: &WindowFn) {
-        let Some(holder) = lease.spec.as_ref().and_then(|s| s.holder_identity.clone()) else {
-            return;
-        };
-        if self.leases.insert(holder.clone()) {
-            self.report.grants += 1;
-            self.leased_this_boot.insert(holder.clone());
-            if !window(Timestamp::now()) {
-                self.report
-                    .violations
-                    .push(format!("{holder} granted outside the window"));
-            }
-            if self.report.failures.len() >= max_failed {
-                self.report.violations.push(format!(
-                    "{holder} granted after {} failure(s) halted the pool",
-                    self.report.failures.len()
-                ));
-            }
-        }
-    }
+/// A reboot on its way: the node as it reported `Rebooting` (or was last seen) in the
+/// boot it is leaving, and whether the grant has stayed live since.
+#[derive(Debug, Clone)]
+struct Leaving {
+    boot: String,
+    grant_live: Result<(), String>,
+}
 
-    fn lease_gone(&mut self, lease: &Lease) {
-        let Some(holder) = lease.spec.as_ref().and_then(|s| s.holder_identity.clone()) else {
-            return;
-        };
-        if self.leases.remove(&holder) {
-            self.report.releases += 1;
-            let node = self.nodes.get(&holder);
-            let ok = node.is_none_or(|n| {
-                let a = n.annotations();
-                a.get("baton.dev/state").map(String::as_str) == Some("Done")
-                    || a.contains_key("baton.dev/failure")
-            });
-            if !ok {
-                self.report.violations.push(format!(
-                    "lease of {holder} released before the node was done"
-                ));
+/// Replays every change in etcd's order and judges the rules.
+fn judge(r: &Recorded, budget: usize, max_failed: usize, end: bool) -> Report {
+    let mut report = Report {
+        node_events: r.node_events,
+        violations: r.early.clone(),
+        ..Report::default()
+    };
+    let mut changes = r.changes.clone();
+    changes.sort_by_key(|c| c.rv);
+    let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
+    let mut leases: BTreeMap<String, Held> = BTreeMap::new();
+    let mut seen_leases: BTreeSet<String> = BTreeSet::new();
+    let mut leaving: BTreeMap<String, Leaving> = BTreeMap::new();
+    let mut last_rv: BTreeMap<String, u64> = BTreeMap::new();
+    for change in &changes {
+        match &change.what {
+            What::Node(node) => {
+                let name = node.name_any();
+                // A relist replays objects already seen: skip what is not newer.
+                if last_rv.get(&name).is_some_and(|rv| *rv >= change.rv) {
+                    continue;
+                }
+                last_rv.insert(name.clone(), change.rv);
+                let old = nodes.insert(name.clone(), (**node).clone());
+                let (before, now) = (
+                    old.as_ref().and_then(|o| ann(o, "baton.dev/boot-id")),
+                    ann(node, "baton.dev/boot-id"),
+                );
+                if let Some(o) = &old
+                    && ann(o, "baton.dev/state") != ann(node, "baton.dev/state")
+                {
+                    report.transitions += 1;
+                }
+                if let (Some(b), Some(n)) = (before, now)
+                    && b != n
+                {
+                    report.reboots += 1;
+                    let verdict = match leaving.remove(&name) {
+                        Some(l) if l.boot == b => l.grant_live,
+                        _ => live(old.as_ref(), leases.get(&name), b),
+                    };
+                    if let Err(why) = verdict {
+                        report.reboots_without_grant += 1;
+                        report.violations.push(format!(
+                            "{name} rebooted out of boot {b} without a live grant: {why}"
+                        ));
+                    }
+                }
+                // Rebooting in this boot: the grant must be live now and stay live until
+                // the new boot shows. Any other state in this boot: no reboot is on its
+                // way (a refused grant, say); a later one reports Rebooting again.
+                if let Some(b) = now {
+                    if ann(node, "baton.dev/state") == Some("Rebooting") {
+                        let grant_live = live(Some(node), leases.get(&name), b);
+                        leaving.insert(
+                            name.clone(),
+                            Leaving {
+                                boot: b.to_string(),
+                                grant_live,
+                            },
+                        );
+                    } else {
+                        leaving.remove(&name);
+                    }
+                }
+                if ann(node, "baton.dev/failure").is_some() {
+                    report.failures.insert(name.clone());
+                }
+                let disrupted_now = nodes.values().filter(|n| disrupted(n)).count();
+                report.max_disrupted = report.max_disrupted.max(disrupted_now);
+                if disrupted_now > budget {
+                    report.violations.push(format!(
+                        "{disrupted_now} nodes disrupted at once, budget {budget}"
+                    ));
+                }
+            }
+            What::NodeGone(name) => {
+                nodes.remove(name);
+                leaving.remove(name);
+            }
+            What::Lease(lease) => {
+                let Some(h) = holder(lease) else { continue };
+                let uid = lease.uid().unwrap_or_default();
+                let held = Held {
+                    uid: uid.clone(),
+                    boot: lease
+                        .annotations()
+                        .get("baton.dev/granted-boot-id")
+                        .cloned(),
+                    failed: lease.annotations().contains_key("baton.dev/failure"),
+                };
+                if held.failed {
+                    report.failures.insert(h.clone());
+                    end_grant(&mut leaving, &h, "its Lease recorded a failure");
+                }
+                if seen_leases.insert(uid) {
+                    report.grants += 1;
+                    let failed_now = failed_nodes(&nodes, &leases);
+                    if failed_now >= max_failed {
+                        report.violations.push(format!(
+                            "{h} granted while {failed_now} failure(s) halted the pool"
+                        ));
+                    }
+                }
+                leases.insert(h, held);
+            }
+            What::LeaseGone(lease) => {
+                let Some(h) = holder(lease) else { continue };
+                if leases
+                    .get(&h)
+                    .is_some_and(|l| Some(&l.uid) == lease.uid().as_ref())
+                {
+                    leases.remove(&h);
+                    report.releases += 1;
+                    end_grant(&mut leaving, &h, "its Lease was deleted");
+                    let ok = nodes.get(&h).is_none_or(|n| {
+                        ann(n, "baton.dev/state") == Some("Done")
+                            || ann(n, "baton.dev/failure").is_some()
+                            || !(ann(n, "baton.dev/cordoned") == Some("true") && unschedulable(n)
+                                || ann(n, "baton.dev/reboot-ok").is_some()
+                                || matches!(
+                                    ann(n, "baton.dev/state"),
+                                    Some("Rebooting" | "Verifying")
+                                ))
+                    });
+                    if !ok {
+                        report.violations.push(format!(
+                            "lease of {h} released while its node was still disrupted by baton"
+                        ));
+                    }
+                }
             }
         }
     }
+    if end {
+        for (h, held) in &leases {
+            let failed = held.failed
+                || nodes
+                    .get(h)
+                    .is_some_and(|n| ann(n, "baton.dev/failure").is_some());
+            if nodes.contains_key(h) && !failed {
+                report
+                    .violations
+                    .push(format!("lease of {h} left behind although it did not fail"));
+            }
+        }
+    }
+    report
+}
+
+/// A grant that ends while a reboot is on its way: the reboot, if it comes, had none.
+fn end_grant(leaving: &mut BTreeMap<String, Leaving>, node: &str, why: &str) {
+    if let Some(l) = leaving.get_mut(node)
+        && l.grant_live.is_ok()
+    {
+        l.grant_live = Err(why.to_string());
+    }
+}
+
+/// Whether `node` (as last seen) held a live grant for `boot`.
+fn live(node: Option<&Node>, lease: Option<&Held>, boot: &str) -> Result<(), String> {
+    let Some(lease) = lease else {
+        return Err("no Lease".into());
+    };
+    if lease.boot.as_deref() != Some(boot) {
+        return Err(format!("the Lease names boot {:?}", lease.boot));
+    }
+    if lease.failed {
+        return Err("the Lease records a failure".into());
+    }
+    let Some(node) = node else {
+        return Err("the node was not seen".into());
+    };
+    if ann(node, "baton.dev/reboot-ok") != Some(boot) {
+        return Err(format!(
+            "baton.dev/reboot-ok is {:?}",
+            ann(node, "baton.dev/reboot-ok")
+        ));
+    }
+    if !(unschedulable(node) && ann(node, "baton.dev/cordoned") == Some("true")) {
+        return Err("baton's cordon is not on the node".into());
+    }
+    Ok(())
+}
+
+/// Failures that count now: nodes marked failed and failed Leases (of deleted nodes
+/// too), each node once.
+fn failed_nodes(nodes: &BTreeMap<String, Node>, leases: &BTreeMap<String, Held>) -> usize {
+    let mut failed: BTreeSet<&str> = nodes
+        .iter()
+        .filter(|(_, n)| ann(n, "baton.dev/failure").is_some())
+        .map(|(name, _)| name.as_str())
+        .collect();
+    failed.extend(
+        leases
+            .iter()
+            .filter(|(_, l)| l.failed)
+            .map(|(h, _)| h.as_str()),
+    );
+    failed.len()
 }

@@ -19,6 +19,7 @@ pub mod packages;
 pub mod pki;
 pub mod process;
 pub mod prometheus;
+pub mod proxy;
 pub mod workload;
 
 pub use cluster::TestCluster;

@@ -1,5 +1,6 @@
-//! The Debian packages some tests run for real: Prometheus (the alert gate) and
-//! dbus-daemon (the agent's update_engine and logind clients). `ensure` installs the
+//! The Debian packages some tests run for real: Prometheus (the alert gate),
+//! dbus-daemon (the agent's update_engine and logind clients), and cgpt and sgdisk (the
+//! A/B backend's reference for GPT attribute bits, and Flatcar's real disk layout). `ensure` installs the
 //! missing ones with apt-get when it can, and otherwise says how.
 
 use std::{path::PathBuf, process::Command};
@@ -16,7 +17,7 @@ pub struct Package {
 }
 
 /// Everything the tests need from the system.
-pub const PACKAGES: [Package; 2] = [
+pub const PACKAGES: [Package; 4] = [
     Package {
         program: "prometheus",
         package: "prometheus",
@@ -24,6 +25,14 @@ pub const PACKAGES: [Package; 2] = [
     Package {
         program: "dbus-daemon",
         package: "dbus-daemon",
+    },
+    Package {
+        program: "cgpt",
+        package: "cgpt",
+    },
+    Package {
+        program: "sgdisk",
+        package: "gdisk",
     },
 ];
 

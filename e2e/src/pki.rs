@@ -93,3 +93,28 @@ impl Pki {
         })
     }
 }
+
+/// A TLS acceptor for a loopback server (`localhost`, `127.0.0.1`) with a CA of its
+/// own, whose certificate (PEM) is written to `ca_file` for clients to trust.
+pub fn loopback_tls(ca_file: &Path) -> Result<tokio_rustls::TlsAcceptor> {
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string()])?;
+    leaf.subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let key = KeyPair::generate()?;
+    let cert = leaf.signed_by(&key, &ca)?;
+    std::fs::write(ca_file, ca.pem()).map_err(io(format!("writing {}", ca_file.display())))?;
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let tls = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| crate::Error::Other(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .map_err(|e| crate::Error::Other(e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls)))
+}

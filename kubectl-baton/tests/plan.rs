@@ -182,3 +182,15 @@ fn a_reboot_slower_than_the_reboot_timeout_shows_as_a_failure_that_halts() {
             .starts_with("Incomplete within 336h: 0 of 4 nodes updated")
     );
 }
+
+#[test]
+fn a_window_that_never_opens_is_named_by_plan() {
+    let policy: UpdatePolicy =
+        serde_yaml_ng::from_str(&POLICY.replace("0 2 * * 0", "0 2 30 2 *")).unwrap();
+    let nodes: Vec<Node> = (1..=3).map(node).collect();
+    let err = render(&policy, &nodes, &opts()).unwrap_err().to_string();
+    assert!(
+        err.contains("spec.maintenanceWindows[1].schedule") && err.contains("never opens"),
+        "{err}"
+    );
+}

@@ -38,9 +38,21 @@ pub struct Config {
     #[arg(long, env = "BATON_LEADER_LEASE_DURATION", default_value = "30s", value_parser = parse_duration)]
     pub leader_lease_duration: Duration,
 
-    /// How often the leader renews its Lease; must be shorter than the lease duration.
+    /// How often the leader renews its Lease; must be shorter than the renew deadline.
     #[arg(long, env = "BATON_LEADER_RENEW_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub leader_renew_interval: Duration,
+
+    /// The leader stops every write once its last successful renewal was sent this long
+    /// ago, even while a renewal still hangs. Shorter than the lease duration, so that a
+    /// deposed leader has stopped before a follower may take over (default: two thirds
+    /// of the lease duration, a margin of a third for clock rates and requests in flight).
+    #[arg(long, env = "BATON_LEADER_RENEW_DEADLINE", value_parser = parse_duration)]
+    pub leader_renew_deadline: Option<Duration>,
+
+    /// The bound on every API request other than a watch (a write is also bounded by
+    /// the renew deadline).
+    #[arg(long, env = "BATON_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
 
     /// Logging.
     #[command(flatten)]
@@ -48,13 +60,29 @@ pub struct Config {
 }
 
 impl Config {
+    /// The renew deadline: as set, or two thirds of the lease duration.
+    pub fn renew_deadline(&self) -> Duration {
+        self.leader_renew_deadline
+            .unwrap_or(self.leader_lease_duration * 2 / 3)
+    }
+
     /// Checks what clap cannot: relations between flags.
     pub fn validate(&self) -> Result<(), String> {
-        if self.leader_renew_interval >= self.leader_lease_duration {
+        let deadline = self.renew_deadline();
+        if self.leader_renew_interval >= deadline {
             return Err(format!(
-                "--leader-renew-interval ({:?}) must be shorter than --leader-lease-duration ({:?})",
-                self.leader_renew_interval, self.leader_lease_duration
+                "--leader-renew-interval ({:?}) must be shorter than the renew deadline ({deadline:?})",
+                self.leader_renew_interval
             ));
+        }
+        if deadline >= self.leader_lease_duration {
+            return Err(format!(
+                "--leader-renew-deadline ({deadline:?}) must be shorter than --leader-lease-duration ({:?}): a deposed leader must stop before another may lead",
+                self.leader_lease_duration
+            ));
+        }
+        if self.request_timeout.is_zero() {
+            return Err("--request-timeout must be longer than 0s".into());
         }
         if self.namespace.is_empty() {
             return Err("--namespace must not be empty".into());
@@ -95,6 +123,24 @@ mod tests {
         let config =
             Config::try_parse_from(["baton-operator", "--leader-renew-interval", "40s"]).unwrap();
         assert!(config.validate().unwrap_err().contains("must be shorter"));
+        let config =
+            Config::try_parse_from(["baton-operator", "--leader-renew-deadline", "30s"]).unwrap();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .contains("a deposed leader must stop before another may lead")
+        );
+        let config = Config::try_parse_from([
+            "baton-operator",
+            "--leader-lease-duration",
+            "3s",
+            "--leader-renew-interval",
+            "1s",
+        ])
+        .unwrap();
+        assert_eq!(config.renew_deadline(), Duration::from_secs(2));
+        config.validate().unwrap();
     }
 
     #[test]

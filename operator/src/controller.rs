@@ -19,17 +19,18 @@ use kube::{
         watcher,
     },
 };
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
-use crds::UpdatePolicy;
-use rollout::{Policy, Snapshot, decide, selector::Selector};
+use crds::{UpdatePolicy, policy::FINALIZER};
+use rollout::{Policy, Snapshot, decide, policy::Ending, selector::Selector};
 
 use crate::{
     config::Config,
     error::{Error, Result},
+    fence::{self, Fence},
     lease,
     metrics::{ErrorLabels, Metrics},
-    status,
+    readback, status,
 };
 
 /// What every reconcile shares.
@@ -44,6 +45,8 @@ pub struct Context {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) alerts: crate::alert::Alerts,
     pub(crate) clock: Arc<crate::clock::Clock>,
+    /// Writes not yet seen in the caches (`readback`).
+    pub(crate) expectations: std::sync::Mutex<rollout::expectations::Expectations>,
 }
 
 /// One operator replica: waits to lead, then runs the controller until leadership is
@@ -93,11 +96,22 @@ pub async fn run_replica_until(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Ended {
     let mut shutdown = std::pin::pin!(shutdown);
+    // Every request is bounded; the controller's writes are also fenced by leadership,
+    // which the elector (on its own, unfenced client) keeps open.
+    let fence = if config.leader_elect {
+        Fence::leading_never()
+    } else {
+        Fence::always()
+    };
+    let elector_client = fence::bounded(client.clone(), Fence::always(), config.request_timeout);
+    let client = fence::bounded(client, Arc::clone(&fence), config.request_timeout);
     let elector = config.leader_elect.then(|| {
         crate::leader::Elector::new(
-            Api::namespaced(client.clone(), &config.namespace),
+            Api::namespaced(elector_client, &config.namespace),
             config.identity.clone(),
             config.leader_lease_duration,
+            config.renew_deadline(),
+            Arc::clone(&fence),
         )
     });
     if let Some(elector) = &elector {
@@ -215,6 +229,7 @@ pub async fn run_with_clock(
         metrics,
         alerts,
         clock,
+        expectations: std::sync::Mutex::default(),
     });
     // Drains run as their own tasks; they must not outlive this controller (a replica
     // that stops leading must stop evicting at once).
@@ -276,62 +291,19 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
     let result = async move {
         ctx.nodes.wait_until_ready().await.ok();
         ctx.leases.wait_until_ready().await.ok();
+        // Never decide from a cache older than the operator's own last write.
+        if !readback::caught_up(&ctx).await {
+            return Ok(Requeue::requeue(READBACK_RECHECK));
+        }
         let now = ctx.clock.now();
-        let rules = match Policy::from_spec(&name, &policy.spec) {
-            Ok(rules) => rules,
-            Err(errors) => {
-                let status = status::invalid(&errors, policy.meta().generation, policy.status.as_ref(), now);
-                if policy.status.as_ref() != Some(&status) {
-                    let note = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-                    publish(&ctx, &policy.object_ref(&()), EventType::Warning, "InvalidSpec", &note).await;
-                    write_status(&ctx, &name, &status).await?;
-                }
-                return Ok(Requeue::await_change());
-            }
-        };
-        let mut snapshot = observe(&ctx, &rules);
-        let blocked = mark_blocked(&ctx, &policy, &mut snapshot).await?;
-        if let Some(gate) = &rules.alert_gate
-            && snapshot.nodes.iter().any(|n| n.requests_reboot())
-        {
-            snapshot.gate = ctx.alerts.verdict(gate, now).await;
+        if policy.meta().deletion_timestamp.is_some() {
+            return end_deleted(&ctx, &policy, now).await;
         }
-        let plan = decide(&snapshot, &rules, now);
-        ctx.metrics.observe(&plan);
-        // A failed step is tried again soon: the change that made it fail (a conflict
-        // with a heartbeat, say) may be one that wakes nothing.
-        let mut retry: Option<Duration> = None;
-        for step in &plan.nodes {
-            let span = info_span!("node", node = %step.node);
-            if let Err(e) = crate::step::perform(&ctx, &rules, &policy, step, now).instrument(span).await {
-                warn!(node = %step.node, action = %step.action, error = %e, "step failed; will retry");
-                let after = if matches!(e, Error::Conflict(_)) { STEP_CONFLICT_RETRY } else { STEP_RETRY };
-                retry = Some(retry.map_or(after, |r| r.min(after)));
-            }
+        ensure_finalizer(&ctx, &policy).await?;
+        match Policy::from_spec(&name, &policy.spec) {
+            Ok(rules) => roll_out(&ctx, &policy, &rules, now).await,
+            Err(errors) => wind_down_invalid(&ctx, &policy, &errors, now).await,
         }
-        if let Some(version) = &rules.target_version {
-            crate::step::publish_release(&ctx, &plan.publish_release, version, rules.release.as_ref()).await;
-        }
-        let status = status::from_plan(&plan, rules.paused, policy.meta().generation, policy.status.as_ref(), now);
-        if policy.status.as_ref() != Some(&status) {
-            for (kind, message) in status::raised(policy.status.as_ref(), &status) {
-                publish(&ctx, &policy.object_ref(&()), EventType::Warning, kind, message).await;
-            }
-            write_status(&ctx, &name, &status).await?;
-        }
-        // Pods and alerts are not watched (a cluster-wide pod cache would dwarf the
-        // operator; Prometheus has no watch), so a node held back only by a blocking pod
-        // or a closed gate is looked at again after GATE_RECHECK.
-        let gated = blocked || snapshot.gate.is_some();
-        let blocked_recheck = gated.then(|| now.checked_add(GATE_RECHECK).ok()).flatten();
-        let next = [plan.next_change, blocked_recheck].into_iter().flatten().min();
-        // Timers run on the monotonic clock while the rules run on the wall clock: a
-        // clock step (NTP, a resumed VM) would leave a far-off requeue far off. Looking
-        // again at least every RESYNC bounds that; it reads only the caches and writes
-        // nothing unless something changed.
-        let wait = next.map_or(RESYNC, |t| t.duration_since(now).unsigned_abs().clamp(Duration::from_millis(100), RESYNC));
-        let wait = retry.map_or(wait, |r| wait.min(r));
-        Ok(Requeue::requeue(wait))
     }
     .instrument(span)
     .await;
@@ -340,6 +312,207 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
         .observe(started.elapsed().as_secs_f64());
     result
 }
+
+/// A valid policy: observe, decide, perform, report, and requeue when the plan can
+/// next change.
+async fn roll_out(
+    ctx: &Arc<Context>,
+    policy: &UpdatePolicy,
+    rules: &Policy,
+    now: jiff::Timestamp,
+) -> Result<Requeue> {
+    let mut snapshot = observe(ctx, rules);
+    let blocked = mark_blocked(ctx, rules, &mut snapshot).await?;
+    if let Some(gate) = &rules.alert_gate
+        && snapshot.nodes.iter().any(|n| n.requests_reboot())
+    {
+        snapshot.gate = ctx.alerts.verdict(gate, now).await;
+    }
+    let plan = decide(&snapshot, rules, now);
+    ctx.metrics.observe(&plan);
+    let retry = perform(ctx, rules, &plan, now).await;
+    if let Some(version) = &rules.target_version {
+        crate::step::publish_release(ctx, &plan.publish_release, version, rules.release.as_ref())
+            .await;
+    }
+    let status = status::from_plan(
+        &plan,
+        rules.paused,
+        policy.meta().generation,
+        policy.status.as_ref(),
+        now,
+    );
+    if policy.status.as_ref() != Some(&status) {
+        for (kind, message) in status::raised(policy.status.as_ref(), &status) {
+            publish(
+                ctx,
+                &policy.object_ref(&()),
+                EventType::Warning,
+                kind,
+                message,
+            )
+            .await;
+        }
+        write_status(ctx, &rules.name, &status).await?;
+    }
+    // Pods and alerts are not watched (a cluster-wide pod cache would dwarf the
+    // operator; Prometheus has no watch), so a node held back only by a blocking pod
+    // or a closed gate is looked at again after GATE_RECHECK.
+    let gated = blocked || snapshot.gate.is_some();
+    let blocked_recheck = gated.then(|| now.checked_add(GATE_RECHECK).ok()).flatten();
+    let next = [plan.next_change, blocked_recheck]
+        .into_iter()
+        .flatten()
+        .min();
+    Ok(requeue(next, retry, now))
+}
+
+/// A spec that cannot be used: report it, and still drive the nodes in flight (a grant
+/// not yet rebooting ends, a reboot under way finishes; failures stay recorded).
+async fn wind_down_invalid(
+    ctx: &Arc<Context>,
+    policy: &UpdatePolicy,
+    errors: &[rollout::policy::SpecError],
+    now: jiff::Timestamp,
+) -> Result<Requeue> {
+    let name = policy.name_any();
+    let rules = Policy::wind_down(&name, &policy.spec, Ending::InvalidSpec);
+    let plan = decide(&observe(ctx, &rules), &rules, now);
+    let retry = perform(ctx, &rules, &plan, now).await;
+    let status = status::invalid(
+        errors,
+        policy.meta().generation,
+        policy.status.as_ref(),
+        now,
+    );
+    if policy.status.as_ref() != Some(&status) {
+        let note = errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        publish(
+            ctx,
+            &policy.object_ref(&()),
+            EventType::Warning,
+            "InvalidSpec",
+            &note,
+        )
+        .await;
+        write_status(ctx, &name, &status).await?;
+    }
+    Ok(requeue(plan.next_change, retry, now))
+}
+
+/// A policy being deleted: end its grants (a reboot under way finishes first), then
+/// let it go by removing the finalizer once it holds no Lease.
+async fn end_deleted(
+    ctx: &Arc<Context>,
+    policy: &UpdatePolicy,
+    now: jiff::Timestamp,
+) -> Result<Requeue> {
+    let name = policy.name_any();
+    let rules = Policy::wind_down(&name, &policy.spec, Ending::Deleted);
+    let snapshot = observe(ctx, &rules);
+    if !snapshot.leases.iter().any(|l| l.policy == name) {
+        remove_finalizer(ctx, policy).await?;
+        return Ok(Requeue::await_change());
+    }
+    let plan = decide(&snapshot, &rules, now);
+    let retry = perform(ctx, &rules, &plan, now).await;
+    Ok(requeue(plan.next_change, retry, now))
+}
+
+/// Performs every node's step; returns how soon to try again when a step failed.
+async fn perform(
+    ctx: &Arc<Context>,
+    rules: &Policy,
+    plan: &rollout::Plan,
+    now: jiff::Timestamp,
+) -> Option<Duration> {
+    // A failed step is tried again soon: the change that made it fail (a conflict with
+    // a heartbeat, say) may be one that wakes nothing.
+    let mut retry: Option<Duration> = None;
+    for step in &plan.nodes {
+        let span = info_span!("node", node = %step.node);
+        if let Err(e) = crate::step::perform(ctx, rules, step, now)
+            .instrument(span)
+            .await
+        {
+            warn!(node = %step.node, action = %step.action, error = %e, "step failed; will retry");
+            let after = if matches!(e, Error::Conflict(_)) {
+                STEP_CONFLICT_RETRY
+            } else {
+                STEP_RETRY
+            };
+            retry = Some(retry.map_or(after, |r| r.min(after)));
+        }
+    }
+    retry
+}
+
+/// When to look at the policy again: at `next` (a timer of the plan), soon after a
+/// failed step, and at least every RESYNC.
+fn requeue(
+    next: Option<jiff::Timestamp>,
+    retry: Option<Duration>,
+    now: jiff::Timestamp,
+) -> Requeue {
+    // Timers run on the monotonic clock while the rules run on the wall clock: a clock
+    // step (NTP, a resumed VM) would leave a far-off requeue far off. Looking again at
+    // least every RESYNC bounds that; it reads only the caches and writes nothing
+    // unless something changed.
+    let wait = next.map_or(RESYNC, |t| {
+        t.duration_since(now)
+            .unsigned_abs()
+            .clamp(Duration::from_millis(100), RESYNC)
+    });
+    Requeue::requeue(retry.map_or(wait, |r| wait.min(r)))
+}
+
+/// Puts the operator's finalizer on the policy (once), so that deleting it ends its
+/// grants first.
+async fn ensure_finalizer(ctx: &Context, policy: &UpdatePolicy) -> Result<()> {
+    let mut finalizers = policy.finalizers().to_vec();
+    if finalizers.iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
+    finalizers.push(FINALIZER.to_string());
+    set_finalizers(ctx, policy, finalizers).await
+}
+
+async fn remove_finalizer(ctx: &Context, policy: &UpdatePolicy) -> Result<()> {
+    let finalizers: Vec<String> = policy
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    if finalizers.len() == policy.finalizers().len() {
+        return Ok(());
+    }
+    info!("every grant ended: the policy may go");
+    set_finalizers(ctx, policy, finalizers).await
+}
+
+/// Replaces the policy's finalizers, guarded by its resourceVersion.
+async fn set_finalizers(
+    ctx: &Context,
+    policy: &UpdatePolicy,
+    finalizers: Vec<String>,
+) -> Result<()> {
+    let name = policy.name_any();
+    let patch = serde_json::json!({"metadata": {"resourceVersion": policy.resource_version(), "finalizers": finalizers}});
+    Api::<UpdatePolicy>::all(ctx.client.clone())
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(drop)
+        .map_err(|e| Error::from_kube(&format!("finalizers of {name}"), e))
+}
+
+/// How soon a reconcile that found its caches behind its own writes looks again (the
+/// watch event that catches them up wakes it sooner).
+const READBACK_RECHECK: Duration = Duration::from_secs(1);
 
 /// How soon a step that failed on a write conflict is tried again.
 const STEP_CONFLICT_RETRY: Duration = Duration::from_millis(200);
@@ -357,23 +530,16 @@ const GATE_RECHECK: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
 /// Marks the nodes that run a pod matching `health.blockingPodSelectors`, for nodes
 /// that ask for a reboot. Returns whether any such node is blocked. Pending pods do
 /// not block.
-async fn mark_blocked(
-    ctx: &Context,
-    policy: &UpdatePolicy,
-    snapshot: &mut Snapshot,
-) -> Result<bool> {
-    let selectors = &policy.spec.health.blocking_pod_selectors;
+async fn mark_blocked(ctx: &Context, rules: &Policy, snapshot: &mut Snapshot) -> Result<bool> {
+    let selectors = &rules.blocking_pod_selectors;
     if selectors.is_empty() || !snapshot.nodes.iter().any(|n| n.requests_reboot()) {
         return Ok(false);
     }
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(ctx.client.clone());
     let mut blocking: HashMap<String, String> = HashMap::new();
     for selector in selectors {
-        let Ok(selector) = kube::core::Selector::try_from(selector.clone()) else {
-            continue;
-        };
         let params = kube::api::ListParams::default()
-            .labels_from(&selector)
+            .labels(&selector.to_query())
             .fields("status.phase=Running");
         for pod in pods.list(&params).await?.items {
             if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
@@ -411,11 +577,12 @@ fn observe(ctx: &Context, rules: &Policy) -> Snapshot {
         }
         leases.extend(view);
     }
+    // A policy being deleted claims no node any more (its Leases still hold theirs).
     let other_policies = ctx
         .policies
         .state()
         .iter()
-        .filter(|p| p.name_any() != rules.name)
+        .filter(|p| p.name_any() != rules.name && p.meta().deletion_timestamp.is_none())
         .filter_map(|p| Some((p.name_any(), Selector::compile(&p.spec.node_selector).ok()?)))
         .collect();
     Snapshot {

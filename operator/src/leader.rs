@@ -13,6 +13,11 @@
 //! it has itself seen the Lease unchanged, on its monotonic clock, never by comparing
 //! the holder's timestamps with its own wall clock, so clock skew between machines
 //! cannot shorten a leader's term.
+//!
+//! The leader acts only inside its [`Fence`]: until the last renewal that succeeded
+//! was *sent* a full renew deadline ago. The deadline is shorter than the term, so a
+//! deposed leader stops writing before a follower may take over, even while its
+//! renewal hangs on a half-open connection.
 
 use std::time::Duration;
 
@@ -30,7 +35,9 @@ use kube::{
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::error::Result;
+use std::sync::Arc;
+
+use crate::{error::Result, fence::Fence};
 
 /// The leader-election Lease's name.
 pub const LEASE_NAME: &str = "baton-operator-leader";
@@ -90,17 +97,29 @@ pub struct Elector {
     api: Api<Lease>,
     identity: String,
     duration: Duration,
+    renew_deadline: Duration,
+    fence: Arc<Fence>,
     /// The Lease as this replica last wrote it, while it leads.
     held: std::sync::Mutex<Option<Lease>>,
 }
 
 impl Elector {
-    /// An elector for `identity` in the Lease's namespace.
-    pub fn new(api: Api<Lease>, identity: String, duration: Duration) -> Elector {
+    /// An elector for `identity` in the Lease's namespace, with a term of `duration`;
+    /// it keeps `fence` open for `renew_deadline` after each successful renewal was
+    /// sent.
+    pub fn new(
+        api: Api<Lease>,
+        identity: String,
+        duration: Duration,
+        renew_deadline: Duration,
+        fence: Arc<Fence>,
+    ) -> Elector {
         Elector {
             api,
             identity,
             duration,
+            renew_deadline,
+            fence,
             held: std::sync::Mutex::new(None),
         }
     }
@@ -187,10 +206,12 @@ impl Elector {
             let (seen, unchanged_for) = watched
                 .as_ref()
                 .map_or((None, Duration::ZERO), |(id, d)| (Some(id), *d));
+            let sent = Instant::now();
             match self.try_take(seen, unchanged_for).await {
                 Ok(Ok(lease)) => {
                     info!(identity = %self.identity, "leading");
                     *self.held() = Some(lease);
+                    self.fence.lead_until(sent + self.renew_deadline);
                     return;
                 }
                 Ok(Err(seen)) => {
@@ -272,20 +293,35 @@ impl Elector {
         }
     }
 
-    /// Renews every `interval` from the Lease as last written; returns as soon as
-    /// leadership is lost or cannot be confirmed within the lease duration.
+    /// Renews every `interval` from the Lease as last written; returns, with the fence
+    /// closed, as soon as leadership is lost or the renew deadline passes without a
+    /// successful renewal, whatever a hung request is doing.
     pub async fn hold(&self, interval: Duration) {
-        let mut confirmed = Instant::now();
+        let crate::fence::Writable::Until(mut deadline) = self.fence.writable() else {
+            self.fence.close();
+            return;
+        };
         let mut wait = interval;
         loop {
-            tokio::time::sleep(wait).await;
+            if tokio::time::timeout_at(deadline, tokio::time::sleep(wait))
+                .await
+                .is_err()
+            {
+                break;
+            }
             let Some(lease) = self.held().clone() else {
-                return;
+                break;
             };
-            match self.renew(&lease).await {
+            let sent = Instant::now();
+            let Ok(renewal) = tokio::time::timeout_at(deadline, self.renew(&lease)).await else {
+                warn!("no renewal within the renew deadline");
+                break;
+            };
+            match renewal {
                 Ok(Renewal::Renewed(renewed)) => {
                     *self.held() = Some(renewed);
-                    confirmed = Instant::now();
+                    deadline = sent + self.renew_deadline;
+                    self.fence.lead_until(deadline);
                     wait = interval;
                 }
                 Ok(Renewal::Stale(current)) => {
@@ -295,23 +331,22 @@ impl Elector {
                 Ok(Renewal::Lost) => {
                     *self.held() = None;
                     warn!("leadership lost");
-                    return;
+                    break;
                 }
                 Err(e) => {
                     warn!(error = %e, "renewing leadership failed");
                     wait = RETRY.min(interval);
-                    // Stop before another replica may legitimately take over.
-                    if confirmed.elapsed() + wait >= self.duration {
-                        return;
-                    }
                 }
             }
         }
+        self.fence.close();
+        warn!("no longer acting as the leader");
     }
 
     /// Gives the lock up (on a clean shutdown) so that a follower takes over at once
     /// instead of after the lease duration. Best effort: a failure only delays that.
     pub async fn release(&self) {
+        self.fence.close();
         let Some(mut next) = self.held().take() else {
             return;
         };

@@ -10,12 +10,14 @@ pub mod config;
 pub mod controller;
 pub mod drain;
 pub mod error;
+pub mod fence;
 pub mod leader;
 pub mod lease;
 pub mod metrics;
-pub mod node;
+mod readback;
 pub mod status;
 pub mod step;
+mod writes;
 
 /// The operator's API client, from the in-cluster config or a kubeconfig.
 ///

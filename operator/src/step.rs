@@ -6,21 +6,21 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
-use kube::{Api, ResourceExt, runtime::events::EventType, runtime::reflector::ObjectRef};
+use kube::{ResourceExt, runtime::events::EventType, runtime::reflector::ObjectRef};
 use tracing::{Instrument, info, info_span, warn};
 
+use crds::node::NodePatch;
 use crds::{
-    OnTimeout, UpdatePolicy,
+    OnTimeout,
     protocol::{self, Version},
 };
-use rollout::{Action, Policy, plan::NodePlan, selector::Selector};
+use rollout::{Action, Policy, plan::NodePlan};
 
 use crate::{
     controller::{Context, drains, node_event},
     drain::{self, DrainRules, Outcome},
     error::Result,
-    lease,
-    node::NodePatch,
+    lease, writes,
 };
 
 pub(crate) fn node(ctx: &Context, name: &str) -> Option<Arc<Node>> {
@@ -40,14 +40,12 @@ pub(crate) async fn publish_release(
     version: &Version,
     release: Option<&protocol::ReleaseRef>,
 ) {
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
     for name in names {
         let Some(current) = node(ctx, name) else {
             continue;
         };
-        if let Err(e) = NodePatch::desire(version, release)
-            .apply(&nodes, &current)
-            .await
+        if let Err(e) =
+            writes::patch_node(ctx, &current, &NodePatch::desire(version, release)).await
         {
             warn!(node = %name, error = %e, "could not publish the release version; will retry");
         }
@@ -58,12 +56,9 @@ pub(crate) async fn publish_release(
 pub(crate) async fn perform(
     ctx: &Arc<Context>,
     rules: &Policy,
-    policy: &UpdatePolicy,
     step: &NodePlan,
     now: Timestamp,
 ) -> Result<()> {
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
     let name = step.node.as_str();
     let current = node(ctx, name);
     let held = lease_of(ctx, name);
@@ -83,7 +78,7 @@ pub(crate) async fn perform(
                 target.as_ref(),
                 now,
             );
-            if lease::create(&leases, &grant).await? {
+            if writes::create_lease(ctx, &grant).await? {
                 info!("granted");
                 node_event(
                     ctx,
@@ -97,9 +92,12 @@ pub(crate) async fn perform(
         }
         Action::Cordon => {
             if let Some(n) = &current {
-                NodePatch::cordon(policy.spec.drain.exclude_from_load_balancers)
-                    .apply(&nodes, n)
-                    .await?;
+                writes::patch_node(
+                    ctx,
+                    n,
+                    &NodePatch::cordon(rules.exclude_from_load_balancers),
+                )
+                .await?;
                 node_event(
                     ctx,
                     Some(n),
@@ -118,7 +116,7 @@ pub(crate) async fn perform(
                 protocol::AFTER_REBOOT.name
             };
             if let Some(n) = current.as_ref().filter(|n| !n.labels().contains_key(key)) {
-                NodePatch::hook_label(before).apply(&nodes, n).await?;
+                writes::patch_node(ctx, n, &NodePatch::hook_label(before)).await?;
                 node_event(
                     ctx,
                     Some(n),
@@ -131,17 +129,9 @@ pub(crate) async fn perform(
         }
         Action::Drain { deadline } => match (deadline, &held) {
             (None, Some(l)) => {
-                lease::annotate(
-                    &leases,
-                    l,
-                    &[(
-                        protocol::lease::DRAIN_STARTED_AT.name,
-                        protocol::lease::DRAIN_STARTED_AT.format(&now),
-                    )],
-                )
-                .await?
+                writes::stamp_lease(ctx, l, &protocol::lease::DRAIN_STARTED_AT, now).await?
             }
-            (Some(deadline), Some(_)) => start_drain(ctx, policy, name, *deadline).await,
+            (Some(deadline), Some(_)) => start_drain(ctx, rules, name, *deadline).await,
             _ => {}
         },
         Action::DrainTimedOut(on) => {
@@ -154,20 +144,11 @@ pub(crate) async fn perform(
                         .filter(|n| rollout::NodeView::from_node(n).cordoned_by_baton)
                         .map(|n| NodePatch::uncordon(n))
                         .unwrap_or_default();
-                    fail(
-                        ctx,
-                        &nodes,
-                        &leases,
-                        current.as_deref(),
-                        l,
-                        reason,
-                        uncordon,
-                    )
-                    .await?;
+                    stop_drain(ctx, name);
+                    fail(ctx, current.as_deref(), Some(l), reason, uncordon).await?;
                 }
                 OnTimeout::Force => {
-                    let deleted =
-                        drain::force(&ctx.client, name, &drain_rules(ctx, policy)).await?;
+                    let deleted = drain::force(&ctx.client, name, &drain_rules(ctx, rules)).await?;
                     node_event(
                         ctx,
                         current.as_deref(),
@@ -178,7 +159,7 @@ pub(crate) async fn perform(
                         ),
                     )
                     .await;
-                    mark_drained(&leases, l, ctx.clock.now()).await?;
+                    mark_drained(ctx, l).await?;
                 }
                 OnTimeout::Proceed => {
                     node_event(
@@ -189,13 +170,13 @@ pub(crate) async fn perform(
                         "drain timed out; rebooting with the remaining pods (onTimeout: Proceed)",
                     )
                     .await;
-                    mark_drained(&leases, l, ctx.clock.now()).await?;
+                    mark_drained(ctx, l).await?;
                 }
             }
         }
         Action::AllowReboot { boot_id } => {
             if let Some(n) = &current {
-                NodePatch::allow_reboot(boot_id).apply(&nodes, n).await?;
+                writes::patch_node(ctx, n, &NodePatch::allow_reboot(boot_id)).await?;
                 node_event(
                     ctx,
                     Some(n),
@@ -208,7 +189,7 @@ pub(crate) async fn perform(
         }
         Action::Uncordon => {
             if let Some(n) = &current {
-                NodePatch::uncordon(n).apply(&nodes, n).await?;
+                writes::patch_node(ctx, n, &NodePatch::uncordon(n)).await?;
                 node_event(
                     ctx,
                     Some(n),
@@ -221,16 +202,8 @@ pub(crate) async fn perform(
         }
         Action::MarkDone => {
             if let (Some(n), Some(l)) = (&current, &held) {
-                NodePatch::clear_rollout_marks().apply(&nodes, n).await?;
-                lease::annotate(
-                    &leases,
-                    l,
-                    &[(
-                        protocol::lease::DONE_AT.name,
-                        protocol::lease::DONE_AT.format(&now),
-                    )],
-                )
-                .await?;
+                writes::patch_node(ctx, n, &NodePatch::clear_rollout_marks()).await?;
+                writes::stamp_lease(ctx, l, &protocol::lease::DONE_AT, now).await?;
                 node_event(
                     ctx,
                     Some(n),
@@ -242,84 +215,104 @@ pub(crate) async fn perform(
             }
         }
         Action::Release(_) => {
+            stop_drain(ctx, name);
+            // The grant goes from the node before its Lease goes.
             if let Some(n) = current
                 .as_ref()
                 .filter(|n| n.annotations().contains_key(protocol::REBOOT_OK.name))
             {
-                NodePatch::clear_rollout_marks().apply(&nodes, n).await?;
+                writes::patch_node(ctx, n, &NodePatch::clear_rollout_marks()).await?;
             }
             if let Some(l) = &held {
-                lease::release(&leases, l).await?;
+                writes::delete_lease(ctx, l).await?;
                 info!("released");
             }
         }
         Action::Fail { reason } => {
-            if let Some(l) = &held {
-                fail(
-                    ctx,
-                    &nodes,
-                    &leases,
-                    current.as_deref(),
-                    l,
-                    reason,
-                    NodePatch::default(),
-                )
-                .await?;
+            fail(
+                ctx,
+                current.as_deref(),
+                held.as_deref(),
+                reason,
+                NodePatch::default(),
+            )
+            .await?;
+        }
+        Action::Abort { reason } => {
+            stop_drain(ctx, name);
+            // Undo what baton did to the node first; only then does the Lease go.
+            if let Some(n) = &current {
+                let end = NodePatch::end_grant(n).and(NodePatch::clear_failure());
+                writes::patch_node(ctx, n, &end).await?;
             }
+            if let Some(l) = &held {
+                writes::delete_lease(ctx, l).await?;
+            }
+            info!(%reason, "grant ended");
+            node_event(
+                ctx,
+                current.as_deref(),
+                EventType::Normal,
+                "GrantEnded",
+                reason,
+            )
+            .await;
         }
         Action::WaitForReboot { .. } | Action::Settle { .. } | Action::Skip(_) => {}
     }
     Ok(())
 }
 
-/// Marks a node failed: on the node first (with `also`, in the same write), then on its
-/// Lease. Either mark alone already counts as a failure, so a crash between the two
-/// writes loses nothing.
+/// Marks a node failed: on the node first (ending its grant, with `also`, in the same
+/// write), then on its Lease if it holds one. Either mark alone already counts as a
+/// failure, so a crash between the two writes loses nothing.
 async fn fail(
     ctx: &Arc<Context>,
-    nodes: &Api<Node>,
-    leases: &Api<Lease>,
     node: Option<&Node>,
-    held: &Lease,
+    held: Option<&Lease>,
     reason: &str,
     also: NodePatch,
 ) -> Result<()> {
     if let Some(n) = node {
-        NodePatch::fail(reason).and(also).apply(nodes, n).await?;
+        writes::patch_node(ctx, n, &NodePatch::fail(reason).and(also)).await?;
     }
-    let message =
-        protocol::lease::FAILURE.format(&protocol::Message(reason.chars().take(1024).collect()));
-    lease::annotate(leases, held, &[(protocol::lease::FAILURE.name, message)]).await?;
+    if let Some(l) = held {
+        let message = protocol::lease::FAILURE
+            .format(&protocol::Message(reason.chars().take(1024).collect()));
+        writes::annotate_lease(ctx, l, &[(protocol::lease::FAILURE.name, message)]).await?;
+    }
     node_event(ctx, node, EventType::Warning, "Failed", reason).await;
     Ok(())
 }
 
-async fn mark_drained(leases: &Api<Lease>, held: &Lease, now: Timestamp) -> Result<()> {
-    let at = protocol::lease::DRAINED_AT.format(&now);
-    lease::annotate(leases, held, &[(protocol::lease::DRAINED_AT.name, at)]).await
+async fn mark_drained(ctx: &Context, held: &Lease) -> Result<()> {
+    writes::stamp_lease(ctx, held, &protocol::lease::DRAINED_AT, ctx.clock.now()).await
 }
 
-fn drain_rules(ctx: &Context, policy: &UpdatePolicy) -> DrainRules {
-    let spec = &policy.spec.drain;
+/// Stops the node's drain, if one runs.
+fn stop_drain(ctx: &Context, node: &str) {
+    if let Some(handle) = drains(ctx).remove(node) {
+        handle.abort();
+    }
+}
+
+fn drain_rules(ctx: &Context, rules: &Policy) -> DrainRules {
     DrainRules {
-        leave_alone: spec
-            .pod_selector
-            .as_ref()
-            .and_then(|s| Selector::compile(s).ok()),
-        delete_empty_dir_data: spec.delete_empty_dir_data,
-        grace_period_seconds: spec.grace_period_seconds,
-        max_parallel: spec.max_parallel_evictions as usize,
+        leave_alone: rules.drain_pod_selector.clone(),
+        delete_empty_dir_data: rules.delete_empty_dir_data,
+        grace_period_seconds: rules.grace_period_seconds,
+        max_parallel: rules.max_parallel_evictions as usize,
         operator_pod: Some((ctx.config.namespace.clone(), ctx.config.identity.clone())),
     }
 }
 
 /// Starts the node's drain unless one is running. When it finishes, the Lease records
 /// it, which wakes the controller.
-async fn start_drain(ctx: &Arc<Context>, policy: &UpdatePolicy, node: &str, deadline: Timestamp) {
+async fn start_drain(ctx: &Arc<Context>, rules: &Policy, node: &str, deadline: Timestamp) {
     if drains(ctx).get(node).is_some_and(|h| !h.is_finished()) {
         return;
     }
-    let rules = drain_rules(ctx, policy);
+    let rules = drain_rules(ctx, rules);
     let ctx2 = Arc::clone(ctx);
     let name = node.to_string();
     node_event(
@@ -359,12 +352,10 @@ async fn start_drain(ctx: &Arc<Context>, policy: &UpdatePolicy, node: &str, dead
             let _ = reporter.await;
             match outcome {
                 Ok(Outcome::Drained) => {
-                    if let Some(l) = lease_of(&ctx, &name) {
-                        let leases: Api<Lease> =
-                            Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-                        if let Err(e) = mark_drained(&leases, &l, ctx.clock.now()).await {
-                            warn!(error = %e, "recording the drain failed; it will be redone");
-                        }
+                    if let Some(l) = lease_of(&ctx, &name)
+                        && let Err(e) = mark_drained(&ctx, &l).await
+                    {
+                        warn!(error = %e, "recording the drain failed; it will be redone");
                     }
                 }
                 Ok(Outcome::TimedOut(remaining)) => {

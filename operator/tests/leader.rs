@@ -1,6 +1,7 @@
 //! Leader election on the real API server: what it costs (counted from the audit log),
 //! how fast a clean shutdown hands over, that a killed leader is replaced only after
-//! its term, and that a leader whose Lease is taken stops.
+//! its term, that a leader whose Lease is taken stops, and that a leader whose renewal
+//! hangs stops writing before a follower takes over.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{sync::Arc, time::Duration};
@@ -32,6 +33,8 @@ async fn elector(cluster: &TestCluster, name: &str, duration: Duration) -> Arc<E
         Api::namespaced(client, NAMESPACE),
         name.into(),
         duration,
+        duration * 2 / 3,
+        operator::fence::Fence::leading_never(),
     ))
 }
 
@@ -202,4 +205,165 @@ async fn a_killed_leader_is_replaced_after_its_term_and_a_taken_lease_stops_the_
         .expect("the leader stops once its Lease is taken")
         .unwrap();
     assert_eq!(holder(&leases).await.as_deref(), Some("someone-else"));
+}
+
+/// A replica as its own ServiceAccount, with the operator's rules, whose API traffic
+/// goes to the API server or through `proxy`.
+async fn replica(
+    cluster: &TestCluster,
+    name: &str,
+    proxy: Option<&e2e::proxy::StallProxy>,
+) -> tokio::task::JoinHandle<operator::controller::Ended> {
+    let kubeconfig =
+        e2e::identity::kubeconfig_for(cluster, NAMESPACE, name, e2e::footprint::operator_rules())
+            .await
+            .unwrap();
+    if let Some(proxy) = proxy {
+        let yaml = std::fs::read_to_string(&kubeconfig).unwrap();
+        let ca = cluster.ca_file();
+        let yaml = yaml.replace(cluster.server(), &proxy.url()).replace(
+            &ca.display().to_string(),
+            &proxy.ca_file().display().to_string(),
+        );
+        std::fs::write(&kubeconfig, yaml).unwrap();
+    }
+    let client = e2e::cluster::client_from(&kubeconfig).await.unwrap();
+    let config = <operator::config::Config as clap::Parser>::try_parse_from([
+        "baton-operator",
+        "--namespace",
+        NAMESPACE,
+        "--identity",
+        name,
+        "--leader-lease-duration",
+        "3s",
+        "--leader-renew-interval",
+        "500ms",
+    ])
+    .unwrap();
+    config.validate().unwrap();
+    tokio::spawn(operator::controller::run_replica_until(
+        client,
+        config,
+        Arc::new(operator::metrics::Metrics::default()),
+        Arc::new(operator::clock::Clock::system()),
+        std::future::pending(),
+    ))
+}
+
+/// One API server of an HA control plane dies under the leader's renewal: the renewal
+/// hangs, while every other request (to a healthy server) still works. The leader must
+/// stop every write once its last successful renewal was sent a renew deadline ago,
+/// before the follower may take over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_renewal_hangs_writes_nothing_after_the_new_leader_starts() {
+    use crds::UpdatePolicy;
+    use kube::api::PostParams;
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.create_namespace(NAMESPACE).await.unwrap();
+    cluster.apply_crds().await.unwrap();
+    cluster.add_nodes(2).await.unwrap();
+    let proxy = e2e::proxy::StallProxy::start(cluster.server(), cluster.ca_file())
+        .await
+        .unwrap();
+    let leases: Api<Lease> = Api::namespaced(cluster.client(), NAMESPACE);
+    let policies: Api<UpdatePolicy> = Api::all(cluster.client());
+    // Four policies the admin keeps pausing and resuming: each change is a status write
+    // by the leader.
+    let names: Vec<String> = (0..4).map(|i| format!("pool-{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": name},
+            "spec": {"nodeSelector": {"matchLabels": {"pool": format!("p{i}")}}},
+        }))
+        .unwrap();
+        policies
+            .create(&PostParams::default(), &policy)
+            .await
+            .unwrap();
+    }
+    let _a = replica(&cluster, "op-a", Some(&proxy)).await;
+    cluster
+        .wait_for("op-a to lead", || async {
+            leases
+                .get_opt(LEASE_NAME)
+                .await
+                .unwrap()
+                .and_then(|l| l.spec?.holder_identity)
+                == Some("op-a".into())
+        })
+        .await
+        .unwrap();
+    let _b = replica(&cluster, "op-b", None).await;
+    let toggler = tokio::spawn({
+        let (policies, names) = (policies.clone(), names.clone());
+        async move {
+            for round in 0u64.. {
+                for name in &names {
+                    let patch = serde_json::json!({"spec": {"paused": round % 2 == 0}});
+                    let _ = policies
+                        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let stalled_at = jiff::Timestamp::now();
+    proxy.stall_leader_renewals();
+    cluster
+        .wait_for("op-b to take over", || async {
+            leases
+                .get_opt(LEASE_NAME)
+                .await
+                .unwrap()
+                .and_then(|l| l.spec?.holder_identity)
+                == Some("op-b".into())
+        })
+        .await
+        .unwrap();
+    // Let both run on: a deposed leader that still acts writes now.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    toggler.abort();
+
+    let log = audit::read(&cluster.audit_log()).unwrap();
+    let writes = |who: &str| -> Vec<&audit::Request> {
+        let user = audit::service_account(NAMESPACE, who);
+        log.iter()
+            .filter(|r| r.user.username == user)
+            .filter(|r| matches!(r.verb.as_str(), "create" | "update" | "patch" | "delete"))
+            .collect()
+    };
+    let (a, b) = (writes("op-a"), writes("op-b"));
+    let took_over = b
+        .iter()
+        .map(|r| r.request_received_timestamp)
+        .min()
+        .expect("op-b wrote");
+    let a_before = a
+        .iter()
+        .filter(|r| r.request_received_timestamp < stalled_at)
+        .count();
+    let late: Vec<String> = a
+        .iter()
+        .filter(|r| r.request_received_timestamp >= took_over)
+        .map(|r| {
+            format!(
+                "{} {} at {}",
+                r.verb, r.request_uri, r.request_received_timestamp
+            )
+        })
+        .collect();
+    let last_a = a.iter().map(|r| r.request_received_timestamp).max();
+    eprintln!(
+        "[leader] op-a wrote {} times ({a_before} before the stall, last at {last_a:?}); op-b's first write at {took_over} (stalled at {stalled_at})",
+        a.len()
+    );
+    assert!(a_before > 0, "op-a was writing before the stall");
+    assert!(
+        late.is_empty(),
+        "the deposed leader wrote {} times after the new leader started: {:?}",
+        late.len(),
+        &late[..late.len().min(5)]
+    );
 }

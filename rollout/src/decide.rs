@@ -13,13 +13,16 @@ use crds::{AgentState, WindowMode};
 
 use crate::{
     plan::{Action, BudgetUse, Conflict, Counts, NodePlan, Plan, ReleaseReason, Skip},
-    policy::{HookRule, Policy},
+    policy::{Ending, HookRule, Policy},
     snapshot::{LeaseView, NodeView, Snapshot},
     window::WindowState,
 };
 
 /// Decides the next step for every node of `policy` at `now`.
 pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
+    if let Some(ending) = policy.ending {
+        return wind_down(snapshot, policy, ending, now);
+    }
     let window = policy.windows.state(now);
     let nodes_by_name: BTreeMap<&str, &NodeView> = snapshot
         .nodes
@@ -71,6 +74,9 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     let mut failed: BTreeSet<&str> = BTreeSet::new();
     let mut in_progress = 0u32;
     let mut released_done = 0u32;
+    // Every node holding one of this policy's leases uses this policy's budget,
+    // wherever its labels point now, until its lease is released.
+    let mut own_held = 0usize;
 
     // In-flight nodes first: they run to completion whatever the window or gates say.
     let own_leases = snapshot.leases.iter().filter(|l| l.policy == policy.name);
@@ -83,10 +89,17 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         match &action {
             Action::Fail { .. } | Action::Skip(Skip::Failed(_)) => {
                 failed.insert(lease.node.as_str());
+                own_held += 1;
             }
-            Action::Release(ReleaseReason::Done) => released_done += 1,
+            Action::Release(ReleaseReason::Done) => {
+                released_done += 1;
+                own_held += 1;
+            }
             Action::Release(ReleaseReason::NodeDeleted) => {}
-            _ => in_progress += 1,
+            _ => {
+                in_progress += 1;
+                own_held += 1;
+            }
         }
         plans.push(NodePlan {
             node: lease.node.clone(),
@@ -94,10 +107,25 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         });
     }
 
-    // Failed nodes without a lease: the operator's mark, or the agent's own report.
-    for node in &pool {
-        if node.failure.is_some() || node.agent.state.is_some_and(AgentState::is_failure) {
+    // Failed nodes without a lease: the operator's mark, or the agent's own report,
+    // which the operator then records so that it counts until an admin retries it
+    // (the agent itself may stop reporting it, such as a staging failure it retries).
+    let mut newly_failed: BTreeMap<&str, String> = BTreeMap::new();
+    for node in pool
+        .iter()
+        .filter(|n| !leases_by_node.contains_key(n.name.as_str()))
+    {
+        if node.failure.is_some() {
             failed.insert(node.name.as_str());
+        } else if let Some(state) = node.agent_failure() {
+            failed.insert(node.name.as_str());
+            let detail = node.agent.message.clone().unwrap_or_default();
+            newly_failed.insert(
+                node.name.as_str(),
+                format!("agent reported {state}: {detail}")
+                    .trim_end_matches(": ")
+                    .to_string(),
+            );
         }
     }
     let halted = (failed.len() as u32 >= policy.max_failed).then(|| {
@@ -109,24 +137,35 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         )
     });
 
-    // The budget: everything in the pool that is not plainly available uses it.
-    let unavailable = pool
-        .iter()
-        .filter(|n| {
-            leases_by_node.contains_key(n.name.as_str())
-                || !n.ready
-                || n.unschedulable
-                || failed.contains(n.name.as_str())
-        })
-        .count();
+    // The budget: this policy's leases, and everything else in the pool that is not
+    // plainly available.
+    let unavailable = own_held
+        + pool
+            .iter()
+            .filter(|n| {
+                leases_by_node
+                    .get(n.name.as_str())
+                    .is_none_or(|l| l.policy != policy.name)
+            })
+            .filter(|n| {
+                leases_by_node.contains_key(n.name.as_str())
+                    || !n.ready
+                    || n.unschedulable
+                    || failed.contains(n.name.as_str())
+            })
+            .count();
     let limit = policy.budget.resolve(pool.len());
     let mut free = limit.saturating_sub(unavailable);
 
-    // Zones in progress, for one zone at a time.
-    let mut active_zones: BTreeSet<&str> = pool
+    // Zones in progress, for one zone at a time: those of every leased node in the
+    // pool and of every node holding this policy's lease.
+    let mut active_zones: BTreeSet<&str> = snapshot
+        .nodes
         .iter()
-        .filter(|n| {
-            leases_by_node.contains_key(n.name.as_str()) && !failed.contains(n.name.as_str())
+        .filter(|n| !failed.contains(n.name.as_str()))
+        .filter(|n| match leases_by_node.get(n.name.as_str()) {
+            Some(l) => l.policy == policy.name || pool.iter().any(|p| p.name == n.name),
+            None => false,
         })
         .map(|n| n.zone(&policy.zone_label))
         .collect();
@@ -148,7 +187,9 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     rest.sort_by_cached_key(|n| order_key(n, snapshot, policy));
     let window_gate = window_gate(window, policy, now);
     for node in rest {
-        let action = if failed.contains(node.name.as_str()) {
+        let action = if let Some(reason) = newly_failed.remove(node.name.as_str()) {
+            Action::Fail { reason }
+        } else if failed.contains(node.name.as_str()) {
             let why = node
                 .failure
                 .clone()
@@ -209,7 +250,9 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         .filter(|p| {
             !matches!(
                 p.action,
-                Action::Release(_) | Action::Skip(Skip::UpToDate | Skip::NotRequested(_))
+                Action::Release(_)
+                    | Action::Abort { .. }
+                    | Action::Skip(Skip::UpToDate | Skip::NotRequested(_))
             )
         })
         .filter(|p| {
@@ -256,7 +299,7 @@ fn window_gate(window: WindowState, policy: &Policy, now: Timestamp) -> Result<(
         WindowState::Closed { opens } => Err(Skip::OutsideWindow(opens)),
         WindowState::Open { closes } => {
             let fits = now
-                .checked_add(policy.reboot_timeout)
+                .checked_add(policy.longest_disruption())
                 .is_ok_and(|end| end <= closes);
             if policy.window_mode == WindowMode::Fit && !fits {
                 Err(Skip::WindowTooShort(closes))
@@ -345,7 +388,12 @@ fn is_up_to_date(node: &NodeView, policy: &Policy) -> bool {
 /// The next step of a node that holds one of the policy's leases.
 fn step(node: Option<&NodeView>, lease: &LeaseView, policy: &Policy, now: Timestamp) -> Action {
     if let Some(reason) = &lease.failure {
-        return Action::Skip(Skip::Failed(reason.clone()));
+        // A failure counts until an admin retries it, even once its node is gone.
+        let reason = match node {
+            Some(_) => reason.clone(),
+            None => format!("{reason} (node deleted; `kubectl baton retry` clears it)"),
+        };
+        return Action::Skip(Skip::Failed(reason));
     }
     let Some(node) = node else {
         return Action::Release(ReleaseReason::NodeDeleted);
@@ -354,7 +402,7 @@ fn step(node: Option<&NodeView>, lease: &LeaseView, policy: &Policy, now: Timest
         return Action::Skip(Skip::Failed(reason.clone()));
     }
     let agent = &node.agent;
-    if let Some(state) = agent.state.filter(|s| s.is_failure()) {
+    if let Some(state) = node.agent_failure() {
         let detail = agent.message.clone().unwrap_or_default();
         return Action::Fail {
             reason: format!("agent reported {state}: {detail}")
@@ -486,6 +534,99 @@ fn before_reboot(node: &NodeView, lease: &LeaseView, policy: &Policy, now: Times
         Some(d) if now >= d => Action::DrainTimedOut(policy.on_timeout),
         _ => Action::Drain { deadline },
     }
+}
+
+/// A policy being wound down ([`Ending`]): nothing new starts; each of its grants ends
+/// at once unless its node may be rebooting right now, in which case the reboot and
+/// its verification finish first (with no settle time) and then the grant ends.
+fn wind_down(snapshot: &Snapshot, policy: &Policy, ending: Ending, now: Timestamp) -> Plan {
+    let finishing = Policy {
+        settle_time: jiff::SignedDuration::ZERO,
+        ..policy.clone()
+    };
+    let mut plans = Vec::new();
+    let mut counts = Counts::default();
+    let mut timers = Vec::new();
+    for lease in snapshot.leases.iter().filter(|l| l.policy == policy.name) {
+        let node = snapshot.nodes.iter().find(|n| n.name == lease.node);
+        let action = wind_down_step(node, lease, &finishing, ending, now);
+        timers.extend(action.timer());
+        match &action {
+            Action::Skip(Skip::Failed(_)) | Action::Fail { .. } => counts.failed += 1,
+            Action::Release(_) | Action::Abort { .. } => {}
+            _ => counts.in_progress += 1,
+        }
+        plans.push(NodePlan {
+            node: lease.node.clone(),
+            action,
+        });
+    }
+    let holders = plans
+        .iter()
+        .filter(|p| !matches!(p.action, Action::Release(_) | Action::Abort { .. }))
+        .map(|p| p.node.clone())
+        .collect();
+    Plan {
+        policy: policy.name.clone(),
+        budget: BudgetUse {
+            limit: 0,
+            unavailable: plans.len(),
+            granted: 0,
+        },
+        nodes: plans,
+        holders,
+        window: policy.windows.state(now),
+        halted: None,
+        gate: None,
+        conflicts: Vec::new(),
+        counts,
+        next_change: timers.into_iter().filter(|t| *t > now).min(),
+        publish_release: Vec::new(),
+    }
+}
+
+fn wind_down_step(
+    node: Option<&NodeView>,
+    lease: &LeaseView,
+    policy: &Policy,
+    ending: Ending,
+    now: Timestamp,
+) -> Action {
+    let failure = lease
+        .failure
+        .clone()
+        .or_else(|| node.and_then(|n| n.failure.clone()));
+    if let (Some(reason), Ending::InvalidSpec) = (&failure, ending) {
+        return Action::Skip(Skip::Failed(reason.clone()));
+    }
+    let Some(node) = node else {
+        return Action::Release(ReleaseReason::NodeDeleted);
+    };
+    let why = match ending {
+        Ending::InvalidSpec => "the policy's spec is invalid",
+        Ending::Deleted => "the policy is being deleted",
+    };
+    if failure.is_some() {
+        return Action::Abort {
+            reason: format!("{why}: its failure record goes with it"),
+        };
+    }
+    if may_be_rebooting(node, lease) {
+        return step(Some(node), lease, policy, now);
+    }
+    Action::Abort {
+        reason: format!("{why}: ending the grant before the reboot"),
+    }
+}
+
+/// Whether the node may be rebooting now or has rebooted under this lease: it was
+/// drained and given the grant, or it runs a boot other than the granted one, or it
+/// is already done. Such a grant cannot be taken back; its reboot finishes first.
+fn may_be_rebooting(node: &NodeView, lease: &LeaseView) -> bool {
+    let granted = lease.granted_boot_id.as_ref();
+    let allowed = lease.drained.is_some() && node.agent.reboot_ok.as_ref() == granted;
+    let booted_new = node.agent.boot_id.is_some() && node.agent.boot_id.as_ref() != granted;
+    lease.done.is_some() || allowed || booted_new
 }
 
 fn human(d: jiff::SignedDuration) -> String {

@@ -6,11 +6,13 @@
 //! - [`policy`]: a spec parsed and checked once.
 //! - [`snapshot`]: the observed cluster.
 //! - [`decide()`]: the next action for every node, and when to look again.
+//! - [`expectations`]: read-your-writes over the operator's watch caches.
 //! - [`simulate`]: a model cluster driven by `decide`, for `kubectl baton plan` and tests.
 #![forbid(unsafe_code)]
 
 pub mod alert;
 pub mod decide;
+pub mod expectations;
 pub mod plan;
 pub mod policy;
 pub mod selector;

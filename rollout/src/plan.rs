@@ -137,7 +137,15 @@ pub enum Action {
     /// Delete its lease.
     Release(ReleaseReason),
     /// Mark it failed (it keeps its lease, and its slot, until an admin retries it).
+    /// The grant ends with it: `baton.dev/reboot-ok` goes in the same write.
     Fail {
+        /// Why.
+        reason: String,
+    },
+    /// End its grant before its reboot: stop the drain, undo what baton did to the node
+    /// (its cordon, the load-balancer label, the hook labels, the grant and, when the
+    /// policy is deleted, its failure mark), then delete its lease.
+    Abort {
         /// Why.
         reason: String,
     },
@@ -169,7 +177,8 @@ pub enum Skip {
     Halted,
     /// No window is open; the next opens then.
     OutsideWindow(Option<Timestamp>),
-    /// A window is open, but closes before `rebootTimeout` would end (`windowMode: Fit`).
+    /// A window is open, but closes before the longest disruption would end
+    /// (`windowMode: Fit`): hooks, drain and reboot, each at its bound.
     WindowTooShort(Timestamp),
     /// The budget is used up.
     Budget,
@@ -221,6 +230,7 @@ impl fmt::Display for Action {
             Action::Release(ReleaseReason::Done) => write!(f, "release: done"),
             Action::Release(ReleaseReason::NodeDeleted) => write!(f, "release: node deleted"),
             Action::Fail { reason } => write!(f, "fail: {reason}"),
+            Action::Abort { reason } => write!(f, "end the grant: {reason}"),
             Action::Skip(skip) => write!(f, "skip: {skip}"),
         }
     }
@@ -243,7 +253,7 @@ impl fmt::Display for Skip {
             ),
             Skip::WindowTooShort(c) => write!(
                 f,
-                "the window closes at {c}, before rebootTimeout would end"
+                "the window closes at {c}, before the hooks, drain.timeout and rebootTimeout would end (windowMode: Fit)"
             ),
             Skip::Budget => write!(f, "maxUnavailable reached"),
             Skip::OtherZone(z) => write!(f, "zone {z:?} is in progress"),

@@ -48,6 +48,33 @@ pub struct Policy {
     pub release: Option<crds::protocol::ReleaseRef>,
     /// The Prometheus alert gate, if configured.
     pub alert_gate: Option<AlertGate>,
+    /// Pods the drain leaves alone (`drain.podSelector`).
+    pub drain_pod_selector: Option<Selector>,
+    /// Evict pods with emptyDir volumes too (`drain.deleteEmptyDirData`).
+    pub delete_empty_dir_data: bool,
+    /// Override of the pods' grace period (`drain.gracePeriodSeconds`).
+    pub grace_period_seconds: Option<i64>,
+    /// Evictions in flight at once (`drain.maxParallelEvictions`).
+    pub max_parallel_evictions: u32,
+    /// Label cordoned nodes out of cloud load balancers
+    /// (`drain.excludeFromLoadBalancers`).
+    pub exclude_from_load_balancers: bool,
+    /// Pods whose presence on a node holds its grant back
+    /// (`health.blockingPodSelectors`).
+    pub blocking_pod_selectors: Vec<Selector>,
+    /// Set when the policy is being wound down: nothing new starts, and its grants end.
+    pub ending: Option<Ending>,
+}
+
+/// Why a policy winds its grants down instead of rolling out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The spec cannot be used: grants not yet rebooting end, a reboot under way
+    /// finishes, and failures stay recorded until the spec is fixed and retried.
+    InvalidSpec,
+    /// The policy is being deleted: every grant ends (a reboot under way finishes
+    /// first), then the policy goes.
+    Deleted,
 }
 
 /// A hook: the annotations to wait for, and for how long.
@@ -72,6 +99,36 @@ pub struct SpecError {
 impl Policy {
     /// Parses a spec, collecting every problem rather than stopping at the first.
     pub fn from_spec(name: &str, spec: &UpdatePolicySpec) -> Result<Policy, Vec<SpecError>> {
+        let (policy, errors) = Policy::parse(name, spec);
+        if errors.is_empty() {
+            Ok(policy)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The policy that winds a spec's grants down (`ending`), whether or not the spec is
+    /// valid: what cannot be parsed takes the CRD's default, and no rule of it grants.
+    pub fn wind_down(name: &str, spec: &UpdatePolicySpec, ending: Ending) -> Policy {
+        let (mut policy, _) = Policy::parse(name, spec);
+        policy.ending = Some(ending);
+        policy
+    }
+
+    /// The longest a node can stay disrupted once granted, when every bound is used:
+    /// the before-reboot hooks, the drain, the reboot and the after-reboot hooks.
+    /// Settle time is not part of it: the node is back in service by then.
+    pub fn longest_disruption(&self) -> SignedDuration {
+        let hook = |h: &Option<HookRule>| h.as_ref().map_or(SignedDuration::ZERO, |h| h.timeout);
+        hook(&self.before_reboot)
+            .saturating_add(self.drain_timeout)
+            .saturating_add(self.reboot_timeout)
+            .saturating_add(hook(&self.after_reboot))
+    }
+
+    /// Parses every field; a field that does not parse takes its default and adds an
+    /// error.
+    fn parse(name: &str, spec: &UpdatePolicySpec) -> (Policy, Vec<SpecError>) {
         let mut errors = Vec::new();
         let mut err = |field: &str, message: String| {
             errors.push(SpecError {
@@ -113,10 +170,34 @@ impl Policy {
         let windows = Windows::compile(&spec.maintenance_windows)
             .map_err(|list| {
                 for (i, e) in list {
-                    err(&format!("spec.maintenanceWindows[{i}]"), e.to_string());
+                    err(
+                        &format!("spec.maintenanceWindows[{i}].{}", e.field()),
+                        e.to_string(),
+                    );
                 }
             })
             .unwrap_or_default();
+        let drain_pod_selector = spec.drain.pod_selector.as_ref().and_then(|s| {
+            Selector::compile(s)
+                .map_err(|e| err("spec.drain.podSelector", e.to_string()))
+                .ok()
+        });
+        let blocking_pod_selectors = spec
+            .health
+            .blocking_pod_selectors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                Selector::compile(s)
+                    .map_err(|e| {
+                        err(
+                            &format!("spec.health.blockingPodSelectors[{i}]"),
+                            e.to_string(),
+                        )
+                    })
+                    .ok()
+            })
+            .collect();
         let target_version = spec.release.as_ref().and_then(|r| {
             Version::new(r.version.clone())
                 .map_err(|e| err("spec.release.version", e))
@@ -133,10 +214,7 @@ impl Policy {
                 "must be at least 1".into(),
             );
         }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        Ok(Policy {
+        let policy = Policy {
             name: name.to_string(),
             selector,
             budget,
@@ -159,7 +237,15 @@ impl Policy {
                 signature: r.signature.clone(),
             }),
             alert_gate,
-        })
+            drain_pod_selector,
+            delete_empty_dir_data: spec.drain.delete_empty_dir_data,
+            grace_period_seconds: spec.drain.grace_period_seconds,
+            max_parallel_evictions: spec.drain.max_parallel_evictions,
+            exclude_from_load_balancers: spec.drain.exclude_from_load_balancers,
+            blocking_pod_selectors,
+            ending: None,
+        };
+        (policy, errors)
     }
 }
 
@@ -191,9 +277,42 @@ mod tests {
             [
                 "spec.health.rebootTimeout",
                 "spec.maxUnavailable",
-                "spec.maintenanceWindows[0]"
+                "spec.maintenanceWindows[0].timeZone"
             ]
         );
         assert!(errors[2].message.contains("Mars/Olympus"));
+    }
+
+    #[test]
+    fn invalid_drain_and_blocking_selectors_are_invalid_specs_not_open_doors() {
+        let spec: UpdatePolicySpec = serde_json::from_value(serde_json::json!({
+            "drain": {"podSelector": {"matchExpressions": [{"key": "app", "operator": "Like", "values": ["x"]}]}},
+            "health": {"blockingPodSelectors": [{"matchLabels": {"app": "db"}}, {"matchLabels": {"bad key": "x"}}]},
+        }))
+        .unwrap();
+        let errors = Policy::from_spec("p", &spec).unwrap_err();
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.drain.podSelector",
+                "spec.health.blockingPodSelectors[1]"
+            ]
+        );
+        // Winding down still works from such a spec, and grants nothing.
+        let p = Policy::wind_down("p", &spec, Ending::InvalidSpec);
+        assert_eq!(p.ending, Some(Ending::InvalidSpec));
+        assert_eq!(p.drain_timeout, SignedDuration::from_mins(10));
+    }
+
+    #[test]
+    fn a_window_that_never_opens_is_reported_on_its_schedule_field() {
+        let spec: UpdatePolicySpec = serde_json::from_value(serde_json::json!({
+            "maintenanceWindows": [{"schedule": "0 2 30 2 *", "duration": "1h", "timeZone": "UTC"}],
+        }))
+        .unwrap();
+        let errors = Policy::from_spec("p", &spec).unwrap_err();
+        assert_eq!(errors[0].field, "spec.maintenanceWindows[0].schedule");
+        assert!(errors[0].message.contains("never opens"), "{}", errors[0]);
     }
 }

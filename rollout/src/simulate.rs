@@ -279,6 +279,23 @@ impl World {
                     });
                 }
                 Action::Fail { reason } => self.fail(name, lease, reason, now, &mut events),
+                Action::Abort { .. } => {
+                    if let Some(n) = self.node_mut(name) {
+                        if n.cordoned_by_baton {
+                            n.unschedulable = false;
+                            n.cordoned_by_baton = false;
+                        }
+                        n.agent.reboot_ok = None;
+                    }
+                    if let Some(i) = lease {
+                        self.leases.remove(i);
+                    }
+                    events.push(Event {
+                        at: now,
+                        node: name.into(),
+                        what: EventKind::Released,
+                    });
+                }
                 Action::WaitForReboot { .. } | Action::Settle { .. } | Action::Skip(_) => continue,
             }
             changed = true;
@@ -299,6 +316,7 @@ impl World {
         }
         if let Some(n) = self.node_mut(name) {
             n.failure = Some(reason.to_string());
+            n.agent.reboot_ok = None;
         }
         events.push(Event {
             at: now,

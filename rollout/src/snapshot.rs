@@ -48,6 +48,8 @@ pub struct NodeView {
     pub cordoned_by_baton: bool,
     /// An admin paused it (`baton.dev/paused=true`).
     pub paused: bool,
+    /// An admin asked its agent to retry the failed boot this names (`baton.dev/retry`).
+    pub retry: Option<BootId>,
     /// The operator marked it failed, with the reason.
     pub failure: Option<String>,
     /// What its agent reports.
@@ -114,6 +116,19 @@ impl NodeView {
         self.agent.reboot_required && self.agent.state == Some(AgentState::RebootRequired)
     }
 
+    /// Whether the node failed: the operator marked it, or its agent reports a failed
+    /// update that no admin retry is waiting on.
+    pub fn failed(&self) -> bool {
+        self.failure.is_some() || self.agent_failure().is_some()
+    }
+
+    /// The agent's own failure report, unless an admin's retry names the boot it is
+    /// for (the agent is about to drop it).
+    pub fn agent_failure(&self) -> Option<AgentState> {
+        let retrying = self.retry.is_some() && self.retry == self.agent.boot_id;
+        self.agent.state.filter(|s| s.is_failure() && !retrying)
+    }
+
     /// The node's zone under `label`, or `""` when it has none.
     pub fn zone<'a>(&'a self, label: &str) -> &'a str {
         self.labels.get(label).map(String::as_str).unwrap_or("")
@@ -137,6 +152,7 @@ impl NodeView {
         };
         let cordoned_by_baton = read(&protocol::CORDONED, annotations, m).unwrap_or(false);
         let paused = read(&protocol::PAUSED, annotations, m).unwrap_or(false);
+        let retry = read(&protocol::RETRY, annotations, m);
         let failure = read(&protocol::FAILURE, annotations, m).map(|msg| msg.0);
         let desired_version = read(&protocol::DESIRED_VERSION, annotations, m);
         let desired_release = read(&protocol::DESIRED_RELEASE, annotations, m);
@@ -157,6 +173,7 @@ impl NodeView {
                 .unwrap_or(false),
             cordoned_by_baton,
             paused,
+            retry,
             failure,
             agent,
             true_annotations: annotations

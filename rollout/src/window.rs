@@ -59,6 +59,23 @@ pub enum WindowError {
     /// Neither or both of `schedule` and `weekdays` are set.
     #[error("set exactly one of schedule or weekdays+start")]
     Shape,
+    /// The cron expression parses but matches no date at all (such as February 30th):
+    /// the window would never open.
+    #[error("schedule {0:?} matches no date in any year: this window never opens")]
+    NeverOpens(String),
+}
+
+impl WindowError {
+    /// The field of the window the error is in, such as `schedule`.
+    pub fn field(&self) -> &'static str {
+        match self {
+            WindowError::Cron { .. } | WindowError::NeverOpens(_) => "schedule",
+            WindowError::Start(_) => "start",
+            WindowError::Duration(_) => "duration",
+            WindowError::TimeZone(_) => "timeZone",
+            WindowError::Shape => "schedule",
+        }
+    }
 }
 
 /// Whether the windows are open at a given moment.
@@ -117,7 +134,13 @@ impl Window {
             return Err(WindowError::Duration("must be longer than 0s".into()));
         }
         let schedule = match (&spec.schedule, &spec.weekdays, &spec.start) {
-            (Some(expr), None, None) => Schedule::Cron(Box::new(parse_cron(expr)?)),
+            (Some(expr), None, None) => {
+                let cron = parse_cron(expr)?;
+                if !ever_matches(&cron) {
+                    return Err(WindowError::NeverOpens(expr.clone()));
+                }
+                Schedule::Cron(Box::new(cron))
+            }
             (None, Some(days), Some(start)) if !days.is_empty() => Schedule::Weekly {
                 days: days.clone(),
                 start: parse_start(start)?,
@@ -282,6 +305,17 @@ fn parse_cron(expr: &str) -> Result<Cron, WindowError> {
         .map_err(|e| err(e.to_string()))
 }
 
+/// Whether a 5-field cron expression matches any date. Without a year field, a
+/// schedule repeats every 400 years at the latest, and every date it can match (even
+/// February 29th) comes up within 8 years of 2000-01-01, which starts a leap year.
+fn ever_matches(cron: &Cron) -> bool {
+    let from = DateTime::constant(2000, 1, 1, 0, 0, 0, 0);
+    let to = DateTime::constant(2008, 12, 31, 23, 59, 0, 0);
+    cron.iter_from(from, croner::Direction::Forward)
+        .next()
+        .is_some_and(|first| first <= to)
+}
+
 fn parse_start(text: &str) -> Result<Time, WindowError> {
     let err = || WindowError::Start(text.to_string());
     let (h, m) = text.split_once(':').ok_or_else(err)?;
@@ -305,6 +339,31 @@ mod tests {
             time_zone: zone.into(),
         }])
         .unwrap()
+    }
+
+    #[test]
+    fn a_schedule_that_matches_no_date_is_refused_naming_the_schedule() {
+        for never in ["0 2 30 2 *", "0 2 31 4 *", "0 2 31 2,4,6,9,11 *"] {
+            let err = Window::compile(&MaintenanceWindow {
+                schedule: Some(never.into()),
+                weekdays: None,
+                start: None,
+                duration: "1h".into(),
+                time_zone: "UTC".into(),
+            })
+            .unwrap_err();
+            assert_eq!(err, WindowError::NeverOpens(never.into()));
+            assert_eq!(err.field(), "schedule");
+            assert!(err.to_string().contains("never opens"), "{err}");
+        }
+        // Rare is not never: February 29th comes every leap year.
+        let leap = cron("0 2 29 2 *", "1h", "UTC");
+        let WindowState::Closed { opens: Some(opens) } =
+            leap.state("2026-11-28T03:00:00Z".parse().unwrap())
+        else {
+            panic!()
+        };
+        assert_eq!(opens, "2028-02-29T02:00:00Z".parse::<Timestamp>().unwrap());
     }
 
     fn weekly(days: &[Weekday], start: &str, duration: &str, zone: &str) -> MaintenanceWindow {

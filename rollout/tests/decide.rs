@@ -154,22 +154,46 @@ fn a_reboot_in_flight_continues_after_the_window_closes() {
     assert_eq!(plan.grants().count(), 0);
 }
 
+/// `windowMode: Fit` counts the whole disruption from the grant: the before-reboot
+/// hooks, the drain and the reboot, each at its bound (the reboot deadline starts when
+/// the drain ends). Settle time is not counted: the node is back in service by then.
 #[test]
-fn fit_mode_refuses_to_start_when_the_reboot_would_outlive_the_window() {
+fn fit_mode_refuses_to_start_when_the_drain_and_reboot_would_outlive_the_window() {
     let w = world(1);
-    let p = policy(serde_json::json!({
-        "windowMode": "Fit",
-        "health": {"rebootTimeout": "30m"},
-        "maintenanceWindows": [{"schedule": "0 2 * * 6", "duration": "80m"}],
-    }));
-    assert_eq!(grants(&w, &p, "2026-11-28T02:45:00Z"), ["node-01"]);
-    let plan = decide(&w.snapshot(), &p, at("2026-11-28T02:55:00Z"));
-    assert_eq!(
-        plan.node("node-01"),
-        Some(&Action::Skip(Skip::WindowTooShort(at(
-            "2026-11-28T03:20:00Z"
-        ))))
+    let window = serde_json::json!([{"schedule": "0 2 * * 6", "duration": "80m"}]); // 02:00-03:20
+    let closes = Some(&Action::Skip(Skip::WindowTooShort(at(
+        "2026-11-28T03:20:00Z",
+    ))));
+    // (spec, the last minute a grant fits, the first that it does not)
+    let rows = [
+        (
+            serde_json::json!({"health": {"rebootTimeout": "30m", "settleTime": "1h"}, "drain": {"timeout": "10m"}}),
+            "2026-11-28T02:40:00Z",
+            "2026-11-28T02:41:00Z",
+        ),
+        (
+            serde_json::json!({"health": {"rebootTimeout": "30m"}, "drain": {"timeout": "10m"},
+                               "hooks": {"beforeReboot": {"annotations": ["x.io/ok"], "timeout": "5m"}}}),
+            "2026-11-28T02:35:00Z",
+            "2026-11-28T02:36:00Z",
+        ),
+    ];
+    for (spec, fits, too_late) in rows {
+        let mut spec = spec;
+        spec["windowMode"] = "Fit".into();
+        spec["maintenanceWindows"] = window.clone();
+        let p = policy(spec.clone());
+        assert_eq!(grants(&w, &p, fits), ["node-01"], "{spec}");
+        let plan = decide(&w.snapshot(), &p, at(too_late));
+        assert_eq!(plan.node("node-01"), closes, "{spec}");
+    }
+    // Checking rebootTimeout alone would have granted at 02:45, leaving the reboot to
+    // start after the window closed.
+    let p = policy(
+        serde_json::json!({"windowMode": "Fit", "maintenanceWindows": window,
+        "health": {"rebootTimeout": "30m"}, "drain": {"timeout": "10m"}}),
     );
+    assert_eq!(grants(&w, &p, "2026-11-28T02:45:00Z"), Vec::<String>::new());
 }
 
 #[test]
@@ -588,4 +612,231 @@ fn a_release_version_is_published_on_pool_nodes_that_lack_it_and_only_those() {
         without.publish_release.is_empty(),
         "no release, nothing to publish"
     );
+}
+
+// === Safety: the budget, sticky failures and winding down ===
+
+fn pool_a(n: usize) -> World {
+    let mut w = world(n);
+    for node in &mut w.nodes {
+        node.labels.insert("pool".into(), "a".into());
+    }
+    w
+}
+
+fn policy_a(extra: serde_json::Value) -> Policy {
+    let mut spec = serde_json::json!({"nodeSelector": {"matchLabels": {"pool": "a"}}});
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    policy(spec)
+}
+
+/// A node being drained (cordoned by baton, holding the lease) under `pool`.
+fn draining(w: &mut World, node: &str) {
+    let mut l = lease(w, node, NOW);
+    l.drain_started = Some(at(NOW));
+    w.leases.push(l);
+    let n = w.node_mut(node).unwrap();
+    n.unschedulable = true;
+    n.cordoned_by_baton = true;
+}
+
+#[test]
+fn a_node_in_flight_relabelled_out_of_the_pool_keeps_using_its_slot() {
+    let mut w = pool_a(4);
+    draining(&mut w, "node-01");
+    w.node_mut("node-01")
+        .unwrap()
+        .labels
+        .insert("pool".into(), "b".into());
+    let plan = decide(&w.snapshot(), &policy_a(serde_json::json!({})), at(NOW));
+    assert_eq!(
+        plan.grants().count(),
+        0,
+        "two disrupted under a budget of 1"
+    );
+    assert_eq!(plan.budget.unavailable, 1);
+    assert!(
+        matches!(plan.node("node-01"), Some(Action::Drain { .. })),
+        "it finishes"
+    );
+    assert_eq!(plan.node("node-02"), Some(&Action::Skip(Skip::Budget)));
+}
+
+#[test]
+fn a_node_in_flight_claimed_by_a_second_policy_keeps_using_its_slot() {
+    let mut w = pool_a(4);
+    draining(&mut w, "node-01");
+    let mut snap = w.snapshot();
+    let claims_node_01 = Selector::compile(
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+            match_labels: Some([("topology.kubernetes.io/zone".into(), "zone-a".into())].into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    snap.other_policies.push(("other".into(), claims_node_01));
+    let plan = decide(&snap, &policy_a(serde_json::json!({})), at(NOW));
+    assert_eq!(
+        plan.conflicts.len(),
+        4,
+        "every zone-a node is claimed twice"
+    );
+    assert_eq!(plan.grants().count(), 0);
+    assert_eq!(plan.budget.unavailable, 1);
+}
+
+#[test]
+fn an_agents_failure_report_without_a_lease_is_recorded_and_stays_until_retried() {
+    let mut w = pool_a(3);
+    let n = w.node_mut("node-02").unwrap();
+    n.agent.state = Some(AgentState::Failed);
+    n.agent.message = Some("staging failed: sha256 mismatch".into());
+    let p = policy_a(serde_json::json!({}));
+    let plan = decide(&w.snapshot(), &p, at(NOW));
+    assert_eq!(
+        plan.node("node-02"),
+        Some(&Action::Fail {
+            reason: "agent reported Failed: staging failed: sha256 mismatch".into()
+        })
+    );
+    assert!(plan.halted.is_some());
+    assert_eq!(plan.grants().count(), 0);
+    // The agent retries its staging and stops reporting the failure: the operator's
+    // record still halts the pool.
+    let n = w.node_mut("node-02").unwrap();
+    n.failure = Some("agent reported Failed: staging failed: sha256 mismatch".into());
+    n.agent.state = Some(AgentState::RebootRequired);
+    let plan = decide(&w.snapshot(), &p, at(NOW));
+    assert!(matches!(
+        plan.node("node-02"),
+        Some(Action::Skip(Skip::Failed(_)))
+    ));
+    assert!(plan.halted.is_some(), "a halt never lifts by itself");
+    assert_eq!(plan.grants().count(), 0);
+}
+
+#[test]
+fn a_failure_an_admin_retries_does_not_count_while_the_agent_drops_it() {
+    let mut w = pool_a(2);
+    let n = w.node_mut("node-02").unwrap();
+    n.agent.state = Some(AgentState::RolledBack);
+    n.retry = n.agent.boot_id.clone();
+    let plan = decide(&w.snapshot(), &policy_a(serde_json::json!({})), at(NOW));
+    assert!(plan.halted.is_none());
+    assert_eq!(plan.grants().collect::<Vec<_>>(), ["node-01"]);
+    // A retry mark naming another boot changes nothing.
+    w.node_mut("node-02").unwrap().retry = crds::protocol::BootId::new("dead").ok();
+    let plan = decide(&w.snapshot(), &policy_a(serde_json::json!({})), at(NOW));
+    assert!(plan.halted.is_some());
+}
+
+#[test]
+fn a_failed_node_deleted_by_an_admin_keeps_the_pool_halted_until_a_retry() {
+    let mut w = pool_a(3);
+    let mut l = lease(&w, "node-01", NOW);
+    l.failure = Some("drain timed out (onTimeout: Abort)".into());
+    w.leases.push(l);
+    w.nodes.retain(|n| n.name != "node-01");
+    let plan = decide(&w.snapshot(), &policy_a(serde_json::json!({})), at(NOW));
+    let Some(Action::Skip(Skip::Failed(why))) = plan.node("node-01") else {
+        panic!("{plan:?}")
+    };
+    assert!(
+        why.contains("node deleted") && why.contains("kubectl baton retry"),
+        "{why}"
+    );
+    assert!(plan.halted.is_some());
+    assert_eq!(plan.grants().count(), 0);
+}
+
+fn ending(extra: serde_json::Value, why: rollout::policy::Ending) -> Policy {
+    let mut spec = serde_json::json!({"nodeSelector": {"matchLabels": {"pool": "a"}}});
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    Policy::wind_down("pool", &serde_json::from_value(spec).unwrap(), why)
+}
+
+#[test]
+fn a_deleted_policy_ends_grants_not_yet_rebooting_and_lets_a_reboot_under_way_finish() {
+    use rollout::policy::Ending;
+    let mut w = pool_a(4);
+    draining(&mut w, "node-01");
+    // node-02 was drained and given the grant: it may be rebooting right now.
+    draining(&mut w, "node-02");
+    let l = w.leases.iter_mut().find(|l| l.node == "node-02").unwrap();
+    l.drained = Some(at(NOW));
+    let granted = l.granted_boot_id.clone();
+    w.node_mut("node-02").unwrap().agent.reboot_ok = granted;
+    // node-03 failed earlier.
+    draining(&mut w, "node-03");
+    w.leases
+        .iter_mut()
+        .find(|l| l.node == "node-03")
+        .unwrap()
+        .failure = Some("x".into());
+    let p = ending(serde_json::json!({}), Ending::Deleted);
+    let plan = decide(&w.snapshot(), &p, at(NOW));
+    assert!(matches!(plan.node("node-01"), Some(Action::Abort { .. })));
+    assert!(matches!(
+        plan.node("node-02"),
+        Some(Action::WaitForReboot { .. })
+    ));
+    assert!(matches!(plan.node("node-03"), Some(Action::Abort { .. })));
+    assert_eq!(plan.node("node-04"), None, "nothing new starts");
+    assert_eq!(plan.holders, ["node-02"]);
+    // node-02 comes back done: released at once, without the settle time.
+    let n = w.node_mut("node-02").unwrap();
+    n.agent.boot_id = crds::protocol::BootId::new("ffff").ok();
+    n.agent.state = Some(AgentState::Done);
+    n.agent.current_version = Version::new("2.0.0").ok();
+    let p = ending(
+        serde_json::json!({"health": {"settleTime": "1h"}}),
+        Ending::Deleted,
+    );
+    assert_eq!(
+        decide(&w.snapshot(), &p, at(NOW)).node("node-02"),
+        Some(&Action::Uncordon)
+    );
+    w.node_mut("node-02").unwrap().unschedulable = false;
+    assert_eq!(
+        decide(&w.snapshot(), &p, at(NOW)).node("node-02"),
+        Some(&Action::MarkDone)
+    );
+    w.leases
+        .iter_mut()
+        .find(|l| l.node == "node-02")
+        .unwrap()
+        .done = Some(at(NOW));
+    assert_eq!(
+        decide(&w.snapshot(), &p, at(NOW)).node("node-02"),
+        Some(&Action::Release(ReleaseReason::Done))
+    );
+}
+
+#[test]
+fn an_invalid_spec_still_drives_nodes_in_flight_and_keeps_failures() {
+    use rollout::policy::Ending;
+    let mut w = pool_a(3);
+    draining(&mut w, "node-01");
+    draining(&mut w, "node-02");
+    w.leases
+        .iter_mut()
+        .find(|l| l.node == "node-02")
+        .unwrap()
+        .failure = Some("x".into());
+    let bad = serde_json::json!({"drain": {"podSelector": {"matchLabels": {"bad key": "x"}}}});
+    assert!(Policy::from_spec("pool", &serde_json::from_value(bad.clone()).unwrap()).is_err());
+    let plan = decide(&w.snapshot(), &ending(bad, Ending::InvalidSpec), at(NOW));
+    assert!(
+        matches!(plan.node("node-01"), Some(Action::Abort { reason }) if reason.contains("invalid")),
+        "its cordon is undone, not frozen: {plan:?}"
+    );
+    assert!(matches!(
+        plan.node("node-02"),
+        Some(Action::Skip(Skip::Failed(_)))
+    ));
+    assert_eq!(plan.grants().count(), 0);
 }

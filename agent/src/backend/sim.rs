@@ -2,7 +2,8 @@
 //! which one is armed, and the boot id, all in a state directory. Staging takes a set
 //! time; a simulated reboot gives a new boot id and boots the armed slot, unless a
 //! `fail-next-boot` file is present, in which case the "bootloader" falls back to the
-//! old one (as gptprio does when the new slot fails to boot).
+//! old one (as gptprio does when the new slot fails to boot). While a `fail-staging`
+//! file is present, staging fails as a payload that does not verify would.
 
 use std::{
     path::{Path, PathBuf},
@@ -26,6 +27,8 @@ const MACHINE: &str = "sim-machine.json";
 pub const BOOT_ID: &str = "boot_id";
 /// Present: the next simulated boot falls back to the old slot.
 pub const FAIL_NEXT_BOOT: &str = "fail-next-boot";
+/// Present: staging fails (its text is the reason).
+pub const FAIL_STAGING: &str = "fail-staging";
 
 /// One of the two slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,6 +180,12 @@ impl Backend for Sim {
 
     async fn stage(&mut self, desired: &Desired) -> Result<(), AgentError> {
         let version = &desired.version;
+        if let Ok(reason) = std::fs::read_to_string(self.dir.join(FAIL_STAGING)) {
+            return Err(AgentError::Backend(format!(
+                "simulated staging failure: {}",
+                reason.trim()
+            )));
+        }
         let mut machine = load(&self.dir)?;
         let inactive = machine.booted.other();
         // Staging overwrites the inactive slot: it holds nothing usable until done.

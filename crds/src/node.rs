@@ -1,18 +1,13 @@
-//! The operator's writes to Nodes: cordon and uncordon with baton's own mark, the
-//! reboot grant, hook labels and the failure mark. Every patch carries the observed
-//! `resourceVersion`, so a decision made on a stale view fails with a conflict instead
-//! of overwriting someone else's change (such as an admin's cordon).
+//! Changes to a Node's protocol marks, as merge patches: cordon and uncordon with
+//! baton's own mark, the reboot grant, hook labels, the failure mark and the admin's
+//! retry. The operator and `kubectl baton` build every patch here; each carries the
+//! observed `resourceVersion`, so a change decided on a stale view fails with a
+//! conflict instead of overwriting someone else's (such as an admin's cordon).
 
 use k8s_openapi::api::core::v1::Node;
-use kube::{
-    Api, ResourceExt,
-    api::{Patch, PatchParams},
-};
 use serde_json::{Map, Value, json};
 
-use crds::protocol::{self, BootId, Message, Version};
-
-use crate::error::{Error, Result};
+use crate::protocol::{self, BootId, Message, Version};
 
 /// The label that takes a node out of cloud load balancers.
 pub const EXCLUDE_FROM_LB: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
@@ -115,7 +110,8 @@ impl NodePatch {
         p
     }
 
-    /// Mark the node failed, with the reason.
+    /// Mark the node failed, with the reason. The grant ends in the same write: a
+    /// failed node must never reboot on a `baton.dev/reboot-ok` left behind.
     pub fn fail(reason: &str) -> NodePatch {
         let mut p = NodePatch::default();
         let line: String = reason.replace('\n', " ").chars().take(1024).collect();
@@ -123,6 +119,56 @@ impl NodePatch {
             protocol::FAILURE.name.into(),
             protocol::FAILURE.format(&Message(line)).into(),
         );
+        p.annotations
+            .insert(protocol::REBOOT_OK.name.into(), Value::Null);
+        p
+    }
+
+    /// End the node's grant: the grant and hook labels go, and baton's cordon (only
+    /// baton's) is undone. Sent before the Lease is deleted, never after.
+    pub fn end_grant(node: &Node) -> NodePatch {
+        let baton_cordoned = protocol::CORDONED
+            .read(node.metadata.annotations.as_ref())
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+        let marks = NodePatch::clear_rollout_marks();
+        if baton_cordoned {
+            marks.and(NodePatch::uncordon(node))
+        } else {
+            marks
+        }
+    }
+
+    /// Ask the node's agent to drop its failed verdict for `boot` (an admin's retry).
+    pub fn retry(boot: &BootId) -> NodePatch {
+        let mut p = NodePatch::default();
+        p.annotations.insert(
+            protocol::RETRY.name.into(),
+            protocol::RETRY.format(boot).into(),
+        );
+        p
+    }
+
+    /// Pause (or resume) the node: no new disruption starts on it.
+    pub fn paused(paused: bool) -> NodePatch {
+        let mut p = NodePatch::default();
+        p.annotations.insert(
+            protocol::PAUSED.name.into(),
+            if paused {
+                protocol::PAUSED.format(&true).into()
+            } else {
+                Value::Null
+            },
+        );
+        p
+    }
+
+    /// Remove the operator's failure mark.
+    pub fn clear_failure() -> NodePatch {
+        let mut p = NodePatch::default();
+        p.annotations
+            .insert(protocol::FAILURE.name.into(), Value::Null);
         p
     }
 
@@ -156,19 +202,6 @@ impl NodePatch {
         }
         patch
     }
-
-    /// Applies the patch to the node as observed.
-    pub async fn apply(&self, api: &Api<Node>, node: &Node) -> Result<()> {
-        let patch = self.to_json(node.resource_version());
-        api.patch(
-            &node.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-        .map(drop)
-        .map_err(|e| Error::from_kube(&format!("node {}", node.name_any()), e))
-    }
 }
 
 #[cfg(test)]
@@ -185,6 +218,38 @@ mod tests {
             "true"
         );
         assert_eq!(patch["metadata"]["labels"][EXCLUDE_FROM_LB], "true");
+    }
+
+    #[test]
+    fn failing_a_node_ends_its_grant_in_the_same_write() {
+        let patch = NodePatch::fail("drain timed out").to_json(Some("7".into()));
+        let a = &patch["metadata"]["annotations"];
+        assert_eq!(a["baton.dev/failure"], "drain timed out");
+        assert!(a["baton.dev/reboot-ok"].is_null() && a.get("baton.dev/reboot-ok").is_some());
+        assert!(patch.get("spec").is_none(), "a failed node stays cordoned");
+    }
+
+    #[test]
+    fn ending_a_grant_undoes_only_batons_cordon() {
+        let mut node = Node::default();
+        node.metadata.annotations = Some(
+            [
+                ("baton.dev/cordoned".to_string(), "true".to_string()),
+                ("baton.dev/lb-excluded".to_string(), "true".to_string()),
+            ]
+            .into(),
+        );
+        let patch = NodePatch::end_grant(&node).to_json(None);
+        assert_eq!(patch["spec"]["unschedulable"], false);
+        assert!(patch["metadata"]["labels"][EXCLUDE_FROM_LB].is_null());
+        assert!(
+            patch["metadata"]["annotations"]
+                .as_object()
+                .unwrap()
+                .contains_key("baton.dev/reboot-ok")
+        );
+        let admins = NodePatch::end_grant(&Node::default()).to_json(None);
+        assert!(admins.get("spec").is_none(), "an admin's cordon stays");
     }
 
     #[test]
