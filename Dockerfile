@@ -4,7 +4,14 @@
 # The build stage runs on the build machine's own platform and cross-compiles with clang
 # and rust-lld through .ci/static, the script CI runs to prove the binaries link
 # statically for both architectures; no emulation is needed.
-FROM --platform=$BUILDPLATFORM rust:1.95-bookworm AS build
+#
+# Base images are pinned by digest (the tag says what it is, the digest which one);
+# updating a base is a reviewed change of this file. The digests were taken from public
+# builds that pin the same tags; no registry is reachable from baton's CI to re-check
+# them, so a build that cannot pull one fails rather than take another image.
+ARG BUILD_IMAGE=rust:1.95-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92ed2d47121282d4a1
+ARG RUNTIME_IMAGE=gcr.io/distroless/static-debian12:nonroot@sha256:d093aa3e30dbadd3efe1310db061a14da60299baff8450a17fe0ccc514a16639
+FROM --platform=$BUILDPLATFORM ${BUILD_IMAGE} AS build
 ARG TARGETARCH
 RUN apt-get update \
  && apt-get install -y --no-install-recommends clang llvm binutils \
@@ -19,12 +26,15 @@ RUN case "$TARGETARCH" in \
  && .ci/static "$arch" /out
 
 # The operator needs no host access: non-root, nothing but the binary.
-FROM gcr.io/distroless/static-debian12:nonroot AS operator
+FROM ${RUNTIME_IMAGE} AS operator
 COPY --from=build /out/baton-operator /baton-operator
 USER 65532:65532
 ENTRYPOINT ["/baton-operator"]
 
-# The agent's privileges come from the DaemonSet (per backend), not from the image.
-FROM gcr.io/distroless/static-debian12 AS agent
+# The agent's privileges come from the DaemonSet (per backend), not from the image: by
+# default it is the non-root user baton-agent (65532), which the host's polkit rule
+# and D-Bus policy name; the chart runs it as root only where a reboot method needs it.
+FROM ${RUNTIME_IMAGE} AS agent
 COPY --from=build /out/baton-agent /baton-agent
+USER 65532:65532
 ENTRYPOINT ["/baton-agent"]

@@ -134,6 +134,11 @@ pub struct Config {
     #[arg(long, env = "BATON_RELEASE_CA_FILE")]
     pub release_ca_file: Option<PathBuf>,
 
+    /// Make the state directory the agent's (UID/GID 65532, mode 0700) and exit: the
+    /// chart's init step, run as root with only CAP_CHOWN.
+    #[arg(long)]
+    pub prepare_state_dir: bool,
+
     /// ab: the manual rollback. Makes the other slot (which booted successfully before)
     /// boot next, prints it, and exits; reboot the node afterwards.
     #[arg(long)]

@@ -17,8 +17,8 @@ use crds::protocol::BootId;
 
 use crate::{
     backend::Backend,
+    command::{self, Command},
     error::AgentError,
-    health,
     lifecycle::{self, Effect, Inputs, Outcome, Record, Update},
     node,
     reboot::{Rebooted, Rebooter},
@@ -46,9 +46,9 @@ pub struct Settings {
     /// How to reboot.
     pub rebooter: Rebooter,
     /// Health checks after a boot.
-    pub health_checks: Vec<String>,
+    pub health_checks: Vec<Command>,
     /// Commands before a reboot.
-    pub before_reboot: Vec<String>,
+    pub before_reboot: Vec<Command>,
     /// The bound on each command.
     pub command_timeout: Duration,
     /// Local re-check period.
@@ -82,7 +82,7 @@ pub async fn run<B: Backend>(
             .unwrap_or_else(|| futures::stream::pending().boxed());
         let mut record = s.record.load()?;
         let mut current: Option<Node> = None;
-        let mut health: Option<Result<(), String>> = None;
+        let mut health: Option<Result<(), command::Failure>> = None;
         let mut stage_failure: Option<(crds::protocol::Version, String)> = None;
         let mut desired_now: Option<crate::backend::Desired> = None;
         let mut reboot_requested: Option<std::time::Instant> = None;
@@ -187,7 +187,7 @@ pub async fn run<B: Backend>(
                     }
                     record.pending = Some(pending);
                     s.record.save(&record)?;
-                    if let Err(why) = health::run_all(
+                    if let Err(why) = command::run_all(
                         "before-reboot command",
                         &s.before_reboot,
                         s.command_timeout,
@@ -195,7 +195,7 @@ pub async fn run<B: Backend>(
                     .await
                     {
                         error!(error = %why, "a before-reboot command failed; not rebooting");
-                        conclude(&mut record, &s, crds::AgentState::Failed, why)?;
+                        conclude(&mut record, &s, crds::AgentState::Failed, why.to_string())?;
                         again = true;
                         continue;
                     }
@@ -238,7 +238,7 @@ pub async fn run<B: Backend>(
                 }
                 Effect::CheckHealth => {
                     health = Some(
-                        health::run_all("health check", &s.health_checks, s.command_timeout).await,
+                        command::run_all("health check", &s.health_checks, s.command_timeout).await,
                     );
                     again = true;
                 }

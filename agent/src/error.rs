@@ -23,6 +23,9 @@ pub enum AgentError {
     /// The backend could not do what was asked.
     #[error("{0}")]
     Backend(String),
+    /// A configured command line cannot be run.
+    #[error(transparent)]
+    BadCommand(#[from] crate::command::BadCommand),
     /// The reboot could not be requested.
     #[error("reboot: {0}")]
     Reboot(String),

@@ -7,17 +7,17 @@
 //! - [`daemon`]: the event loop around it.
 //! - [`backend`]: sim, sentinel, flatcar and the native A/B backend ([`slot`],
 //!   [`payload`], [`partition_table`], [`gptprio`]).
-//! - [`reboot`], [`node`], [`record`], [`health`], [`boot`], [`os_release`], [`dbus`].
+//! - [`reboot`], [`node`], [`record`], [`command`], [`boot`], [`os_release`], [`dbus`].
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod boot;
+pub mod command;
 pub mod config;
 pub mod daemon;
 pub mod dbus;
 pub mod error;
 pub mod gptprio;
-pub mod health;
 pub mod lifecycle;
 pub mod node;
 pub mod os_release;
@@ -70,9 +70,9 @@ pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, 
         match config.reboot_method {
             RebootMethod::Logind => reboot::Rebooter::Logind(config.dbus_address.clone()),
             RebootMethod::Signal => reboot::Rebooter::Signal,
-            RebootMethod::Command => {
-                reboot::Rebooter::Command(config.reboot_command.clone().unwrap_or_default())
-            }
+            RebootMethod::Command => reboot::Rebooter::Command(command::Command::parse(
+                config.reboot_command.as_deref().unwrap_or_default(),
+            )?),
         }
     };
     let settings = daemon::Settings {
@@ -81,8 +81,8 @@ pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, 
         boot_id,
         record: record::RecordFile::new(&config.state_dir),
         rebooter,
-        health_checks: config.health_checks.clone(),
-        before_reboot: config.before_reboot.clone(),
+        health_checks: command::Command::parse_all(&config.health_checks)?,
+        before_reboot: command::Command::parse_all(&config.before_reboot)?,
         command_timeout: config.command_timeout,
         check_interval: config.check_interval,
         verify_timeout: config.verify_timeout,
@@ -99,7 +99,11 @@ pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, 
         BackendKind::Sentinel => {
             let b = backend::sentinel::Sentinel {
                 file: config.sentinel_file.clone(),
-                command: config.sentinel_command.clone(),
+                command: config
+                    .sentinel_command
+                    .as_deref()
+                    .map(command::Command::parse)
+                    .transpose()?,
                 os_release: config.os_release.clone(),
             };
             daemon::run(client, b, settings).await
@@ -109,7 +113,11 @@ pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, 
             let b = backend::flatcar::Flatcar::open(
                 &bus,
                 config.os_release.clone(),
-                config.mark_good_command.clone(),
+                config
+                    .mark_good_command
+                    .as_deref()
+                    .map(command::Command::parse)
+                    .transpose()?,
             )
             .await?;
             daemon::run(client, b, settings).await

@@ -105,7 +105,7 @@ pub struct Inputs<'a> {
     /// The Node's `Ready` condition.
     pub node_ready: bool,
     /// The result of the health checks run in this boot, if they ran.
-    pub health: Option<&'a Result<(), String>>,
+    pub health: Option<&'a Result<(), crate::command::Failure>>,
     /// An admin's `baton.dev/retry` mark, naming the boot whose failed verdict to drop.
     pub retry: Option<&'a BootId>,
     /// How long a new boot may take to pass its health checks.
@@ -570,7 +570,12 @@ mod tests {
         let (b, s, mut record) = rebooted(running("2.0.0", "B"));
         let mut i = inputs(&b, &s, EMPTY, None);
         settle(&mut i, &mut record);
-        let sick = Err("etcd probe: exit 1".to_string());
+        let sick = Err(crate::command::Failure::Failed {
+            what: "health check".into(),
+            command: "etcd-probe".into(),
+            status: "exit status: 1".into(),
+            stderr: String::new(),
+        });
         i.health = Some(&sick);
         let d = settle(&mut i, &mut record);
         assert_eq!(
@@ -582,7 +587,7 @@ mod tests {
         assert_eq!(d.report.state, AgentState::Failed);
         assert_eq!(
             d.report.message.as_deref(),
-            Some("health checks failed: etcd probe: exit 1")
+            Some("health checks failed: health check \"etcd-probe\" failed (exit status: 1)")
         );
         assert_eq!(
             record.outcome.as_ref().map(|o| o.state),

@@ -14,6 +14,15 @@ async fn main() -> ExitCode {
         eprintln!("baton-agent: {e}");
         return ExitCode::from(2);
     }
+    if config.prepare_state_dir {
+        return match agent::record::prepare_state_dir(&config.state_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("baton-agent: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if config.rollback {
         return match agent::rollback(&config) {
             Ok(slot) => {

@@ -31,8 +31,8 @@ pub enum Rebooter {
     Logind(Option<String>),
     /// SIGRTMIN+5 to PID 1.
     Signal,
-    /// A shell command.
-    Command(String),
+    /// A command (run without a shell).
+    Command(crate::command::Command),
     /// The sim backend's reboot, in its state directory.
     Sim(PathBuf),
     /// A simulated machine with real GPT slots: the gptprio model picks the slot.
@@ -76,13 +76,10 @@ impl Rebooter {
                 Ok(Rebooted::Requested)
             }
             Rebooter::Command(command) => {
-                crate::health::run(
-                    "reboot command",
-                    command,
-                    std::time::Duration::from_secs(60),
-                )
-                .await
-                .map_err(AgentError::Reboot)?;
+                command
+                    .run("reboot command", std::time::Duration::from_secs(60))
+                    .await
+                    .map_err(|e| AgentError::Reboot(e.to_string()))?;
                 Ok(Rebooted::Requested)
             }
             Rebooter::Sim(dir) => {

@@ -18,6 +18,29 @@ pub struct RecordFile {
     path: PathBuf,
 }
 
+/// The fixed UID and GID the agent runs as in the chart (user `baton-agent`), which the
+/// host's polkit rule and D-Bus policy name.
+pub const AGENT_ID: u32 = 65532;
+
+/// Makes `state_dir` the agent's: creates it, gives it to [`AGENT_ID`] and mode 0700.
+/// The chart's one-shot init step, run as root with only `CAP_CHOWN`, so that the agent
+/// itself never runs as root to write its hostPath.
+pub fn prepare_state_dir(state_dir: &Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let what = || format!("preparing {}", state_dir.display());
+    std::fs::create_dir_all(state_dir).map_err(io(what()))?;
+    let id = Some(rustix::fs::Uid::from_raw(AGENT_ID));
+    let gid = Some(rustix::fs::Gid::from_raw(AGENT_ID));
+    rustix::fs::chown(state_dir, id, gid).map_err(|e| io(what())(e.into()))?;
+    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(what()))?;
+    for entry in std::fs::read_dir(state_dir).map_err(io(what()))? {
+        let path = entry.map_err(io(what()))?.path();
+        rustix::fs::chown(&path, id, gid).map_err(|e| io(what())(e.into()))?;
+    }
+    Ok(())
+}
+
 impl RecordFile {
     /// The record in `state_dir`.
     pub fn new(state_dir: &Path) -> RecordFile {

@@ -123,6 +123,73 @@ pub struct Slot {
     pub attributes: Attributes,
 }
 
+/// The /usr partition a kernel command line names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UsrRef {
+    /// By partition GUID.
+    PartUuid(String),
+    /// By partition label.
+    PartLabel(String),
+}
+
+impl std::fmt::Display for UsrRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UsrRef::PartUuid(u) => write!(f, "PARTUUID={u}"),
+            UsrRef::PartLabel(l) => write!(f, "PARTLABEL={l}"),
+        }
+    }
+}
+
+impl UsrRef {
+    /// Finds the /usr partition on a kernel command line. Flatcar's `grub.cfg`
+    /// (flatcar/scripts `build_library/grub.cfg`, `@@MOUNTUSR@@` filled in by
+    /// `build_library/grub_install.sh`) writes, for the gptprio entry,
+    /// `mount.usr=/dev/mapper/usr verity.usr=PARTUUID=<uuid>` on verity (production)
+    /// images and `mount.usr=PARTUUID=<uuid>` without verity, and `PARTLABEL=USR-A`
+    /// (or `-B`) in the same places for its manual entries; early CoreOS configs and
+    /// the legacy syslinux/pvgrub ones wrote `usr=PARTUUID=` and `usr=PARTLABEL=`.
+    /// The `/dev/disk/by-partuuid/` and `/dev/disk/by-partlabel/` spellings of the
+    /// same are accepted too. `verity.usr` names the partition under a
+    /// `mount.usr=/dev/mapper/…` device; any other /usr source is an error.
+    pub fn from_cmdline(cmdline: &str) -> Result<UsrRef, SlotError> {
+        let arg = |key: &str| {
+            cmdline
+                .split_whitespace()
+                .filter_map(|a| a.split_once('='))
+                .filter(|(k, _)| *k == key)
+                .map(|(_, v)| v)
+                .next_back()
+        };
+        let unknown = |why: String| SlotError::Unknown(format!("{why}: {}", cmdline.trim()));
+        let (key, value) = match (arg("verity.usr"), arg("mount.usr"), arg("usr")) {
+            (Some(v), _, _) => ("verity.usr", v),
+            (None, Some(m), _) if m.starts_with("/dev/mapper/") => {
+                return Err(unknown(format!(
+                    "mount.usr={m} is a device-mapper device but no verity.usr= names its partition"
+                )));
+            }
+            (None, Some(m), _) => ("mount.usr", m),
+            (None, None, Some(u)) => ("usr", u),
+            (None, None, None) => {
+                return Err(unknown(
+                    "the kernel command line names no /usr partition (no verity.usr=, mount.usr= or usr=)".into(),
+                ));
+            }
+        };
+        let by = |prefixes: [&str; 2]| prefixes.iter().find_map(|p| value.strip_prefix(p));
+        if let Some(uuid) = by(["PARTUUID=", "/dev/disk/by-partuuid/"]) {
+            return Ok(UsrRef::PartUuid(uuid.to_ascii_lowercase()));
+        }
+        if let Some(label) = by(["PARTLABEL=", "/dev/disk/by-partlabel/"]) {
+            return Ok(UsrRef::PartLabel(label.to_string()));
+        }
+        Err(unknown(format!(
+            "{key}={value} names /usr in a form baton does not know (PARTUUID=, PARTLABEL=, /dev/disk/by-partuuid/ or /dev/disk/by-partlabel/)"
+        )))
+    }
+}
+
 /// The two slots of a device or image file.
 #[derive(Debug, Clone)]
 pub struct Slots {
@@ -202,25 +269,20 @@ impl Slots {
         self.slots.iter().find(|s| s.label != label)
     }
 
-    /// The slot a kernel command line booted (`usr=PARTUUID=…`, `mount.usr=PARTUUID=…`,
-    /// `verity.usr=PARTUUID=…` or `root=PARTUUID=…`).
+    /// The slot a kernel command line booted, in every form Flatcar's GRUB config
+    /// writes ([`UsrRef::from_cmdline`]). A command line that names no slot in a form
+    /// known here is an error that quotes it, never a guess.
     pub fn booted_from_cmdline(&self, cmdline: &str) -> Result<&Slot, SlotError> {
-        let uuids: Vec<String> = cmdline
-            .split_whitespace()
-            .filter_map(|arg| {
-                let (key, value) = arg.split_once('=')?;
-                matches!(key, "usr" | "mount.usr" | "verity.usr" | "root")
-                    .then(|| value.strip_prefix("PARTUUID="))
-                    .flatten()
-                    .map(str::to_ascii_lowercase)
-            })
-            .collect();
+        let usr = UsrRef::from_cmdline(cmdline)?;
         self.slots
             .iter()
-            .find(|s| uuids.contains(&s.part_guid.to_ascii_lowercase()))
+            .find(|s| match &usr {
+                UsrRef::PartUuid(u) => s.part_guid.eq_ignore_ascii_case(u),
+                UsrRef::PartLabel(l) => s.label == *l,
+            })
             .ok_or_else(|| {
                 SlotError::Unknown(format!(
-                    "the command line names none of {} ({})",
+                    "the command line's /usr ({usr}) is neither {} ({})",
                     self.labels(),
                     cmdline.trim()
                 ))
@@ -449,6 +511,79 @@ mod tests {
             ))
             .unwrap();
         assert_eq!(booted.label, "USR-B");
+    }
+
+    /// Every form Flatcar's GRUB config puts on `/proc/cmdline` (flatcar/scripts
+    /// `build_library/grub.cfg` at stable-4593.2.5, 9fd32ab8279a, with `@@MOUNTUSR@@`
+    /// from `build_library/grub_install.sh`), and the older ones.
+    #[test]
+    fn every_command_line_flatcar_writes_names_its_usr_partition() {
+        let a = "7130c94a-213a-4e5a-8e26-6cce9662f132";
+        let tail = "rootflags=rw mount.usrflags=ro consoleblank=0 root=LABEL=ROOT console=ttyS0,115200n8 flatcar.first_boot=detected flatcar.oem.id=qemu";
+        let hash =
+            "verity.usrhash=4c6fda32d2a55d5d3d9ff8d9b1d4b0a1a4fbd0c9a2b8f8f0a3c2e6d4f1b0c9e8";
+        let rows = [
+            // The gptprio entry of a production (verity) image.
+            (
+                format!(
+                    "BOOT_IMAGE=/flatcar/vmlinuz-a mount.usr=/dev/mapper/usr verity.usr=PARTUUID={a} {tail} {hash}"
+                ),
+                UsrRef::PartUuid(a.into()),
+            ),
+            // The manual "Flatcar USR-B" entry of a production image.
+            (
+                format!(
+                    "BOOT_IMAGE=/flatcar/vmlinuz-b mount.usr=/dev/mapper/usr verity.usr=PARTLABEL=USR-B {tail} {hash}"
+                ),
+                UsrRef::PartLabel("USR-B".into()),
+            ),
+            // A non-verity image: the gptprio entry, then the manual one.
+            (
+                format!("BOOT_IMAGE=/flatcar/vmlinuz-a mount.usr=PARTUUID={a} {tail}"),
+                UsrRef::PartUuid(a.into()),
+            ),
+            (
+                format!("BOOT_IMAGE=/flatcar/vmlinuz-a mount.usr=PARTLABEL=USR-A {tail}"),
+                UsrRef::PartLabel("USR-A".into()),
+            ),
+            // The first CoreOS GRUB config (2014), and the legacy syslinux/pvgrub ones.
+            (
+                format!(
+                    "BOOT_IMAGE=/coreos/vmlinuz-a usr=PARTUUID={} {tail}",
+                    a.to_uppercase()
+                ),
+                UsrRef::PartUuid(a.into()),
+            ),
+            (
+                format!("cros_legacy usr=PARTLABEL=USR-B {tail}"),
+                UsrRef::PartLabel("USR-B".into()),
+            ),
+            // The by-partuuid spelling.
+            (
+                format!("mount.usr=/dev/disk/by-partuuid/{a} {tail}"),
+                UsrRef::PartUuid(a.into()),
+            ),
+        ];
+        for (cmdline, want) in rows {
+            assert_eq!(UsrRef::from_cmdline(&cmdline).unwrap(), want, "{cmdline}");
+        }
+        for (cmdline, why) in [
+            (
+                format!("BOOT_IMAGE=/flatcar/vmlinuz-a {tail}"),
+                "names no /usr partition",
+            ),
+            (
+                format!("mount.usr=/dev/mapper/usr {tail}"),
+                "no verity.usr= names its partition",
+            ),
+            (
+                format!("mount.usr=/dev/sda3 {tail}"),
+                "mount.usr=/dev/sda3 names /usr in a form baton does not know",
+            ),
+        ] {
+            let err = UsrRef::from_cmdline(&cmdline).unwrap_err().to_string();
+            assert!(err.contains(why) && err.contains(tail), "{err}");
+        }
     }
 
     #[test]

@@ -67,6 +67,12 @@ fn template(sets: &[&str]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The values the ab backend needs (harmless for the others).
+const AB: [&str; 2] = [
+    "agent.ab.device=/dev/sda",
+    "agent.ab.publicKeys[0]=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+];
+
 fn find<'a>(docs: &'a [serde_json::Value], kind: &str) -> Option<&'a serde_json::Value> {
     docs.iter().find(|d| d["kind"] == kind)
 }
@@ -80,13 +86,19 @@ fn the_chart_lints_and_renders_for_every_backend_with_and_without_a_service_moni
         for monitor in [false, true] {
             let b = format!("agent.backend={backend}");
             let m = format!("metrics.serviceMonitor.enabled={monitor}");
-            run_helm(&["lint", chart, "--strict", "--set", &b, "--set", &m]);
-            let docs = template(&[
-                &b,
-                &m,
-                "defaultPolicy.enabled=true",
-                "dashboard.enabled=true",
+            let mut sets = vec![b.clone(), m.clone()];
+            sets.extend(AB.iter().map(|s| s.to_string()));
+            let mut lint = vec!["lint", chart, "--strict"];
+            for s in &sets {
+                lint.extend(["--set", s.as_str()]);
+            }
+            run_helm(&lint);
+            sets.extend([
+                "defaultPolicy.enabled=true".into(),
+                "dashboard.enabled=true".into(),
             ]);
+            let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+            let docs = template(&sets);
             assert_eq!(
                 find(&docs, "ServiceMonitor").is_some(),
                 monitor,
@@ -111,15 +123,12 @@ fn the_chart_lints_and_renders_for_every_backend_with_and_without_a_service_moni
                 "{backend} (logind reboots): {volumes}"
             );
             assert_eq!(
-                volumes.contains("reboot-required") || volumes.contains("\"/var/run\""),
+                volumes.contains("\"/run/baton\""),
                 backend == "sentinel",
                 "{backend}: {volumes}"
             );
-            assert_eq!(
-                pod["securityContext"]["runAsNonRoot"] == true,
-                backend == "sim",
-                "{backend}"
-            );
+            assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{backend}");
+            assert_eq!(pod["securityContext"]["runAsUser"], 65532, "{backend}");
             let dashboard = find(&docs, "ConfigMap").unwrap();
             let json: serde_json::Value =
                 serde_json::from_str(dashboard["data"]["baton.json"].as_str().unwrap()).unwrap();
@@ -189,6 +198,279 @@ fn the_chart_lints_and_renders_for_every_backend_with_and_without_a_service_moni
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("backend") && err.contains("flatcar"), "{err}");
+}
+
+/// The host access each backend and reboot method renders, as docs/agent.md's table
+/// says: `privileged` only for rebootMethod=command (nsenter); UID 0 only for signal
+/// (CAP_KILL on the host's PID 1) and command; otherwise the non-root UID 65532 with
+/// every capability dropped; the init step is root with CAP_CHOWN alone; hostPID only
+/// for signal and command; and no hostPath is `/`, `/run`, `/var`, `/var/run`, `/etc`
+/// or `/dev` (or a parent of one).
+#[test]
+fn every_backend_renders_with_only_the_privileges_its_table_lists() {
+    let forbidden = [
+        "/", "/run", "/var", "/var/run", "/etc", "/dev", "/var/lib", "/usr",
+    ];
+    let mut rows = vec![("sim".to_string(), "logind".to_string())];
+    for backend in ["flatcar", "sentinel", "ab"] {
+        for method in ["logind", "signal", "command"] {
+            rows.push((backend.into(), method.into()));
+        }
+    }
+    for (backend, method) in rows {
+        let mut sets = vec![
+            format!("agent.backend={backend}"),
+            format!("agent.rebootMethod={method}"),
+        ];
+        if method == "command" {
+            sets.push("agent.rebootCommand=nsenter -t 1 -m -- systemctl reboot".into());
+        }
+        sets.extend(AB.iter().map(|s| s.to_string()));
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let docs = template(&sets);
+        let row = format!("{backend}/{method}");
+        let pod = &find(&docs, "DaemonSet").unwrap()["spec"]["template"]["spec"];
+        let agent = &pod["containers"][0]["securityContext"];
+        let root = backend != "sim" && (method == "signal" || method == "command");
+        assert_eq!(
+            agent["privileged"] == true,
+            backend != "sim" && method == "command",
+            "{row}"
+        );
+        assert_eq!(pod["hostPID"] == true, root, "{row}");
+        if root {
+            assert_eq!(pod["securityContext"]["runAsUser"], 0, "{row}");
+        } else {
+            assert_eq!(pod["securityContext"]["runAsUser"], 65532, "{row}");
+            assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{row}");
+        }
+        if agent["privileged"] != true {
+            assert_eq!(agent["capabilities"]["drop"], json!(["ALL"]), "{row}");
+            assert_eq!(agent["allowPrivilegeEscalation"], false, "{row}");
+            let add = &agent["capabilities"]["add"];
+            if method == "signal" && backend != "sim" {
+                assert_eq!(add, &json!(["KILL"]), "{row}");
+            } else {
+                assert!(add.is_null(), "{row}: {add}");
+            }
+        }
+        if backend != "sim" {
+            let init = &pod["initContainers"][0]["securityContext"];
+            assert_eq!(init["capabilities"]["add"], json!(["CHOWN"]), "{row}");
+            assert_eq!(init["capabilities"]["drop"], json!(["ALL"]), "{row}");
+            assert!(init["privileged"].is_null(), "{row}");
+        }
+        for volume in pod["volumes"].as_array().unwrap() {
+            let Some(path) = volume["hostPath"]["path"].as_str() else {
+                continue;
+            };
+            for f in forbidden {
+                let parent =
+                    f == path || f.starts_with(&format!("{}/", path.trim_end_matches('/')));
+                assert!(!parent, "{row}: hostPath {path} is {f} or a parent of it");
+            }
+        }
+        if backend == "ab" {
+            let device = pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == "ab-device")
+                .unwrap();
+            assert_eq!(device["hostPath"]["type"], "BlockDevice", "{row}");
+            assert_eq!(device["hostPath"]["path"], "/dev/sda", "{row}");
+            if !root {
+                assert_eq!(
+                    pod["securityContext"]["supplementalGroups"],
+                    json!([6]),
+                    "{row}"
+                );
+            }
+        }
+    }
+    // Values that would open the host, or that do nothing, are refused with what to
+    // change.
+    let refused = |sets: &[&str], says: &str| {
+        let mut args = vec!["template", "baton", chart_str()];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let out = e2e::binaries::helm_command(&helm())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{sets:?} rendered");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{sets:?}: {err}");
+    };
+    refused(
+        &["agent.backend=ab"],
+        "agent.backend=ab needs agent.ab.device",
+    );
+    refused(
+        &["agent.backend=ab", "agent.ab.device=/dev/sda"],
+        "needs agent.ab.publicKeys",
+    );
+    refused(
+        &["agent.rebootCommand=reboot"],
+        "set agent.rebootMethod=command",
+    );
+    refused(
+        &[
+            "agent.backend=sentinel",
+            "agent.sentinel.file=/var/run/reboot-required",
+        ],
+        "/agent/sentinel/file",
+    );
+    refused(&["agent.bootIdFile=/etc/x"], "/agent/bootIdFile");
+    refused(
+        &[
+            "defaultPolicy.enabled=true",
+            "defaultPolicy.drain.onTimout=Force",
+        ],
+        "'onTimout' not allowed",
+    );
+    refused(
+        &["agent.sentinel.command=check"],
+        "set agent.backend=sentinel",
+    );
+    // The operator: pods delete only when Force drains are allowed, PDBs listed, status
+    // only patched, scheduled first, pinned by digest when asked.
+    let rules = |docs: &[serde_json::Value]| {
+        docs.iter()
+            .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "baton-operator")
+            .unwrap()["rules"]
+            .to_string()
+    };
+    let plain = template(&[]);
+    let r = rules(&plain);
+    assert!(!r.contains("\"delete\""), "{r}");
+    assert!(r.contains("poddisruptionbudgets"), "{r}");
+    assert!(r.contains("{\"apiGroups\":[\"baton.dev\"],\"resources\":[\"updatepolicies/status\"],\"verbs\":[\"patch\"]}"), "{r}");
+    let force = template(&["operator.allowForceDrain=true"]);
+    assert!(rules(&force).contains("\"delete\""));
+    let deploy = find(&plain, "Deployment").unwrap();
+    assert_eq!(
+        deploy["spec"]["template"]["spec"]["priorityClassName"],
+        "system-cluster-critical"
+    );
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let pinned = template(&[&format!("image.digest.operator={digest}")]);
+    let image =
+        find(&pinned, "Deployment").unwrap()["spec"]["template"]["spec"]["containers"][0]["image"]
+            .clone();
+    assert_eq!(image, format!("ghcr.io/baton-dev/baton-operator@{digest}"));
+    let policies: Vec<_> = plain
+        .iter()
+        .filter(|d| d["kind"] == "ValidatingAdmissionPolicy")
+        .map(|d| d["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        policies,
+        ["baton-agent.baton.dev", "baton-operator.baton.dev"]
+    );
+    let netpol = template(&["networkPolicy.enabled=true"]);
+    assert_eq!(
+        find(&netpol, "NetworkPolicy").unwrap()["spec"]["ingress"],
+        json!([])
+    );
+}
+
+fn chart_str() -> &'static str {
+    static CHART: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CHART.get_or_init(|| chart().to_str().unwrap().to_string())
+}
+
+/// The operator in a namespace that enforces the restricted Pod Security profile, the
+/// agents (which mount host paths) in a namespace of their own that the chart creates
+/// privileged: the real API server's Pod Security admission admits both, and the agent's
+/// RBAC and admission policy follow it to its namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_runs_under_restricted_pod_security_with_the_agents_apart() {
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.add_nodes(2).await.unwrap();
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(cluster.client());
+    let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(json!({
+        "metadata": {"name": "baton-system", "labels": {
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/enforce-version": "latest"}},
+    }))
+    .unwrap();
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let kubeconfig = cluster.kubeconfig();
+    run_helm(&[
+        "install",
+        "baton",
+        chart_str(),
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--namespace",
+        "baton-system",
+        "--set",
+        "agent.backend=flatcar",
+        "--set",
+        "agent.namespace=baton-agents",
+        "--set",
+        "agent.createNamespace=true",
+        "--wait",
+        "--timeout",
+        "3m",
+    ]);
+    let pods = |ns: &str| {
+        let api: Api<Pod> = Api::namespaced(cluster.client(), ns);
+        async move { api.list(&ListParams::default()).await.unwrap().items }
+    };
+    let operators = pods("baton-system").await;
+    let agents = pods("baton-agents").await;
+    eprintln!(
+        "[helm] restricted: {} operator pod(s) in baton-system, {} agent pod(s) in baton-agents",
+        operators.len(),
+        agents.len()
+    );
+    assert_eq!(operators.len(), 2);
+    assert_eq!(agents.len(), 2);
+    let labels = namespaces
+        .get("baton-agents")
+        .await
+        .unwrap()
+        .labels()
+        .clone();
+    assert_eq!(
+        labels
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
+        Some("privileged")
+    );
+    // The agents' DaemonSet pods would have been refused in the restricted namespace.
+    let ds: k8s_openapi::api::apps::v1::DaemonSet = serde_json::from_value(
+        find(&template(&["agent.backend=flatcar"]), "DaemonSet")
+            .unwrap()
+            .clone(),
+    )
+    .unwrap();
+    let mut refused = ds.clone();
+    refused.metadata.namespace = Some("baton-system".into());
+    refused.metadata.name = Some("agents-here".into());
+    let err =
+        Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(cluster.client(), "baton-system")
+            .create(&PostParams::default(), &refused)
+            .await;
+    match err {
+        Ok(_) => {
+            // A DaemonSet itself is admitted with a warning; its pods are not.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let here = pods("baton-system").await;
+            assert!(
+                here.iter()
+                    .all(|p| !p.name_any().starts_with("agents-here")),
+                "hostPath pods admitted under restricted"
+            );
+        }
+        Err(e) => eprintln!("[helm] refused: {e}"),
+    }
 }
 
 /// A kubeconfig presenting a token of the chart's agent ServiceAccount bound to the
@@ -507,6 +789,67 @@ async fn the_installed_charts_service_accounts_can_roll_nodes_and_the_agent_can_
         )
         .await
         .unwrap();
+    // The operator's token, on Nodes: cordon, its own keys and the load-balancer label
+    // only (its admission policy), whatever its RBAC allows.
+    let as_operator: Api<Node> = Api::all(
+        cluster
+            .client_as("baton-system", "baton-operator")
+            .await
+            .unwrap(),
+    );
+    for (patch, says) in [
+        (
+            json!({"spec": {"taints": [{"key": "example.com/x", "effect": "NoSchedule"}]}}),
+            "may change only spec.unschedulable",
+        ),
+        (
+            json!({"metadata": {"labels": {"node-role.kubernetes.io/control-plane": ""}}}),
+            "refused: node-role.kubernetes.io/control-plane",
+        ),
+        (
+            json!({"metadata": {"annotations": {"example.com/owner": "me"}}}),
+            "refused: example.com/owner",
+        ),
+        (
+            json!({"metadata": {"annotations": {"baton.dev/paused": "true"}}}),
+            "refused: baton.dev/paused",
+        ),
+        (
+            json!({"metadata": {"finalizers": ["example.com/hold"]}}),
+            "finalizers or ownerReferences",
+        ),
+    ] {
+        let (code, message) = refused(
+            as_operator
+                .patch(other, &PatchParams::default(), &Patch::Merge(&patch))
+                .await,
+        );
+        assert_eq!(code, 403, "{patch}: {message}");
+        assert!(message.contains(says), "{patch}: {message}");
+    }
+    as_operator
+        .patch(
+            other,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"unschedulable": true},
+                "metadata": {"annotations": {"baton.dev/cordoned": "true"},
+                             "labels": {"node.kubernetes.io/exclude-from-external-load-balancers": "true"}}})),
+        )
+        .await
+        .unwrap();
+    as_operator
+        .patch(
+            other,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"unschedulable": false},
+                "metadata": {"annotations": {"baton.dev/cordoned": null},
+                             "labels": {"node.kubernetes.io/exclude-from-external-load-balancers": null}}})),
+        )
+        .await
+        .unwrap();
+    eprintln!(
+        "[helm] the operator's token: taints, foreign keys and finalizers refused; cordon allowed"
+    );
     // Evicting a pod: not in its RBAC at all.
     let pods: Api<Pod> = Api::namespaced(agent, "baton-system");
     let victim = Api::<Pod>::namespaced(cluster.client(), "baton-system")

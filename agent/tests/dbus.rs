@@ -52,16 +52,95 @@ impl FakeEngine {
     ) -> zbus::Result<()>;
 }
 
-/// logind, counting reboots.
+/// polkit as a host runs it: the shipped rules, and the host's users by UID (a UID
+/// with no name is known by its number).
+#[derive(Clone)]
+struct Polkit {
+    rules: e2e::polkit::Rules,
+    users: Vec<(u32, String)>,
+}
+
+impl Polkit {
+    /// Refuses `action` unless the caller of the current method may do it.
+    async fn authorize(
+        &self,
+        connection: &zbus::Connection,
+        header: &zbus::message::Header<'_>,
+        action: &str,
+    ) -> zbus::fdo::Result<()> {
+        let sender = header
+            .sender()
+            .ok_or_else(|| zbus::fdo::Error::AccessDenied("no sender".into()))?;
+        let uid = zbus::fdo::DBusProxy::new(connection)
+            .await?
+            .get_connection_unix_user(sender.clone().into())
+            .await?;
+        let user = self
+            .users
+            .iter()
+            .find(|(u, _)| *u == uid)
+            .map_or(uid.to_string(), |(_, n)| n.clone());
+        if self.rules.allows(action, &user).unwrap() {
+            Ok(())
+        } else {
+            Err(zbus::fdo::Error::AccessDenied(format!(
+                "polkit: {user} may not {action}"
+            )))
+        }
+    }
+}
+
+/// logind, counting reboots; with a polkit, it asks it first.
 struct FakeLogind {
     reboots: Arc<AtomicUsize>,
+    polkit: Option<Polkit>,
 }
 
 #[zbus::interface(name = "org.freedesktop.login1.Manager")]
 impl FakeLogind {
-    fn reboot(&self, interactive: bool) {
+    async fn reboot(
+        &self,
+        interactive: bool,
+        #[zbus(connection)] connection: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> zbus::fdo::Result<()> {
         assert!(!interactive, "baton never asks interactively");
+        if let Some(polkit) = &self.polkit {
+            polkit
+                .authorize(connection, &header, "org.freedesktop.login1.reboot")
+                .await?;
+        }
         self.reboots.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// systemd's manager, as far as a caller could abuse it: StartTransientUnit runs any
+/// command as root, so polkit's `manage-units` decides.
+struct FakeSystemd {
+    polkit: Polkit,
+    started: Arc<AtomicUsize>,
+}
+
+type UnitProperties = Vec<(String, zbus::zvariant::OwnedValue)>;
+
+#[zbus::interface(name = "org.freedesktop.systemd1.Manager")]
+impl FakeSystemd {
+    async fn start_transient_unit(
+        &self,
+        _name: String,
+        _mode: String,
+        _properties: UnitProperties,
+        _aux: Vec<(String, UnitProperties)>,
+        #[zbus(connection)] connection: &zbus::Connection,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> zbus::fdo::Result<zbus::zvariant::OwnedObjectPath> {
+        self.polkit
+            .authorize(connection, &header, "org.freedesktop.systemd1.manage-units")
+            .await?;
+        self.started.fetch_add(1, Ordering::SeqCst);
+        zbus::zvariant::OwnedObjectPath::try_from("/org/freedesktop/systemd1/job/1")
+            .map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
     }
 }
 
@@ -75,6 +154,10 @@ struct Services {
 
 impl Services {
     async fn start(bus: &Bus) -> Services {
+        Services::start_with(bus, None).await
+    }
+
+    async fn start_with(bus: &Bus, polkit: Option<Polkit>) -> Services {
         let status = Arc::new(Mutex::new((
             1_764_150_000,
             0.0,
@@ -105,6 +188,7 @@ impl Services {
                 "/org/freedesktop/login1",
                 FakeLogind {
                     reboots: reboots.clone(),
+                    polkit,
                 },
             )
             .unwrap()
@@ -229,6 +313,7 @@ async fn start_agent(
 ) -> tokio::task::JoinHandle<()> {
     let connection = agent::dbus::connect(Some(bus.address())).await.unwrap();
     let mark_good = format!("touch {}", dir.join("marked-good").display());
+    let mark_good = agent::command::Command::parse(&mark_good).unwrap();
     let backend = Flatcar::open(&connection, os_release(dir, version), Some(mark_good))
         .await
         .unwrap();
@@ -238,7 +323,7 @@ async fn start_agent(
         boot_id: BootId::new(boot).unwrap(),
         record: RecordFile::new(dir),
         rebooter: Rebooter::Logind(Some(bus.address().to_string())),
-        health_checks: vec!["true".into()],
+        health_checks: vec![agent::command::Command::parse("true").unwrap()],
         before_reboot: Vec::new(),
         command_timeout: Duration::from_secs(10),
         // An hour: everything below must be driven by signals and watch events.
@@ -409,4 +494,165 @@ async fn a_flatcar_node_reboots_through_logind_only_when_granted_and_is_verified
         "the new boot was marked good"
     );
     assert_eq!(services.reboots.load(Ordering::SeqCst), 2);
+}
+
+/// The host files the chart ships for the agent (`charts/baton/files/host/`).
+fn host_file(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/baton/files/host")
+        .join(name)
+}
+
+/// What the agent's UID could do on the bus, run as that UID by the test below:
+/// prints one line per call, `<call>: ok` or `<call>: refused: <why>`.
+#[tokio::test]
+#[ignore = "run as the agent's UID by the_agents_uid_reads_update_engine_and_reboots_and_is_refused_everything_else"]
+async fn as_the_agents_uid() {
+    let Ok(address) = std::env::var("BATON_TEST_BUS") else {
+        return;
+    };
+    let line = |call: &str, r: Result<(), String>| match r {
+        Ok(()) => println!("{call}: ok"),
+        Err(e) => println!("{call}: refused: {e}"),
+    };
+    let connection = agent::dbus::connect(Some(&address)).await.unwrap();
+    let status = async {
+        let mut flatcar = Flatcar::open(&connection, "/nonexistent".into(), None)
+            .await
+            .map_err(|e| e.to_string())?;
+        flatcar
+            .status(None)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    line("GetStatus", status);
+    let reboot = Rebooter::Logind(Some(address.clone()))
+        .reboot()
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string());
+    line("Reboot", reboot);
+    let exec: UnitProperties = vec![(
+        "Description".into(),
+        zbus::zvariant::Value::from("a root shell")
+            .try_into()
+            .unwrap(),
+    )];
+    let aux: Vec<(String, UnitProperties)> = Vec::new();
+    let unit = connection
+        .call_method(
+            Some("org.freedesktop.systemd1"),
+            "/org/freedesktop/systemd1",
+            Some("org.freedesktop.systemd1.Manager"),
+            "StartTransientUnit",
+            &("baton-escape.service", "fail", exec, aux),
+        )
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string());
+    line("StartTransientUnit", unit);
+}
+
+/// On a bus set up as a host's, with the D-Bus drop-in and the polkit rule the chart
+/// ships: the agent's fixed UID reads update_engine's status and may reboot through
+/// logind, and is refused a StartTransientUnit (which would run any command as root).
+/// Another non-root UID, without the drop-in's grant, cannot even read the status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_uid_reads_update_engine_and_reboots_and_is_refused_everything_else() {
+    use std::os::unix::process::CommandExt;
+    let rules = e2e::polkit::Rules::load(&host_file("50-baton-agent.rules")).unwrap();
+    // The rule itself: reboot, and nothing else, for baton-agent (or UID 65532 with no
+    // name); nothing for anyone else.
+    for user in ["baton-agent", "65532"] {
+        assert!(rules.allows("org.freedesktop.login1.reboot", user).unwrap());
+        assert!(
+            rules
+                .allows("org.freedesktop.login1.reboot-multiple-sessions", user)
+                .unwrap()
+        );
+        for action in [
+            "org.freedesktop.systemd1.manage-units",
+            "org.freedesktop.login1.power-off",
+            "org.freedesktop.login1.set-wall-message",
+            "org.freedesktop.policykit.exec",
+        ] {
+            assert!(!rules.allows(action, user).unwrap(), "{user} {action}");
+        }
+    }
+    assert!(
+        !rules
+            .allows("org.freedesktop.login1.reboot", "nobody")
+            .unwrap()
+    );
+
+    let drop_in = host_file("baton-agent.dbus.conf");
+    let bus = Bus::start_host_like(
+        &[&drop_in],
+        &[("baton-agent", 65532), ("someone-else", 65533)],
+    )
+    .unwrap();
+    let polkit = Polkit {
+        rules,
+        users: vec![
+            (65532, "baton-agent".into()),
+            (65533, "someone-else".into()),
+        ],
+    };
+    let services = Services::start_with(&bus, Some(polkit.clone())).await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let _systemd = zbus::connection::Builder::address(bus.address())
+        .unwrap()
+        .name("org.freedesktop.systemd1")
+        .unwrap()
+        .serve_at(
+            "/org/freedesktop/systemd1",
+            FakeSystemd {
+                polkit,
+                started: started.clone(),
+            },
+        )
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let run_as = |uid: u32| {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "as_the_agents_uid",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("BATON_TEST_BUS", bus.address())
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        eprintln!(
+            "[dbus] as UID {uid}:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let agent = run_as(65532);
+    assert!(agent.contains("GetStatus: ok"), "{agent}");
+    assert!(agent.contains("Reboot: ok"), "{agent}");
+    assert!(
+        agent.contains("StartTransientUnit: refused")
+            && agent.contains("polkit: baton-agent may not org.freedesktop.systemd1.manage-units"),
+        "{agent}"
+    );
+    assert_eq!(services.reboots.load(Ordering::SeqCst), 1);
+    assert_eq!(started.load(Ordering::SeqCst), 0, "no unit ever started");
+    let other = run_as(65533);
+    assert!(
+        other.contains("GetStatus: refused") && other.contains("AccessDenied"),
+        "the drop-in is what lets the agent read update_engine: {other}"
+    );
+    assert!(other.contains("Reboot: refused"), "{other}");
+    assert_eq!(services.reboots.load(Ordering::SeqCst), 1);
 }

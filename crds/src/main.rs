@@ -23,6 +23,25 @@ fn main() -> ExitCode {
             println!("wrote {}", path.display());
         }
     }
+    let schema_path = workspace.join(crds::crd::VALUES_SCHEMA);
+    let schema = std::fs::read_to_string(&schema_path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+        .and_then(crds::crd::values_schema)
+        .and_then(|v| serde_json::to_string_pretty(&v).map_err(|e| e.to_string()));
+    match schema {
+        Ok(text) => {
+            if let Err(e) = std::fs::write(&schema_path, text + "\n") {
+                eprintln!("error: cannot write {}: {e}", schema_path.display());
+                return ExitCode::FAILURE;
+            }
+            println!("wrote {}", schema_path.display());
+        }
+        Err(e) => {
+            eprintln!("error: cannot update {}: {e}", schema_path.display());
+            return ExitCode::FAILURE;
+        }
+    }
     let (path, text) = crds::crd::protocol_partial();
     let path = workspace.join(path);
     if let Err(e) = std::fs::write(&path, text) {

@@ -7,7 +7,8 @@
 # 2. builds the operator and agent images and loads them into kind;
 # 3. installs the chart with the sentinel backend (kured-compatible) and SIGRTMIN+5
 #    reboots (systemd in the node container reboots it);
-# 4. touches /var/run/reboot-required on every worker;
+# 4. touches /run/baton/reboot-required (the chart's default sentinel file, in a directory
+#    of its own) on every worker;
 # 5. watches every node each second, and fails if more than one is cordoned or NotReady
 #    at any moment, or if a worker has not rebooted (new boot id) within the timeout.
 #
@@ -80,7 +81,7 @@ echo 0 > "$max_file"
 monitor_pid=$!
 
 for node in $workers; do
-  docker exec "$node" touch /var/run/reboot-required
+  docker exec "$node" sh -c 'mkdir -p /run/baton && touch /run/baton/reboot-required'
 done
 echo "reboot-required set on: $workers"
 
@@ -98,7 +99,7 @@ while :; do
     boot=$(boot_id "$node")
     unschedulable=$(k get node "$node" -o jsonpath='{.spec.unschedulable}' 2>/dev/null || true)
     if [ -n "$boot" ] && [ "$boot" != "${boot_before[$node]}" ] && [ "$unschedulable" != true ] \
-      && ! docker exec "$node" test -e /var/run/reboot-required; then
+      && ! docker exec "$node" test -e /run/baton/reboot-required; then
       done_count=$((done_count + 1))
     fi
   done

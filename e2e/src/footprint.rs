@@ -110,9 +110,10 @@ pub fn operator_rules() -> serde_json::Value {
     serde_json::json!([
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "delete"]},
+        {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["list"]},
         {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
         {"apiGroups": ["baton.dev"], "resources": ["updatepolicies"], "verbs": ["get", "list", "watch", "patch"]},
-        {"apiGroups": ["baton.dev"], "resources": ["updatepolicies/status"], "verbs": ["get", "patch", "update"]},
+        {"apiGroups": ["baton.dev"], "resources": ["updatepolicies/status"], "verbs": ["patch"]},
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
     ])

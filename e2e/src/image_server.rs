@@ -60,14 +60,6 @@ impl ImageServer {
             .tempdir()
             .map_err(io("creating the image server's directory"))?;
         let ca_file = dir.path().join("images-ca.crt");
-        let acceptor = crate::pki::loopback_tls(&ca_file)?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(io("binding the image server"))?;
-        let port = listener
-            .local_addr()
-            .map_err(io("binding the image server"))?
-            .port();
         let shared = Arc::new(Shared {
             image: Mutex::new(image.to_path_buf()),
             cut_after: AtomicU64::new(0),
@@ -76,20 +68,7 @@ impl ImageServer {
         let app = Router::new()
             .route("/image", get(serve))
             .with_state(Arc::clone(&shared));
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, app) = (acceptor.clone(), app.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = hyper_util::service::TowerToHyperService::new(app);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
+        let (port, task) = crate::pki::serve_https(app, &ca_file).await?;
         Ok(ImageServer {
             shared,
             port,

@@ -17,6 +17,7 @@ pub mod invariants;
 pub mod makespan;
 pub mod packages;
 pub mod pki;
+pub mod polkit;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;

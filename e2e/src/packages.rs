@@ -7,17 +7,18 @@ use std::{path::PathBuf, process::Command};
 
 use crate::error::{Error, Result, io};
 
-/// A program a test needs, and the package that ships it.
+/// A program (or shared library) a test needs, and the package that ships it.
 #[derive(Debug, Clone, Copy)]
 pub struct Package {
-    /// The program looked up on the PATH.
+    /// The program looked up on the PATH, or a library (`lib….so`) looked up in the
+    /// system's library directories.
     pub program: &'static str,
     /// The Debian package.
     pub package: &'static str,
 }
 
 /// Everything the tests need from the system.
-pub const PACKAGES: [Package; 4] = [
+pub const PACKAGES: [Package; 6] = [
     Package {
         program: "prometheus",
         package: "prometheus",
@@ -34,10 +35,32 @@ pub const PACKAGES: [Package; 4] = [
         program: "sgdisk",
         package: "gdisk",
     },
+    Package {
+        program: "node",
+        package: "nodejs",
+    },
+    Package {
+        program: "libnss_wrapper.so",
+        package: "libnss-wrapper",
+    },
 ];
 
-/// `program` on the PATH.
+/// `program` on the PATH, or a `lib….so` in the system's library directories.
 pub fn find(program: &str) -> Option<PathBuf> {
+    if program.starts_with("lib") && program.ends_with(".so") {
+        return ["/usr/lib", "/lib", "/usr/lib64"]
+            .iter()
+            .flat_map(|root| {
+                let arch = std::fs::read_dir(root)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path());
+                std::iter::once(PathBuf::from(root)).chain(arch)
+            })
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file());
+    }
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)

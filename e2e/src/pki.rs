@@ -118,3 +118,34 @@ pub fn loopback_tls(ca_file: &Path) -> Result<tokio_rustls::TlsAcceptor> {
         .map_err(|e| crate::Error::Other(e.to_string()))?;
     Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls)))
 }
+
+/// Serves `app` over HTTPS on a loopback port with a CA of its own (its certificate
+/// written to `ca_file`). Returns the port and the accept loop's task (abort it to stop).
+pub async fn serve_https(
+    app: axum::Router,
+    ca_file: &Path,
+) -> Result<(u16, tokio::task::JoinHandle<()>)> {
+    let acceptor = loopback_tls(ca_file)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(io("binding a loopback HTTPS server"))?;
+    let port = listener
+        .local_addr()
+        .map_err(io("binding a loopback HTTPS server"))?
+        .port();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    Ok((port, task))
+}

@@ -51,7 +51,6 @@ impl StallProxy {
             .tempdir()
             .map_err(io("creating the proxy's directory"))?;
         let ca_file = dir.path().join("proxy-ca.crt");
-        let acceptor = crate::pki::loopback_tls(&ca_file)?;
         let pem = std::fs::read(upstream_ca).map_err(io("reading the cluster CA"))?;
         let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| Error::Other(e.to_string()))?;
         let http = reqwest::Client::builder()
@@ -63,30 +62,10 @@ impl StallProxy {
             http,
             stall_renewals: AtomicBool::new(false),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(io("binding the proxy"))?;
-        let port = listener
-            .local_addr()
-            .map_err(io("binding the proxy"))?
-            .port();
         let app = Router::new()
             .fallback(forward)
             .with_state(Arc::clone(&shared));
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, app) = (acceptor.clone(), app.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = hyper_util::service::TowerToHyperService::new(app);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
+        let (port, task) = crate::pki::serve_https(app, &ca_file).await?;
         Ok(StallProxy {
             shared,
             port,

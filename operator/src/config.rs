@@ -54,6 +54,13 @@ pub struct Config {
     #[arg(long, env = "BATON_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// Let policies use `drain.onTimeout: Force`, which deletes the pods a drain left
+    /// (bypassing their PodDisruptionBudgets). Off by default: the operator then needs
+    /// no `pods delete` permission (the chart grants it only with
+    /// `operator.allowForceDrain=true`), and a policy asking for Force is InvalidSpec.
+    #[arg(long, env = "BATON_ALLOW_FORCE_DRAIN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_force_drain: bool,
+
     /// Logging.
     #[command(flatten)]
     pub log: telemetry::LogArgs,
@@ -88,6 +95,20 @@ impl Config {
             return Err("--namespace must not be empty".into());
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// What this operator's configuration forbids a valid policy to ask for.
+    pub fn refuses(&self, policy: &rollout::Policy) -> Vec<rollout::policy::SpecError> {
+        let mut errors = Vec::new();
+        if policy.on_timeout == crds::OnTimeout::Force && !self.allow_force_drain {
+            errors.push(rollout::policy::SpecError {
+                field: "spec.drain.onTimeout".into(),
+                message: "Force deletes pods, which this operator may not do: set onTimeout to Abort or Proceed, or run the operator with --allow-force-drain (chart: operator.allowForceDrain=true, which grants it pods delete)".into(),
+            });
+        }
+        errors
     }
 }
 
@@ -152,6 +173,20 @@ mod tests {
         );
         let single = Config::try_parse_from(["baton-operator", "--leader-elect=false"]).unwrap();
         assert!(!single.leader_elect);
+    }
+
+    #[test]
+    fn a_policy_asking_for_force_is_refused_unless_force_drains_are_allowed() {
+        let spec =
+            serde_json::from_value(serde_json::json!({"drain": {"onTimeout": "Force"}})).unwrap();
+        let policy = rollout::Policy::from_spec("p", &spec).unwrap();
+        let config = Config::try_parse_from(["baton-operator"]).unwrap();
+        let refused = config.refuses(&policy);
+        assert_eq!(refused[0].field, "spec.drain.onTimeout");
+        assert!(refused[0].message.contains("--allow-force-drain"));
+        let allowed =
+            Config::try_parse_from(["baton-operator", "--allow-force-drain=true"]).unwrap();
+        assert!(allowed.refuses(&policy).is_empty());
     }
 
     #[test]

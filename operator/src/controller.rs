@@ -300,7 +300,15 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
             return end_deleted(&ctx, &policy, now).await;
         }
         ensure_finalizer(&ctx, &policy).await?;
-        match Policy::from_spec(&name, &policy.spec) {
+        let rules = Policy::from_spec(&name, &policy.spec).and_then(|rules| {
+            let refused = ctx.config.refuses(&rules);
+            if refused.is_empty() {
+                Ok(rules)
+            } else {
+                Err(refused)
+            }
+        });
+        match rules {
             Ok(rules) => roll_out(&ctx, &policy, &rules, now).await,
             Err(errors) => wind_down_invalid(&ctx, &policy, &errors, now).await,
         }

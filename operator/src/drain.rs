@@ -197,9 +197,14 @@ pub async fn drain(
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(kube::Error::Api(s)) if s.code == 429 => {
                     blocked = true;
-                    let budget = blocking_budget(client, &pod)
-                        .await
-                        .unwrap_or_else(|| "a PodDisruptionBudget".into());
+                    let budget = match blocking_budget(client, &pod).await {
+                        Ok(Some(name)) => name,
+                        Ok(None) => "a PodDisruptionBudget".into(),
+                        Err(e) => {
+                            warn!(node, pod = %pod.name_any(), error = %e, "cannot list PodDisruptionBudgets");
+                            format!("a PodDisruptionBudget (cannot list them to say which: {e})")
+                        }
+                    };
                     let pod = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
                     let _ = blocked_tx.send(Blocked { pod, budget });
                 }
@@ -247,13 +252,16 @@ pub async fn force(client: &Client, node: &str, rules: &DrainRules) -> Result<us
 }
 
 /// The name of a PodDisruptionBudget selecting `pod`, to say which one blocks it.
-async fn blocking_budget(client: &Client, pod: &Pod) -> Option<String> {
-    let api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &pod.namespace()?);
-    let list = api.list(&ListParams::default()).await.ok()?;
-    list.items.into_iter().find_map(|pdb| {
+async fn blocking_budget(client: &Client, pod: &Pod) -> Result<Option<String>, kube::Error> {
+    let Some(namespace) = pod.namespace() else {
+        return Ok(None);
+    };
+    let api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &namespace);
+    let list = api.list(&ListParams::default()).await?;
+    Ok(list.items.into_iter().find_map(|pdb| {
         let selector = Selector::compile(pdb.spec.as_ref()?.selector.as_ref()?).ok()?;
         selector.matches(pod.labels()).then(|| pdb.name_any())
-    })
+    }))
 }
 
 #[cfg(test)]

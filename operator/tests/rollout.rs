@@ -166,6 +166,7 @@ fn replica_config(identity: &str) -> operator::config::Config {
         "3s",
         "--leader-renew-interval",
         "1s",
+        "--allow-force-drain=true",
     ])
     .unwrap()
 }

@@ -2,12 +2,13 @@
 //! arms it for one boot; the bootloader (gptprio) falls back to the old slot unless the
 //! new one is committed after its health checks.
 //!
-//! - The booted slot comes from `/proc/cmdline` (`usr=PARTUUID=…`), a flag, or (for the
-//!   simulated machine) a file.
+//! - The booted slot comes from `/proc/cmdline` (the forms Flatcar's GRUB config
+//!   writes, `slot::UsrRef`), a flag, or (for the simulated machine) a file.
 //! - Which version each slot holds is kept in the state directory: a slot's bytes do
 //!   not say.
 //! - Staging disarms the inactive slot first, so a half-written slot is never bootable;
-//!   the booted slot and its bits are never touched.
+//!   the booted slot's data is never touched, and table writes change only the two
+//!   slots' attribute bits (`partition_table`).
 
 use std::{collections::BTreeMap, path::PathBuf};
 

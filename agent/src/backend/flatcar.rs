@@ -80,7 +80,7 @@ pub struct Flatcar {
     proxy: UpdateEngineProxy<'static>,
     signals: Option<BoxStream<'static, ()>>,
     os_release: PathBuf,
-    mark_good: Option<String>,
+    mark_good: Option<crate::command::Command>,
 }
 
 impl Flatcar {
@@ -89,7 +89,7 @@ impl Flatcar {
     pub async fn open(
         connection: &zbus::Connection,
         os_release: PathBuf,
-        mark_good: Option<String>,
+        mark_good: Option<crate::command::Command>,
     ) -> Result<Flatcar, AgentError> {
         let proxy = UpdateEngineProxy::new(connection).await?;
         let signals = proxy.receive_status_update().await?.map(|_| ()).boxed();
@@ -127,11 +127,10 @@ impl Backend for Flatcar {
 
     async fn commit(&mut self) -> Result<(), AgentError> {
         match &self.mark_good {
-            Some(command) => {
-                crate::health::run("mark-good", command, std::time::Duration::from_secs(60))
-                    .await
-                    .map_err(AgentError::Backend)
-            }
+            Some(command) => command
+                .run("mark-good", std::time::Duration::from_secs(60))
+                .await
+                .map_err(|e| AgentError::Backend(e.to_string())),
             None => Ok(()),
         }
     }

@@ -12,13 +12,16 @@ use crate::{
     os_release,
 };
 
+/// The bound on one run of the sentinel command.
+const SENTINEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The sentinel backend.
 #[derive(Debug, Clone)]
 pub struct Sentinel {
     /// The reboot-required file.
     pub file: PathBuf,
     /// A command that exits 0 when a reboot is needed; replaces the file check.
-    pub command: Option<String>,
+    pub command: Option<crate::command::Command>,
     /// The os-release file the version is read from.
     pub os_release: PathBuf,
 }
@@ -26,18 +29,10 @@ pub struct Sentinel {
 impl Sentinel {
     async fn reboot_needed(&self) -> Result<bool, AgentError> {
         match &self.command {
-            Some(command) => {
-                let status = tokio::process::Command::new("sh")
-                    .arg("-c")
-                    .arg(command)
-                    .kill_on_drop(true)
-                    .status()
-                    .await
-                    .map_err(crate::error::io(format!(
-                        "running the sentinel command {command:?}"
-                    )))?;
-                Ok(status.success())
-            }
+            Some(command) => command
+                .status("sentinel command", SENTINEL_TIMEOUT)
+                .await
+                .map_err(|e| AgentError::Backend(e.to_string())),
             None => Ok(tokio::fs::try_exists(&self.file).await.unwrap_or(false)),
         }
     }
@@ -101,7 +96,7 @@ mod tests {
             s.status(None).await.unwrap().update,
             Update::Staged { version: None, .. }
         ));
-        s.command = Some("exit 1".into());
+        s.command = crate::command::Command::parse("false").ok();
         assert_eq!(
             s.status(None).await.unwrap().update,
             Update::Idle,

@@ -11,3 +11,11 @@
 {{- define "baton.protocol.agentRemoves" -}}
 ['baton.dev/retry']
 {{- end }}
+{{/* The annotations baton-operator writes on Nodes. */}}
+{{- define "baton.protocol.operatorAnnotations" -}}
+['baton.dev/reboot-ok', 'baton.dev/cordoned', 'baton.dev/lb-excluded', 'baton.dev/desired-version', 'baton.dev/desired-release', 'baton.dev/failure']
+{{- end }}
+{{/* The labels baton-operator writes on Nodes (its own, and the load-balancer exclusion). */}}
+{{- define "baton.protocol.operatorLabels" -}}
+['baton.dev/before-reboot', 'baton.dev/after-reboot', 'node.kubernetes.io/exclude-from-external-load-balancers']
+{{- end }}
