@@ -12,7 +12,10 @@ pub const KERNEL_BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 /// Reads a boot id file (one line).
 pub fn read_boot_id(path: &Path) -> Result<BootId, AgentError> {
     let text = std::fs::read_to_string(path).map_err(io(format!("reading {}", path.display())))?;
-    BootId::new(text.trim()).map_err(|e| AgentError::Other(format!("{}: {e}", path.display())))
+    BootId::new(text.trim()).map_err(|reason| AgentError::BootId {
+        path: path.to_path_buf(),
+        reason,
+    })
 }
 
 /// Reads the boot id at `path`. Outside `/proc`, a missing file is created with a fresh

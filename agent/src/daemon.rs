@@ -19,7 +19,7 @@ use crate::{
     backend::Backend,
     command::{self, Command},
     error::AgentError,
-    lifecycle::{self, Effect, Inputs, Outcome, Record, Update},
+    lifecycle::{self, Effect, Inputs, Memory, Outcome, Record},
     node,
     reboot::{Rebooted, Rebooter},
     record::RecordFile,
@@ -57,9 +57,6 @@ pub struct Settings {
     pub verify_timeout: Duration,
 }
 
-/// A reboot requested from a real machine is not requested again for this long.
-const REBOOT_RETRY: Duration = Duration::from_secs(300);
-
 /// Runs the agent until a simulated reboot (or a fatal error).
 pub async fn run<B: Backend>(
     client: Client,
@@ -82,11 +79,7 @@ pub async fn run<B: Backend>(
             .unwrap_or_else(|| futures::stream::pending().boxed());
         let mut record = s.record.load()?;
         let mut current: Option<Node> = None;
-        let mut health: Option<Result<(), command::Failure>> = None;
-        let mut stage_failure: Option<(crds::protocol::Version, String)> = None;
-        let mut desired_now: Option<crate::backend::Desired> = None;
-        let mut reboot_requested: Option<std::time::Instant> = None;
-        let mut refused: Option<(BootId, bool)> = None;
+        let mut memory = Memory::default();
         let mut again = false;
         info!(pending = record.pending.is_some(), "agent started");
         loop {
@@ -95,34 +88,17 @@ pub async fn run<B: Backend>(
                     event = nodes.next() => match event {
                         Some(Ok(n)) => current = Some(n),
                         Some(Err(e)) => warn!(error = %e, "watching the node failed; retrying"),
-                        None => return Err(AgentError::Other("the node watch ended".into())),
+                        None => return Err(AgentError::WatchEnded),
                     },
                     Some(()) = changes.next() => {}
-                    () = tokio::time::sleep(s.check_interval) => {
-                        // A failing health check, or a failed staging (a download cut
-                        // short resumes), is tried again on the next look.
-                        if matches!(health, Some(Err(_))) {
-                            health = None;
-                        }
-                        stage_failure = None;
-                        refused = None;
-                    }
+                    () = tokio::time::sleep(s.check_interval) => memory.recheck(),
                 }
             }
             again = false;
             let Some(n) = current.as_ref() else { continue };
-            let (desired, desired_note) = node::desired(n);
-            desired_now.clone_from(&desired);
-            let (grant, grant_note) = node::grant(n);
-            // A refused grant is judged afresh once the node shows another grant (or
-            // none), or baton's cordon changed, or at the next local re-check.
-            if refused.as_ref().is_some_and(|(boot, cordon)| {
-                grant.as_ref() != Some(boot) || *cordon != node::cordoned(n)
-            }) {
-                refused = None;
-            }
-            let retry = node::retry(n);
-            let mut status = match backend.status(desired.as_ref()).await {
+            let seen = node::seen(n);
+            memory.saw(seen.grant.as_ref(), seen.cordoned);
+            let mut status = match backend.status(seen.desired.as_ref()).await {
                 Ok(status) => status,
                 Err(e) => {
                     warn!(error = %e, "reading the backend failed");
@@ -132,30 +108,24 @@ pub async fn run<B: Backend>(
                     }
                 }
             };
-            if let (Update::Available(v), Some((failed, why))) = (&status.update, &stage_failure)
-                && v == failed
-            {
-                status.update = Update::Broken(why.clone());
-            }
             if status.note.is_none() {
-                status.note = grant_note.or(desired_note);
+                status.note.clone_from(&seen.note);
             }
             let now = Timestamp::now();
             let decision = lifecycle::decide(&Inputs {
                 boot_id: &s.boot_id,
                 status: &status,
                 record: &record,
-                grant: grant.as_ref(),
-                refused: refused.as_ref().map(|(boot, _)| boot),
-                node_ready: node::ready(n),
-                health: health.as_ref(),
-                retry: retry.as_ref(),
+                grant: seen.grant.as_ref(),
+                memory: &memory,
+                node_ready: seen.ready,
+                retry: seen.retry.as_ref(),
                 verify_timeout: SignedDuration::try_from(s.verify_timeout)
                     .unwrap_or(SignedDuration::MAX),
                 now,
             });
-            let wanted = node::wanted(&decision.report, &status, &s.boot_id);
-            if let Some(patch) = node::patch(n, &wanted, status.last_checked.unwrap_or(now)) {
+            let checked = status.last_checked.unwrap_or(now);
+            if let Some(patch) = node::patch(n, &decision.report, &status, &s.boot_id, checked) {
                 info!(state = %decision.report.state, "reporting");
                 if let Err(e) = node::apply(&api, &s.node_name, &patch).await {
                     warn!(error = %e, "could not update the node; retrying on the next event");
@@ -165,7 +135,8 @@ pub async fn run<B: Backend>(
                 Effect::Wait => {}
                 Effect::Stage(version) => {
                     info!(%version, "staging");
-                    let wanted = desired_now
+                    let wanted = seen
+                        .desired
                         .clone()
                         .filter(|d| d.version == version)
                         .unwrap_or(crate::backend::Desired {
@@ -173,18 +144,15 @@ pub async fn run<B: Backend>(
                             release: None,
                         });
                     match backend.stage(&wanted).await {
-                        Ok(()) => stage_failure = None,
+                        Ok(()) => memory.stage_failure = None,
                         Err(e) => {
                             error!(%version, error = %e, "staging failed");
-                            stage_failure = Some((version, format!("staging failed: {e}")));
+                            memory.stage_failure = Some((version, format!("staging failed: {e}")));
                         }
                     }
                     again = true;
                 }
                 Effect::Reboot(pending) => {
-                    if reboot_requested.is_some_and(|t| t.elapsed() < REBOOT_RETRY) {
-                        continue;
-                    }
                     record.pending = Some(pending);
                     s.record.save(&record)?;
                     if let Err(why) = command::run_all(
@@ -203,7 +171,7 @@ pub async fn run<B: Backend>(
                     // on fresh reads and not on the watch, right before the reboot.
                     if let Err(why) = confirm_grant(&api, &leases, &s).await {
                         warn!(reason = %why, "the grant is not live: not rebooting");
-                        refused = Some((s.boot_id.clone(), node::cordoned(n)));
+                        memory.refused = Some((s.boot_id.clone(), seen.cordoned));
                         record.pending = None;
                         s.record.save(&record)?;
                         again = true;
@@ -212,9 +180,7 @@ pub async fn run<B: Backend>(
                     info!("rebooting");
                     match s.rebooter.reboot().await {
                         Ok(Rebooted::Simulated) => return Ok(Exit::Rebooted),
-                        Ok(Rebooted::Requested) => {
-                            reboot_requested = Some(std::time::Instant::now())
-                        }
+                        Ok(Rebooted::Requested) => memory.reboot_requested = Some(Timestamp::now()),
                         Err(e) => {
                             error!(error = %e, "the reboot failed");
                             conclude(&mut record, &s, crds::AgentState::Failed, e.to_string())?;
@@ -237,7 +203,7 @@ pub async fn run<B: Backend>(
                     again = true;
                 }
                 Effect::CheckHealth => {
-                    health = Some(
+                    memory.health = Some(
                         command::run_all("health check", &s.health_checks, s.command_timeout).await,
                     );
                     again = true;
@@ -275,24 +241,44 @@ pub async fn run<B: Backend>(
 /// confirmation.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a grant was not confirmed right before a reboot.
+#[derive(Debug, thiserror::Error)]
+pub enum Unconfirmed {
+    /// The fresh reads show no live grant.
+    #[error(transparent)]
+    NotLive(#[from] crds::grant::NotLive),
+    /// A read failed.
+    #[error("cannot read the {what}: {source}")]
+    Read {
+        /// The node or its Lease.
+        what: &'static str,
+        /// Why.
+        source: kube::Error,
+    },
+    /// The reads took too long.
+    #[error("reading the node and its Lease took over {0:?}")]
+    TimedOut(Duration),
+}
+
 /// Confirms on fresh reads of the Node and its reboot Lease that the grant is live
 /// ([`crds::grant::check`]). Any read that fails or times out is a refusal.
-async fn confirm_grant(api: &Api<Node>, leases: &Api<Lease>, s: &Settings) -> Result<(), String> {
+async fn confirm_grant(
+    api: &Api<Node>,
+    leases: &Api<Lease>,
+    s: &Settings,
+) -> Result<(), Unconfirmed> {
     let reads = async {
         let node = api.get(&s.node_name).await;
         let lease = leases.get_opt(&crds::grant::lease_name(&s.node_name)).await;
         (node, lease)
     };
-    match tokio::time::timeout(CONFIRM_TIMEOUT, reads).await {
-        Err(_) => Err(format!(
-            "reading the node and its Lease took over {CONFIRM_TIMEOUT:?}"
-        )),
-        Ok((Err(e), _)) => Err(format!("cannot read the node: {e}")),
-        Ok((_, Err(e))) => Err(format!("cannot read the reboot Lease: {e}")),
-        Ok((Ok(node), Ok(lease))) => {
-            crds::grant::check(&node, lease.as_ref(), &s.boot_id).map_err(|e| e.to_string())
-        }
-    }
+    let read = |what| move |source| Unconfirmed::Read { what, source };
+    let (node, lease) = tokio::time::timeout(CONFIRM_TIMEOUT, reads)
+        .await
+        .map_err(|_| Unconfirmed::TimedOut(CONFIRM_TIMEOUT))?;
+    let node = node.map_err(read("node"))?;
+    let lease = lease.map_err(read("reboot Lease"))?;
+    Ok(crds::grant::check(&node, lease.as_ref(), &s.boot_id)?)
 }
 
 fn conclude(

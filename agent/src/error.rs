@@ -29,9 +29,31 @@ pub enum AgentError {
     /// The reboot could not be requested.
     #[error("reboot: {0}")]
     Reboot(String),
-    /// Anything else, with its explanation.
-    #[error("{0}")]
-    Other(String),
+    /// A configuration that cannot work, with the flag to change.
+    #[error("{flag}: {reason}")]
+    Config {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// A boot id file holds no boot id.
+    #[error("{path}: {reason}")]
+    BootId {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A record or state file could not be encoded.
+    #[error("encoding: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// A payload setting (a key, a CA) is unusable.
+    #[error(transparent)]
+    Payload(#[from] crate::payload::PayloadError),
+    /// The watch on the agent's Node ended.
+    #[error("the watch on this node ended")]
+    WatchEnded,
 }
 
 /// Wraps an I/O error with what was being done.

@@ -27,55 +27,77 @@ pub mod reboot;
 pub mod record;
 pub mod slot;
 
+use std::path::PathBuf;
+
 use config::{BackendKind, Config, RebootMethod};
 use error::AgentError;
 
-/// Runs the agent as configured, until a simulated reboot or a fatal error.
+/// Runs the agent as configured, until a simulated reboot or a fatal error. Each
+/// backend chooses, in one place, its backend, the boot it runs under and how it
+/// reboots.
 pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, AgentError> {
-    let sim = config.backend == BackendKind::Sim;
-    let sim_ab = config.backend == BackendKind::Ab && config.ab_simulate;
-    std::fs::create_dir_all(&config.state_dir).map_err(error::io(format!(
-        "creating {}",
-        config.state_dir.display()
-    )))?;
-    let boot_id = if sim {
-        backend::sim::Sim::open(
-            &config.state_dir,
-            &sim_version(config)?,
-            config.sim_stage_time,
-        )?;
-        backend::sim::boot_id(&config.state_dir)?
-    } else if sim_ab {
-        if !config.state_dir.join(backend::ab::BOOTED_FILE).exists() {
-            // The simulated machine's first power-on.
-            backend::ab::simulated_reboot(
-                &config.state_dir,
-                &ab_device(config)?,
-                ab_labels(config),
-            )?;
+    let dir = &config.state_dir;
+    std::fs::create_dir_all(dir).map_err(error::io(format!("creating {}", dir.display())))?;
+    match config.backend {
+        BackendKind::Sim => {
+            let sim = backend::sim::Sim::open(dir, &sim_version(config)?, config.sim_stage_time)?;
+            let boot = backend::sim::boot_id(dir)?;
+            let rebooter = reboot::Rebooter::Sim(dir.clone());
+            daemon::run(client, sim, settings(config, boot, rebooter)?).await
         }
-        backend::sim::boot_id(&config.state_dir)?
-    } else {
-        boot::read_or_create(&config.boot_id_file)?
-    };
-    let rebooter = if sim {
-        reboot::Rebooter::Sim(config.state_dir.clone())
-    } else if sim_ab {
-        reboot::Rebooter::SimAb {
-            state_dir: config.state_dir.clone(),
-            device: ab_device(config)?,
-            labels: ab_labels(config).map(String::from),
+        BackendKind::Ab if config.ab_simulate => {
+            let device = ab_device(config)?;
+            if !dir.join(backend::ab::BOOTED_FILE).exists() {
+                // The simulated machine's first power-on.
+                backend::ab::simulated_reboot(dir, &device, ab_labels(config))?;
+            }
+            let boot = backend::sim::boot_id(dir)?;
+            let rebooter = reboot::Rebooter::SimAb {
+                state_dir: dir.clone(),
+                device,
+                labels: ab_labels(config).map(String::from),
+            };
+            daemon::run(client, ab(config)?, settings(config, boot, rebooter)?).await
         }
-    } else {
-        match config.reboot_method {
-            RebootMethod::Logind => reboot::Rebooter::Logind(config.dbus_address.clone()),
-            RebootMethod::Signal => reboot::Rebooter::Signal,
-            RebootMethod::Command => reboot::Rebooter::Command(command::Command::parse(
-                config.reboot_command.as_deref().unwrap_or_default(),
-            )?),
+        BackendKind::Ab => {
+            let (boot, rebooter) = (host_boot(config)?, host_rebooter(config)?);
+            daemon::run(client, ab(config)?, settings(config, boot, rebooter)?).await
         }
-    };
-    let settings = daemon::Settings {
+        BackendKind::Sentinel => {
+            let sentinel = backend::sentinel::Sentinel {
+                file: config.sentinel_file.clone(),
+                command: config
+                    .sentinel_command
+                    .as_deref()
+                    .map(command::Command::parse)
+                    .transpose()?,
+                os_release: config.os_release.clone(),
+            };
+            let (boot, rebooter) = (host_boot(config)?, host_rebooter(config)?);
+            daemon::run(client, sentinel, settings(config, boot, rebooter)?).await
+        }
+        BackendKind::Flatcar => {
+            let bus = dbus::connect(config.dbus_address.as_deref()).await?;
+            let mark_good = config
+                .mark_good_command
+                .as_deref()
+                .map(command::Command::parse)
+                .transpose()?;
+            let flatcar =
+                backend::flatcar::Flatcar::open(&bus, config.os_release.clone(), mark_good).await?;
+            let (boot, rebooter) = (host_boot(config)?, host_rebooter(config)?);
+            daemon::run(client, flatcar, settings(config, boot, rebooter)?).await
+        }
+    }
+}
+
+/// The daemon's settings for a machine running `boot`, rebooting with `rebooter`.
+fn settings(
+    config: &Config,
+    boot_id: crds::protocol::BootId,
+    rebooter: reboot::Rebooter,
+) -> Result<daemon::Settings, AgentError> {
+    Ok(daemon::Settings {
         node_name: config.node_name.clone(),
         lease_namespace: config.lease_namespace.clone(),
         boot_id,
@@ -86,59 +108,41 @@ pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, 
         command_timeout: config.command_timeout,
         check_interval: config.check_interval,
         verify_timeout: config.verify_timeout,
-    };
-    match config.backend {
-        BackendKind::Sim => {
-            let b = backend::sim::Sim::open(
-                &config.state_dir,
-                &sim_version(config)?,
-                config.sim_stage_time,
-            )?;
-            daemon::run(client, b, settings).await
-        }
-        BackendKind::Sentinel => {
-            let b = backend::sentinel::Sentinel {
-                file: config.sentinel_file.clone(),
-                command: config
-                    .sentinel_command
-                    .as_deref()
-                    .map(command::Command::parse)
-                    .transpose()?,
-                os_release: config.os_release.clone(),
-            };
-            daemon::run(client, b, settings).await
-        }
-        BackendKind::Flatcar => {
-            let bus = dbus::connect(config.dbus_address.as_deref()).await?;
-            let b = backend::flatcar::Flatcar::open(
-                &bus,
-                config.os_release.clone(),
-                config
-                    .mark_good_command
-                    .as_deref()
-                    .map(command::Command::parse)
-                    .transpose()?,
-            )
-            .await?;
-            daemon::run(client, b, settings).await
-        }
-        BackendKind::Ab => daemon::run(client, ab(config)?, settings).await,
-    }
+    })
+}
+
+/// A real machine's boot id: the kernel's, or `--boot-id-file`'s.
+fn host_boot(config: &Config) -> Result<crds::protocol::BootId, AgentError> {
+    boot::read_or_create(&config.boot_id_file)
+}
+
+/// How a real machine reboots: `--reboot-method`.
+fn host_rebooter(config: &Config) -> Result<reboot::Rebooter, AgentError> {
+    Ok(match config.reboot_method {
+        RebootMethod::Logind => reboot::Rebooter::Logind(config.dbus_address.clone()),
+        RebootMethod::Signal => reboot::Rebooter::Signal,
+        RebootMethod::Command => reboot::Rebooter::Command(command::Command::parse(
+            config.reboot_command.as_deref().unwrap_or_default(),
+        )?),
+    })
 }
 
 /// The manual rollback (`--rollback`): the other slot boots next. Returns its label.
 pub fn rollback(config: &Config) -> Result<String, AgentError> {
     if config.backend != BackendKind::Ab {
-        return Err(AgentError::Other("--rollback needs --backend ab".into()));
+        return Err(AgentError::Config {
+            flag: "--rollback",
+            reason: "needs --backend ab".into(),
+        });
     }
     ab(config)?.rollback()
 }
 
-fn ab_device(config: &Config) -> Result<std::path::PathBuf, AgentError> {
-    config
-        .ab_device
-        .clone()
-        .ok_or_else(|| AgentError::Other("--ab-device is required with --backend ab".into()))
+fn ab_device(config: &Config) -> Result<PathBuf, AgentError> {
+    config.ab_device.clone().ok_or(AgentError::Config {
+        flag: "--ab-device",
+        reason: "is required with --backend ab".into(),
+    })
 }
 
 fn ab_labels(config: &Config) -> [&str; 2] {
@@ -149,11 +153,12 @@ fn ab_labels(config: &Config) -> [&str; 2] {
 }
 
 fn ab(config: &Config) -> Result<backend::ab::Ab, AgentError> {
-    let keys = payload::parse_keys(&config.release_public_keys).map_err(AgentError::Other)?;
+    let keys = payload::parse_keys(&config.release_public_keys)?;
     if keys.is_empty() {
-        return Err(AgentError::Other(
-            "--backend ab needs at least one --release-public-key: no payload is written unverified".into(),
-        ));
+        return Err(AgentError::Config {
+            flag: "--release-public-key",
+            reason: "--backend ab needs at least one: no payload is written unverified".into(),
+        });
     }
     let booted = if config.ab_simulate {
         backend::ab::BootedFrom::File(config.state_dir.join(backend::ab::BOOTED_FILE))
@@ -167,14 +172,15 @@ fn ab(config: &Config) -> Result<backend::ab::Ab, AgentError> {
         labels: ab_labels(config).map(String::from),
         booted,
         keys,
-        stager: payload::Stager::new(&config.state_dir, config.release_ca_file.as_deref())
-            .map_err(AgentError::Other)?,
+        stager: payload::Stager::new(&config.state_dir, config.release_ca_file.as_deref())?,
         versions_file: config.state_dir.join("ab-versions.json"),
         os_release: config.os_release.clone(),
     })
 }
 
 fn sim_version(config: &Config) -> Result<crds::protocol::Version, AgentError> {
-    crds::protocol::Version::new(config.sim_version.clone())
-        .map_err(|e| AgentError::Other(format!("--sim-version: {e}")))
+    crds::protocol::Version::new(config.sim_version.clone()).map_err(|reason| AgentError::Config {
+        flag: "--sim-version",
+        reason,
+    })
 }

@@ -88,6 +88,50 @@ pub struct Record {
     pub outcome: Option<Outcome>,
 }
 
+/// A reboot requested from a real machine is not requested again for this long: the
+/// machine is going down, or the request was lost (then it is asked again).
+pub const REBOOT_RETRY: SignedDuration = SignedDuration::from_mins(5);
+
+/// What the agent remembers while it runs, in memory only (a restart forgets it, which
+/// is always safe): results that are tried again at the next local re-check.
+#[derive(Debug, Clone, Default)]
+pub struct Memory {
+    /// The health checks' result in this boot, if they ran.
+    pub health: Option<Result<(), crate::command::Failure>>,
+    /// A staging of this version failed, and why; it is tried again at the next
+    /// re-check (a download cut short resumes).
+    pub stage_failure: Option<(Version, String)>,
+    /// A grant for this boot that fresh reads found not live, with baton's cordon as
+    /// the node showed it then.
+    pub refused: Option<(BootId, bool)>,
+    /// When a reboot was last requested from a real machine.
+    pub reboot_requested: Option<Timestamp>,
+}
+
+impl Memory {
+    /// A local re-check (`--check-interval`): failing health checks and a failed staging
+    /// are tried again, and a refused grant is judged afresh.
+    pub fn recheck(&mut self) {
+        if matches!(self.health, Some(Err(_))) {
+            self.health = None;
+        }
+        self.stage_failure = None;
+        self.refused = None;
+    }
+
+    /// The node now shows `grant` and (or not) baton's cordon: a refused grant is judged
+    /// afresh once either changed.
+    pub fn saw(&mut self, grant: Option<&BootId>, cordoned: bool) {
+        if self
+            .refused
+            .as_ref()
+            .is_some_and(|(boot, cordon)| grant != Some(boot) || *cordon != cordoned)
+        {
+            self.refused = None;
+        }
+    }
+}
+
 /// What the daemon observed.
 #[derive(Debug, Clone)]
 pub struct Inputs<'a> {
@@ -99,13 +143,11 @@ pub struct Inputs<'a> {
     pub record: &'a Record,
     /// The operator's grant (`baton.dev/reboot-ok`), naming the boot it applies to.
     pub grant: Option<&'a BootId>,
-    /// A grant for this boot that fresh reads found not live (its Lease gone, failed,
-    /// or baton's cordon off): it is no grant until the node shows none again.
-    pub refused: Option<&'a BootId>,
+    /// What the agent remembers in this process: health results, a failed staging, a
+    /// refused grant, a reboot already requested.
+    pub memory: &'a Memory,
     /// The Node's `Ready` condition.
     pub node_ready: bool,
-    /// The result of the health checks run in this boot, if they ran.
-    pub health: Option<&'a Result<(), crate::command::Failure>>,
     /// An admin's `baton.dev/retry` mark, naming the boot whose failed verdict to drop.
     pub retry: Option<&'a BootId>,
     /// How long a new boot may take to pass its health checks.
@@ -175,12 +217,33 @@ fn report(state: AgentState, target: Option<Version>, message: Option<String>) -
 
 /// Decides. See the module documentation.
 pub fn decide(i: &Inputs<'_>) -> Decision {
-    let grant = i.grant.filter(|g| Some(*g) != i.refused);
-    let i = &Inputs { grant, ..i.clone() };
+    // A grant that fresh reads refused is no grant, until the node shows another.
+    let refused = i.memory.refused.as_ref().map(|(boot, _)| boot);
+    let grant = i.grant.filter(|g| Some(*g) != refused);
+    // A staging that failed stays failed until the next re-check.
+    let mut status = i.status.clone();
+    if let (Update::Available(v), Some((failed, why))) = (&status.update, &i.memory.stage_failure)
+        && v == failed
+    {
+        status.update = Update::Broken(why.clone());
+    }
+    let i = &Inputs {
+        grant,
+        status: &status,
+        ..i.clone()
+    };
     let mut d = match &i.record.pending {
         Some(p) => after_reboot_request(i, p),
         None => steady(i),
     };
+    // A reboot already requested from this machine is not requested again for a while.
+    if let Effect::Reboot(_) = d.effect
+        && i.memory
+            .reboot_requested
+            .is_some_and(|t| i.now.duration_since(t) < REBOOT_RETRY)
+    {
+        d.effect = Effect::Wait;
+    }
     // The retry mark stays only while it waits for this agent to act on it.
     d.report.drop_retry = i.retry.is_some() && d.effect != Effect::Retry && !retry_pending(i);
     d
@@ -250,7 +313,7 @@ fn after_reboot_request(i: &Inputs<'_>, p: &Pending) -> Decision {
             effect: Effect::Wait,
         };
     }
-    match i.health {
+    match i.memory.health.as_ref() {
         None => Decision {
             report: report(AgentState::Verifying, p.version.clone(), None),
             effect: Effect::CheckHealth,
@@ -377,6 +440,9 @@ mod tests {
         Slot::new(s).unwrap()
     }
     const NOW: &str = "2026-11-26T10:00:00Z";
+    /// Nothing remembered.
+    static NO_MEMORY: std::sync::LazyLock<Memory> = std::sync::LazyLock::new(Memory::default);
+
     /// `settle` passes its own record; this stands in for it in `inputs`.
     const EMPTY: &Record = &Record {
         pending: None,
@@ -415,9 +481,8 @@ mod tests {
             status,
             record,
             grant,
-            refused: None,
+            memory: &NO_MEMORY,
             node_ready: true,
-            health: None,
             retry: None,
             verify_timeout: SignedDuration::from_mins(10),
             now: NOW.parse().unwrap(),
@@ -530,8 +595,11 @@ mod tests {
             (d.report.state, &d.effect),
             (AgentState::Verifying, &Effect::CheckHealth)
         );
-        let healthy = Ok(());
-        i.health = Some(&healthy);
+        let healthy = Memory {
+            health: Some(Ok(())),
+            ..Memory::default()
+        };
+        i.memory = &healthy;
         let d = settle(&mut i, &mut record);
         assert_eq!(d.effect, Effect::Commit);
         // The daemon commits through the backend, then records Done for this boot.
@@ -570,13 +638,16 @@ mod tests {
         let (b, s, mut record) = rebooted(running("2.0.0", "B"));
         let mut i = inputs(&b, &s, EMPTY, None);
         settle(&mut i, &mut record);
-        let sick = Err(crate::command::Failure::Failed {
-            what: "health check".into(),
-            command: "etcd-probe".into(),
-            status: "exit status: 1".into(),
-            stderr: String::new(),
-        });
-        i.health = Some(&sick);
+        let sick = Memory {
+            health: Some(Err(crate::command::Failure::Failed {
+                what: "health check".into(),
+                command: "etcd-probe".into(),
+                status: "exit status: 1".into(),
+                stderr: String::new(),
+            })),
+            ..Memory::default()
+        };
+        i.memory = &sick;
         let d = settle(&mut i, &mut record);
         assert_eq!(
             (d.report.state, &d.effect),
@@ -613,12 +684,66 @@ mod tests {
     fn a_grant_refused_on_fresh_reads_is_no_grant_until_the_node_shows_none() {
         let (b, s, r) = (boot("aa"), staged(), Record::default());
         let mut i = inputs(&b, &s, &r, Some(&b));
-        i.refused = Some(&b);
+        let mut memory = Memory {
+            refused: Some((b.clone(), true)),
+            ..Memory::default()
+        };
+        i.memory = &memory;
         let d = decide(&i);
         assert_eq!(
             (d.report.state, d.effect),
             (AgentState::RebootRequired, Effect::Wait)
         );
+        // The node shows the same grant and cordon: still refused. Its cordon changed
+        // (the operator granted anew): judged afresh.
+        memory.saw(Some(&b), true);
+        assert!(memory.refused.is_some());
+        memory.saw(Some(&b), false);
+        assert!(memory.refused.is_none());
+    }
+
+    #[test]
+    fn a_failed_staging_is_reported_until_the_next_recheck_then_tried_again() {
+        let (b, r) = (boot("aa"), Record::default());
+        let available = Status {
+            update: Update::Available(v("3.0.0")),
+            ..Status::default()
+        };
+        let mut memory = Memory {
+            stage_failure: Some((v("3.0.0"), "staging failed: cut short".into())),
+            ..Memory::default()
+        };
+        let mut i = inputs(&b, &available, &r, None);
+        i.memory = &memory;
+        let d = decide(&i);
+        assert_eq!(
+            (d.report.state, d.report.message.as_deref(), d.effect),
+            (
+                AgentState::Failed,
+                Some("staging failed: cut short"),
+                Effect::Wait
+            )
+        );
+        memory.recheck();
+        let i = Inputs {
+            memory: &memory,
+            ..inputs(&b, &available, &r, None)
+        };
+        assert_eq!(decide(&i).effect, Effect::Stage(v("3.0.0")));
+    }
+
+    #[test]
+    fn a_reboot_already_requested_is_not_requested_again_for_a_while() {
+        let (b, s, r) = (boot("aa"), staged(), Record::default());
+        let mut i = inputs(&b, &s, &r, Some(&b));
+        let memory = Memory {
+            reboot_requested: Some(i.now),
+            ..Memory::default()
+        };
+        i.memory = &memory;
+        assert_eq!(decide(&i).effect, Effect::Wait);
+        i.now = i.now.checked_add(REBOOT_RETRY).unwrap();
+        assert!(matches!(decide(&i).effect, Effect::Reboot(_)));
     }
 
     #[test]
@@ -707,9 +832,12 @@ mod tests {
         };
         let (b, s) = (boot("bb"), Status::default());
         let mut record = record;
-        let healthy = Ok(());
+        let healthy = Memory {
+            health: Some(Ok(())),
+            ..Memory::default()
+        };
         let mut i = inputs(&b, &s, EMPTY, None);
-        i.health = Some(&healthy);
+        i.memory = &healthy;
         assert_eq!(settle(&mut i, &mut record).effect, Effect::Commit);
     }
 }

@@ -60,6 +60,17 @@ pub enum PayloadError {
         /// What went wrong.
         message: String,
     },
+    /// A configured public key is unusable.
+    #[error("public key {key:?}: {reason}")]
+    Key {
+        /// The key as configured.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// The HTTPS client (or its extra CA) cannot be set up.
+    #[error("the release download client: {0}")]
+    Client(String),
     /// Reading or writing the slot failed.
     #[error("{what}: {source}")]
     Io {
@@ -76,17 +87,21 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PayloadErro
 }
 
 /// Parses base64 ed25519 public keys.
-pub fn parse_keys(texts: &[String]) -> Result<Vec<VerifyingKey>, String> {
+pub fn parse_keys(texts: &[String]) -> Result<Vec<VerifyingKey>, PayloadError> {
     texts
         .iter()
         .map(|t| {
+            let bad = |reason: String| PayloadError::Key {
+                key: t.clone(),
+                reason,
+            };
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(t.trim())
-                .map_err(|e| format!("public key {t:?} is not base64: {e}"))?;
+                .map_err(|e| bad(format!("is not base64: {e}")))?;
             let bytes: [u8; 32] = bytes
                 .try_into()
-                .map_err(|_| format!("public key {t:?} is not 32 bytes"))?;
-            VerifyingKey::from_bytes(&bytes).map_err(|e| format!("public key {t:?}: {e}"))
+                .map_err(|_| bad("is not 32 bytes".into()))?;
+            VerifyingKey::from_bytes(&bytes).map_err(|e| bad(e.to_string()))
         })
         .collect()
 }
@@ -144,20 +159,21 @@ const DIRECT_ALIGN: usize = 4096;
 
 impl Stager {
     /// A stager with an HTTPS client trusting the system roots plus `extra_ca` (PEM).
-    pub fn new(state_dir: &Path, extra_ca: Option<&Path>) -> Result<Stager, String> {
+    pub fn new(state_dir: &Path, extra_ca: Option<&Path>) -> Result<Stager, PayloadError> {
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("baton-agent/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(std::time::Duration::from_secs(30))
             .read_timeout(std::time::Duration::from_secs(60));
         if let Some(path) = extra_ca {
-            let pem =
-                std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let pem = std::fs::read(path).map_err(io_err(format!("reading {}", path.display())))?;
             let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+                .map_err(|e| PayloadError::Client(format!("{}: {e}", path.display())))?;
             builder = builder.add_root_certificate(cert);
         }
         Ok(Stager {
-            http: builder.build().map_err(|e| e.to_string())?,
+            http: builder
+                .build()
+                .map_err(|e| PayloadError::Client(e.to_string()))?,
             progress_file: state_dir.join("ab-staging.json"),
             checkpoint: 32 << 20,
         })
@@ -637,6 +653,7 @@ mod tests {
         assert!(
             parse_keys(&["not base64!".into()])
                 .unwrap_err()
+                .to_string()
                 .contains("not base64")
         );
     }

@@ -72,8 +72,7 @@ impl RecordFile {
 
     /// Saves the record durably.
     pub fn save(&self, record: &Record) -> Result<(), AgentError> {
-        let text =
-            serde_json::to_vec_pretty(record).map_err(|e| AgentError::Other(e.to_string()))?;
+        let text = serde_json::to_vec_pretty(record)?;
         write_atomically(&self.path, &text)
     }
 }

@@ -523,7 +523,7 @@ async fn the_installed_charts_service_accounts_can_roll_nodes_and_the_agent_can_
         "op-chart",
     ])
     .unwrap();
-    let _operator = tokio::spawn(operator::controller::run_replica(operator_client, config));
+    let _operator = tokio::spawn(operator::replica::run_replica(operator_client, config));
 
     // The agents, each under a token bound to its DaemonSet pod.
     let mut kubeconfigs = BTreeMap::new();

@@ -98,7 +98,7 @@ impl Scenario {
         // starts it again, and so does this loop.
         tokio::spawn(async move {
             loop {
-                operator::controller::run_replica(client.clone(), config.clone()).await;
+                operator::replica::run_replica(client.clone(), config.clone()).await;
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         })
@@ -424,7 +424,7 @@ async fn the_leader_killed_at_random_moments_breaks_no_rule() {
                     slot.1.abort();
                     kills.fetch_add(1, Ordering::SeqCst);
                     // It comes back (as a restarted pod would) and stands by.
-                    slot.1 = tokio::spawn(operator::controller::run_replica(
+                    slot.1 = tokio::spawn(operator::replica::run_replica(
                         client.clone(),
                         config(&leader),
                     ));
@@ -661,7 +661,7 @@ async fn a_clock_jump_out_of_the_window_lets_the_reboot_in_flight_finish_and_sta
         "op-a",
     ])
     .unwrap();
-    let _operator = tokio::spawn(operator::controller::run_replica_with_clock(
+    let _operator = tokio::spawn(operator::replica::run_replica_with_clock(
         client.clone(),
         config,
         Arc::new(operator::metrics::Metrics::default()),

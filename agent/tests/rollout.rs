@@ -157,7 +157,7 @@ async fn real_agents_and_the_operator_roll_five_nodes_one_at_a_time() {
         "1s",
     ])
     .unwrap();
-    let operator = tokio::spawn(operator::controller::run_replica(client.clone(), config));
+    let operator = tokio::spawn(operator::replica::run_replica(client.clone(), config));
 
     // Kill the first agent that starts rebooting, during its before-reboot step.
     let killer = {
@@ -287,7 +287,7 @@ async fn a_machine_that_falls_back_to_its_old_slot_reports_rolled_back_and_halts
         "op-a",
     ])
     .unwrap();
-    let _operator = tokio::spawn(operator::controller::run_replica(client.clone(), config));
+    let _operator = tokio::spawn(operator::replica::run_replica(client.clone(), config));
     let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
         "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "workers"},
         "spec": {"release": {
@@ -426,7 +426,7 @@ async fn ab_machines_on_gpt_images_stage_a_signed_release_boot_it_and_commit_or_
         "op-a",
     ])
     .unwrap();
-    let _operator = tokio::spawn(operator::controller::run_replica(client.clone(), config));
+    let _operator = tokio::spawn(operator::replica::run_replica(client.clone(), config));
     let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
         "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "workers"},
         "spec": {"release": {
@@ -551,7 +551,7 @@ async fn kubectl_baton_pauses_resumes_and_retries_a_halted_pool() {
         "op-a",
     ])
     .unwrap();
-    let _operator = tokio::spawn(operator::controller::run_replica(client.clone(), config));
+    let _operator = tokio::spawn(operator::replica::run_replica(client.clone(), config));
     let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
         "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "workers"},
         "spec": {"paused": true, "release": {

@@ -284,6 +284,13 @@ token!(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message(pub String);
 
+impl Message {
+    /// `text` as a message: newlines become spaces, and it is cut at 1024 characters.
+    pub fn line(text: &str) -> Message {
+        Message(text.replace('\n', " ").chars().take(1024).collect())
+    }
+}
+
 /// Where the A/B backend gets the release's image, as the operator publishes it from
 /// the policy's `release` (JSON). The agent trusts none of it until the signature
 /// verifies with a key it was configured with.

@@ -8,7 +8,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::ResourceExt;
 
-use crds::{UpdatePolicy, policy::condition, protocol};
+use crds::{UpdatePolicy, node::NodeMarks, policy::condition};
 use rollout::selector::Selector;
 
 /// The width of the progress bar.
@@ -33,10 +33,6 @@ pub struct NodeLine {
     pub message: String,
 }
 
-fn annotation(node: &Node, key: &str) -> Option<String> {
-    node.annotations().get(key).cloned()
-}
-
 /// The lines for `nodes`, with `leases` (baton's reboot Leases) at `now`.
 pub fn lines(nodes: &[&Node], leases: &[Lease], now: Timestamp) -> Vec<NodeLine> {
     let held: BTreeMap<String, Option<Timestamp>> = leases
@@ -52,33 +48,32 @@ pub fn lines(nodes: &[&Node], leases: &[Lease], now: Timestamp) -> Vec<NodeLine>
     let mut out: Vec<NodeLine> = nodes
         .iter()
         .map(|n| {
-            let name = n.name_any();
-            let cordoned = n
-                .spec
-                .as_ref()
-                .and_then(|s| s.unschedulable)
-                .unwrap_or(false);
-            let by_baton = annotation(n, protocol::CORDONED.name).as_deref() == Some("true");
+            let m = NodeMarks::read(n);
+            let name = m.name.clone();
+            let shown = |v: Option<String>| v.unwrap_or_else(|| "-".into());
             NodeLine {
-                state: annotation(n, protocol::STATE.name).unwrap_or_else(|| "-".into()),
-                version: annotation(n, protocol::CURRENT_VERSION.name)
-                    .unwrap_or_else(|| "-".into()),
-                target: annotation(n, protocol::TARGET_VERSION.name)
-                    .or_else(|| annotation(n, protocol::DESIRED_VERSION.name))
-                    .unwrap_or_else(|| "-".into()),
+                state: shown(m.agent.state.map(|s| s.to_string())),
+                version: shown(m.agent.current_version.map(|v| v.to_string())),
+                target: shown(
+                    m.agent
+                        .target_version
+                        .or(m.desired_version)
+                        .map(|v| v.to_string()),
+                ),
                 lease: match held.get(&name) {
                     Some(Some(at)) => format!("held {}s", now.duration_since(*at).as_secs().max(0)),
                     Some(None) => "held".into(),
                     None => "-".into(),
                 },
-                cordoned: match (cordoned, by_baton) {
+                cordoned: match (m.unschedulable, m.cordoned) {
                     (true, true) => "baton".into(),
                     (true, false) => "admin".into(),
                     (false, _) => "-".into(),
                 },
-                message: annotation(n, protocol::FAILURE.name)
+                message: m
+                    .failure
                     .map(|f| format!("failed: {f}"))
-                    .or_else(|| annotation(n, protocol::MESSAGE.name))
+                    .or(m.agent.message)
                     .unwrap_or_default(),
                 name,
             }

@@ -16,7 +16,11 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use crds::{UpdatePolicy, grant, node::NodePatch, protocol};
+use crds::{
+    UpdatePolicy, grant,
+    node::{NodeMarks, NodePatch},
+    protocol,
+};
 use rollout::{NodeView, selector::Selector};
 
 use crate::Error;
@@ -40,9 +44,10 @@ fn lease_failure(lease: &Lease) -> Option<&String> {
 /// The patch that clears a failed node: its grant ended (baton's cordon undone), the
 /// failure mark off, and its agent asked to retry the boot it runs.
 pub fn retry_patch(node: &Node) -> NodePatch {
-    let view = NodeView::from_node(node);
-    let patch = NodePatch::end_grant(node).and(NodePatch::clear_failure());
-    match &view.agent.boot_id {
+    let marks = NodeMarks::read(node);
+    let patch =
+        NodePatch::end_grant(marks.cordoned, marks.lb_excluded).and(NodePatch::clear_failure());
+    match &marks.agent.boot_id {
         Some(boot) => patch.and(NodePatch::retry(boot)),
         None => patch,
     }

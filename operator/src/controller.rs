@@ -1,8 +1,9 @@
-//! The operator's control loop: watches UpdatePolicies, Nodes and the operator's reboot
-//! Leases; for each policy, builds a snapshot from the watch caches, asks
-//! `rollout::decide` what to do, performs it, writes the status when it changed, and
-//! requeues exactly when the plan says the decision can next change. It keeps no state
-//! of its own beyond running drains: on restart everything is rebuilt from the API.
+//! The operator's controller: watches UpdatePolicies, Nodes and the operator's reboot
+//! Leases; for each policy, observes the caches (`observe`), asks `rollout::decide`
+//! what to do, performs each node's step (`step`, through `cluster::Kube`), writes the
+//! status when it changed, and requeues exactly when the plan says the decision can
+//! next change. It keeps no state of its own beyond running drains and the writes not
+//! yet seen in its caches: on restart everything is rebuilt from the API.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -14,134 +15,25 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::Action as Requeue,
-        events::{Event, EventType, Recorder, Reporter},
-        reflector::{self, ObjectRef, Store},
+        events::{EventType, Recorder, Reporter},
+        reflector::{self, ObjectRef},
         watcher,
     },
 };
 use tracing::{Instrument, info, info_span, warn};
 
 use crds::{UpdatePolicy, policy::FINALIZER};
-use rollout::{Policy, Snapshot, decide, policy::Ending, selector::Selector};
+use rollout::{Policy, decide, policy::Ending};
 
 use crate::{
+    cluster::{Kube, publish},
     config::Config,
+    context::{AbortDrains, Context},
     error::{Error, Result},
-    fence::{self, Fence},
     lease,
     metrics::{ErrorLabels, Metrics},
-    readback, status,
+    observe, readback, status, step,
 };
-
-/// What every reconcile shares.
-pub struct Context {
-    pub(crate) client: Client,
-    pub(crate) config: Config,
-    pub(crate) nodes: Store<Node>,
-    pub(crate) leases: Store<Lease>,
-    pub(crate) policies: Store<UpdatePolicy>,
-    pub(crate) recorder: Recorder,
-    pub(crate) drains: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) alerts: crate::alert::Alerts,
-    pub(crate) clock: Arc<crate::clock::Clock>,
-    /// Writes not yet seen in the caches (`readback`).
-    pub(crate) expectations: std::sync::Mutex<rollout::expectations::Expectations>,
-}
-
-/// One operator replica: waits to lead, then runs the controller until leadership is
-/// lost (or the future is dropped).
-pub async fn run_replica(client: Client, config: Config) {
-    run_replica_with(client, config, Arc::new(Metrics::default())).await;
-}
-
-/// [`run_replica`], recording into `metrics`.
-pub async fn run_replica_with(client: Client, config: Config, metrics: Arc<Metrics>) {
-    run_replica_with_clock(
-        client,
-        config,
-        metrics,
-        Arc::new(crate::clock::Clock::system()),
-    )
-    .await;
-}
-
-/// [`run_replica_with`], judging every rule at `clock`'s time.
-pub async fn run_replica_with_clock(
-    client: Client,
-    config: Config,
-    metrics: Arc<Metrics>,
-    clock: Arc<crate::clock::Clock>,
-) {
-    run_replica_until(client, config, metrics, clock, std::future::pending()).await;
-}
-
-/// How a replica's run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
-    /// Leadership was lost (or could not be confirmed), or the controller stopped:
-    /// the replica must stop acting.
-    LostLeadership,
-    /// `shutdown` completed; leadership, if held, was released.
-    ShutDown,
-}
-
-/// One operator replica until leadership is lost or `shutdown` completes. On a clean
-/// shutdown the leader gives its Lease up, so a follower takes over at once.
-pub async fn run_replica_until(
-    client: Client,
-    config: Config,
-    metrics: Arc<Metrics>,
-    clock: Arc<crate::clock::Clock>,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Ended {
-    let mut shutdown = std::pin::pin!(shutdown);
-    // Every request is bounded; the controller's writes are also fenced by leadership,
-    // which the elector (on its own, unfenced client) keeps open.
-    let fence = if config.leader_elect {
-        Fence::leading_never()
-    } else {
-        Fence::always()
-    };
-    let elector_client = fence::bounded(client.clone(), Fence::always(), config.request_timeout);
-    let client = fence::bounded(client, Arc::clone(&fence), config.request_timeout);
-    let elector = config.leader_elect.then(|| {
-        crate::leader::Elector::new(
-            Api::namespaced(elector_client, &config.namespace),
-            config.identity.clone(),
-            config.leader_lease_duration,
-            config.renew_deadline(),
-            Arc::clone(&fence),
-        )
-    });
-    if let Some(elector) = &elector {
-        tokio::select! {
-            () = elector.acquire() => {}
-            () = &mut shutdown => return Ended::ShutDown,
-        }
-    }
-    // Without an election, this replica acts until it is stopped.
-    let hold = async {
-        match &elector {
-            Some(elector) => {
-                elector.hold(config.leader_renew_interval).await;
-                warn!("stopping: no longer the leader");
-            }
-            None => std::future::pending().await,
-        }
-    };
-    metrics.leader.set(1);
-    let ended = tokio::select! {
-        () = run_with_clock(client, config.clone(), Arc::clone(&metrics), clock) => Ended::LostLeadership,
-        () = hold => Ended::LostLeadership,
-        () = &mut shutdown => Ended::ShutDown,
-    };
-    metrics.leader.set(0);
-    if let (Ended::ShutDown, Some(elector)) = (ended, &elector) {
-        elector.release().await;
-    }
-    ended
-}
 
 /// Runs the controller until the process is stopped.
 pub async fn run(client: Client, config: Config, metrics: Arc<Metrics>) {
@@ -246,26 +138,6 @@ pub async fn run_with_clock(
         .await;
 }
 
-/// Aborts every running drain when dropped.
-struct AbortDrains(Arc<Context>);
-
-impl Drop for AbortDrains {
-    fn drop(&mut self) {
-        for handle in drains(&self.0).values() {
-            handle.abort();
-        }
-    }
-}
-
-/// The running drains. Never held across an await.
-pub(crate) fn drains(
-    ctx: &Context,
-) -> std::sync::MutexGuard<'_, HashMap<String, tokio::task::JoinHandle<()>>> {
-    ctx.drains
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 fn error_policy(policy: Arc<UpdatePolicy>, error: &Error, ctx: Arc<Context>) -> Requeue {
     warn!(policy = %policy.name_any(), error = %error, kind = error.metric_label(), "reconcile error; retrying");
     ctx.metrics
@@ -329,8 +201,9 @@ async fn roll_out(
     rules: &Policy,
     now: jiff::Timestamp,
 ) -> Result<Requeue> {
-    let mut snapshot = observe(ctx, rules);
-    let blocked = mark_blocked(ctx, rules, &mut snapshot).await?;
+    let cluster = Kube(Arc::clone(ctx));
+    let mut snapshot = observe::snapshot(&cluster, rules, ctx.config.node_name.clone());
+    let blocked = observe::mark_blocked(&cluster, rules, &mut snapshot).await?;
     if let Some(gate) = &rules.alert_gate
         && snapshot.nodes.iter().any(|n| n.requests_reboot())
     {
@@ -339,10 +212,6 @@ async fn roll_out(
     let plan = decide(&snapshot, rules, now);
     ctx.metrics.observe(&plan);
     let retry = perform(ctx, rules, &plan, now).await;
-    if let Some(version) = &rules.target_version {
-        crate::step::publish_release(ctx, &plan.publish_release, version, rules.release.as_ref())
-            .await;
-    }
     let status = status::from_plan(
         &plan,
         rules.paused,
@@ -385,7 +254,9 @@ async fn wind_down_invalid(
 ) -> Result<Requeue> {
     let name = policy.name_any();
     let rules = Policy::wind_down(&name, &policy.spec, Ending::InvalidSpec);
-    let plan = decide(&observe(ctx, &rules), &rules, now);
+    let cluster = Kube(Arc::clone(ctx));
+    let snapshot = observe::snapshot(&cluster, &rules, ctx.config.node_name.clone());
+    let plan = decide(&snapshot, &rules, now);
     let retry = perform(ctx, &rules, &plan, now).await;
     let status = status::invalid(
         errors,
@@ -421,7 +292,8 @@ async fn end_deleted(
 ) -> Result<Requeue> {
     let name = policy.name_any();
     let rules = Policy::wind_down(&name, &policy.spec, Ending::Deleted);
-    let snapshot = observe(ctx, &rules);
+    let cluster = Kube(Arc::clone(ctx));
+    let snapshot = observe::snapshot(&cluster, &rules, ctx.config.node_name.clone());
     if !snapshot.leases.iter().any(|l| l.policy == name) {
         remove_finalizer(ctx, policy).await?;
         return Ok(Requeue::await_change());
@@ -440,10 +312,11 @@ async fn perform(
 ) -> Option<Duration> {
     // A failed step is tried again soon: the change that made it fail (a conflict with
     // a heartbeat, say) may be one that wakes nothing.
+    let cluster = Kube(Arc::clone(ctx));
     let mut retry: Option<Duration> = None;
     for step in &plan.nodes {
         let span = info_span!("node", node = %step.node);
-        if let Err(e) = crate::step::perform(ctx, rules, step, now)
+        if let Err(e) = step::perform(&cluster, rules, step, now)
             .instrument(span)
             .await
         {
@@ -534,104 +407,6 @@ const RESYNC: Duration = Duration::from_secs(60);
 /// How often a node held back only by a blocking pod or a closed gate is looked at
 /// again.
 const GATE_RECHECK: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
-
-/// Marks the nodes that run a pod matching `health.blockingPodSelectors`, for nodes
-/// that ask for a reboot. Returns whether any such node is blocked. Pending pods do
-/// not block.
-async fn mark_blocked(ctx: &Context, rules: &Policy, snapshot: &mut Snapshot) -> Result<bool> {
-    let selectors = &rules.blocking_pod_selectors;
-    if selectors.is_empty() || !snapshot.nodes.iter().any(|n| n.requests_reboot()) {
-        return Ok(false);
-    }
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(ctx.client.clone());
-    let mut blocking: HashMap<String, String> = HashMap::new();
-    for selector in selectors {
-        let params = kube::api::ListParams::default()
-            .labels(&selector.to_query())
-            .fields("status.phase=Running");
-        for pod in pods.list(&params).await?.items {
-            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
-                blocking.entry(node).or_insert_with(|| {
-                    format!(
-                        "pod {}/{}",
-                        pod.namespace().unwrap_or_default(),
-                        pod.name_any()
-                    )
-                });
-            }
-        }
-    }
-    let mut any = false;
-    for node in snapshot.nodes.iter_mut().filter(|n| n.requests_reboot()) {
-        node.blocked_by = blocking.get(&node.name).cloned();
-        any |= node.blocked_by.is_some();
-    }
-    Ok(any)
-}
-
-/// The snapshot `decide` needs, from the watch caches alone.
-fn observe(ctx: &Context, rules: &Policy) -> Snapshot {
-    let nodes = ctx
-        .nodes
-        .state()
-        .iter()
-        .map(|n| rollout::NodeView::from_node(n))
-        .collect();
-    let mut leases = Vec::new();
-    for lease in ctx.leases.state() {
-        let (view, errors) = rollout::LeaseView::from_lease(&lease);
-        for e in errors {
-            warn!(lease = %lease.name_any(), error = %e, "malformed lease annotation");
-        }
-        leases.extend(view);
-    }
-    // A policy being deleted claims no node any more (its Leases still hold theirs).
-    let other_policies = ctx
-        .policies
-        .state()
-        .iter()
-        .filter(|p| p.name_any() != rules.name && p.meta().deletion_timestamp.is_none())
-        .filter_map(|p| Some((p.name_any(), Selector::compile(&p.spec.node_selector).ok()?)))
-        .collect();
-    Snapshot {
-        nodes,
-        leases,
-        operator_node: ctx.config.node_name.clone(),
-        other_policies,
-        gate: None,
-    }
-}
-
-async fn publish(
-    ctx: &Context,
-    reference: &k8s_openapi::api::core::v1::ObjectReference,
-    type_: EventType,
-    reason: &str,
-    note: &str,
-) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1024).collect()),
-        action: reason.into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, reference).await {
-        warn!(error = %e, reason, "could not publish an event");
-    }
-}
-
-pub(crate) async fn node_event(
-    ctx: &Context,
-    node: Option<&Node>,
-    type_: EventType,
-    reason: &str,
-    note: &str,
-) {
-    if let Some(n) = node {
-        publish(ctx, &n.object_ref(&()), type_, reason, note).await;
-    }
-}
 
 async fn write_status(ctx: &Context, name: &str, status: &crds::UpdatePolicyStatus) -> Result<()> {
     let api: Api<UpdatePolicy> = Api::all(ctx.client.clone());

@@ -35,6 +35,19 @@ pub struct DrainRules {
     pub operator_pod: Option<(String, String)>,
 }
 
+impl DrainRules {
+    /// A policy's drain rules (the operator adds its own pod to leave alone).
+    pub fn from_policy(policy: &rollout::Policy) -> DrainRules {
+        DrainRules {
+            leave_alone: policy.drain_pod_selector.clone(),
+            delete_empty_dir_data: policy.delete_empty_dir_data,
+            grace_period_seconds: policy.grace_period_seconds,
+            max_parallel: policy.max_parallel_evictions as usize,
+            operator_pod: None,
+        }
+    }
+}
+
 /// How a drain ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

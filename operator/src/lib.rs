@@ -1,12 +1,21 @@
 //! `baton-operator`: the cluster side of baton. It grants reboot leases, cordons and
 //! drains through the Eviction API, and enforces maintenance windows, following the
 //! plan the pure `rollout` core computes.
+//!
+//! The flow, one module per arrow (imports point the same way):
+//!
+//! ```text
+//! replica -> controller: watch event -> cache -> observe (snapshot) -> rollout::decide
+//!         -> plan -> step (one function per action) -> cluster (API writes)
+//! ```
 #![forbid(unsafe_code)]
 
 pub mod alert;
 pub mod cache;
 pub mod clock;
+pub mod cluster;
 pub mod config;
+pub mod context;
 pub mod controller;
 pub mod drain;
 pub mod error;
@@ -14,10 +23,11 @@ pub mod fence;
 pub mod leader;
 pub mod lease;
 pub mod metrics;
+pub mod observe;
 mod readback;
+pub mod replica;
 pub mod status;
 pub mod step;
-mod writes;
 
 /// The operator's API client, from the in-cluster config or a kubeconfig.
 ///

@@ -27,13 +27,12 @@ async fn main() -> ExitCode {
     let metrics = std::sync::Arc::new(operator::metrics::Metrics::default());
     let server = operator::metrics::serve(config.metrics_addr, std::sync::Arc::clone(&metrics));
     let clock = std::sync::Arc::new(operator::clock::Clock::system());
-    let replica =
-        operator::controller::run_replica_until(client, config, metrics, clock, shutdown());
+    let replica = operator::replica::run_replica_until(client, config, metrics, clock, shutdown());
     tokio::select! {
         ended = replica => match ended {
             // Exit, and be restarted as a follower.
-            operator::controller::Ended::LostLeadership => ExitCode::FAILURE,
-            operator::controller::Ended::ShutDown => {
+            operator::replica::Ended::LostLeadership => ExitCode::FAILURE,
+            operator::replica::Ended::ShutDown => {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS
             }

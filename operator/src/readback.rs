@@ -10,7 +10,7 @@ use kube::{Api, Resource, ResourceExt, runtime::reflector::ObjectRef};
 use rollout::expectations::{Expectations, Expected, ObjectKey, Seen};
 use tracing::warn;
 
-use crate::controller::Context;
+use crate::context::Context;
 
 /// How long a write may go unseen before the cache is checked against a fresh read.
 pub(crate) const BOUND: SignedDuration = SignedDuration::from_secs(10);

@@ -1,264 +1,261 @@
-//! Performing one node's step of a plan: the API writes behind each action, and the
-//! drain tasks. Every write is guarded by the observed resourceVersion; a step that
-//! fails is simply decided again on the next reconcile.
-
-use std::sync::Arc;
+//! Performing one node's step of a plan: one function per action, each the API writes
+//! behind it (through [`Cluster`]) and the Event that says so. Everything a step needs
+//! travels in the plan: the action's data, and the node and lease as the decision saw
+//! them, whose versions guard every write. A step that fails is simply decided again on
+//! the next reconcile.
 
 use jiff::Timestamp;
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
-use kube::{ResourceExt, runtime::events::EventType, runtime::reflector::ObjectRef};
-use tracing::{Instrument, info, info_span, warn};
+use kube::runtime::events::EventType;
+use tracing::info;
 
-use crds::node::NodePatch;
 use crds::{
     OnTimeout,
-    protocol::{self, Version},
+    node::NodePatch,
+    protocol::{self, BootId, Message, ReleaseRef, Version},
 };
-use rollout::{Action, Policy, plan::NodePlan};
-
-use crate::{
-    controller::{Context, drains, node_event},
-    drain::{self, DrainRules, Outcome},
-    error::Result,
-    lease, writes,
+use rollout::{
+    Action, Policy,
+    plan::{LeaseFacts, NodeFacts, NodePlan},
 };
 
-pub(crate) fn node(ctx: &Context, name: &str) -> Option<Arc<Node>> {
-    ctx.nodes.get(&ObjectRef::new(name))
-}
-
-fn lease_of(ctx: &Context, node: &str) -> Option<Arc<Lease>> {
-    ctx.leases
-        .get(&ObjectRef::new(&lease::name(node)).within(&ctx.config.namespace))
-}
-
-/// Publishes the policy's release version on `names`, for their agents to stage.
-/// Failures are logged; the next reconcile sees the node unchanged and tries again.
-pub(crate) async fn publish_release(
-    ctx: &Arc<Context>,
-    names: &[String],
-    version: &Version,
-    release: Option<&protocol::ReleaseRef>,
-) {
-    for name in names {
-        let Some(current) = node(ctx, name) else {
-            continue;
-        };
-        if let Err(e) =
-            writes::patch_node(ctx, &current, &NodePatch::desire(version, release)).await
-        {
-            warn!(node = %name, error = %e, "could not publish the release version; will retry");
-        }
-    }
-}
+use crate::{cluster::Cluster, drain::DrainRules, error::Result, lease};
 
 /// Performs one node's step.
-pub(crate) async fn perform(
-    ctx: &Arc<Context>,
+pub async fn perform<C: Cluster>(
+    c: &C,
     rules: &Policy,
     step: &NodePlan,
     now: Timestamp,
 ) -> Result<()> {
-    let name = step.node.as_str();
-    let current = node(ctx, name);
-    let held = lease_of(ctx, name);
+    let node = step.node.as_str();
+    let (seen, held) = (step.seen.node.as_ref(), step.seen.lease.as_ref());
     match &step.action {
-        Action::Grant { boot_id } => {
-            let target = current.as_ref().and_then(|n| {
-                protocol::TARGET_VERSION
-                    .read(n.metadata.annotations.as_ref())
-                    .ok()
-                    .flatten()
-            });
-            let grant = lease::grant(
-                name,
-                &ctx.config.namespace,
-                rules,
-                boot_id,
-                target.as_ref(),
-                now,
-            );
-            if writes::create_lease(ctx, &grant).await? {
-                info!("granted");
-                node_event(
-                    ctx,
-                    current.as_deref(),
-                    EventType::Normal,
-                    "Granted",
-                    &format!("reboot lease granted by UpdatePolicy {}", rules.name),
-                )
-                .await;
-            }
-        }
-        Action::Cordon => {
-            if let Some(n) = &current {
-                writes::patch_node(
-                    ctx,
-                    n,
-                    &NodePatch::cordon(rules.exclude_from_load_balancers),
-                )
-                .await?;
-                node_event(
-                    ctx,
-                    Some(n),
-                    EventType::Normal,
-                    "Cordoned",
-                    "cordoned by baton for its update",
-                )
-                .await;
-            }
-        }
-        Action::RunBeforeHooks { missing, .. } | Action::RunAfterHooks { missing, .. } => {
-            let before = matches!(step.action, Action::RunBeforeHooks { .. });
-            let key = if before {
-                protocol::BEFORE_REBOOT.name
-            } else {
-                protocol::AFTER_REBOOT.name
-            };
-            if let Some(n) = current.as_ref().filter(|n| !n.labels().contains_key(key)) {
-                writes::patch_node(ctx, n, &NodePatch::hook_label(before)).await?;
-                node_event(
-                    ctx,
-                    Some(n),
-                    EventType::Normal,
-                    "HooksStarted",
-                    &format!("waiting for {}", missing.join(", ")),
-                )
-                .await;
-            }
-        }
-        Action::Drain { deadline } => match (deadline, &held) {
-            (None, Some(l)) => {
-                writes::stamp_lease(ctx, l, &protocol::lease::DRAIN_STARTED_AT, now).await?
-            }
-            (Some(deadline), Some(_)) => start_drain(ctx, rules, name, *deadline).await,
-            _ => {}
+        Action::Grant {
+            boot_id,
+            target_version,
+        } => grant(c, rules, node, boot_id, target_version.as_ref(), now).await,
+        Action::Cordon => match seen {
+            Some(n) => cordon(c, rules, node, n).await,
+            None => Ok(()),
         },
-        Action::DrainTimedOut(on) => {
-            let Some(l) = &held else { return Ok(()) };
-            match on {
-                OnTimeout::Abort => {
-                    let reason = "drain timed out (onTimeout: Abort)";
-                    let uncordon = current
-                        .as_ref()
-                        .filter(|n| rollout::NodeView::from_node(n).cordoned_by_baton)
-                        .map(|n| NodePatch::uncordon(n))
-                        .unwrap_or_default();
-                    stop_drain(ctx, name);
-                    fail(ctx, current.as_deref(), Some(l), reason, uncordon).await?;
-                }
-                OnTimeout::Force => {
-                    let deleted = drain::force(&ctx.client, name, &drain_rules(ctx, rules)).await?;
-                    node_event(
-                        ctx,
-                        current.as_deref(),
-                        EventType::Warning,
-                        "DrainForced",
-                        &format!(
-                            "drain timed out; deleted {deleted} remaining pod(s) (onTimeout: Force)"
-                        ),
-                    )
+        Action::RunBeforeHooks { missing, .. } => hooks(c, node, seen, true, missing).await,
+        Action::RunAfterHooks { missing, .. } => hooks(c, node, seen, false, missing).await,
+        Action::Drain { deadline } => match (deadline, held) {
+            (None, Some(l)) => {
+                let at = protocol::lease::DRAIN_STARTED_AT.format(&now);
+                c.annotate_lease(l, &[(protocol::lease::DRAIN_STARTED_AT.name, at)])
+                    .await
+            }
+            (Some(deadline), Some(_)) => {
+                c.start_drain(node, DrainRules::from_policy(rules), *deadline)
                     .await;
-                    mark_drained(ctx, l).await?;
-                }
-                OnTimeout::Proceed => {
-                    node_event(
-                        ctx,
-                        current.as_deref(),
-                        EventType::Warning,
-                        "DrainTimedOut",
-                        "drain timed out; rebooting with the remaining pods (onTimeout: Proceed)",
-                    )
-                    .await;
-                    mark_drained(ctx, l).await?;
-                }
+                Ok(())
             }
+            _ => Ok(()),
+        },
+        Action::DrainTimedOut(on) => match held {
+            Some(l) => drain_timed_out(c, rules, node, seen, l, *on, now).await,
+            None => Ok(()),
+        },
+        Action::Publish { version, release } => match seen {
+            Some(n) => publish(c, node, n, version, release.as_ref()).await,
+            None => Ok(()),
+        },
+        Action::AllowReboot { boot_id } => match seen {
+            Some(n) => allow_reboot(c, node, n, boot_id).await,
+            None => Ok(()),
+        },
+        Action::Uncordon => match seen {
+            Some(n) => uncordon(c, node, n).await,
+            None => Ok(()),
+        },
+        Action::MarkDone => match (seen, held) {
+            (Some(n), Some(l)) => mark_done(c, node, n, l, now).await,
+            _ => Ok(()),
+        },
+        Action::Release(_) => release(c, node, seen, held).await,
+        Action::Fail { reason } => fail(c, node, seen, held, reason, NodePatch::default()).await,
+        Action::Abort { reason } => abort(c, node, seen, held, reason).await,
+        Action::WaitForReboot { .. } | Action::Settle { .. } | Action::Skip(_) => Ok(()),
+    }
+}
+
+async fn grant<C: Cluster>(
+    c: &C,
+    rules: &Policy,
+    node: &str,
+    boot_id: &BootId,
+    target: Option<&Version>,
+    now: Timestamp,
+) -> Result<()> {
+    let lease = lease::grant(node, c.namespace(), rules, boot_id, target, now);
+    if c.create_lease(&lease).await? {
+        info!("granted");
+        let note = format!("reboot lease granted by UpdatePolicy {}", rules.name);
+        c.event(node, EventType::Normal, "Granted", &note).await;
+    }
+    Ok(())
+}
+
+async fn cordon<C: Cluster>(c: &C, rules: &Policy, node: &str, seen: &NodeFacts) -> Result<()> {
+    let patch = NodePatch::cordon(rules.exclude_from_load_balancers);
+    c.patch_node(node, seen, &patch).await?;
+    c.event(
+        node,
+        EventType::Normal,
+        "Cordoned",
+        "cordoned by baton for its update",
+    )
+    .await;
+    Ok(())
+}
+
+/// Labels the node for its hooks, once (the label already set: nothing to write).
+async fn hooks<C: Cluster>(
+    c: &C,
+    node: &str,
+    seen: Option<&NodeFacts>,
+    before: bool,
+    missing: &[String],
+) -> Result<()> {
+    let Some(n) = seen else { return Ok(()) };
+    let labelled = if before {
+        n.hook_labels.0
+    } else {
+        n.hook_labels.1
+    };
+    if labelled {
+        return Ok(());
+    }
+    c.patch_node(node, n, &NodePatch::hook_label(before))
+        .await?;
+    let note = format!("waiting for {}", missing.join(", "));
+    c.event(node, EventType::Normal, "HooksStarted", &note)
+        .await;
+    Ok(())
+}
+
+async fn drain_timed_out<C: Cluster>(
+    c: &C,
+    rules: &Policy,
+    node: &str,
+    seen: Option<&NodeFacts>,
+    held: &LeaseFacts,
+    on: OnTimeout,
+    now: Timestamp,
+) -> Result<()> {
+    match on {
+        OnTimeout::Abort => {
+            c.stop_drain(node);
+            let uncordon = seen
+                .filter(|n| n.cordoned_by_baton)
+                .map(|n| NodePatch::uncordon(n.lb_excluded))
+                .unwrap_or_default();
+            let reason = "drain timed out (onTimeout: Abort)";
+            fail(c, node, seen, Some(held), reason, uncordon).await
         }
-        Action::AllowReboot { boot_id } => {
-            if let Some(n) = &current {
-                writes::patch_node(ctx, n, &NodePatch::allow_reboot(boot_id)).await?;
-                node_event(
-                    ctx,
-                    Some(n),
-                    EventType::Normal,
-                    "Rebooting",
-                    "drained: the agent may reboot",
-                )
+        OnTimeout::Force => {
+            let deleted = c.force_drain(node, &DrainRules::from_policy(rules)).await?;
+            let note =
+                format!("drain timed out; deleted {deleted} remaining pod(s) (onTimeout: Force)");
+            c.event(node, EventType::Warning, "DrainForced", &note)
                 .await;
-            }
+            mark_drained(c, held, now).await
         }
-        Action::Uncordon => {
-            if let Some(n) = &current {
-                writes::patch_node(ctx, n, &NodePatch::uncordon(n)).await?;
-                node_event(
-                    ctx,
-                    Some(n),
-                    EventType::Normal,
-                    "Uncordoned",
-                    "back on the new version: uncordoned",
-                )
+        OnTimeout::Proceed => {
+            let note = "drain timed out; rebooting with the remaining pods (onTimeout: Proceed)";
+            c.event(node, EventType::Warning, "DrainTimedOut", note)
                 .await;
-            }
+            mark_drained(c, held, now).await
         }
-        Action::MarkDone => {
-            if let (Some(n), Some(l)) = (&current, &held) {
-                writes::patch_node(ctx, n, &NodePatch::clear_rollout_marks()).await?;
-                writes::stamp_lease(ctx, l, &protocol::lease::DONE_AT, now).await?;
-                node_event(
-                    ctx,
-                    Some(n),
-                    EventType::Normal,
-                    "Done",
-                    "updated, verified and back in service",
-                )
-                .await;
-            }
-        }
-        Action::Release(_) => {
-            stop_drain(ctx, name);
-            // The grant goes from the node before its Lease goes.
-            if let Some(n) = current
-                .as_ref()
-                .filter(|n| n.annotations().contains_key(protocol::REBOOT_OK.name))
-            {
-                writes::patch_node(ctx, n, &NodePatch::clear_rollout_marks()).await?;
-            }
-            if let Some(l) = &held {
-                writes::delete_lease(ctx, l).await?;
-                info!("released");
-            }
-        }
-        Action::Fail { reason } => {
-            fail(
-                ctx,
-                current.as_deref(),
-                held.as_deref(),
-                reason,
-                NodePatch::default(),
-            )
+    }
+}
+
+async fn mark_drained<C: Cluster>(c: &C, held: &LeaseFacts, now: Timestamp) -> Result<()> {
+    let at = protocol::lease::DRAINED_AT.format(&now);
+    c.annotate_lease(held, &[(protocol::lease::DRAINED_AT.name, at)])
+        .await
+}
+
+async fn publish<C: Cluster>(
+    c: &C,
+    node: &str,
+    seen: &NodeFacts,
+    version: &Version,
+    release: Option<&ReleaseRef>,
+) -> Result<()> {
+    c.patch_node(node, seen, &NodePatch::desire(version, release))
+        .await
+}
+
+async fn allow_reboot<C: Cluster>(
+    c: &C,
+    node: &str,
+    seen: &NodeFacts,
+    boot: &BootId,
+) -> Result<()> {
+    c.patch_node(node, seen, &NodePatch::allow_reboot(boot))
+        .await?;
+    c.event(
+        node,
+        EventType::Normal,
+        "Rebooting",
+        "drained: the agent may reboot",
+    )
+    .await;
+    Ok(())
+}
+
+async fn uncordon<C: Cluster>(c: &C, node: &str, seen: &NodeFacts) -> Result<()> {
+    c.patch_node(node, seen, &NodePatch::uncordon(seen.lb_excluded))
+        .await?;
+    c.event(
+        node,
+        EventType::Normal,
+        "Uncordoned",
+        "back on the new version: uncordoned",
+    )
+    .await;
+    Ok(())
+}
+
+async fn mark_done<C: Cluster>(
+    c: &C,
+    node: &str,
+    seen: &NodeFacts,
+    held: &LeaseFacts,
+    now: Timestamp,
+) -> Result<()> {
+    c.patch_node(node, seen, &NodePatch::clear_rollout_marks())
+        .await?;
+    let at = protocol::lease::DONE_AT.format(&now);
+    c.annotate_lease(held, &[(protocol::lease::DONE_AT.name, at)])
+        .await?;
+    c.event(
+        node,
+        EventType::Normal,
+        "Done",
+        "updated, verified and back in service",
+    )
+    .await;
+    Ok(())
+}
+
+/// Releases the node's slot: the grant goes from the node before its Lease goes.
+async fn release<C: Cluster>(
+    c: &C,
+    node: &str,
+    seen: Option<&NodeFacts>,
+    held: Option<&LeaseFacts>,
+) -> Result<()> {
+    c.stop_drain(node);
+    if let Some(n) = seen.filter(|n| n.reboot_ok) {
+        c.patch_node(node, n, &NodePatch::clear_rollout_marks())
             .await?;
-        }
-        Action::Abort { reason } => {
-            stop_drain(ctx, name);
-            // Undo what baton did to the node first; only then does the Lease go.
-            if let Some(n) = &current {
-                let end = NodePatch::end_grant(n).and(NodePatch::clear_failure());
-                writes::patch_node(ctx, n, &end).await?;
-            }
-            if let Some(l) = &held {
-                writes::delete_lease(ctx, l).await?;
-            }
-            info!(%reason, "grant ended");
-            node_event(
-                ctx,
-                current.as_deref(),
-                EventType::Normal,
-                "GrantEnded",
-                reason,
-            )
-            .await;
-        }
-        Action::WaitForReboot { .. } | Action::Settle { .. } | Action::Skip(_) => {}
+    }
+    if let Some(l) = held {
+        c.delete_lease(l).await?;
+        info!("released");
     }
     Ok(())
 }
@@ -266,112 +263,281 @@ pub(crate) async fn perform(
 /// Marks a node failed: on the node first (ending its grant, with `also`, in the same
 /// write), then on its Lease if it holds one. Either mark alone already counts as a
 /// failure, so a crash between the two writes loses nothing.
-async fn fail(
-    ctx: &Arc<Context>,
-    node: Option<&Node>,
-    held: Option<&Lease>,
+async fn fail<C: Cluster>(
+    c: &C,
+    node: &str,
+    seen: Option<&NodeFacts>,
+    held: Option<&LeaseFacts>,
     reason: &str,
     also: NodePatch,
 ) -> Result<()> {
-    if let Some(n) = node {
-        writes::patch_node(ctx, n, &NodePatch::fail(reason).and(also)).await?;
+    if let Some(n) = seen {
+        c.patch_node(node, n, &NodePatch::fail(reason).and(also))
+            .await?;
     }
     if let Some(l) = held {
-        let message = protocol::lease::FAILURE
-            .format(&protocol::Message(reason.chars().take(1024).collect()));
-        writes::annotate_lease(ctx, l, &[(protocol::lease::FAILURE.name, message)]).await?;
+        let message = protocol::lease::FAILURE.format(&Message::line(reason));
+        c.annotate_lease(l, &[(protocol::lease::FAILURE.name, message)])
+            .await?;
     }
-    node_event(ctx, node, EventType::Warning, "Failed", reason).await;
+    c.event(node, EventType::Warning, "Failed", reason).await;
     Ok(())
 }
 
-async fn mark_drained(ctx: &Context, held: &Lease) -> Result<()> {
-    writes::stamp_lease(ctx, held, &protocol::lease::DRAINED_AT, ctx.clock.now()).await
+/// Ends a grant before its reboot: the drain stops, what baton did to the node is
+/// undone first, and only then does the Lease go.
+async fn abort<C: Cluster>(
+    c: &C,
+    node: &str,
+    seen: Option<&NodeFacts>,
+    held: Option<&LeaseFacts>,
+    reason: &str,
+) -> Result<()> {
+    c.stop_drain(node);
+    if let Some(n) = seen {
+        let end = NodePatch::end_grant(n.cordoned_by_baton, n.lb_excluded)
+            .and(NodePatch::clear_failure());
+        c.patch_node(node, n, &end).await?;
+    }
+    if let Some(l) = held {
+        c.delete_lease(l).await?;
+    }
+    info!(%reason, "grant ended");
+    c.event(node, EventType::Normal, "GrantEnded", reason).await;
+    Ok(())
 }
 
-/// Stops the node's drain, if one runs.
-fn stop_drain(ctx: &Context, node: &str) {
-    if let Some(handle) = drains(ctx).remove(node) {
-        handle.abort();
-    }
-}
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
 
-fn drain_rules(ctx: &Context, rules: &Policy) -> DrainRules {
-    DrainRules {
-        leave_alone: rules.drain_pod_selector.clone(),
-        delete_empty_dir_data: rules.delete_empty_dir_data,
-        grace_period_seconds: rules.grace_period_seconds,
-        max_parallel: rules.max_parallel_evictions as usize,
-        operator_pod: Some((ctx.config.namespace.clone(), ctx.config.identity.clone())),
-    }
-}
+    use k8s_openapi::api::{
+        coordination::v1::Lease,
+        core::v1::{Node, Pod},
+    };
+    use kube::ResourceExt;
+    use rollout::plan::Seen;
 
-/// Starts the node's drain unless one is running. When it finishes, the Lease records
-/// it, which wakes the controller.
-async fn start_drain(ctx: &Arc<Context>, rules: &Policy, node: &str, deadline: Timestamp) {
-    if drains(ctx).get(node).is_some_and(|h| !h.is_finished()) {
-        return;
-    }
-    let rules = drain_rules(ctx, rules);
-    let ctx2 = Arc::clone(ctx);
-    let name = node.to_string();
-    node_event(
-        ctx,
-        self::node(ctx, node).as_deref(),
-        EventType::Normal,
-        "DrainStarted",
-        &format!("evicting pods until {deadline}"),
-    )
-    .await;
-    let handle = tokio::spawn(
-        async move {
-            let ctx = ctx2;
-            // Each blocked pod is reported once per drain, as an Event on the node.
-            let (blocked_tx, mut blocked_rx) = tokio::sync::mpsc::unbounded_channel::<drain::Blocked>();
-            let reporter = {
-                let ctx = Arc::clone(&ctx);
-                let name = name.clone();
-                tokio::spawn(async move {
-                    let mut seen = std::collections::HashSet::new();
-                    while let Some(b) = blocked_rx.recv().await {
-                        ctx.metrics.evictions_blocked.inc();
-                        if seen.insert(b.clone()) {
-                            warn!(pod = %b.pod, budget = %b.budget, "eviction blocked by a PodDisruptionBudget");
-                            let note = format!("evicting {} is blocked by PodDisruptionBudget {}; retrying until the drain times out", b.pod, b.budget);
-                            node_event(&ctx, self::node(&ctx, &name).as_deref(), EventType::Warning, "DrainBlocked", &note).await;
-                        }
-                    }
-                })
-            };
-            ctx.metrics.drains.inc();
-            let started = std::time::Instant::now();
-            let outcome = drain::drain(&ctx.client, &name, &rules, deadline, &blocked_tx, &ctx.clock).await;
-            ctx.metrics.drains.dec();
-            ctx.metrics.drain_seconds.observe(started.elapsed().as_secs_f64());
-            drop(blocked_tx);
-            let _ = reporter.await;
-            match outcome {
-                Ok(Outcome::Drained) => {
-                    if let Some(l) = lease_of(&ctx, &name)
-                        && let Err(e) = mark_drained(&ctx, &l).await
-                    {
-                        warn!(error = %e, "recording the drain failed; it will be redone");
-                    }
-                }
-                Ok(Outcome::TimedOut(remaining)) => {
-                    node_event(
-                        &ctx,
-                        self::node(&ctx, &name).as_deref(),
-                        EventType::Warning,
-                        "DrainTimedOut",
-                        &format!("still on the node: {}", remaining.join(", ")),
-                    )
-                    .await;
-                }
-                Err(e) => warn!(error = %e, "drain failed; it will be retried"),
-            }
+    use super::*;
+    use crds::UpdatePolicy;
+
+    /// The writes a step made, in order, as `(object, what)`.
+    #[derive(Default, Clone)]
+    struct Recorded(Arc<Mutex<Vec<(String, String)>>>);
+
+    impl Recorded {
+        fn push(&self, object: &str, what: String) {
+            self.0.lock().unwrap().push((object.to_string(), what));
         }
-        .instrument(info_span!("drain", node = %node)),
-    );
-    drains(ctx).insert(node.to_string(), handle);
+
+        fn all(&self) -> Vec<(String, String)> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl Cluster for Recorded {
+        fn namespace(&self) -> &str {
+            "baton-system"
+        }
+        fn nodes(&self) -> Vec<Arc<Node>> {
+            Vec::new()
+        }
+        fn leases(&self) -> Vec<Arc<Lease>> {
+            Vec::new()
+        }
+        fn policies(&self) -> Vec<Arc<UpdatePolicy>> {
+            Vec::new()
+        }
+        async fn running_pods(&self, _selector: &str) -> Result<Vec<Pod>> {
+            Ok(Vec::new())
+        }
+        async fn patch_node(&self, node: &str, seen: &NodeFacts, patch: &NodePatch) -> Result<()> {
+            let json = patch.to_json(seen.resource_version.clone());
+            self.push(&format!("node/{node}"), json.to_string());
+            Ok(())
+        }
+        async fn create_lease(&self, lease: &Lease) -> Result<bool> {
+            let a = serde_json::to_string(&lease.annotations()).unwrap();
+            self.push(
+                &format!("lease/{}", lease.name_any()),
+                format!("create {a}"),
+            );
+            Ok(true)
+        }
+        async fn annotate_lease(
+            &self,
+            seen: &LeaseFacts,
+            annotations: &[(&str, String)],
+        ) -> Result<()> {
+            let keys: Vec<&str> = annotations.iter().map(|(k, _)| *k).collect();
+            self.push(
+                &format!("lease/{}", seen.name),
+                format!("annotate {keys:?} at {:?}", seen.resource_version),
+            );
+            Ok(())
+        }
+        async fn delete_lease(&self, seen: &LeaseFacts) -> Result<()> {
+            self.push(&format!("lease/{}", seen.name), "delete".into());
+            Ok(())
+        }
+        async fn event(&self, node: &str, _type_: EventType, reason: &str, _note: &str) {
+            self.push(&format!("event/{node}"), reason.into());
+        }
+        async fn start_drain(&self, node: &str, _rules: DrainRules, _deadline: Timestamp) {
+            self.push(&format!("drain/{node}"), "start".into());
+        }
+        fn stop_drain(&self, node: &str) {
+            self.push(&format!("drain/{node}"), "stop".into());
+        }
+        async fn force_drain(&self, node: &str, _rules: &DrainRules) -> Result<usize> {
+            self.push(&format!("drain/{node}"), "force".into());
+            Ok(0)
+        }
+    }
+
+    fn policy() -> Policy {
+        Policy::from_spec("pool", &serde_json::from_str("{}").unwrap()).unwrap()
+    }
+
+    fn at() -> Timestamp {
+        "2026-11-30T10:00:00Z".parse().unwrap()
+    }
+
+    /// n1 as the decision saw it: cordoned by baton (with the LB label), granted.
+    fn seen() -> Seen {
+        Seen {
+            node: Some(NodeFacts {
+                resource_version: Some("7".into()),
+                cordoned_by_baton: true,
+                lb_excluded: true,
+                reboot_ok: true,
+                hook_labels: (false, false),
+            }),
+            lease: Some(LeaseFacts {
+                name: "baton-reboot-n1".into(),
+                uid: Some("u1".into()),
+                resource_version: Some("9".into()),
+            }),
+        }
+    }
+
+    async fn run(action: Action) -> Vec<(String, String)> {
+        let c = Recorded::default();
+        let step = NodePlan {
+            node: "n1".into(),
+            action,
+            seen: seen(),
+        };
+        perform(&c, &policy(), &step, at()).await.unwrap();
+        c.all()
+    }
+
+    #[tokio::test]
+    async fn a_grant_creates_the_lease_with_the_boot_and_version_the_decision_saw() {
+        let w = run(Action::Grant {
+            boot_id: BootId::new("aa").unwrap(),
+            target_version: Version::new("2.0.0").ok(),
+        })
+        .await;
+        assert_eq!(w[0].0, "lease/baton-reboot-n1");
+        assert!(
+            w[0].1.contains(r#""baton.dev/granted-boot-id":"aa""#),
+            "{w:?}"
+        );
+        assert!(
+            w[0].1.contains(r#""baton.dev/target-version":"2.0.0""#),
+            "{w:?}"
+        );
+        assert_eq!(w[1], ("event/n1".into(), "Granted".into()));
+    }
+
+    #[tokio::test]
+    async fn failing_ends_the_grant_on_the_node_first_guarded_by_the_version_seen() {
+        let w = run(Action::Fail {
+            reason: "did not reboot".into(),
+        })
+        .await;
+        assert_eq!(w[0].0, "node/n1");
+        assert!(
+            w[0].1.contains(r#""baton.dev/reboot-ok":null"#)
+                && w[0].1.contains(r#""baton.dev/failure":"did not reboot""#)
+                && w[0].1.contains(r#""resourceVersion":"7""#),
+            "{w:?}"
+        );
+        assert_eq!(w[1].0, "lease/baton-reboot-n1");
+        assert!(w[1].1.contains("baton.dev/failure") && w[1].1.contains("\"9\""));
+    }
+
+    #[tokio::test]
+    async fn a_release_and_an_abort_take_the_grant_off_the_node_before_the_lease_goes() {
+        for action in [
+            Action::Release(rollout::plan::ReleaseReason::Done),
+            Action::Abort {
+                reason: "the policy is being deleted".into(),
+            },
+        ] {
+            let w = run(action.clone()).await;
+            let node = w.iter().position(|(o, _)| o == "node/n1").unwrap();
+            let lease = w
+                .iter()
+                .position(|(o, what)| o == "lease/baton-reboot-n1" && what == "delete")
+                .unwrap();
+            assert!(node < lease, "{action:?}: {w:?}");
+            assert!(w[node].1.contains(r#""baton.dev/reboot-ok":null"#));
+            assert_eq!(w[0], ("drain/n1".into(), "stop".into()));
+        }
+        let w = run(Action::Abort { reason: "x".into() }).await;
+        assert!(
+            w[1].1.contains(r#""unschedulable":false"#)
+                && w[1].1.contains("exclude-from-external-load-balancers"),
+            "baton's cordon and LB label are undone: {w:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_drain_abort_stops_the_drain_and_uncordons_only_batons_cordon() {
+        let w = run(Action::DrainTimedOut(OnTimeout::Abort)).await;
+        assert_eq!(w[0], ("drain/n1".into(), "stop".into()));
+        assert!(w[1].1.contains(r#""unschedulable":false"#), "{w:?}");
+        let c = Recorded::default();
+        let mut s = seen();
+        if let Some(n) = s.node.as_mut() {
+            n.cordoned_by_baton = false;
+        }
+        let step = NodePlan {
+            node: "n1".into(),
+            action: Action::DrainTimedOut(OnTimeout::Abort),
+            seen: s,
+        };
+        perform(&c, &policy(), &step, at()).await.unwrap();
+        assert!(
+            !c.all()[1].1.contains("unschedulable"),
+            "an admin's cordon stays"
+        );
+    }
+
+    #[tokio::test]
+    async fn hook_labels_are_written_once() {
+        let w = run(Action::RunBeforeHooks {
+            missing: vec!["example.com/ready".into()],
+            deadline: at(),
+        })
+        .await;
+        assert!(w[0].1.contains("baton.dev/before-reboot"), "{w:?}");
+        let c = Recorded::default();
+        let mut s = seen();
+        if let Some(n) = s.node.as_mut() {
+            n.hook_labels = (true, false);
+        }
+        let step = NodePlan {
+            node: "n1".into(),
+            action: Action::RunBeforeHooks {
+                missing: vec!["example.com/ready".into()],
+                deadline: at(),
+            },
+            seen: s,
+        };
+        perform(&c, &policy(), &step, at()).await.unwrap();
+        assert!(c.all().is_empty());
+    }
 }

@@ -213,7 +213,7 @@ async fn replica(
     cluster: &TestCluster,
     name: &str,
     proxy: Option<&e2e::proxy::StallProxy>,
-) -> tokio::task::JoinHandle<operator::controller::Ended> {
+) -> tokio::task::JoinHandle<operator::replica::Ended> {
     let kubeconfig =
         e2e::identity::kubeconfig_for(cluster, NAMESPACE, name, e2e::footprint::operator_rules())
             .await
@@ -241,7 +241,7 @@ async fn replica(
     ])
     .unwrap();
     config.validate().unwrap();
-    tokio::spawn(operator::controller::run_replica_until(
+    tokio::spawn(operator::replica::run_replica_until(
         client,
         config,
         Arc::new(operator::metrics::Metrics::default()),

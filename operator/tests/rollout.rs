@@ -196,7 +196,7 @@ impl Run {
         let config = replica_config("op-a");
         let tasks = vec![
             tokio::spawn(watch_invariants(client.clone(), observed.clone())),
-            tokio::spawn(operator::controller::run_replica_with(
+            tokio::spawn(operator::replica::run_replica_with(
                 client.clone(),
                 config,
                 Arc::clone(&metrics),
@@ -560,11 +560,10 @@ async fn the_other_replica_takes_over_when_the_leader_dies_mid_drain() {
         .clone();
     // Kill the leader (op-a, the operator task) mid-drain; start op-b.
     run.tasks[1].abort();
-    run.tasks
-        .push(tokio::spawn(operator::controller::run_replica(
-            run.client.clone(),
-            replica_config("op-b"),
-        )));
+    run.tasks.push(tokio::spawn(operator::replica::run_replica(
+        run.client.clone(),
+        replica_config("op-b"),
+    )));
     run.cluster
         .wait_for("op-b to lead", || async {
             leases

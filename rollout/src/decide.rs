@@ -12,7 +12,7 @@ use jiff::Timestamp;
 use crds::{AgentState, WindowMode};
 
 use crate::{
-    plan::{Action, BudgetUse, Conflict, Counts, NodePlan, Plan, ReleaseReason, Skip},
+    plan::{Action, BudgetUse, Conflict, Counts, NodePlan, Plan, ReleaseReason, Seen, Skip},
     policy::{Ending, HookRule, Policy},
     snapshot::{LeaseView, NodeView, Snapshot},
     window::WindowState,
@@ -58,13 +58,21 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         }
     }
 
-    let publish_release = match &policy.target_version {
+    // Publishing the release is never a disruption: the agents only stage it.
+    let publishes: Vec<NodePlan> = match &policy.target_version {
         Some(target) => pool
             .iter()
             .filter(|n| {
                 n.desired_version.as_ref() != Some(target) || n.desired_release != policy.release
             })
-            .map(|n| n.name.clone())
+            .map(|n| NodePlan {
+                node: n.name.clone(),
+                action: Action::Publish {
+                    version: target.clone(),
+                    release: policy.release.clone(),
+                },
+                seen: Seen::of(Some(n), None),
+            })
             .collect(),
         None => Vec::new(),
     };
@@ -104,6 +112,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         plans.push(NodePlan {
             node: lease.node.clone(),
             action,
+            seen: Seen::of(node, Some(lease)),
         });
     }
 
@@ -233,7 +242,10 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                     if policy.one_zone_at_a_time {
                         active_zones.insert(node.zone(&policy.zone_label));
                     }
-                    Action::Grant { boot_id }
+                    Action::Grant {
+                        boot_id,
+                        target_version: node.agent.target_version.clone(),
+                    }
                 }
                 Err(skip) => Action::Skip(skip),
             }
@@ -241,8 +253,10 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         plans.push(NodePlan {
             node: node.name.clone(),
             action,
+            seen: Seen::of(Some(node), None),
         });
     }
+    plans.extend(publishes);
 
     let granted = plans.iter().filter(|p| p.action.is_grant()).count();
     let mut holders: Vec<String> = plans
@@ -252,6 +266,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                 p.action,
                 Action::Release(_)
                     | Action::Abort { .. }
+                    | Action::Publish { .. }
                     | Action::Skip(Skip::UpToDate | Skip::NotRequested(_))
             )
         })
@@ -288,7 +303,6 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         conflicts,
         counts,
         next_change,
-        publish_release,
     }
 }
 
@@ -559,6 +573,7 @@ fn wind_down(snapshot: &Snapshot, policy: &Policy, ending: Ending, now: Timestam
         plans.push(NodePlan {
             node: lease.node.clone(),
             action,
+            seen: Seen::of(node, Some(lease)),
         });
     }
     let holders = plans
@@ -581,7 +596,6 @@ fn wind_down(snapshot: &Snapshot, policy: &Policy, ending: Ending, now: Timestam
         conflicts: Vec::new(),
         counts,
         next_change: timers.into_iter().filter(|t| *t > now).min(),
-        publish_release: Vec::new(),
     }
 }
 

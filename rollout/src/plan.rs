@@ -5,7 +5,10 @@ use std::fmt;
 
 use jiff::Timestamp;
 
-use crds::{OnTimeout, protocol::BootId};
+use crds::{
+    OnTimeout,
+    protocol::{BootId, ReleaseRef, Version},
+};
 
 use crate::window::WindowState;
 
@@ -32,9 +35,6 @@ pub struct Plan {
     pub conflicts: Vec<Conflict>,
     /// Counts for the status.
     pub counts: Counts,
-    /// Pool nodes whose `baton.dev/desired-version` and `baton.dev/desired-release` must
-    /// be set to the policy's release (never a disruption: the agent only stages it).
-    pub publish_release: Vec<String>,
     /// The earliest moment at which this plan can change without any watch event: a
     /// window edge, a timeout or the end of a settle time. `None`: only events matter.
     pub next_change: Option<Timestamp>,
@@ -47,6 +47,68 @@ pub struct NodePlan {
     pub node: String,
     /// What to do.
     pub action: Action,
+    /// The node and lease as the decision saw them: a step writes on these versions,
+    /// so a write on an object that changed since fails instead of acting on facts the
+    /// decision never saw.
+    pub seen: Seen,
+}
+
+/// The objects a decision was made on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// The node, when it exists.
+    pub node: Option<NodeFacts>,
+    /// Its reboot lease, when it holds one.
+    pub lease: Option<LeaseFacts>,
+}
+
+/// What a step needs to know of a node besides the action.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// The resourceVersion the decision saw.
+    pub resource_version: Option<String>,
+    /// Baton cordoned it.
+    pub cordoned_by_baton: bool,
+    /// Baton added the load-balancer exclusion label.
+    pub lb_excluded: bool,
+    /// It carries a grant (`reboot-ok`).
+    pub reboot_ok: bool,
+    /// Its hook labels are set (before, after).
+    pub hook_labels: (bool, bool),
+}
+
+/// A reboot lease as the decision saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseFacts {
+    /// Its name.
+    pub name: String,
+    /// Its uid.
+    pub uid: Option<String>,
+    /// The resourceVersion the decision saw.
+    pub resource_version: Option<String>,
+}
+
+impl Seen {
+    /// The objects `node` and `lease` (either may be absent).
+    pub fn of(node: Option<&crate::NodeView>, lease: Option<&crate::LeaseView>) -> Seen {
+        Seen {
+            node: node.map(|n| NodeFacts {
+                resource_version: n.resource_version.clone(),
+                cordoned_by_baton: n.cordoned_by_baton,
+                lb_excluded: n.lb_excluded,
+                reboot_ok: n.agent.reboot_ok.is_some(),
+                hook_labels: (
+                    n.labels.contains_key(crds::protocol::BEFORE_REBOOT.name),
+                    n.labels.contains_key(crds::protocol::AFTER_REBOOT.name),
+                ),
+            }),
+            lease: lease.map(|l| LeaseFacts {
+                name: l.name.clone(),
+                uid: l.uid.clone(),
+                resource_version: l.resource_version.clone(),
+            }),
+        }
+    }
 }
 
 /// How the budget is used.
@@ -91,6 +153,8 @@ pub enum Action {
     Grant {
         /// The boot the grant applies to.
         boot_id: BootId,
+        /// The version the node staged; its reboot must land on it.
+        target_version: Option<Version>,
     },
     /// Cordon it, recording that baton did.
     Cordon,
@@ -108,6 +172,14 @@ pub enum Action {
     },
     /// The drain outlived its timeout: apply `onTimeout`.
     DrainTimedOut(OnTimeout),
+    /// Publish the policy's release on the node, for its agent to stage (never a
+    /// disruption).
+    Publish {
+        /// The version.
+        version: Version,
+        /// Its image, for the A/B backend.
+        release: Option<ReleaseRef>,
+    },
     /// Tell the agent it may reboot out of this boot.
     AllowReboot {
         /// The boot the grant names.
@@ -215,6 +287,7 @@ impl fmt::Display for Action {
             Action::Drain { deadline: Some(d) } => write!(f, "drain until {d}"),
             Action::Drain { deadline: None } => write!(f, "start the drain"),
             Action::DrainTimedOut(on) => write!(f, "drain timed out: {on:?}"),
+            Action::Publish { version, .. } => write!(f, "publish release {version}"),
             Action::AllowReboot { .. } => write!(f, "allow the reboot"),
             Action::WaitForReboot { deadline } => write!(f, "wait for the reboot until {deadline}"),
             Action::RunAfterHooks { missing, deadline } => {
@@ -288,12 +361,20 @@ impl Action {
 }
 
 impl Plan {
-    /// The plan for one node, if it is in this plan.
+    /// The plan for one node, if it is in this plan (its step, not its publishing).
     pub fn node(&self, name: &str) -> Option<&Action> {
         self.nodes
             .iter()
-            .find(|n| n.node == name)
+            .find(|n| n.node == name && !matches!(n.action, Action::Publish { .. }))
             .map(|n| &n.action)
+    }
+
+    /// The nodes the policy's release is published on in this plan.
+    pub fn publishes(&self) -> impl Iterator<Item = &str> {
+        self.nodes
+            .iter()
+            .filter(|n| matches!(n.action, Action::Publish { .. }))
+            .map(|n| n.node.as_str())
     }
 
     /// The nodes granted in this plan.

@@ -187,14 +187,15 @@ impl World {
             let name = step.node.as_str();
             let lease = self.leases.iter().position(|l| l.node == name);
             match &step.action {
-                Action::Grant { boot_id } => {
-                    let target = self
-                        .nodes
-                        .iter()
-                        .find(|n| n.name == name)
-                        .and_then(|n| n.agent.target_version.clone());
+                Action::Grant {
+                    boot_id,
+                    target_version,
+                } => {
+                    let target = target_version.clone();
                     self.leases.push(LeaseView {
                         name: format!("baton-reboot-{name}"),
+                        uid: None,
+                        resource_version: None,
                         node: name.to_string(),
                         policy: policy.name.clone(),
                         acquired: now,
@@ -295,6 +296,12 @@ impl World {
                         node: name.into(),
                         what: EventKind::Released,
                     });
+                }
+                Action::Publish { version, .. } => {
+                    if let Some(n) = self.node_mut(name) {
+                        n.desired_version = Some(version.clone());
+                    }
+                    continue;
                 }
                 Action::WaitForReboot { .. } | Action::Settle { .. } | Action::Skip(_) => continue,
             }

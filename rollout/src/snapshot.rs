@@ -11,6 +11,7 @@ use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 
 use crds::{
     AgentState, ProtocolError,
+    node::NodeMarks,
     protocol::{self, BootId, Key, Value, Version},
 };
 
@@ -44,8 +45,12 @@ pub struct NodeView {
     pub ready: bool,
     /// `spec.unschedulable` (cordoned, by anyone).
     pub unschedulable: bool,
+    /// The resourceVersion it was observed at.
+    pub resource_version: Option<String>,
     /// Baton cordoned it (`baton.dev/cordoned=true`).
     pub cordoned_by_baton: bool,
+    /// Baton added the load-balancer exclusion label.
+    pub lb_excluded: bool,
     /// An admin paused it (`baton.dev/paused=true`).
     pub paused: bool,
     /// An admin asked its agent to retry the failed boot this names (`baton.dev/retry`).
@@ -90,6 +95,10 @@ pub struct AgentView {
 pub struct LeaseView {
     /// The lease object's name.
     pub name: String,
+    /// Its uid.
+    pub uid: Option<String>,
+    /// The resourceVersion it was observed at.
+    pub resource_version: Option<String>,
     /// The node holding it.
     pub node: String,
     /// The policy that granted it.
@@ -136,57 +145,37 @@ impl NodeView {
 
     /// Builds the view of a Node.
     pub fn from_node(node: &Node) -> NodeView {
-        let meta = &node.metadata;
-        let annotations = meta.annotations.as_ref();
-        let labels = meta.labels.clone().unwrap_or_default();
-        let mut malformed = Vec::new();
-        let m = &mut malformed;
-        let agent = AgentView {
-            state: read(&protocol::STATE, annotations, m),
-            current_version: read(&protocol::CURRENT_VERSION, annotations, m),
-            target_version: read(&protocol::TARGET_VERSION, annotations, m),
-            boot_id: read(&protocol::BOOT_ID, annotations, m),
-            reboot_required: read(&protocol::REBOOT_REQUIRED, annotations, m).unwrap_or(false),
-            reboot_ok: read(&protocol::REBOOT_OK, annotations, m),
-            message: read(&protocol::MESSAGE, annotations, m).map(|msg| msg.0),
-        };
-        let cordoned_by_baton = read(&protocol::CORDONED, annotations, m).unwrap_or(false);
-        let paused = read(&protocol::PAUSED, annotations, m).unwrap_or(false);
-        let retry = read(&protocol::RETRY, annotations, m);
-        let failure = read(&protocol::FAILURE, annotations, m).map(|msg| msg.0);
-        let desired_version = read(&protocol::DESIRED_VERSION, annotations, m);
-        let desired_release = read(&protocol::DESIRED_RELEASE, annotations, m);
-        let ready = node
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-            .is_some_and(|c| c.status == "True");
+        NodeView::from_marks(NodeMarks::read(node))
+    }
+
+    /// Builds the view of a Node's marks.
+    pub fn from_marks(m: NodeMarks) -> NodeView {
         NodeView {
-            name: meta.name.clone().unwrap_or_default(),
-            created: meta.creation_timestamp.as_ref().map(|t| t.0),
-            ready,
-            unschedulable: node
-                .spec
-                .as_ref()
-                .and_then(|s| s.unschedulable)
-                .unwrap_or(false),
-            cordoned_by_baton,
-            paused,
-            retry,
-            failure,
-            agent,
-            true_annotations: annotations
-                .into_iter()
-                .flatten()
-                .filter(|(_, v)| v.as_str() == "true")
-                .map(|(k, _)| k.clone())
-                .collect(),
+            resource_version: m.resource_version,
+            cordoned_by_baton: m.cordoned,
+            lb_excluded: m.lb_excluded,
+            agent: AgentView {
+                state: m.agent.state,
+                current_version: m.agent.current_version,
+                target_version: m.agent.target_version,
+                boot_id: m.agent.boot_id,
+                reboot_required: m.agent.reboot_required,
+                reboot_ok: m.reboot_ok,
+                message: m.agent.message,
+            },
+            name: m.name,
+            labels: m.labels,
+            created: m.created,
+            ready: m.ready,
+            unschedulable: m.unschedulable,
+            paused: m.paused,
+            retry: m.retry,
+            failure: m.failure,
+            true_annotations: m.true_annotations,
             blocked_by: None,
-            malformed,
-            labels,
-            desired_version,
-            desired_release,
+            malformed: m.malformed,
+            desired_version: m.desired_version,
+            desired_release: m.desired_release,
         }
     }
 }
@@ -210,6 +199,8 @@ impl LeaseView {
             .unwrap_or(Timestamp::UNIX_EPOCH);
         let view = LeaseView {
             name: meta.name.clone().unwrap_or_default(),
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
             node,
             policy: policy.unwrap_or_default(),
             acquired,

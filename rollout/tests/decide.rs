@@ -27,6 +27,8 @@ fn lease(world: &World, node: &str, acquired: &str) -> LeaseView {
     let n = world.nodes.iter().find(|n| n.name == node).unwrap();
     LeaseView {
         name: format!("baton-reboot-{node}"),
+        uid: None,
+        resource_version: None,
         node: node.into(),
         policy: "pool".into(),
         acquired: at(acquired),
@@ -606,10 +608,10 @@ fn a_release_version_is_published_on_pool_nodes_that_lack_it_and_only_those() {
     n2.desired_release = p.release.clone();
     w.node_mut("node-03").unwrap().desired_version = Version::new("2.0.0").ok();
     let plan = decide(&w.snapshot(), &p, at(NOW));
-    assert_eq!(plan.publish_release, ["node-01", "node-03"]);
+    assert_eq!(plan.publishes().collect::<Vec<_>>(), ["node-01", "node-03"]);
     let without = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
     assert!(
-        without.publish_release.is_empty(),
+        without.publishes().next().is_none(),
         "no release, nothing to publish"
     );
 }

@@ -166,7 +166,7 @@ fn check_run(
                 prop_assert!(!admin_cordoned.contains(&step.node));
             }
             // Every grant goes to a node that asked, on the boot it asked from.
-            if let Action::Grant { boot_id } = &step.action {
+            if let Action::Grant { boot_id, .. } = &step.action {
                 let node = world.nodes.iter().find(|n| n.name == step.node).unwrap();
                 prop_assert!(
                     node.requests_reboot() && node.agent.boot_id.as_ref() == Some(boot_id)

@@ -99,7 +99,7 @@ impl Ab {
     }
 
     fn save_versions(&self, v: &BTreeMap<String, Version>) -> Result<(), AgentError> {
-        let text = serde_json::to_vec_pretty(v).map_err(|e| AgentError::Other(e.to_string()))?;
+        let text = serde_json::to_vec_pretty(v)?;
         write_atomically(&self.versions_file, &text)
     }
 

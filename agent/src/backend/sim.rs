@@ -124,7 +124,7 @@ fn load(dir: &Path) -> Result<Machine, AgentError> {
 }
 
 fn save(dir: &Path, machine: &Machine) -> Result<(), AgentError> {
-    let text = serde_json::to_vec_pretty(machine).map_err(|e| AgentError::Other(e.to_string()))?;
+    let text = serde_json::to_vec_pretty(machine)?;
     write_atomically(&dir.join(MACHINE), &text)
 }
 

@@ -1,0 +1,54 @@
+//! What every reconcile of one controller run shares: the client, the configuration,
+//! the watch caches, the Event recorder, the running drains, the metrics, the alert
+//! gate's client, the clock, and the writes not yet seen in the caches.
+
+use std::{collections::HashMap, sync::Arc};
+
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
+use kube::{
+    Client,
+    runtime::{events::Recorder, reflector::Store},
+};
+
+use crds::UpdatePolicy;
+
+use crate::{config::Config, metrics::Metrics};
+
+/// What every reconcile shares.
+pub struct Context {
+    pub(crate) client: Client,
+    pub(crate) config: Config,
+    pub(crate) nodes: Store<Node>,
+    pub(crate) leases: Store<Lease>,
+    pub(crate) policies: Store<UpdatePolicy>,
+    pub(crate) recorder: Recorder,
+    pub(crate) drains: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) alerts: crate::alert::Alerts,
+    pub(crate) clock: Arc<crate::clock::Clock>,
+    /// Writes not yet seen in the caches (`readback`).
+    pub(crate) expectations: std::sync::Mutex<rollout::expectations::Expectations>,
+}
+
+impl Context {
+    /// The running drains. Never held across an await.
+    pub(crate) fn drains(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, tokio::task::JoinHandle<()>>> {
+        self.drains
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Aborts every running drain when dropped: drains must not outlive the controller
+/// run that started them (a replica that stops leading stops evicting at once).
+pub(crate) struct AbortDrains(pub(crate) Arc<Context>);
+
+impl Drop for AbortDrains {
+    fn drop(&mut self) {
+        for handle in self.0.drains().values() {
+            handle.abort();
+        }
+    }
+}
