@@ -94,7 +94,7 @@ async fn main() {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let server = e2e::image_server::ImageServer::start(&served)
+            let server = harness::image_server::ImageServer::start(&served)
                 .await
                 .unwrap();
             tx.send((server.url(), server.ca_file().to_path_buf()))

@@ -17,8 +17,8 @@ use agent::{
 };
 use base64::Engine;
 use crds::protocol::Version;
-use e2e::image_server::ImageServer;
 use ed25519_dalek::{Signer, SigningKey};
+use harness::image_server::ImageServer;
 use sha2::{Digest, Sha256};
 
 const SLOT: u64 = 16 << 20;

@@ -19,8 +19,8 @@ use agent::{
     record::RecordFile,
 };
 use crds::protocol::{BootId, Version};
-use e2e::{TestCluster, dbus::Bus};
 use futures::StreamExt;
+use harness::{TestCluster, dbus::Bus};
 use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api, ResourceExt,
@@ -56,7 +56,7 @@ impl FakeEngine {
 /// with no name is known by its number).
 #[derive(Clone)]
 struct Polkit {
-    rules: e2e::polkit::Rules,
+    rules: harness::polkit::Rules,
     users: Vec<(u32, String)>,
 }
 
@@ -562,7 +562,7 @@ async fn as_the_agents_uid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_uid_reads_update_engine_and_reboots_and_is_refused_everything_else() {
     use std::os::unix::process::CommandExt;
-    let rules = e2e::polkit::Rules::load(&host_file("50-baton-agent.rules")).unwrap();
+    let rules = harness::polkit::Rules::load(&host_file("50-baton-agent.rules")).unwrap();
     // The rule itself: reboot, and nothing else, for baton-agent (or UID 65532 with no
     // name); nothing for anyone else.
     for user in ["baton-agent", "65532"] {

@@ -12,15 +12,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crds::UpdatePolicy;
+use crds::{UpdatePolicy, node::NodeMarks, protocol::AgentState};
 use jiff::Timestamp;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::{
-    Api, ResourceExt,
+    Api,
     api::{ListParams, PostParams},
 };
 
-use crate::{
+use harness::{
     Error, Result, TestCluster,
     binaries::Binaries,
     error::io,
@@ -84,7 +84,7 @@ fn build_binaries() -> Result<PathBuf> {
 
 fn helm_install(helm: &Path, kubeconfig: &Path) -> Result<()> {
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/baton");
-    let out = crate::binaries::helm_command(helm)
+    let out = harness::binaries::helm_command(helm)
         .arg("install")
         .arg("baton")
         .arg(&chart)
@@ -111,8 +111,9 @@ fn helm_install(helm: &Path, kubeconfig: &Path) -> Result<()> {
     Ok(())
 }
 
-fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
-    node.annotations().get(key).map(String::as_str)
+/// The state the node's agent reports.
+fn state(node: &Node) -> Option<AgentState> {
+    NodeMarks::read(node).agent.state
 }
 
 #[tokio::main]
@@ -151,7 +152,7 @@ async fn local(n: usize, keep: bool) -> Result<()> {
         kubeconfigs.insert(node.clone(), kc);
     }
     let logs = cluster.kubeconfig().with_file_name("demo-operator.log");
-    let _operator = crate::process::spawn_with_kubeconfig(
+    let _operator = harness::process::spawn_with_kubeconfig(
         "baton-operator",
         &target.join("baton-operator"),
         &operator_kc,
@@ -181,11 +182,10 @@ async fn local(n: usize, keep: bool) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     cluster
         .wait_for("every agent to report Idle on 1.0.0", || async {
-            nodes.list(&ListParams::default()).await.is_ok_and(|l| {
-                l.items
-                    .iter()
-                    .all(|n| annotation(n, "baton.dev/state") == Some("Idle"))
-            })
+            nodes
+                .list(&ListParams::default())
+                .await
+                .is_ok_and(|l| l.items.iter().all(|n| state(n) == Some(AgentState::Idle)))
         })
         .await?;
     println!(
@@ -220,8 +220,8 @@ async fn local(n: usize, keep: bool) -> Result<()> {
                     .and_then(|s| s.unschedulable)
                     .unwrap_or(false)
                     || matches!(
-                        annotation(n, "baton.dev/state"),
-                        Some("Rebooting" | "Verifying")
+                        state(n),
+                        Some(AgentState::Rebooting | AgentState::Verifying)
                     )
             })
             .count();
@@ -246,8 +246,9 @@ async fn local(n: usize, keep: bool) -> Result<()> {
         last = stable;
         let done = held.is_empty()
             && all.iter().all(|n| {
-                annotation(n, "baton.dev/state") == Some("Done")
-                    && annotation(n, "baton.dev/current-version") == Some("2.0.0")
+                let marks = NodeMarks::read(n);
+                marks.agent.state == Some(AgentState::Done)
+                    && marks.agent.current_version.as_ref().map(|v| v.as_str()) == Some("2.0.0")
             });
         if done {
             break;

@@ -13,9 +13,9 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Node;
-use kube::{Api, ResourceExt, api::ListParams};
+use kube::{Api, api::ListParams};
 
-use crate::{
+use harness::{
     TestCluster, audit,
     binaries::Binaries,
     error::{Error, Result, io},
@@ -104,19 +104,11 @@ pub fn release_agent() -> Result<PathBuf> {
     release_binary("agent", "baton-agent")
 }
 
-/// What the operator may do (the chart's rules, with its namespaced Lease rule made
-/// cluster-wide for brevity).
-pub fn operator_rules() -> serde_json::Value {
-    serde_json::json!([
-        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "delete"]},
-        {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["list"]},
-        {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
-        {"apiGroups": ["baton.dev"], "resources": ["updatepolicies"], "verbs": ["get", "list", "watch", "patch"]},
-        {"apiGroups": ["baton.dev"], "resources": ["updatepolicies/status"], "verbs": ["patch"]},
-        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
-    ])
+/// What the operator may do: the chart's own rules for it (`harness::identity::chart_rules`),
+/// with Force drains allowed (the benchmarks and tests may use `onTimeout: Force`).
+pub fn operator_rules() -> Result<serde_json::Value> {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/baton");
+    harness::identity::chart_rules(&chart, "baton-operator", &["operator.allowForceDrain=true"])
 }
 
 /// The operator's footprint with `nodes` kwok nodes, idle (a policy over every node,
@@ -141,17 +133,16 @@ pub async fn operator(
         started.elapsed()
     );
     cluster.create_namespace("baton-system").await?;
-    let kubeconfig = crate::identity::kubeconfig_for(
+    let kubeconfig = harness::identity::kubeconfig_for(
         &cluster,
         "baton-system",
         "baton-operator",
-        operator_rules(),
+        operator_rules()?,
     )
     .await?;
-    let policy: crds::UpdatePolicy = serde_json::from_value(serde_json::json!({
-        "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "all"}, "spec": {"maxUnavailable": "10%"},
-    }))
-    .map_err(|e| Error::Other(e.to_string()))?;
+    let spec = serde_json::from_value(serde_json::json!({"maxUnavailable": "10%"}))
+        .map_err(|e| Error::Other(e.to_string()))?;
+    let policy = crds::UpdatePolicy::new("all", spec);
     let policies: Api<crds::UpdatePolicy> = Api::all(cluster.client());
     policies
         .create(&kube::api::PostParams::default(), &policy)
@@ -162,7 +153,7 @@ pub async fn operator(
         .map_err(io("choosing a metrics port"))?;
     let metrics_arg = metrics_addr.to_string();
     let elect_arg = format!("--leader-elect={leader_elect}");
-    let proc = crate::process::spawn_with_kubeconfig(
+    let proc = harness::process::spawn_with_kubeconfig(
         "baton-operator",
         &operator_binary,
         &kubeconfig,
@@ -286,10 +277,10 @@ pub async fn agents(
     let names = cluster.add_nodes(nodes).await?;
     cluster.create_namespace("baton-system").await?;
     let agent_kc =
-        crate::identity::kubeconfig_for(&cluster, "baton-system", "baton-agent", node_rules())
+        harness::identity::kubeconfig_for(&cluster, "baton-system", "baton-agent", node_rules())
             .await?;
     let base_kc =
-        crate::identity::kubeconfig_for(&cluster, "baton-system", "baseline-watch", node_rules())
+        harness::identity::kubeconfig_for(&cluster, "baton-system", "baseline-watch", node_rules())
             .await?;
     let fleet = Fleet::start(
         &names,
@@ -326,7 +317,8 @@ pub async fn agents(
                 .await
                 .map(|l| {
                     l.items.iter().all(|n| {
-                        n.annotations().get("baton.dev/state").map(String::as_str) == Some("Idle")
+                        crds::node::NodeMarks::read(n).agent.state
+                            == Some(crds::protocol::AgentState::Idle)
                     })
                 })
                 .unwrap_or(false)

@@ -15,8 +15,9 @@
 //!   longer disrupted by baton, and none is left behind at the end but a failed one;
 //! - halting: while failures reach the limit, no new Lease is granted.
 //!
-//! It reads the wire format on purpose, with its own key strings: it checks the
-//! protocol, so it must not share the code under test.
+//! It reads the wire format itself, key by key (with the protocol's key names), and
+//! judges with rules of its own: it checks the code that reads and writes the
+//! protocol, so it must not share that code.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -27,6 +28,8 @@ use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::{Api, Client, ResourceExt, runtime::watcher};
+
+use crds::{grant::MANAGED_BY, node::EXCLUDE_FROM_LB, protocol};
 
 /// When the maintenance window is open (default: always).
 pub type WindowFn = Arc<dyn Fn(Timestamp) -> bool + Send + Sync>;
@@ -48,6 +51,16 @@ pub struct Report {
     pub reboots_without_grant: usize,
     /// The most nodes disrupted at once.
     pub max_disrupted: usize,
+    /// The most nodes cordoned at once (by anyone).
+    pub max_cordoned: usize,
+    /// The most reboot Leases held at once.
+    pub max_leases: usize,
+    /// Nodes in the order baton first cordoned them.
+    pub cordon_order: Vec<String>,
+    /// Nodes seen cordoned by baton with the load-balancer exclusion label.
+    pub excluded_from_lb: Vec<String>,
+    /// Each node's states, in order, without repeats.
+    pub states: BTreeMap<String, Vec<String>>,
     /// Nodes marked failed.
     pub failures: BTreeSet<String>,
     /// Broken rules, in the order seen.
@@ -130,7 +143,7 @@ fn unschedulable(node: &Node) -> bool {
 fn disrupted(node: &Node) -> bool {
     unschedulable(node)
         || matches!(
-            ann(node, "baton.dev/state"),
+            ann(node, protocol::STATE.name),
             Some("Rebooting" | "Verifying")
         )
 }
@@ -166,7 +179,7 @@ impl Watcher {
                             r.node_events += 1;
                             let name = node.name_any();
                             let by_baton = unschedulable(&node)
-                                && ann(&node, "baton.dev/cordoned") == Some("true");
+                                && ann(&node, protocol::CORDONED.name) == Some("true");
                             if by_baton
                                 && cordoned.insert(name.clone())
                                 && !window(Timestamp::now())
@@ -195,8 +208,8 @@ impl Watcher {
             let api: Api<Lease> = Api::namespaced(client, namespace);
             tokio::spawn(async move {
                 let mut known: BTreeSet<String> = BTreeSet::new();
-                let config =
-                    watcher::Config::default().labels("app.kubernetes.io/managed-by=baton");
+                let config = watcher::Config::default()
+                    .labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
                 let mut events = watcher(api, config).boxed();
                 while let Some(event) = events.next().await {
                     let Ok(event) = event else { continue };
@@ -286,6 +299,8 @@ fn judge(r: &Recorded, budget: usize, max_failed: usize, end: bool) -> Report {
     let mut seen_leases: BTreeSet<String> = BTreeSet::new();
     let mut leaving: BTreeMap<String, Leaving> = BTreeMap::new();
     let mut last_rv: BTreeMap<String, u64> = BTreeMap::new();
+    // (node, boot) pairs seen Rebooting: never Verifying or Done under one of them.
+    let mut rebooting_boots: BTreeSet<(String, String)> = BTreeSet::new();
     for change in &changes {
         match &change.what {
             What::Node(node) => {
@@ -297,13 +312,42 @@ fn judge(r: &Recorded, budget: usize, max_failed: usize, end: bool) -> Report {
                 last_rv.insert(name.clone(), change.rv);
                 let old = nodes.insert(name.clone(), (**node).clone());
                 let (before, now) = (
-                    old.as_ref().and_then(|o| ann(o, "baton.dev/boot-id")),
-                    ann(node, "baton.dev/boot-id"),
+                    old.as_ref().and_then(|o| ann(o, protocol::BOOT_ID.name)),
+                    ann(node, protocol::BOOT_ID.name),
                 );
                 if let Some(o) = &old
-                    && ann(o, "baton.dev/state") != ann(node, "baton.dev/state")
+                    && ann(o, protocol::STATE.name) != ann(node, protocol::STATE.name)
                 {
                     report.transitions += 1;
+                }
+                if let Some(state) = ann(node, protocol::STATE.name) {
+                    let states = report.states.entry(name.clone()).or_default();
+                    if states.last().map(String::as_str) != Some(state) {
+                        states.push(state.to_string());
+                    }
+                    // A finished reboot is never claimed under the boot it left.
+                    if let Some(b) = now.filter(|_| state == "Rebooting") {
+                        rebooting_boots.insert((name.clone(), b.to_string()));
+                    }
+                    if matches!(state, "Verifying" | "Done")
+                        && let Some(b) = now
+                        && rebooting_boots.contains(&(name.clone(), b.to_string()))
+                    {
+                        report.violations.push(format!(
+                            "{name} reported {state} under boot {b}, the boot it rebooted out of"
+                        ));
+                    }
+                }
+                let by_baton =
+                    unschedulable(node) && ann(node, protocol::CORDONED.name) == Some("true");
+                if by_baton && !report.cordon_order.contains(&name) {
+                    report.cordon_order.push(name.clone());
+                }
+                if by_baton
+                    && node.labels().contains_key(EXCLUDE_FROM_LB)
+                    && !report.excluded_from_lb.contains(&name)
+                {
+                    report.excluded_from_lb.push(name.clone());
                 }
                 if let (Some(b), Some(n)) = (before, now)
                     && b != n
@@ -324,7 +368,7 @@ fn judge(r: &Recorded, budget: usize, max_failed: usize, end: bool) -> Report {
                 // the new boot shows. Any other state in this boot: no reboot is on its
                 // way (a refused grant, say); a later one reports Rebooting again.
                 if let Some(b) = now {
-                    if ann(node, "baton.dev/state") == Some("Rebooting") {
+                    if ann(node, protocol::STATE.name) == Some("Rebooting") {
                         let grant_live = live(Some(node), leases.get(&name), b);
                         leaving.insert(
                             name.clone(),
@@ -337,11 +381,13 @@ fn judge(r: &Recorded, budget: usize, max_failed: usize, end: bool) -> Report {
                         leaving.remove(&name);
                     }
                 }
-                if ann(node, "baton.dev/failure").is_some() {
+                if ann(node, protocol::FAILURE.name).is_some() {
                     report.failures.insert(name.clone());
                 }
                 let disrupted_now = nodes.values().filter(|n| disrupted(n)).count();
                 report.max_disrupted = report.max_disrupted.max(disrupted_now);
+                let cordoned_now = nodes.values().filter(|n| unschedulable(n)).count();
+                report.max_cordoned = report.max_cordoned.max(cordoned_now);
                 if disrupted_now > budget {
                     report.violations.push(format!(
                         "{disrupted_now} nodes disrupted at once, budget {budget}"
@@ -359,9 +405,9 @@ fn judge(r: &Recorded, budget: usize, max_failed: usize, end: bool) -> Report {
                     uid: uid.clone(),
                     boot: lease
                         .annotations()
-                        .get("baton.dev/granted-boot-id")
+                        .get(protocol::lease::GRANTED_BOOT_ID.name)
                         .cloned(),
-                    failed: lease.annotations().contains_key("baton.dev/failure"),
+                    failed: lease.annotations().contains_key(protocol::FAILURE.name),
                 };
                 if held.failed {
                     report.failures.insert(h.clone());
@@ -377,6 +423,7 @@ fn judge(r: &Recorded, budget: usize, max_failed: usize, end: bool) -> Report {
                     }
                 }
                 leases.insert(h, held);
+                report.max_leases = report.max_leases.max(leases.len());
             }
             What::LeaseGone(lease) => {
                 let Some(h) = holder(lease) else { continue };
@@ -388,12 +435,13 @@ fn judge(r: &Recorded, budget: usize, max_failed: usize, end: bool) -> Report {
                     report.releases += 1;
                     end_grant(&mut leaving, &h, "its Lease was deleted");
                     let ok = nodes.get(&h).is_none_or(|n| {
-                        ann(n, "baton.dev/state") == Some("Done")
-                            || ann(n, "baton.dev/failure").is_some()
-                            || !(ann(n, "baton.dev/cordoned") == Some("true") && unschedulable(n)
-                                || ann(n, "baton.dev/reboot-ok").is_some()
+                        ann(n, protocol::STATE.name) == Some("Done")
+                            || ann(n, protocol::FAILURE.name).is_some()
+                            || !(ann(n, protocol::CORDONED.name) == Some("true")
+                                && unschedulable(n)
+                                || ann(n, protocol::REBOOT_OK.name).is_some()
                                 || matches!(
-                                    ann(n, "baton.dev/state"),
+                                    ann(n, protocol::STATE.name),
                                     Some("Rebooting" | "Verifying")
                                 ))
                     });
@@ -411,7 +459,7 @@ fn judge(r: &Recorded, budget: usize, max_failed: usize, end: bool) -> Report {
             let failed = held.failed
                 || nodes
                     .get(h)
-                    .is_some_and(|n| ann(n, "baton.dev/failure").is_some());
+                    .is_some_and(|n| ann(n, protocol::FAILURE.name).is_some());
             if nodes.contains_key(h) && !failed {
                 report
                     .violations
@@ -445,13 +493,14 @@ fn live(node: Option<&Node>, lease: Option<&Held>, boot: &str) -> Result<(), Str
     let Some(node) = node else {
         return Err("the node was not seen".into());
     };
-    if ann(node, "baton.dev/reboot-ok") != Some(boot) {
+    if ann(node, protocol::REBOOT_OK.name) != Some(boot) {
         return Err(format!(
-            "baton.dev/reboot-ok is {:?}",
-            ann(node, "baton.dev/reboot-ok")
+            "{} is {:?}",
+            protocol::REBOOT_OK.name,
+            ann(node, protocol::REBOOT_OK.name)
         ));
     }
-    if !(unschedulable(node) && ann(node, "baton.dev/cordoned") == Some("true")) {
+    if !(unschedulable(node) && ann(node, protocol::CORDONED.name) == Some("true")) {
         return Err("baton's cordon is not on the node".into());
     }
     Ok(())
@@ -462,7 +511,7 @@ fn live(node: Option<&Node>, lease: Option<&Held>, boot: &str) -> Result<(), Str
 fn failed_nodes(nodes: &BTreeMap<String, Node>, leases: &BTreeMap<String, Held>) -> usize {
     let mut failed: BTreeSet<&str> = nodes
         .iter()
-        .filter(|(_, n)| ann(n, "baton.dev/failure").is_some())
+        .filter(|(_, n)| ann(n, protocol::FAILURE.name).is_some())
         .map(|(name, _)| name.as_str())
         .collect();
     failed.extend(

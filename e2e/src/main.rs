@@ -18,7 +18,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use e2e::{Error, Result, TestCluster, binaries::Binaries, error::io};
+use harness::{Error, Result, TestCluster, binaries::Binaries, error::io};
 
 #[derive(Debug, Parser)]
 #[command(name = "e2e", about = "baton's local Kubernetes control plane")]
@@ -135,7 +135,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Binaries => Binaries::ensure().map(|b| {
-            for tool in e2e::binaries::TOOLS {
+            for tool in harness::binaries::TOOLS {
                 println!("{:<24} {}", tool.name, b.path(tool.name).display());
             }
         }),
@@ -206,7 +206,7 @@ fn up(nodes: usize, dir: &std::path::Path) -> Result<()> {
             )));
         }
         if !std::path::Path::new(&format!("/proc/{}", child.id())).exists() {
-            let tail = e2e::process::log_tail(&dir.join("serve.log"), 20);
+            let tail = harness::process::log_tail(&dir.join("serve.log"), 20);
             return Err(Error::Other(format!("the cluster exited:\n{tail}")));
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -337,11 +337,11 @@ async fn rollout_bench(nodes: usize, k: &[usize], reboot_secs: u64, poll_secs: u
 }
 
 fn test(args: &[String]) -> Result<()> {
-    e2e::packages::ensure()?;
+    harness::packages::ensure()?;
     let binaries = Binaries::ensure()?;
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(["test", "--workspace"]).args(args);
-    for tool in e2e::binaries::TOOLS {
+    for tool in harness::binaries::TOOLS {
         cmd.env(tool.env, binaries.path(tool.name));
     }
     let status = cmd.status().map_err(io("running cargo test"))?;

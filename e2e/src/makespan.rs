@@ -16,16 +16,16 @@ use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::{
-    Api, ResourceExt,
+    Api,
     api::{ListParams, Patch, PatchParams, PostParams},
     runtime::watcher,
 };
 
-use crate::{
+use crate::footprint::{operator_rules, release_binary};
+use harness::{
     TestCluster, audit,
     error::{Error, Result},
     fleet::{Fleet, FleetOptions},
-    footprint::{operator_rules, release_binary},
     identity,
 };
 
@@ -77,9 +77,13 @@ pub async fn run(
     cluster.apply_crds().await?;
     let names = cluster.add_nodes(nodes).await?;
     cluster.create_namespace("baton-system").await?;
-    let operator_kc =
-        identity::kubeconfig_for(&cluster, "baton-system", "baton-operator", operator_rules())
-            .await?;
+    let operator_kc = identity::kubeconfig_for(
+        &cluster,
+        "baton-system",
+        "baton-operator",
+        operator_rules()?,
+    )
+    .await?;
     let agent_kc = identity::kubeconfig_for(
         &cluster,
         "baton-system",
@@ -91,7 +95,7 @@ pub async fn run(
         &names,
         &FleetOptions::new(agent, agent_kc, reboot, ["--sim-stage-time", "1s"]),
     )?;
-    let _operator = crate::process::spawn_with_kubeconfig(
+    let _operator = harness::process::spawn_with_kubeconfig(
         "baton-operator",
         &operator,
         &operator_kc,
@@ -149,10 +153,8 @@ pub async fn run(
             "sha256": "d".repeat(64), "signature": format!("{}==", "A".repeat(86)),
         }});
         if round == 0 {
-            let policy: crds::UpdatePolicy = serde_json::from_value(serde_json::json!({
-                "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "bench"}, "spec": spec,
-            }))
-            .map_err(|e| Error::Other(e.to_string()))?;
+            let spec = serde_json::from_value(spec).map_err(|e| Error::Other(e.to_string()))?;
+            let policy = crds::UpdatePolicy::new("bench", spec);
             policies.create(&PostParams::default(), &policy).await?;
         } else {
             policies
@@ -175,9 +177,10 @@ pub async fn run(
                 .items
                 .iter()
                 .all(|n| {
-                    n.annotations().get("baton.dev/current-version") == Some(&version)
-                        && n.annotations().get("baton.dev/state").map(String::as_str)
-                            == Some("Done")
+                    let marks = crds::node::NodeMarks::read(n);
+                    marks.agent.current_version.as_ref().map(|v| v.as_str())
+                        == Some(version.as_str())
+                        && marks.agent.state == Some(crds::protocol::AgentState::Done)
                 });
             let held = events
                 .lock()

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use crds::UpdatePolicy;
-use e2e::TestCluster;
+use harness::TestCluster;
 use kube::{
     Api,
     api::{DynamicObject, PostParams},

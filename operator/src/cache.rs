@@ -162,7 +162,7 @@ mod tests {
         let mut annotated = beat.clone();
         annotated
             .annotations_mut()
-            .insert("baton.dev/state".into(), "Idle".into());
+            .insert(crds::protocol::STATE.name.into(), "Idle".into());
         assert!(
             changes.admit(&Event::Apply(annotated.clone())),
             "an annotation"

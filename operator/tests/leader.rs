@@ -6,7 +6,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use e2e::{TestCluster, audit};
+use harness::{TestCluster, audit};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
     Api,
@@ -19,7 +19,7 @@ const NAMESPACE: &str = "baton-system";
 
 /// An elector running as its own ServiceAccount (so its requests can be counted).
 async fn elector(cluster: &TestCluster, name: &str, duration: Duration) -> Arc<Elector> {
-    let kubeconfig = e2e::identity::kubeconfig_for(
+    let kubeconfig = harness::identity::kubeconfig_for(
         cluster,
         NAMESPACE,
         name,
@@ -28,7 +28,7 @@ async fn elector(cluster: &TestCluster, name: &str, duration: Duration) -> Arc<E
     )
     .await
     .unwrap();
-    let client = e2e::cluster::client_from(&kubeconfig).await.unwrap();
+    let client = harness::cluster::client_from(&kubeconfig).await.unwrap();
     Arc::new(Elector::new(
         Api::namespaced(client, NAMESPACE),
         name.into(),
@@ -212,12 +212,13 @@ async fn a_killed_leader_is_replaced_after_its_term_and_a_taken_lease_stops_the_
 async fn replica(
     cluster: &TestCluster,
     name: &str,
-    proxy: Option<&e2e::proxy::StallProxy>,
+    proxy: Option<&harness::proxy::StallProxy>,
 ) -> tokio::task::JoinHandle<operator::replica::Ended> {
-    let kubeconfig =
-        e2e::identity::kubeconfig_for(cluster, NAMESPACE, name, e2e::footprint::operator_rules())
-            .await
-            .unwrap();
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/baton");
+    let rules = harness::identity::chart_rules(&chart, "baton-operator", &[]).unwrap();
+    let kubeconfig = harness::identity::kubeconfig_for(cluster, NAMESPACE, name, rules)
+        .await
+        .unwrap();
     if let Some(proxy) = proxy {
         let yaml = std::fs::read_to_string(&kubeconfig).unwrap();
         let ca = cluster.ca_file();
@@ -227,7 +228,7 @@ async fn replica(
         );
         std::fs::write(&kubeconfig, yaml).unwrap();
     }
-    let client = e2e::cluster::client_from(&kubeconfig).await.unwrap();
+    let client = harness::cluster::client_from(&kubeconfig).await.unwrap();
     let config = <operator::config::Config as clap::Parser>::try_parse_from([
         "baton-operator",
         "--namespace",
@@ -262,7 +263,7 @@ async fn a_leader_whose_renewal_hangs_writes_nothing_after_the_new_leader_starts
     cluster.create_namespace(NAMESPACE).await.unwrap();
     cluster.apply_crds().await.unwrap();
     cluster.add_nodes(2).await.unwrap();
-    let proxy = e2e::proxy::StallProxy::start(cluster.server(), cluster.ca_file())
+    let proxy = harness::proxy::StallProxy::start(cluster.server(), cluster.ca_file())
         .await
         .unwrap();
     let leases: Api<Lease> = Api::namespaced(cluster.client(), NAMESPACE);
@@ -271,11 +272,8 @@ async fn a_leader_whose_renewal_hangs_writes_nothing_after_the_new_leader_starts
     // by the leader.
     let names: Vec<String> = (0..4).map(|i| format!("pool-{i}")).collect();
     for (i, name) in names.iter().enumerate() {
-        let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
-            "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": name},
-            "spec": {"nodeSelector": {"matchLabels": {"pool": format!("p{i}")}}},
-        }))
-        .unwrap();
+        let spec = serde_json::json!({"nodeSelector": {"matchLabels": {"pool": format!("p{i}")}}});
+        let policy = UpdatePolicy::new(name, serde_json::from_value(spec).unwrap());
         policies
             .create(&PostParams::default(), &policy)
             .await

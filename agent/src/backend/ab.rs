@@ -136,8 +136,9 @@ impl Backend for Ab {
             (_, Some(d)) if current.as_ref() != Some(&d.version) => match &d.release {
                 Some(_) => Update::Available(d.version.clone()),
                 None => Update::Broken(format!(
-                    "version {} is wanted but no release image (baton.dev/desired-release) was published",
-                    d.version
+                    "version {} is wanted but no release image ({}) was published",
+                    d.version,
+                    crds::protocol::DESIRED_RELEASE.name
                 )),
             },
             _ => Update::Idle,

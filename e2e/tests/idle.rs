@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use e2e::{
+use crds::protocol;
+use harness::{
     TestCluster, audit,
     fleet::{Fleet, FleetOptions},
 };
@@ -16,7 +17,7 @@ async fn idle_agents_make_no_requests_besides_their_watches() {
     let cluster = TestCluster::start().await.unwrap();
     let names = cluster.add_nodes(3).await.unwrap();
     cluster.create_namespace("baton-system").await.unwrap();
-    let kubeconfig = e2e::identity::kubeconfig_for(
+    let kubeconfig = harness::identity::kubeconfig_for(
         &cluster,
         "baton-system",
         "baton-agent",
@@ -28,7 +29,7 @@ async fn idle_agents_make_no_requests_besides_their_watches() {
     let _fleet = Fleet::start(
         &names,
         &FleetOptions::new(
-            env!("CARGO_BIN_EXE_baton-agent"),
+            harness::binaries::workspace_binary("baton-agent").unwrap(),
             kubeconfig,
             Duration::from_secs(1),
             ["--check-interval", "1s"],
@@ -44,7 +45,12 @@ async fn idle_agents_make_no_requests_besides_their_watches() {
                 .unwrap()
                 .items
                 .iter()
-                .all(|n| n.annotations().get("baton.dev/state").map(String::as_str) == Some("Idle"))
+                .all(|n| {
+                    n.annotations()
+                        .get(protocol::STATE.name)
+                        .map(String::as_str)
+                        == Some("Idle")
+                })
         })
         .await
         .unwrap();

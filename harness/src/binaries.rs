@@ -23,7 +23,7 @@ pub struct Tool {
     pub name: &'static str,
     /// Its environment-variable override.
     pub env: &'static str,
-    /// The Go module directory under `e2e/tools/`.
+    /// The Go module directory under `harness/tools/`.
     pub module: &'static str,
     /// The package to build (`.` for the module's own main).
     pub package: &'static str,
@@ -196,7 +196,7 @@ fn kwok_stages(cache: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// `e2e/tools`, where the Go modules pinning each binary live.
+/// `harness/tools`, where the Go modules pinning each binary live.
 pub fn tools_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tools")
 }
@@ -221,7 +221,7 @@ pub fn cache_dir() -> Result<PathBuf> {
     Ok(base.join("baton-e2e").join(parts.join("_")))
 }
 
-/// The version of `pinned` that `e2e/tools/<module>/go.mod` requires.
+/// The version of `pinned` that `harness/tools/<module>/go.mod` requires.
 pub fn module_version(module: &str, pinned: &str) -> Result<String> {
     let path = tools_dir().join(module).join("go.mod");
     let text = fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))?;
@@ -325,4 +325,29 @@ pub fn helm_command(helm: &Path) -> Command {
         cmd.env(var, std::env::temp_dir().join(dir));
     }
     cmd
+}
+
+/// A binary of the workspace's own build (`baton-agent`, say): `$BATON_<NAME>_BINARY`
+/// when set (`baton-agent` reads `BATON_AGENT_BINARY`), else the one beside the running
+/// test's own directory (`target/<profile>/<name>`, which `cargo test --workspace`
+/// builds), else an error that says how to build it.
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
+    let var = format!(
+        "BATON_{}_BINARY",
+        name.trim_start_matches("baton-")
+            .to_ascii_uppercase()
+            .replace('-', "_")
+    );
+    if let Some(path) = std::env::var_os(&var) {
+        return Ok(PathBuf::from(path));
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(|profile| profile.join(name)))
+        .filter(|p| p.is_file());
+    beside.ok_or_else(|| {
+        Error::Other(format!(
+            "{name} is not built: `cargo run -p e2e -- test` builds it, or `cargo build --bin {name}` (or set {var})"
+        ))
+    })
 }

@@ -12,7 +12,7 @@ use std::{
 };
 
 use clap::Parser;
-use e2e::{
+use harness::{
     TestCluster,
     binaries::Binaries,
     fleet::{Fleet, FleetOptions},
@@ -34,7 +34,7 @@ fn helm() -> PathBuf {
 
 /// Runs helm; returns stdout, or panics with stderr.
 fn run_helm(args: &[&str]) -> String {
-    let out = e2e::binaries::helm_command(&helm())
+    let out = harness::binaries::helm_command(&helm())
         .args(args)
         .output()
         .unwrap();
@@ -177,7 +177,7 @@ fn the_chart_lints_and_renders_for_every_backend_with_and_without_a_service_moni
     assert_eq!(deploy["spec"]["strategy"]["type"], "Recreate");
     let args = deploy["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(args.contains("--leader-elect=false"), "{args}");
-    let out = e2e::binaries::helm_command(&helm())
+    let out = harness::binaries::helm_command(&helm())
         .args([
             "template",
             "baton",
@@ -191,7 +191,7 @@ fn the_chart_lints_and_renders_for_every_backend_with_and_without_a_service_moni
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("set operator.replicas=1"), "{err}");
     // values.schema.json refuses nonsense with a clear message.
-    let out = e2e::binaries::helm_command(&helm())
+    let out = harness::binaries::helm_command(&helm())
         .args(["template", "baton", chart, "--set", "agent.backend=yum"])
         .output()
         .unwrap();
@@ -295,7 +295,7 @@ fn every_backend_renders_with_only_the_privileges_its_table_lists() {
         for s in sets {
             args.extend(["--set", s]);
         }
-        let out = e2e::binaries::helm_command(&helm())
+        let out = harness::binaries::helm_command(&helm())
             .args(&args)
             .output()
             .unwrap();
@@ -476,7 +476,7 @@ async fn the_operator_runs_under_restricted_pod_security_with_the_agents_apart()
 /// A kubeconfig presenting a token of the chart's agent ServiceAccount bound to the
 /// agent pod on `node` (which gives it the node-name claim).
 async fn agent_kubeconfig(cluster: &TestCluster, node: &str) -> PathBuf {
-    e2e::identity::pod_bound_kubeconfig(
+    harness::identity::pod_bound_kubeconfig(
         cluster,
         "baton-system",
         "baton-agent",
@@ -535,7 +535,7 @@ async fn the_installed_charts_service_accounts_can_roll_nodes_and_the_agent_can_
         &FleetOptions {
             kubeconfigs: kubeconfigs.clone(),
             ..FleetOptions::new(
-                env!("CARGO_BIN_EXE_baton-agent"),
+                harness::binaries::workspace_binary("baton-agent").unwrap(),
                 kubeconfig.clone(),
                 Duration::from_millis(500),
                 ["--sim-stage-time", "500ms"],
@@ -580,7 +580,7 @@ async fn the_installed_charts_service_accounts_can_roll_nodes_and_the_agent_can_
         )
         .await
         .unwrap();
-    let forbidden = e2e::audit::read(&cluster.audit_log())
+    let forbidden = harness::audit::read(&cluster.audit_log())
         .unwrap()
         .into_iter()
         .filter(|r| r.response_status.as_ref().and_then(|s| s.code) == Some(403))

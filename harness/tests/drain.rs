@@ -4,7 +4,7 @@
 //! ReplicaSet controller and kwok's pod lifecycle all take part.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use e2e::TestCluster;
+use harness::TestCluster;
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{Node, Pod},
@@ -55,7 +55,7 @@ async fn a_pdb_blocks_evictions_with_429_until_replacements_are_ready_elsewhere(
     phase("namespace ready");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     deployments
-        .create(&PostParams::default(), &e2e::workload::spread("web", 3))
+        .create(&PostParams::default(), &harness::workload::spread("web", 3))
         .await
         .unwrap();
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);

@@ -107,3 +107,49 @@ pub async fn service_account_kubeconfig(
         .map_err(io("writing a kubeconfig"))?;
     Ok(path)
 }
+
+/// The RBAC rules the Helm chart at `chart` gives the ServiceAccount `name`: its
+/// ClusterRole's, and its namespaced Role's made cluster-wide for brevity, rendered by
+/// the real helm, so that tests run with the chart's permissions and no copy of them.
+pub fn chart_rules(
+    chart: &std::path::Path,
+    name: &str,
+    sets: &[&str],
+) -> Result<serde_json::Value> {
+    let helm = crate::binaries::Binaries::ensure()?.path("helm");
+    let mut args = vec![
+        "template".to_string(),
+        "baton".into(),
+        chart.display().to_string(),
+        "--namespace".into(),
+        "baton-system".into(),
+    ];
+    for s in sets {
+        args.extend(["--set".into(), s.to_string()]);
+    }
+    let out = crate::binaries::helm_command(&helm)
+        .args(&args)
+        .output()
+        .map_err(io("running helm template"))?;
+    if !out.status.success() {
+        return Err(Error::Other(format!(
+            "helm template failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rules = Vec::new();
+    for doc in text.split("\n---") {
+        let Ok(v) = serde_yaml_ng::from_str::<serde_json::Value>(doc) else {
+            continue;
+        };
+        let role = matches!(v["kind"].as_str(), Some("ClusterRole" | "Role"));
+        if role && v["metadata"]["name"] == name {
+            rules.extend(v["rules"].as_array().cloned().unwrap_or_default());
+        }
+    }
+    if rules.is_empty() {
+        return Err(Error::Other(format!("the chart gives {name} no rules")));
+    }
+    Ok(serde_json::Value::Array(rules))
+}

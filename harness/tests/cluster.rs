@@ -2,7 +2,7 @@
 //! admission policies run, and no process outlives a cluster, even after a panic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use e2e::TestCluster;
+use harness::TestCluster;
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::{
     Api,

@@ -1,0 +1,614 @@
+//! The operator against a real control plane: kwok nodes, agents faked by the test
+//! (they flip the node's boot id when granted, as a reboot would), and the invariant
+//! watcher over the whole run (`e2e::scenario`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{sync::Arc, time::Duration};
+
+use crds::{UpdatePolicy, protocol};
+use e2e::scenario::{Limits, NEW, OLD, POLICY, Scenario, annotation, list, version};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{
+    Api, ResourceExt,
+    api::{ListParams, Patch, PatchParams, PostParams},
+};
+
+/// `nodes` kwok nodes with fake agents whose reboots take `reboot` (those at the
+/// indices in `lost` never come back), the watcher holding the run to `budget`, and
+/// one operator replica, `op-a` (its handle, to kill it).
+async fn start(
+    nodes: usize,
+    budget: usize,
+    reboot: Duration,
+    lost: &[usize],
+) -> (Scenario, tokio::task::JoinHandle<()>) {
+    let s = Scenario::with_fake_agents(nodes, Limits::budget(budget), reboot, lost).await;
+    let operator = s.operator("op-a");
+    (s, operator)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_update_one_at_a_time() {
+    let (mut s, _operator) = start(5, 1, Duration::from_millis(300), &[]).await;
+    s.policy(serde_json::json!({"nodeSelector": {"matchLabels": {"type": "kwok"}}, "maxUnavailable": 1, "health": {"rebootTimeout": "2m"}})).await;
+    s.wait_done(&[]).await;
+    s.cluster
+        .wait_for("the status to count 5 updated nodes", || async {
+            s.status().await.up_to_date == 5
+        })
+        .await
+        .unwrap();
+    let status = s.status().await;
+    let o = s.report();
+    eprintln!(
+        "[rollout] cordon order {:?}; at most {} cordoned and {} leases at once",
+        o.cordon_order, o.max_cordoned, o.max_leases
+    );
+    assert_eq!(o.max_cordoned, 1, "never two nodes cordoned at once");
+    assert_eq!(o.max_leases, 1, "never two leases at once");
+    assert_eq!(
+        o.cordon_order.len(),
+        5,
+        "every node was cordoned once: {:?}",
+        o.cordon_order
+    );
+    assert_eq!(
+        (status.nodes, status.up_to_date, status.in_progress),
+        (5, 5, 0),
+        "{status:?}"
+    );
+    assert_eq!(s.events("Done").await.len(), 5);
+    let metrics = s.metrics.encode();
+    for needle in [
+        "baton_nodes{policy=\"pool\",state=\"up_to_date\"} 5",
+        "baton_leases_held{policy=\"pool\"} 0",
+        "baton_drain_duration_seconds_count 5",
+        "baton_is_leader 1",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from:\n{metrics}"
+        );
+    }
+    s.finish("five nodes one at a time (fake agents)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forty_percent_budget_on_ten_nodes_never_disrupts_more_than_four() {
+    let (mut s, _operator) = start(10, 4, Duration::from_secs(2), &[]).await;
+    s.policy(serde_json::json!({"maxUnavailable": "40%", "ordering": {"oneZoneAtATime": false}}))
+        .await;
+    s.wait_done(&[]).await;
+    let o = s.report();
+    eprintln!(
+        "[percent] at most {} cordoned and {} leases at once",
+        o.max_cordoned, o.max_leases
+    );
+    assert!(o.max_leases <= 4 && o.max_cordoned <= 4, "{o:?}");
+    assert_eq!(o.max_leases, 4, "the budget is used in full");
+    s.finish("40% of ten nodes (fake agents)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_comes_back_fails_at_reboot_timeout_and_halts_its_pool() {
+    let (mut s, _operator) = start(3, 1, Duration::from_millis(300), &[0]).await;
+    s.policy(serde_json::json!({"health": {"rebootTimeout": "5s"}}))
+        .await;
+    let lost = s.names[0].clone();
+    let nodes = s.nodes();
+    s.cluster
+        .wait_for(
+            "the lost node to be marked failed and the pool halted",
+            || async {
+                let node = nodes.get(&lost).await.unwrap();
+                annotation(&node, protocol::FAILURE.name)
+                    .is_some_and(|f| f.contains("rebootTimeout"))
+                    && s.condition("Halted").await
+            },
+        )
+        .await
+        .unwrap();
+    // A halted pool grants nothing more, and the failed node keeps its lease.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leases = s.reboot_leases().await;
+    assert_eq!(leases.len(), 1);
+    assert!(
+        leases[0]
+            .annotations()
+            .contains_key(protocol::lease::FAILURE.name)
+    );
+    let o = s.report();
+    assert_eq!(
+        o.cordon_order,
+        std::slice::from_ref(&lost),
+        "no other node was touched"
+    );
+    let status = s.status().await;
+    assert_eq!((status.failed, status.up_to_date), (1, 0), "{status:?}");
+    assert!(!s.events("Failed").await.is_empty());
+    let report = s.finish("a node that never comes back (fake agents)");
+    assert_eq!(report.failures.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admins_cordon_is_never_undone_and_its_node_is_left_alone() {
+    let (mut s, _operator) = start(3, 2, Duration::from_millis(300), &[]).await;
+    let admin_cordoned = s.names[0].clone();
+    s.nodes()
+        .patch(
+            &admin_cordoned,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"unschedulable": true}})),
+        )
+        .await
+        .unwrap();
+    s.policy(serde_json::json!({"maxUnavailable": 2})).await;
+    s.wait_done(std::slice::from_ref(&admin_cordoned)).await;
+    let node = s.nodes().get(&admin_cordoned).await.unwrap();
+    assert_eq!(
+        node.spec.as_ref().unwrap().unschedulable,
+        Some(true),
+        "the admin's cordon stays"
+    );
+    assert_eq!(version(&node), Some(OLD), "never granted");
+    let o = s.report();
+    // The admin's node counts against the budget of 2: the others went one at a time.
+    assert_eq!(o.max_cordoned, 2, "{o:?}");
+    assert_eq!(o.max_leases, 1, "{o:?}");
+    s.finish("an admin's cordon (fake agents)");
+}
+
+/// Two Ready pods, one per node, under a PodDisruptionBudget that never allows an
+/// eviction.
+async fn unevictable_app(s: &Scenario) {
+    s.never_evict("web").await;
+    Api::namespaced(s.client.clone(), "app")
+        .create(&PostParams::default(), &harness::workload::spread("web", 2))
+        .await
+        .unwrap();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(s.client.clone(), "app");
+    s.cluster
+        .wait_for("2 Running web pods", || async {
+            let list = pods.list(&ListParams::default()).await.unwrap().items;
+            list.iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count()
+                == 2
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdb_that_never_allows_eviction_aborts_the_drain_and_halts_the_pool() {
+    let (mut s, _operator) = start(2, 1, Duration::from_millis(300), &[]).await;
+    unevictable_app(&s).await;
+    s.policy(serde_json::json!({"drain": {"timeout": "5s", "onTimeout": "Abort"}}))
+        .await;
+    let first = s.names[0].clone();
+    let nodes = s.nodes();
+    s.cluster
+        .wait_for("the drain to be aborted and the node failed", || async {
+            let n = nodes.get(&first).await.unwrap();
+            annotation(&n, protocol::FAILURE.name).is_some_and(|f| f.contains("drain timed out"))
+                && !e2e::scenario::unschedulable(&n)
+        })
+        .await
+        .unwrap();
+    let blocked = s.events("DrainBlocked").await;
+    eprintln!("[pdb] {blocked:?}");
+    assert!(
+        blocked
+            .iter()
+            .any(|e| e.contains("PodDisruptionBudget web-never")),
+        "{blocked:?}"
+    );
+    s.wait_condition("Halted").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let o = s.report();
+    assert_eq!(
+        o.cordon_order,
+        std::slice::from_ref(&first),
+        "no other node was touched"
+    );
+    let n = nodes.get(&first).await.unwrap();
+    assert_eq!(version(&n), Some(OLD), "Abort never reboots");
+    s.finish("a PDB that never allows an eviction, Abort (fake agents)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_deletes_what_the_pdb_protects_and_proceed_reboots_with_it_in_place() {
+    for (on_timeout, reason) in [("Force", "DrainForced"), ("Proceed", "DrainTimedOut")] {
+        let (mut s, _operator) = start(2, 1, Duration::from_millis(300), &[]).await;
+        unevictable_app(&s).await;
+        s.policy(serde_json::json!({"drain": {"timeout": "3s", "onTimeout": on_timeout}}))
+            .await;
+        s.wait_done(&[]).await;
+        let events = s.events(reason).await;
+        eprintln!("[{on_timeout}] {events:?}");
+        assert!(
+            events
+                .iter()
+                .any(|e| e.contains(&format!("onTimeout: {on_timeout}"))),
+            "{events:?}"
+        );
+        let o = s.report();
+        assert_eq!(o.max_cordoned, 1, "{o:?}");
+        s.finish(&format!(
+            "a PDB that never allows an eviction, {on_timeout} (fake agents)"
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_other_replica_takes_over_when_the_leader_dies_mid_drain() {
+    let (mut s, operator_a) = start(2, 1, Duration::from_millis(300), &[]).await;
+    unevictable_app(&s).await;
+    s.policy(serde_json::json!({"drain": {"timeout": "8s", "onTimeout": "Proceed"}}))
+        .await;
+    let leases: Api<Lease> = s.leases();
+    let first = s.names[0].clone();
+    let lease = crds::grant::lease_name(&first);
+    let started_at = protocol::lease::DRAIN_STARTED_AT.name;
+    s.cluster
+        .wait_for("the first node's drain to start", || async {
+            leases
+                .get_opt(&lease)
+                .await
+                .unwrap()
+                .is_some_and(|l| l.annotations().contains_key(started_at))
+        })
+        .await
+        .unwrap();
+    let started = leases.get(&lease).await.unwrap().annotations()[started_at].clone();
+    // Kill the leader (op-a, the operator task) mid-drain; start op-b.
+    operator_a.abort();
+    let _operator_b = s.operator("op-b");
+    s.cluster
+        .wait_for("op-b to lead", || async {
+            leases
+                .get("baton-operator-leader")
+                .await
+                .unwrap()
+                .spec
+                .and_then(|s| s.holder_identity)
+                .as_deref()
+                == Some("op-b")
+        })
+        .await
+        .unwrap();
+    // The drain's clock carried over: op-b did not restart it.
+    if let Some(l) = leases.get_opt(&lease).await.unwrap() {
+        assert_eq!(l.annotations().get(started_at), Some(&started));
+    }
+    s.wait_done(&[]).await;
+    let o = s.report();
+    eprintln!("[leader] {o:?}");
+    assert_eq!((o.max_cordoned, o.max_leases), (1, 1), "{o:?}");
+    let leader = leases
+        .get("baton-operator-leader")
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    assert!(leader.lease_transitions.unwrap_or(0) >= 1);
+    s.finish("the leader killed mid-drain (fake agents)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_policy_is_reported_and_other_policies_carry_on() {
+    let (mut s, _operator) = start(3, 1, Duration::from_millis(300), &[]).await;
+    let policies: Api<UpdatePolicy> = Api::all(s.client.clone());
+    // Passes the CRD's shape checks, but no such zone exists: only the operator can tell.
+    let invalid = UpdatePolicy::new(
+        "mars",
+        serde_json::from_value(serde_json::json!({
+            "nodeSelector": {"matchLabels": {"topology.kubernetes.io/zone": "zone-a"}},
+            "maintenanceWindows": [{"schedule": "0 2 * * *", "duration": "1h", "timeZone": "Mars/Olympus"}],
+        }))
+        .unwrap(),
+    );
+    policies
+        .create(&PostParams::default(), &invalid)
+        .await
+        .unwrap();
+    s.policy(serde_json::json!({"nodeSelector": {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "NotIn", "values": ["zone-a"]}]}})).await;
+    s.wait_done(std::slice::from_ref(&s.names[0])).await;
+    s.cluster
+        .wait_for("InvalidSpec on the invalid policy", || async {
+            let status = policies
+                .get("mars")
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            status.conditions.iter().any(|c| {
+                c.type_ == "InvalidSpec" && c.status == "True" && c.message.contains("Mars/Olympus")
+            }) && status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "False")
+        })
+        .await
+        .unwrap();
+    let events = s.events("InvalidSpec").await;
+    assert!(
+        events.iter().any(|e| e.contains("Mars/Olympus")),
+        "{events:?}"
+    );
+    let zone_a = s.nodes().get(&s.names[0]).await.unwrap();
+    assert_eq!(
+        version(&zone_a),
+        Some(OLD),
+        "the invalid policy touched nothing"
+    );
+    s.finish("an invalid policy beside a valid one (fake agents)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_starts_outside_a_window_and_a_reboot_running_when_it_closes_completes() {
+    // Reboots take 65 s; the window opens at the next whole minute at least 15 s away and
+    // stays open 1 minute: one node starts in it and finishes after it closed.
+    // The watcher holds the run to the window too, once it is known.
+    let window_at = Arc::new(std::sync::OnceLock::<(jiff::Timestamp, jiff::Timestamp)>::new());
+    let window = {
+        let window_at = Arc::clone(&window_at);
+        Arc::new(move |t| window_at.get().is_some_and(|(o, c)| t >= *o && t < *c))
+            as e2e::invariants::WindowFn
+    };
+    let limits = Limits {
+        window: Some(window),
+        ..Limits::budget(1)
+    };
+    let mut s = Scenario::with_fake_agents(2, limits, Duration::from_secs(65), &[]).await;
+    let _operator = s.operator("op-a");
+    let now = jiff::Timestamp::now();
+    let opens = now
+        .checked_add(jiff::SignedDuration::from_secs(75))
+        .unwrap()
+        .round(
+            jiff::TimestampRound::new()
+                .smallest(jiff::Unit::Minute)
+                .mode(jiff::RoundMode::Trunc),
+        )
+        .unwrap();
+    let closes = opens
+        .checked_add(jiff::SignedDuration::from_mins(1))
+        .unwrap();
+    window_at.set((opens, closes)).unwrap();
+    let local = opens.to_zoned(jiff::tz::TimeZone::UTC);
+    let day = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+        [local.weekday().to_monday_zero_offset() as usize];
+    s.policy(serde_json::json!({
+        "maintenanceWindows": [{"weekdays": [day], "start": local.strftime("%H:%M").to_string(), "duration": "1m", "timeZone": "UTC"}],
+        "health": {"rebootTimeout": "5m"},
+    }))
+    .await;
+    // Closed: nothing starts, and the status says when it opens.
+    s.cluster
+        .wait_for("the status to show the closed window", || async {
+            s.status().await.window.as_deref() == Some("Closed")
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.status().await.next_window.map(|t| t.0), Some(opens));
+    while jiff::Timestamp::now()
+        < opens
+            .checked_sub(jiff::SignedDuration::from_secs(2))
+            .unwrap()
+    {
+        assert!(
+            s.reboot_leases().await.is_empty(),
+            "granted before the window opened"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Open: the first node starts; the window closes during its reboot; it completes.
+    let first = s.names[0].clone();
+    let nodes = s.nodes();
+    s.cluster
+        .wait_for("the first node to be updated", || async {
+            let n = nodes.get(&first).await.unwrap();
+            version(&n) == Some(NEW) && s.reboot_leases().await.is_empty()
+        })
+        .await
+        .unwrap();
+    assert!(
+        jiff::Timestamp::now() > closes,
+        "the reboot ran past the window's end"
+    );
+    // The second node waits for next week's window.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = nodes.get(&s.names[1]).await.unwrap();
+    assert_eq!(version(&second), Some(OLD));
+    assert!(s.reboot_leases().await.is_empty());
+    assert_eq!(s.status().await.window.as_deref(), Some("Closed"));
+    s.finish("a window that closes during a reboot (fake agents)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_pod_holds_its_node_back_until_it_is_gone() {
+    let (mut s, _operator) = start(2, 1, Duration::from_millis(300), &[]).await;
+    s.cluster.create_namespace("ops").await.unwrap();
+    let blocked = s.names[0].clone();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(s.client.clone(), "ops");
+    let backup: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "backup", "labels": {"app": "backup"}},
+        "spec": {"nodeName": blocked, "containers": [{"name": "backup", "image": "registry.invalid/backup:1"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &backup).await.unwrap();
+    s.cluster
+        .wait_for("the backup pod to run", || async {
+            pods.get("backup")
+                .await
+                .unwrap()
+                .status
+                .and_then(|s| s.phase)
+                .as_deref()
+                == Some("Running")
+        })
+        .await
+        .unwrap();
+    s.policy(serde_json::json!({"health": {"blockingPodSelectors": [{"matchLabels": {"app": "backup"}}]}})).await;
+    // The other node goes first although the blocked one comes first in order.
+    let nodes = s.nodes();
+    let other = s.names[1].clone();
+    s.cluster
+        .wait_for("the unblocked node to be updated", || async {
+            version(&nodes.get(&other).await.unwrap()) == Some(NEW)
+                && s.reboot_leases().await.is_empty()
+        })
+        .await
+        .unwrap();
+    let held = nodes.get(&blocked).await.unwrap();
+    assert_eq!(version(&held), Some(OLD));
+    assert!(
+        s.report().cordon_order == [other.clone()],
+        "the blocked node was never touched"
+    );
+    // Once the pod is gone, the node proceeds (within the 30 s recheck).
+    pods.delete("backup", &Default::default()).await.unwrap();
+    s.wait_done(&[]).await;
+    s.finish("a blocking pod (fake agents)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_leave_load_balancers_while_cordoned_and_come_back_after() {
+    let (mut s, _operator) = start(2, 1, Duration::from_millis(500), &[]).await;
+    s.policy(serde_json::json!({"drain": {"excludeFromLoadBalancers": true}}))
+        .await;
+    s.wait_done(&[]).await;
+    let o = s.report();
+    assert_eq!(o.excluded_from_lb.len(), 2, "{o:?}");
+    for node in list(&s.nodes()).await {
+        assert!(
+            !node.labels().contains_key(crds::node::EXCLUDE_FROM_LB),
+            "{} still excluded",
+            node.name_any()
+        );
+        assert!(annotation(&node, protocol::LB_EXCLUDED.name).is_none());
+    }
+    s.finish("nodes out of load balancers while cordoned (fake agents)");
+}
+
+/// The GateClosed condition's status and message.
+async fn gate_condition(s: &Scenario) -> Option<(String, String)> {
+    s.status()
+        .await
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "GateClosed")
+        .map(|c| (c.status, c.message))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firing_alerts_in_a_real_prometheus_hold_new_grants_but_never_a_reboot_under_way() {
+    use harness::prometheus::{ALARM_ALERT, Alarm, Prometheus, WATCHDOG_ALERT};
+    // Reboots take 20 s: longer than Prometheus needs to fire (about 2 s) plus the
+    // operator's answer cache (10 s), so the alarm raised during the first reboot is
+    // seen before the second grant.
+    let (mut s, _operator) = start(2, 1, Duration::from_secs(20), &[]).await;
+    let alarm = Alarm::start(true).await.unwrap();
+    let prometheus = Prometheus::start(&alarm).await.unwrap();
+    prometheus.wait_alarm(true).await.unwrap();
+    assert_eq!(
+        prometheus.firing().await.unwrap(),
+        [ALARM_ALERT, WATCHDOG_ALERT]
+    );
+
+    // Unreachable first: the gate fails closed.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    s.policy(serde_json::json!({"health": {"prometheus": {"url": nowhere, "alertFilter": "^Watchdog$"}, "rebootTimeout": "5m"}})).await;
+    s.cluster
+        .wait_for("the gate to close on an unreachable Prometheus", || async {
+            gate_condition(&s)
+                .await
+                .is_some_and(|(s, m)| s == "True" && m.contains("cannot query Prometheus"))
+        })
+        .await
+        .unwrap();
+
+    // The real Prometheus with the alarm firing: still closed, naming the alarm and not
+    // the filtered Watchdog.
+    let policies: Api<UpdatePolicy> = Api::all(s.client.clone());
+    let patch = serde_json::json!({"spec": {"health": {"prometheus": {"url": prometheus.url()}}}});
+    policies
+        .patch(POLICY, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    s.cluster
+        .wait_for("the gate to name the firing alert", || async {
+            gate_condition(&s).await.is_some_and(|(s, m)| {
+                s == "True" && m == format!("alerts firing in Prometheus: {ALARM_ALERT}")
+            })
+        })
+        .await
+        .unwrap();
+    assert!(
+        s.reboot_leases().await.is_empty(),
+        "granted while the gate was closed"
+    );
+    assert!(s.report().cordon_order.is_empty());
+    assert!(
+        s.events("GateClosed")
+            .await
+            .iter()
+            .any(|e| e.contains("cannot query Prometheus")),
+        "{:?}",
+        s.events("GateClosed").await
+    );
+    assert!(
+        s.metrics
+            .encode()
+            .contains("baton_gate_closed{policy=\"pool\"} 1")
+    );
+
+    // Cleared: one node is granted. The alarm fires again during its reboot: that
+    // reboot completes, and the other node waits.
+    alarm.set(false);
+    s.cluster
+        .wait_for("a grant once the alarm resolved", || async {
+            !s.reboot_leases().await.is_empty()
+        })
+        .await
+        .unwrap();
+    alarm.set(true);
+    let first = s.reboot_leases().await[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.clone())
+        .unwrap();
+    let nodes = s.nodes();
+    s.cluster
+        .wait_for("the node rebooting under the alarm to finish", || async {
+            version(&nodes.get(&first).await.unwrap()) == Some(NEW)
+                && s.reboot_leases().await.is_empty()
+        })
+        .await
+        .unwrap();
+    s.cluster
+        .wait_for("the gate to report the alarm again", || async {
+            gate_condition(&s).await.is_some_and(|(s, _)| s == "True")
+        })
+        .await
+        .unwrap();
+    let other = s.names.iter().find(|n| **n != first).unwrap().clone();
+    assert_eq!(version(&nodes.get(&other).await.unwrap()), Some(OLD));
+    assert!(s.reboot_leases().await.is_empty());
+
+    // Cleared for good: the rollout completes and the gate reads open.
+    alarm.set(false);
+    s.wait_done(&[]).await;
+    assert_eq!(s.report().max_leases, 1, "one at a time throughout");
+    s.finish("a Prometheus gate (fake agents)");
+}
+
+/// A loopback port nothing listens on.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

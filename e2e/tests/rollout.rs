@@ -1,0 +1,334 @@
+//! Real agents and the operator on a real control plane: one `baton-agent` process
+//! (sim or ab backend) per kwok node, the operator in-process, the plugin's commands,
+//! and the invariant watcher over every run.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{collections::BTreeMap, time::Duration};
+
+use crds::protocol;
+use e2e::scenario::{
+    Limits, NEW, OLD, POLICY, Scenario, annotation, first_in_state, list, state, version,
+};
+use harness::fleet::FleetOptions;
+use k8s_openapi::api::core::v1::Node;
+use kube::{ResourceExt, api::ListParams};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_agents_and_the_operator_roll_five_nodes_one_at_a_time() {
+    let mut s = Scenario::bare(5, Limits::budget(1)).await;
+    // The agents: staging takes 1 s, a before-reboot step 2 s (the window in which one
+    // agent is killed), a machine is down 1 s.
+    let options = s.fleet_options(
+        Duration::from_secs(1),
+        &["--before-reboot", "sleep 2", "--check-interval", "1h"],
+    );
+    s.start_fleet(&options);
+    let nodes = s.nodes();
+    s.cluster
+        .wait_for("every agent to report Idle on 1.0.0", || async {
+            list(&nodes)
+                .await
+                .iter()
+                .all(|n| state(n) == Some("Idle") && version(n) == Some(OLD))
+        })
+        .await
+        .unwrap();
+    let first_boots: BTreeMap<String, String> = list(&nodes)
+        .await
+        .iter()
+        .map(|n| {
+            let boot = annotation(n, protocol::BOOT_ID.name).unwrap();
+            (n.name_any(), boot.to_string())
+        })
+        .collect();
+    let _operator = s.operator("op-a");
+    // Kill the first agent that starts rebooting, during its before-reboot step.
+    let killer = tokio::spawn(first_in_state(nodes.clone(), "Rebooting", None));
+    s.policy(serde_json::json!({"maxUnavailable": 1, "health": {"rebootTimeout": "3m"}}))
+        .await;
+    let killed = tokio::time::timeout(Duration::from_secs(120), killer)
+        .await
+        .unwrap()
+        .unwrap();
+    s.fleet().kill_agent(&killed);
+    s.wait_done(&[]).await;
+
+    let report = s.finish("five nodes, one agent killed mid-reboot");
+    let logs: BTreeMap<&String, _> = s.names.iter().map(|n| (n, s.fleet().log(n))).collect();
+    eprintln!(
+        "[agents] at most {} disrupted at once; killed {killed}; machines {logs:?}; states {:?}",
+        report.max_disrupted, report.states
+    );
+    assert_eq!(report.max_disrupted, 1, "never two nodes disrupted at once");
+    for name in &s.names {
+        let log = &logs[name];
+        assert_eq!(log.reboots, 1, "{name} rebooted exactly once: {log:?}");
+        let node = nodes.get(name).await.unwrap();
+        assert_ne!(
+            annotation(&node, protocol::BOOT_ID.name),
+            first_boots.get(name).map(String::as_str),
+            "{name} booted anew"
+        );
+        assert_eq!(annotation(&node, protocol::SLOT.name), Some("SIM-B"));
+    }
+    assert!(
+        logs[&killed].restarts >= 1,
+        "the killed agent was restarted"
+    );
+    let states = &report.states[&killed];
+    let rebooting_runs = states.iter().filter(|st| *st == "Rebooting").count();
+    assert_eq!(
+        rebooting_runs, 1,
+        "the restart kept it Rebooting (no Done in between): {states:?}"
+    );
+}
+
+/// Two sim machines with agents, staging 500 ms, down 500 ms per reboot.
+async fn two_quick_machines() -> Scenario {
+    let mut s = Scenario::bare(2, Limits::budget(1)).await;
+    let options = s.fleet_options(Duration::from_millis(500), &["--sim-stage-time", "500ms"]);
+    s.start_fleet(&options);
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_that_falls_back_to_its_old_slot_reports_rolled_back_and_halts_the_pool() {
+    let mut s = two_quick_machines().await;
+    // Both machines' next boot fails; whichever goes first must halt the pool.
+    for n in &s.names {
+        s.fleet().fail_next_boot(n).unwrap();
+    }
+    let _operator = s.operator("op-a");
+    s.policy(serde_json::json!({})).await;
+    s.wait_condition("Halted").await;
+    let all = list(&s.nodes()).await;
+    let rolled: Vec<&Node> = all
+        .iter()
+        .filter(|n| state(n) == Some("RolledBack"))
+        .collect();
+    assert_eq!(rolled.len(), 1, "exactly one node tried");
+    let message = annotation(rolled[0], protocol::MESSAGE.name).unwrap();
+    assert!(
+        message.contains("booted 1.0.0 (slot SIM-A) instead of 2.0.0 (slot SIM-B)"),
+        "{message}"
+    );
+    assert_eq!(version(rolled[0]), Some(OLD));
+    assert!(
+        annotation(rolled[0], protocol::FAILURE.name).is_some(),
+        "the operator marked it failed"
+    );
+    let other = all
+        .iter()
+        .find(|n| n.name_any() != rolled[0].name_any())
+        .unwrap();
+    assert_eq!(
+        s.fleet().log(&other.name_any()).reboots,
+        0,
+        "the halted pool rebooted nothing else"
+    );
+    assert_eq!(state(other), Some("RebootRequired"));
+    let report = s.finish("a machine falls back to its old slot");
+    assert_eq!(report.failures.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ab_machines_on_gpt_images_stage_a_signed_release_boot_it_and_commit_or_fall_back() {
+    use base64::Engine;
+    use ed25519_dalek::Signer;
+    use sha2::Digest;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let mut s = Scenario::bare(3, Limits::budget(1)).await;
+
+    // The release: 3 MiB signed with the key the agents trust, served over HTTPS.
+    let dir = tempfile::tempdir().unwrap();
+    let image: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.path().join("os-2.0.0.img"), &image).unwrap();
+    let digest = sha2::Sha256::digest(&image);
+    let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let server = harness::image_server::ImageServer::start(&dir.path().join("os-2.0.0.img"))
+        .await
+        .unwrap();
+    let os_release = dir.path().join("os-release");
+    std::fs::write(&os_release, "ID=baton-demo\nVERSION_ID=1.0.0\n").unwrap();
+    let mut node_args = BTreeMap::new();
+    for n in &s.names {
+        let disk = dir.path().join(format!("{n}.img"));
+        agent::slot::create_image(&disk, ["USR-A", "USR-B"], 8 << 20).unwrap();
+        node_args.insert(
+            n.clone(),
+            vec!["--ab-device".to_string(), disk.display().to_string()],
+        );
+    }
+    let public_key = b64(key.verifying_key().as_bytes());
+    let (os_release, ca_file) = (
+        os_release.display().to_string(),
+        server.ca_file().display().to_string(),
+    );
+    let options = FleetOptions {
+        node_args,
+        ..s.fleet_options(
+            Duration::from_millis(500),
+            &[
+                "--backend",
+                "ab",
+                "--ab-simulate",
+                // The slot baton never wrote runs what its os-release says.
+                "--os-release",
+                &os_release,
+                "--release-public-key",
+                &public_key,
+                "--release-ca-file",
+                &ca_file,
+            ],
+        )
+    };
+    s.start_fleet(&options);
+    // The last machine's new slot will not boot; it is held back (paused) until the
+    // others are done, so that the order is known.
+    let unlucky = s.names[2].clone();
+    s.fleet().fail_next_boot(&unlucky).unwrap();
+    s.pause_node(&unlucky, true).await;
+    let _operator = s.operator("op-a");
+    s.policy(serde_json::json!({"release": {
+        "version": NEW, "url": server.url(),
+        "sha256": hex::encode(digest), "signature": b64(&key.sign(&digest).to_bytes()),
+    }}))
+    .await;
+    s.cluster
+        .wait_for("two machines Done on USR-B", || async {
+            s.status().await.up_to_date == 2
+        })
+        .await
+        .unwrap();
+    s.pause_node(&unlucky, false).await;
+    let waited = s
+        .cluster
+        .wait_for(
+            "the third machine to fall back and halt the pool",
+            || async { s.status().await.up_to_date == 2 && s.condition("Halted").await },
+        )
+        .await;
+    if let Err(e) = waited {
+        for n in &s.names {
+            let dir = s.fleet().state_dir(n);
+            let mut logs: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .collect();
+            logs.sort();
+            for log in logs {
+                eprintln!(
+                    "== {}\n{}",
+                    log.display(),
+                    harness::process::log_tail(&log, 15)
+                );
+            }
+        }
+        panic!("{e}");
+    }
+    let nodes = s.nodes();
+    for n in &s.names {
+        let node = nodes.get(n).await.unwrap();
+        let disk = dir.path().join(format!("{n}.img"));
+        let slots = agent::slot::Slots::open(&disk, ["USR-A", "USR-B"]).unwrap();
+        let (a, b) = (slots.slots[0].attributes, slots.slots[1].attributes);
+        if *n == unlucky {
+            assert_eq!(state(&node), Some("RolledBack"));
+            assert_eq!(annotation(&node, protocol::SLOT.name), Some("USR-A"));
+            assert!(
+                annotation(&node, protocol::MESSAGE.name)
+                    .unwrap()
+                    .contains("booted 1.0.0 (slot USR-A) instead of 2.0.0 (slot USR-B)")
+            );
+            assert!(a.successful && !b.successful && b.tries == 0, "{a:?} {b:?}");
+        } else {
+            assert_eq!(state(&node), Some("Done"), "{n}");
+            assert_eq!(annotation(&node, protocol::SLOT.name), Some("USR-B"));
+            assert_eq!(version(&node), Some(NEW));
+            assert!(
+                b.successful && b.tries == 0,
+                "committed after its checks: {b:?}"
+            );
+            assert!(a.successful, "the old slot stays a fallback");
+            let hashed =
+                agent::payload::hash_back(&disk, slots.slots[1].offset, image.len() as u64)
+                    .unwrap();
+            assert_eq!(hashed, hex::encode(digest));
+        }
+    }
+    s.finish("ab machines commit or fall back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_baton_pauses_resumes_and_retries_a_halted_pool() {
+    let mut s = two_quick_machines().await;
+    let first = s.names[0].clone();
+    s.fleet().fail_next_boot(&first).unwrap();
+    let _operator = s.operator("op-a");
+    s.policy(serde_json::json!({"paused": true})).await;
+    let status = || async {
+        let p = s
+            .policies()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items;
+        let n = list(&s.nodes()).await;
+        let l = s.leases().list(&ListParams::default()).await.unwrap().items;
+        kubectl_baton::status::render(&p, &n, &l, None, jiff::Timestamp::now())
+    };
+
+    // Paused: both nodes stage and ask, nothing is granted.
+    s.cluster
+        .wait_for(
+            "the pool to report Paused with both nodes asking",
+            || async {
+                let text = status().await;
+                s.condition("Paused").await && text.matches("RebootRequired").count() == 2
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        s.fleet().log(&first).reboots + s.fleet().log(&s.names[1]).reboots,
+        0
+    );
+
+    // Resumed: the first node's new version fails to boot; the pool halts.
+    kubectl_baton::steer::set_policy_paused(s.client.clone(), POLICY, false)
+        .await
+        .unwrap();
+    s.wait_condition("Halted").await;
+    let halted = status().await;
+    eprintln!("[kubectl-baton] halted:\n{halted}");
+    assert!(halted.contains("! Halted:"), "{halted}");
+    assert!(halted.contains("RolledBack"), "{halted}");
+
+    // Retried, after "fixing the cause" (the failing boot was one-off): the node
+    // restages, reboots into 2.0.0, and the pool finishes.
+    assert_eq!(s.retry_pool().await, std::slice::from_ref(&first));
+    s.wait_done(&[]).await;
+    s.cluster
+        .wait_for("the status to read done", || async {
+            !s.condition("Halted").await && status().await.contains("updated 2/2")
+        })
+        .await
+        .unwrap();
+    let done = status().await;
+    eprintln!("[kubectl-baton] done:\n{done}");
+    let node = s.nodes().get(&first).await.unwrap();
+    assert!(
+        annotation(&node, protocol::RETRY.name).is_none(),
+        "the agent removed the retry mark"
+    );
+    assert_eq!(
+        s.fleet().log(&first).reboots,
+        2,
+        "one failed boot, one good"
+    );
+    s.finish("kubectl baton pause, resume and retry");
+}
