@@ -17,6 +17,9 @@ pub enum AgentError {
     /// The Kubernetes API refused or failed a request.
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// An API request failed (as a host other than kube reports it).
+    #[error("kubernetes API: {0}")]
+    Api(String),
     /// A D-Bus call failed.
     #[error("D-Bus: {0}")]
     DBus(#[from] zbus::Error),

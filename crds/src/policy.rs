@@ -156,6 +156,22 @@ pub struct UpdatePolicyStatus {
     pub next_window: Option<Time>,
 }
 
+impl UpdatePolicyStatus {
+    /// This status as the body of a JSON merge patch that replaces the whole status:
+    /// a field now empty is sent as `null`, so that the API server drops what an older
+    /// status had (a skipped field would leave it there for good, and the operator
+    /// would see a difference at every reconcile).
+    pub fn merge_patch(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(fields) = value.as_object_mut() {
+            for field in ["observedGeneration", "window", "nextWindow"] {
+                fields.entry(field).or_insert(serde_json::Value::Null);
+            }
+        }
+        serde_json::json!({ "status": value })
+    }
+}
+
 /// The finalizer the operator puts on every UpdatePolicy: deleting a policy first ends
 /// its grants (undoing baton's cordons and releasing its Leases; a reboot under way
 /// finishes first), and only then does the policy go.
@@ -233,6 +249,26 @@ mod tests {
         assert!(!spec.paused);
         assert!(spec.release.is_none());
         assert_eq!(spec.hooks, HooksSpec::default());
+    }
+
+    #[test]
+    fn a_status_patch_names_every_field_so_an_old_value_never_survives() {
+        let schema = serde_json::to_value(schemars::schema_for!(UpdatePolicyStatus)).unwrap();
+        let fields = schema["properties"].as_object().unwrap();
+        let patch = UpdatePolicyStatus::default().merge_patch();
+        for field in fields.keys() {
+            assert!(patch["status"].get(field).is_some(), "{field} is missing");
+        }
+        // A window gone stays gone once merged over a status that had one.
+        let mut stored = serde_json::json!({"status": {"window": "Closed", "nextWindow": "2026-03-09T01:30:00Z"}});
+        let now = UpdatePolicyStatus {
+            window: Some("Always".into()),
+            ..Default::default()
+        };
+        // RFC 7386, as the API server applies a merge patch.
+        json_patch::merge(&mut stored, &now.merge_patch());
+        let back: UpdatePolicyStatus = serde_json::from_value(stored["status"].clone()).unwrap();
+        assert_eq!(back, now);
     }
 
     #[test]

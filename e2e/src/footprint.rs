@@ -104,6 +104,13 @@ pub fn release_agent() -> Result<PathBuf> {
     release_binary("agent", "baton-agent")
 }
 
+/// What the agent may do: the chart's own rules for it (its ClusterRole on Nodes and
+/// its Role on the reboot Leases), rendered by helm.
+pub fn agent_rules() -> Result<serde_json::Value> {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/baton");
+    harness::identity::chart_rules(&chart, "baton-agent", &[])
+}
+
 /// What the operator may do: the chart's own rules for it (`harness::identity::chart_rules`),
 /// with Force drains allowed (the benchmarks and tests may use `onTimeout: Force`).
 pub fn operator_rules() -> Result<serde_json::Value> {
@@ -277,7 +284,7 @@ pub async fn agents(
     let names = cluster.add_nodes(nodes).await?;
     cluster.create_namespace("baton-system").await?;
     let agent_kc =
-        harness::identity::kubeconfig_for(&cluster, "baton-system", "baton-agent", node_rules())
+        harness::identity::kubeconfig_for(&cluster, "baton-system", "baton-agent", agent_rules()?)
             .await?;
     let base_kc =
         harness::identity::kubeconfig_for(&cluster, "baton-system", "baseline-watch", node_rules())

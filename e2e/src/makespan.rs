@@ -21,7 +21,7 @@ use kube::{
     runtime::watcher,
 };
 
-use crate::footprint::{operator_rules, release_binary};
+use crate::footprint::{agent_rules, operator_rules, release_binary};
 use harness::{
     TestCluster, audit,
     error::{Error, Result},
@@ -84,13 +84,8 @@ pub async fn run(
         operator_rules()?,
     )
     .await?;
-    let agent_kc = identity::kubeconfig_for(
-        &cluster,
-        "baton-system",
-        "baton-agent",
-        serde_json::json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]}]),
-    )
-    .await?;
+    let agent_kc =
+        identity::kubeconfig_for(&cluster, "baton-system", "baton-agent", agent_rules()?).await?;
     let _fleet = Fleet::start(
         &names,
         &FleetOptions::new(agent, agent_kc, reboot, ["--sim-stage-time", "1s"]),

@@ -21,7 +21,7 @@ async fn idle_agents_make_no_requests_besides_their_watches() {
         &cluster,
         "baton-system",
         "baton-agent",
-        serde_json::json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]}]),
+        e2e::footprint::agent_rules().unwrap(),
     )
     .await
     .unwrap();

@@ -78,74 +78,117 @@ pub async fn set_node_paused(client: Client, name: &str, paused: bool) -> Result
 }
 
 /// One node to retry: the node (absent when deleted) and its reboot Lease, if any.
-struct Target {
-    name: String,
-    node: Option<Node>,
-    lease: Option<Lease>,
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The node's name.
+    pub name: String,
+    /// The node as listed; `None` when it was deleted.
+    pub node: Option<Node>,
+    /// Its reboot Lease, if it holds one.
+    pub lease: Option<Lease>,
 }
 
-/// Retries `nodes` (names), or every failed node of `policy` (including failed nodes
-/// that were deleted and still hold its Lease). Returns the nodes retried. A node
-/// named with `--node` that has not failed is refused, and nothing is changed.
-pub async fn retry(
-    client: Client,
-    namespace: &str,
-    policy: Option<&str>,
-    nodes: &[String],
-) -> Result<Vec<String>, Error> {
-    let api: Api<Node> = Api::all(client.clone());
-    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
-    let selector = format!("{}={}", grant::MANAGED_BY.0, grant::MANAGED_BY.1);
-    let held = leases
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items;
+/// The lease delete of a retry: the Lease's name, uid and resourceVersion as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseDelete {
+    /// The Lease.
+    pub name: String,
+    /// The uid it must still have.
+    pub uid: Option<String>,
+    /// The resourceVersion it must still have.
+    pub resource_version: Option<String>,
+}
+
+impl Target {
+    /// The first write: the node's grant ended and its failure cleared, guarded by the
+    /// resourceVersion it was listed at (none for a deleted node).
+    pub fn node_patch(&self) -> Option<Value> {
+        self.node
+            .as_ref()
+            .map(|n| retry_patch(n).to_json(n.resource_version()))
+    }
+
+    /// The second write, once the first went through: the Lease deleted, guarded by
+    /// its uid and resourceVersion.
+    pub fn lease_delete(&self) -> Option<LeaseDelete> {
+        self.lease.as_ref().map(|l| LeaseDelete {
+            name: l.name_any(),
+            uid: l.uid(),
+            resource_version: l.resource_version(),
+        })
+    }
+}
+
+/// What to retry.
+#[derive(Debug, Clone, Copy)]
+pub enum Selection<'a> {
+    /// Every failed node of the policy `name` (`policy` is the policy as read, `None`
+    /// when there is none).
+    Policy {
+        /// The policy's name.
+        name: &'a str,
+        /// The policy.
+        policy: Option<&'a UpdatePolicy>,
+    },
+    /// These nodes, each of which must have failed.
+    Nodes(&'a [String]),
+}
+
+/// The nodes a retry clears, from the Nodes and baton's reboot Leases as listed: every
+/// failed node of a policy (including failed nodes that were deleted and still hold
+/// its Lease), or the named nodes. A named node that has not failed is refused, and
+/// nothing is to be changed.
+pub fn retry_targets(
+    selection: Selection<'_>,
+    nodes: &[Node],
+    leases: &[Lease],
+) -> Result<Vec<Target>, Error> {
     let lease_of = |name: &str| {
-        held.iter()
+        leases
+            .iter()
             .find(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(name))
             .cloned()
     };
+    let node_named = |name: &str| nodes.iter().find(|n| n.name_any() == name).cloned();
+    let policy_of = |l: &Lease| {
+        l.annotations()
+            .get(protocol::lease::POLICY.name)
+            .map(String::as_str)
+            .map(str::to_string)
+    };
     let mut targets: Vec<Target> = Vec::new();
-    match policy {
-        Some(name) => {
-            let p = match Api::<UpdatePolicy>::all(client.clone())
-                .get_opt(name)
-                .await?
-            {
-                Some(p) => p,
-                None => return Err(Error::Other(format!("no UpdatePolicy {name}"))),
+    match selection {
+        Selection::Policy { name, policy } => {
+            let Some(p) = policy else {
+                return Err(Error::Other(format!("no UpdatePolicy {name}")));
             };
             let pool = Selector::compile(&p.spec.node_selector)
                 .map_err(|e| Error::Other(format!("policy {name}: {e}")))?;
-            for node in api.list(&ListParams::default()).await?.items {
-                let mine = lease_of(&node.name_any()).filter(|l| {
-                    l.annotations()
-                        .get(protocol::lease::POLICY.name)
-                        .map(String::as_str)
-                        == Some(name)
-                });
-                let failed_here = (pool.matches(node.labels()) && failed(&node))
-                    || mine.as_ref().is_some_and(|l| lease_failure(l).is_some());
+            for node in nodes {
+                let mine =
+                    lease_of(&node.name_any()).filter(|l| policy_of(l).as_deref() == Some(name));
+                // A node holding this policy's Lease is this policy's, wherever its
+                // labels point now; its failure may be marked on the node alone.
+                let failed_here = (pool.matches(node.labels()) && failed(node))
+                    || mine
+                        .as_ref()
+                        .is_some_and(|l| lease_failure(l).is_some() || failed(node));
                 if failed_here {
                     targets.push(Target {
                         name: node.name_any(),
                         lease: lease_of(&node.name_any()),
-                        node: Some(node),
+                        node: Some(node.clone()),
                     });
                 }
             }
             // Failed nodes deleted since: only their Lease is left.
-            for lease in &held {
+            for lease in leases {
                 let holder = lease.spec.as_ref().and_then(|s| s.holder_identity.clone());
-                let ours = lease
-                    .annotations()
-                    .get(protocol::lease::POLICY.name)
-                    .map(String::as_str)
-                    == Some(name);
+                let ours = policy_of(lease).as_deref() == Some(name);
                 if let Some(holder) =
                     holder.filter(|h| ours && !targets.iter().any(|t| &t.name == h))
                     && lease_failure(lease).is_some()
-                    && api.get_opt(&holder).await?.is_none()
+                    && node_named(&holder).is_none()
                 {
                     targets.push(Target {
                         name: holder,
@@ -155,9 +198,9 @@ pub async fn retry(
                 }
             }
         }
-        None => {
-            for name in nodes {
-                let node = api.get_opt(name).await?;
+        Selection::Nodes(names) => {
+            for name in names {
+                let node = node_named(name);
                 let lease = lease_of(name);
                 let lease_failed = lease.as_ref().and_then(lease_failure);
                 match (&node, lease_failed) {
@@ -170,9 +213,7 @@ pub async fn retry(
                         let doing = match &lease {
                             Some(l) => format!(
                                 "; it holds a reboot Lease of policy {} and its update is in progress",
-                                l.annotations()
-                                    .get(protocol::lease::POLICY.name)
-                                    .map_or("?", String::as_str)
+                                policy_of(l).as_deref().unwrap_or("?")
                             ),
                             None => String::new(),
                         };
@@ -189,11 +230,44 @@ pub async fn retry(
             }
         }
     }
+    Ok(targets)
+}
+
+/// Retries `nodes` (names), or every failed node of `policy` ([`retry_targets`]).
+/// Returns the nodes retried.
+pub async fn retry(
+    client: Client,
+    namespace: &str,
+    policy: Option<&str>,
+    nodes: &[String],
+) -> Result<Vec<String>, Error> {
+    let api: Api<Node> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("{}={}", grant::MANAGED_BY.0, grant::MANAGED_BY.1);
+    let held = leases
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items;
+    let listed = api.list(&ListParams::default()).await?.items;
+    let read_policy = match policy {
+        Some(name) => {
+            Api::<UpdatePolicy>::all(client.clone())
+                .get_opt(name)
+                .await?
+        }
+        None => None,
+    };
+    let selection = match policy {
+        Some(name) => Selection::Policy {
+            name,
+            policy: read_policy.as_ref(),
+        },
+        None => Selection::Nodes(nodes),
+    };
     let mut done = Vec::new();
-    for target in targets {
+    for target in retry_targets(selection, &listed, &held)? {
         // The grant goes from the node first, in one guarded write; then the Lease.
-        if let Some(node) = &target.node {
-            let patch = retry_patch(node).to_json(node.resource_version());
+        if let Some(patch) = target.node_patch() {
             api.patch(&target.name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map_err(|e| match e {
@@ -204,15 +278,15 @@ pub async fn retry(
                     e => Error::Kube(e),
                 })?;
         }
-        if let Some(lease) = &target.lease {
+        if let Some(delete) = target.lease_delete() {
             let params = DeleteParams {
                 preconditions: Some(Preconditions {
-                    resource_version: lease.resource_version(),
-                    uid: lease.uid(),
+                    resource_version: delete.resource_version,
+                    uid: delete.uid,
                 }),
                 ..Default::default()
             };
-            match leases.delete(&lease.name_any(), &params).await {
+            match leases.delete(&delete.name, &params).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(e.into()),
@@ -226,6 +300,35 @@ pub async fn retry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the simulation (seed 14099): n1 failed under `pool` (marked on the node;
+    /// the Lease's mark was refused), then was relabelled out of it. Its Lease still
+    /// uses the pool's budget, so retrying the policy must retry it.
+    #[test]
+    fn a_policy_retry_takes_a_failed_node_holding_its_lease_wherever_its_labels_point() {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1",
+            "labels": {"pool": "b"}, "annotations": {"baton.dev/failure": "did not reboot"}}}))
+        .unwrap();
+        let lease: Lease = serde_json::from_value(json!({"metadata": {"name": "baton-reboot-n1",
+            "annotations": {"baton.dev/policy": "pool"}}, "spec": {"holderIdentity": "n1"}}))
+        .unwrap();
+        let policy: UpdatePolicy = serde_json::from_value(json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy",
+            "metadata": {"name": "pool"},
+            "spec": {"nodeSelector": {"matchLabels": {"pool": "a"}}}}))
+        .unwrap();
+        let targets = retry_targets(
+            Selection::Policy {
+                name: "pool",
+                policy: Some(&policy),
+            },
+            &[node],
+            &[lease],
+        )
+        .unwrap();
+        assert_eq!(targets.len(), 1);
+        assert!(targets[0].lease_delete().is_some());
+    }
 
     #[test]
     fn a_retry_ends_the_grant_and_undoes_only_what_baton_did() {

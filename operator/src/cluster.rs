@@ -1,13 +1,18 @@
 //! The one narrow interface between the operator's decisions and the API server: the
-//! reads an observation makes (the watch caches, the pods a blocking selector names)
-//! and the writes a step makes (Node patches, reboot Leases, Events, drains).
-//! [`Kube`] implements it with `kube::Api`; the deterministic simulation implements it
-//! in memory.
+//! reads an observation makes (the watch caches, a fresh read of one object, the pods
+//! a blocking selector names, the alert gate) and the writes a reconcile makes (Node
+//! patches, reboot Leases, the policy's status and finalizer, Events, drains).
+//! [`Kube`] implements it with `kube::Api`; the deterministic simulation (`sim`)
+//! implements it on its model API server.
 //!
-//! Every write is guarded by the version the decision saw (a Lease create by its name),
-//! and [`Kube`] notes each one in the expectations before it is sent (`readback`).
+//! Every write is guarded by the version the decision saw (a Lease create by its name)
+//! and noted in the expectations before it is sent (`readback`): the provided methods
+//! here do that for every implementation, which only sends.
 
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    sync::{Arc, MutexGuard},
+};
 
 use jiff::Timestamp;
 use k8s_openapi::api::{
@@ -22,50 +27,121 @@ use kube::{
         reflector::ObjectRef,
     },
 };
+use serde_json::Value;
 use tracing::{Instrument, info_span, warn};
 
-use crds::{UpdatePolicy, node::NodePatch, protocol};
+use crds::{UpdatePolicy, UpdatePolicyStatus, node::NodePatch};
 use rollout::{
-    expectations::{Expected, ObjectKey},
+    alert::AlertGate,
+    expectations::{Expectations, Expected, ObjectKey, Seen},
     plan::{LeaseFacts, NodeFacts},
 };
 
 use crate::{
+    config::Config,
     context::Context,
-    drain::{self, DrainRules, Outcome},
+    drain::{self, DrainRules},
     error::{Error, Result},
+    metrics::Metrics,
     readback,
 };
+
+/// One write, as the API server receives it.
+#[derive(Debug, Clone)]
+pub enum Write<'a> {
+    /// A merge patch of a Node (its `metadata.resourceVersion`, if any, guards it).
+    PatchNode {
+        /// The Node.
+        node: &'a str,
+        /// The patch.
+        patch: &'a Value,
+    },
+    /// A reboot Lease created.
+    CreateLease(&'a Lease),
+    /// A merge patch of a reboot Lease (guarded like a Node patch).
+    PatchLease {
+        /// The Lease.
+        name: &'a str,
+        /// The patch.
+        patch: &'a Value,
+    },
+    /// A reboot Lease deleted under preconditions.
+    DeleteLease {
+        /// The Lease.
+        name: &'a str,
+        /// The uid it must have.
+        uid: Option<String>,
+        /// The resourceVersion it must have.
+        resource_version: Option<String>,
+    },
+    /// A merge patch of an UpdatePolicy's metadata (the finalizer).
+    PatchPolicy {
+        /// The policy.
+        name: &'a str,
+        /// The patch.
+        patch: &'a Value,
+    },
+    /// A merge patch of an UpdatePolicy's status.
+    PatchPolicyStatus {
+        /// The policy.
+        name: &'a str,
+        /// The patch.
+        patch: &'a Value,
+    },
+}
+
+/// Why a request failed: the API server's answer (`code`), or none at all (a request
+/// that got no answer may still have been applied).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    /// The HTTP status the API server answered, if it answered.
+    pub code: Option<u16>,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl Refusal {
+    /// The refusal of a kube request.
+    pub fn from_kube(e: &kube::Error) -> Refusal {
+        Refusal {
+            code: match e {
+                kube::Error::Api(s) => Some(s.code),
+                _ => None,
+            },
+            message: e.to_string(),
+        }
+    }
+}
 
 /// The operator's access to the cluster.
 pub trait Cluster: Send + Sync {
     /// The operator's namespace, where the reboot Leases are.
     fn namespace(&self) -> &str;
+    /// Now, on the operator's clock.
+    fn now(&self) -> Timestamp;
+    /// The operator's configuration.
+    fn config(&self) -> &Config;
+    /// Its metrics.
+    fn metrics(&self) -> &Metrics;
     /// Every Node, as cached.
     fn nodes(&self) -> Vec<Arc<Node>>;
     /// Every reboot Lease, as cached.
     fn leases(&self) -> Vec<Arc<Lease>>;
     /// Every UpdatePolicy, as cached.
     fn policies(&self) -> Vec<Arc<UpdatePolicy>>;
+    /// Whether every cache has been filled once.
+    fn caches_ready(&self) -> bool;
+    /// The cached version of one Node or reboot Lease.
+    fn cached(&self, key: &ObjectKey) -> Option<Seen>;
+    /// The writes not yet seen in the caches. Never held across an await.
+    fn expectations(&self) -> MutexGuard<'_, Expectations>;
+    /// A fresh read of one Node or reboot Lease.
+    fn read(&self, key: &ObjectKey) -> impl Future<Output = Result<Option<Seen>, Refusal>> + Send;
     /// The running pods a label selector (query syntax) names.
     fn running_pods(&self, selector: &str) -> impl Future<Output = Result<Vec<Pod>>> + Send;
-    /// Patches a Node, guarded by the version `seen`.
-    fn patch_node(
-        &self,
-        node: &str,
-        seen: &NodeFacts,
-        patch: &NodePatch,
-    ) -> impl Future<Output = Result<()>> + Send;
-    /// Creates a reboot Lease; `Ok(false)` when it exists already.
-    fn create_lease(&self, lease: &Lease) -> impl Future<Output = Result<bool>> + Send;
-    /// Sets annotations on a reboot Lease, guarded by the version `seen`.
-    fn annotate_lease(
-        &self,
-        seen: &LeaseFacts,
-        annotations: &[(&str, String)],
-    ) -> impl Future<Output = Result<()>> + Send;
-    /// Deletes a reboot Lease, guarded by the uid and version `seen`.
-    fn delete_lease(&self, seen: &LeaseFacts) -> impl Future<Output = Result<()>> + Send;
+    /// Sends one write.
+    fn send(&self, write: Write<'_>) -> impl Future<Output = Result<(), Refusal>> + Send;
     /// Records an Event on a Node (best effort).
     fn event(
         &self,
@@ -74,6 +150,20 @@ pub trait Cluster: Send + Sync {
         reason: &str,
         note: &str,
     ) -> impl Future<Output = ()> + Send;
+    /// Records an Event on a policy (best effort).
+    fn policy_event(
+        &self,
+        policy: &UpdatePolicy,
+        type_: EventType,
+        reason: &str,
+        note: &str,
+    ) -> impl Future<Output = ()> + Send;
+    /// Why the Prometheus alert gate is closed at `now`, or `None` when it is open.
+    fn alert_gate(
+        &self,
+        gate: &AlertGate,
+        now: Timestamp,
+    ) -> impl Future<Output = Option<String>> + Send;
     /// Starts draining `node` until `deadline`, unless a drain of it runs; when it ends,
     /// its Lease records it.
     fn start_drain(
@@ -90,6 +180,139 @@ pub trait Cluster: Send + Sync {
         node: &str,
         rules: &DrainRules,
     ) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Patches a Node, guarded by the version `seen`.
+    fn patch_node(
+        &self,
+        node: &str,
+        seen: &NodeFacts,
+        patch: &NodePatch,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            let key = ObjectKey::node(node);
+            readback::note(
+                self,
+                key.clone(),
+                Expected::Changed {
+                    from: seen.resource_version.clone(),
+                },
+            );
+            let json = patch.to_json(seen.resource_version.clone());
+            let result = self.send(Write::PatchNode { node, patch: &json }).await;
+            readback::settle_write(self, &key, result.as_ref().err());
+            result.map_err(|e| Error::api(&format!("node {node}"), e))
+        }
+    }
+
+    /// Creates a reboot Lease; `Ok(false)` when it exists already.
+    fn create_lease(&self, lease: &Lease) -> impl Future<Output = Result<bool>> + Send {
+        async move {
+            let key = ObjectKey::lease(&lease.name_any());
+            readback::note(self, key.clone(), Expected::Changed { from: None });
+            match self.send(Write::CreateLease(lease)).await {
+                Ok(()) => Ok(true),
+                // It exists: the cache will show it, as the note expects.
+                Err(r) if r.code == Some(409) => Ok(false),
+                Err(r) => {
+                    readback::settle_write(self, &key, Some(&r));
+                    Err(Error::api(&format!("lease {}", lease.name_any()), r))
+                }
+            }
+        }
+    }
+
+    /// Sets annotations on a reboot Lease, guarded by the version `seen`.
+    fn annotate_lease(
+        &self,
+        seen: &LeaseFacts,
+        annotations: &[(&str, String)],
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            let key = ObjectKey::lease(&seen.name);
+            readback::note(
+                self,
+                key.clone(),
+                Expected::Changed {
+                    from: seen.resource_version.clone(),
+                },
+            );
+            let map: serde_json::Map<String, Value> = annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone().into()))
+                .collect();
+            let patch = serde_json::json!({"metadata": {"resourceVersion": seen.resource_version, "annotations": map}});
+            let result = self
+                .send(Write::PatchLease {
+                    name: &seen.name,
+                    patch: &patch,
+                })
+                .await;
+            readback::settle_write(self, &key, result.as_ref().err());
+            result.map_err(|e| Error::api(&format!("lease {}", seen.name), e))
+        }
+    }
+
+    /// Deletes a reboot Lease, guarded by the uid and version `seen`.
+    fn delete_lease(&self, seen: &LeaseFacts) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            let key = ObjectKey::lease(&seen.name);
+            readback::note(
+                self,
+                key.clone(),
+                Expected::Gone {
+                    uid: seen.uid.clone(),
+                },
+            );
+            let delete = Write::DeleteLease {
+                name: &seen.name,
+                uid: seen.uid.clone(),
+                resource_version: seen.resource_version.clone(),
+            };
+            match self.send(delete).await {
+                Ok(()) => Ok(()),
+                Err(r) if r.code == Some(404) => Ok(()),
+                Err(r) => {
+                    readback::settle_write(self, &key, Some(&r));
+                    Err(Error::api(&format!("lease {}", seen.name), r))
+                }
+            }
+        }
+    }
+
+    /// Writes a policy's status.
+    fn write_status(
+        &self,
+        name: &str,
+        status: &UpdatePolicyStatus,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            let patch = status.merge_patch();
+            self.send(Write::PatchPolicyStatus {
+                name,
+                patch: &patch,
+            })
+            .await
+            .map_err(|e| Error::api(&format!("status of {name}"), e))
+        }
+    }
+
+    /// Replaces a policy's finalizers, guarded by its resourceVersion.
+    fn set_finalizers(
+        &self,
+        policy: &UpdatePolicy,
+        finalizers: Vec<String>,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            let name = policy.name_any();
+            let patch = serde_json::json!({"metadata": {"resourceVersion": policy.resource_version(), "finalizers": finalizers}});
+            self.send(Write::PatchPolicy {
+                name: &name,
+                patch: &patch,
+            })
+            .await
+            .map_err(|e| Error::api(&format!("finalizers of {name}"), e))
+        }
+    }
 }
 
 /// [`Cluster`] on the API server, through the controller run's [`Context`].
@@ -109,11 +332,38 @@ impl Kube {
         ));
         rules
     }
+
+    fn pods(&self) -> drain::KubePods {
+        drain::KubePods(self.0.client.clone())
+    }
+}
+
+fn seen<K: Resource>(object: Option<Arc<K>>) -> Option<Seen> {
+    object.map(|o| Seen {
+        uid: o.uid(),
+        resource_version: o.resource_version(),
+    })
+}
+
+fn merge(patch: &Value) -> Patch<&Value> {
+    Patch::Merge(patch)
 }
 
 impl Cluster for Kube {
     fn namespace(&self) -> &str {
         &self.0.config.namespace
+    }
+
+    fn now(&self) -> Timestamp {
+        self.0.clock.now()
+    }
+
+    fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.0.metrics
     }
 
     fn nodes(&self) -> Vec<Arc<Node>> {
@@ -128,6 +378,50 @@ impl Cluster for Kube {
         self.0.policies.state()
     }
 
+    fn caches_ready(&self) -> bool {
+        // The controller waits for the stores before its first reconcile.
+        true
+    }
+
+    fn cached(&self, key: &ObjectKey) -> Option<Seen> {
+        match key.kind {
+            "Node" => seen(self.0.nodes.get(&ObjectRef::new(&key.name))),
+            _ => seen(
+                self.0
+                    .leases
+                    .get(&ObjectRef::new(&key.name).within(&self.0.config.namespace)),
+            ),
+        }
+    }
+
+    fn expectations(&self) -> MutexGuard<'_, Expectations> {
+        self.0
+            .expectations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn read(&self, key: &ObjectKey) -> Result<Option<Seen>, Refusal> {
+        fn of<K: Resource>(o: K) -> Seen {
+            Seen {
+                uid: o.uid(),
+                resource_version: o.resource_version(),
+            }
+        }
+        let found = match key.kind {
+            "Node" => Api::<Node>::all(self.0.client.clone())
+                .get_opt(&key.name)
+                .await
+                .map(|n| n.map(of)),
+            _ => self
+                .leases_api()
+                .get_opt(&key.name)
+                .await
+                .map(|l| l.map(of)),
+        };
+        found.map_err(|e| Refusal::from_kube(&e))
+    }
+
     async fn running_pods(&self, selector: &str) -> Result<Vec<Pod>> {
         let pods: Api<Pod> = Api::all(self.0.client.clone());
         let params = ListParams::default()
@@ -136,100 +430,48 @@ impl Cluster for Kube {
         Ok(pods.list(&params).await?.items)
     }
 
-    async fn patch_node(&self, node: &str, seen: &NodeFacts, patch: &NodePatch) -> Result<()> {
-        let ctx = &self.0;
-        let key = ObjectKey::node(node);
-        readback::note(
-            ctx,
-            key.clone(),
-            Expected::Changed {
-                from: seen.resource_version.clone(),
-            },
-        );
-        let api: Api<Node> = Api::all(ctx.client.clone());
-        let json = patch.to_json(seen.resource_version.clone());
-        let result = api
-            .patch(node, &PatchParams::default(), &Patch::Merge(&json))
-            .await;
-        readback::settle_write(ctx, &key, result.as_ref().err());
-        result
-            .map(drop)
-            .map_err(|e| Error::from_kube(&format!("node {node}"), e))
-    }
-
-    async fn create_lease(&self, lease: &Lease) -> Result<bool> {
-        let ctx = &self.0;
-        let key = ObjectKey::lease(&lease.name_any());
-        readback::note(ctx, key.clone(), Expected::Changed { from: None });
-        match self
-            .leases_api()
-            .create(&PostParams::default(), lease)
-            .await
-        {
-            Ok(_) => Ok(true),
-            // It exists: the cache will show it, as the note expects.
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-            Err(e) => {
-                readback::settle_write(ctx, &key, Some(&e));
-                Err(Error::Kube(e))
+    async fn send(&self, write: Write<'_>) -> Result<(), Refusal> {
+        let client = self.0.client.clone();
+        let params = PatchParams::default();
+        let result = match write {
+            Write::PatchNode { node, patch } => Api::<Node>::all(client)
+                .patch(node, &params, &merge(patch))
+                .await
+                .map(drop),
+            Write::CreateLease(lease) => self
+                .leases_api()
+                .create(&PostParams::default(), lease)
+                .await
+                .map(drop),
+            Write::PatchLease { name, patch } => self
+                .leases_api()
+                .patch(name, &params, &merge(patch))
+                .await
+                .map(drop),
+            Write::DeleteLease {
+                name,
+                uid,
+                resource_version,
+            } => {
+                let params = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        resource_version,
+                        uid,
+                    }),
+                    ..Default::default()
+                };
+                self.leases_api().delete(name, &params).await.map(drop)
             }
-        }
-    }
-
-    async fn annotate_lease(
-        &self,
-        seen: &LeaseFacts,
-        annotations: &[(&str, String)],
-    ) -> Result<()> {
-        let ctx = &self.0;
-        let key = ObjectKey::lease(&seen.name);
-        readback::note(
-            ctx,
-            key.clone(),
-            Expected::Changed {
-                from: seen.resource_version.clone(),
-            },
-        );
-        let map: serde_json::Map<String, serde_json::Value> = annotations
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone().into()))
-            .collect();
-        let patch = serde_json::json!({"metadata": {"resourceVersion": seen.resource_version, "annotations": map}});
-        let result = self
-            .leases_api()
-            .patch(&seen.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await;
-        readback::settle_write(ctx, &key, result.as_ref().err());
-        result
-            .map(drop)
-            .map_err(|e| Error::from_kube(&format!("lease {}", seen.name), e))
-    }
-
-    async fn delete_lease(&self, seen: &LeaseFacts) -> Result<()> {
-        let ctx = &self.0;
-        let key = ObjectKey::lease(&seen.name);
-        readback::note(
-            ctx,
-            key.clone(),
-            Expected::Gone {
-                uid: seen.uid.clone(),
-            },
-        );
-        let params = DeleteParams {
-            preconditions: Some(Preconditions {
-                resource_version: seen.resource_version.clone(),
-                uid: seen.uid.clone(),
-            }),
-            ..Default::default()
+            Write::PatchPolicy { name, patch } => Api::<UpdatePolicy>::all(client)
+                .patch(name, &params, &merge(patch))
+                .await
+                .map(drop),
+            Write::PatchPolicyStatus { name, patch } => Api::<UpdatePolicy>::all(client)
+                .patch_status(name, &params, &merge(patch))
+                .await
+                .map(drop),
         };
-        match self.leases_api().delete(&seen.name, &params).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-            Err(e) => {
-                readback::settle_write(ctx, &key, Some(&e));
-                Err(Error::from_kube(&format!("lease {}", seen.name), e))
-            }
-        }
+        result.map_err(|e| Refusal::from_kube(&e))
     }
 
     async fn event(&self, node: &str, type_: EventType, reason: &str, note: &str) {
@@ -238,22 +480,29 @@ impl Cluster for Kube {
         }
     }
 
+    async fn policy_event(
+        &self,
+        policy: &UpdatePolicy,
+        type_: EventType,
+        reason: &str,
+        note: &str,
+    ) {
+        publish(&self.0, &policy.object_ref(&()), type_, reason, note).await;
+    }
+
+    async fn alert_gate(&self, gate: &AlertGate, now: Timestamp) -> Option<String> {
+        self.0.alerts.verdict(gate, now).await
+    }
+
     async fn start_drain(&self, node: &str, rules: DrainRules, deadline: Timestamp) {
         if self.0.drains().get(node).is_some_and(|h| !h.is_finished()) {
             return;
         }
         let rules = self.with_operator(rules);
-        self.event(
-            node,
-            EventType::Normal,
-            "DrainStarted",
-            &format!("evicting pods until {deadline}"),
-        )
-        .await;
         let me = self.clone();
         let name = node.to_string();
         let handle = tokio::spawn(
-            async move { me.drain(&name, rules, deadline).await }
+            async move { drain::run(&me, &me.pods(), &name, rules, deadline).await }
                 .instrument(info_span!("drain", node = %node)),
         );
         self.0.drains().insert(node.to_string(), handle);
@@ -266,70 +515,7 @@ impl Cluster for Kube {
     }
 
     async fn force_drain(&self, node: &str, rules: &DrainRules) -> Result<usize> {
-        drain::force(&self.0.client, node, &self.with_operator(rules.clone())).await
-    }
-}
-
-impl Kube {
-    /// One drain, run as its own task: evicts within the deadline, reports each blocked
-    /// pod once as an Event, and records the end of the drain on the Lease.
-    async fn drain(&self, node: &str, rules: DrainRules, deadline: Timestamp) {
-        let ctx = &self.0;
-        let (blocked_tx, mut blocked_rx) = tokio::sync::mpsc::unbounded_channel::<drain::Blocked>();
-        let reporter = {
-            let me = self.clone();
-            let node = node.to_string();
-            tokio::spawn(async move {
-                let mut seen = std::collections::HashSet::new();
-                while let Some(b) = blocked_rx.recv().await {
-                    me.0.metrics.evictions_blocked.inc();
-                    if seen.insert(b.clone()) {
-                        warn!(pod = %b.pod, budget = %b.budget, "eviction blocked by a PodDisruptionBudget");
-                        let note = format!(
-                            "evicting {} is blocked by PodDisruptionBudget {}; retrying until the drain times out",
-                            b.pod, b.budget
-                        );
-                        me.event(&node, EventType::Warning, "DrainBlocked", &note)
-                            .await;
-                    }
-                }
-            })
-        };
-        ctx.metrics.drains.inc();
-        let started = std::time::Instant::now();
-        let outcome =
-            drain::drain(&ctx.client, node, &rules, deadline, &blocked_tx, &ctx.clock).await;
-        ctx.metrics.drains.dec();
-        ctx.metrics
-            .drain_seconds
-            .observe(started.elapsed().as_secs_f64());
-        drop(blocked_tx);
-        let _ = reporter.await;
-        match outcome {
-            Ok(Outcome::Drained) => {
-                let lease = ctx
-                    .leases
-                    .get(&ObjectRef::new(&crate::lease::name(node)).within(&ctx.config.namespace));
-                if let Some(l) = lease {
-                    let seen = LeaseFacts {
-                        name: l.name_any(),
-                        uid: l.uid(),
-                        resource_version: l.resource_version(),
-                    };
-                    let at = protocol::lease::DRAINED_AT.format(&ctx.clock.now());
-                    let drained = [(protocol::lease::DRAINED_AT.name, at)];
-                    if let Err(e) = self.annotate_lease(&seen, &drained).await {
-                        warn!(error = %e, "recording the drain failed; it will be redone");
-                    }
-                }
-            }
-            Ok(Outcome::TimedOut(remaining)) => {
-                let note = format!("still on the node: {}", remaining.join(", "));
-                self.event(node, EventType::Warning, "DrainTimedOut", &note)
-                    .await;
-            }
-            Err(e) => warn!(error = %e, "drain failed; it will be retried"),
-        }
+        drain::force(&self.pods(), node, &self.with_operator(rules.clone())).await
     }
 }
 

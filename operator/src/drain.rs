@@ -5,7 +5,7 @@
 //! It must never evict DaemonSet or mirror pods, pods the policy leaves alone, or the
 //! operator's own last replica (which would strand the rollout, FLUO #123).
 
-use std::time::Duration;
+use std::{collections::HashSet, future::Future, time::Duration};
 
 use futures::{StreamExt, stream};
 use jiff::Timestamp;
@@ -13,12 +13,17 @@ use k8s_openapi::api::{core::v1::Pod, policy::v1::PodDisruptionBudget};
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, EvictParams, ListParams},
+    runtime::events::EventType,
 };
 use tracing::{debug, info, warn};
 
-use rollout::selector::Selector;
+use crds::protocol;
+use rollout::{plan::LeaseFacts, selector::Selector};
 
-use crate::error::Result;
+use crate::{
+    cluster::{Cluster, Refusal},
+    error::Result,
+};
 
 /// What a drain does and does not touch.
 #[derive(Debug, Clone)]
@@ -137,68 +142,73 @@ pub struct Blocked {
     pub budget: String,
 }
 
-/// Drains `node` until it is empty or `deadline` passes. Each eviction a
-/// PodDisruptionBudget refuses is sent to `blocked_tx`.
-pub async fn drain(
-    client: &Client,
+/// The pod side of the API a drain uses: listing a node's pods, the Eviction API,
+/// plain deletes (for `onTimeout: Force`) and the budget that refused an eviction.
+pub trait Pods: Send + Sync {
+    /// Waits `d` (between rounds).
+    fn pause(&self, d: Duration) -> impl Future<Output = ()> + Send;
+    /// The pods scheduled on `node`.
+    fn on_node(&self, node: &str) -> impl Future<Output = Result<Vec<Pod>>> + Send;
+    /// Evicts a pod through the Eviction API, with this grace period if set.
+    fn evict(
+        &self,
+        pod: &Pod,
+        grace: Option<i64>,
+    ) -> impl Future<Output = Result<(), Refusal>> + Send;
+    /// Deletes a pod, bypassing PodDisruptionBudgets, with this grace period if set.
+    fn delete(
+        &self,
+        pod: &Pod,
+        grace: Option<i64>,
+    ) -> impl Future<Output = Result<(), Refusal>> + Send;
+    /// The name of a PodDisruptionBudget selecting `pod`, to say which one blocks it.
+    fn budget_of(&self, pod: &Pod) -> impl Future<Output = Option<String>> + Send;
+}
+
+fn named(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+/// Drains `node` until it is empty or `deadline` passes (on `c`'s clock). Each pod a
+/// PodDisruptionBudget blocks is reported once, as an Event.
+pub async fn drain<C: Cluster, P: Pods>(
+    c: &C,
+    pods: &P,
     node: &str,
     rules: &DrainRules,
     deadline: Timestamp,
-    blocked_tx: &tokio::sync::mpsc::UnboundedSender<Blocked>,
-    clock: &crate::clock::Clock,
 ) -> Result<Outcome> {
-    let pods: Api<Pod> = Api::all(client.clone());
-    let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
     let mut backoff = Duration::from_millis(250);
+    let mut reported: HashSet<Blocked> = HashSet::new();
     loop {
-        let list = pods.list(&on_node).await?;
+        let list = pods.on_node(node).await?;
         let mut remaining = Vec::new();
         let mut to_evict = Vec::new();
-        for pod in &list.items {
+        for pod in &list {
             match verdict(pod, rules) {
                 Verdict::Stay(_) => {}
                 Verdict::Evict => {
-                    remaining.push(format!(
-                        "{}/{}",
-                        pod.namespace().unwrap_or_default(),
-                        pod.name_any()
-                    ));
+                    remaining.push(named(pod));
                     to_evict.push(pod.clone());
                 }
                 Verdict::BlockedByEmptyDir => remaining.push(format!(
-                    "{}/{} (emptyDir; deleteEmptyDirData is off)",
-                    pod.namespace().unwrap_or_default(),
-                    pod.name_any()
+                    "{} (emptyDir; deleteEmptyDirData is off)",
+                    named(pod)
                 )),
-                Verdict::Terminating => remaining.push(format!(
-                    "{}/{} (terminating)",
-                    pod.namespace().unwrap_or_default(),
-                    pod.name_any()
-                )),
+                Verdict::Terminating => remaining.push(format!("{} (terminating)", named(pod))),
             }
         }
         if remaining.is_empty() {
             info!(node, "drained");
             return Ok(Outcome::Drained);
         }
-        if clock.now() >= deadline {
+        if c.now() >= deadline {
             return Ok(Outcome::TimedOut(remaining));
         }
-        let results: Vec<(Pod, std::result::Result<(), kube::Error>)> = stream::iter(to_evict)
-            .map(|pod| {
-                let api: Api<Pod> =
-                    Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
-                let params = EvictParams {
-                    delete_options: rules.grace_period_seconds.map(|g| DeleteParams {
-                        grace_period_seconds: Some(g as u32),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                };
-                async move {
-                    let r = api.evict(&pod.name_any(), &params).await.map(drop);
-                    (pod, r)
-                }
+        let results: Vec<(Pod, std::result::Result<(), Refusal>)> = stream::iter(to_evict)
+            .map(|pod| async move {
+                let r = pods.evict(&pod, rules.grace_period_seconds).await;
+                (pod, r)
             })
             .buffer_unordered(rules.max_parallel.max(1))
             .collect()
@@ -207,19 +217,27 @@ pub async fn drain(
         for (pod, result) in results {
             match result {
                 Ok(()) => debug!(node, pod = %pod.name_any(), "evicted"),
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(kube::Error::Api(s)) if s.code == 429 => {
+                Err(r) if r.code == Some(404) => {}
+                Err(r) if r.code == Some(429) => {
                     blocked = true;
-                    let budget = match blocking_budget(client, &pod).await {
-                        Ok(Some(name)) => name,
-                        Ok(None) => "a PodDisruptionBudget".into(),
-                        Err(e) => {
-                            warn!(node, pod = %pod.name_any(), error = %e, "cannot list PodDisruptionBudgets");
-                            format!("a PodDisruptionBudget (cannot list them to say which: {e})")
-                        }
+                    c.metrics().evictions_blocked.inc();
+                    let budget = pods
+                        .budget_of(&pod)
+                        .await
+                        .unwrap_or_else(|| "a PodDisruptionBudget".into());
+                    let b = Blocked {
+                        pod: named(&pod),
+                        budget,
                     };
-                    let pod = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
-                    let _ = blocked_tx.send(Blocked { pod, budget });
+                    if reported.insert(b.clone()) {
+                        warn!(pod = %b.pod, budget = %b.budget, "eviction blocked by a PodDisruptionBudget");
+                        let note = format!(
+                            "evicting {} is blocked by PodDisruptionBudget {}; retrying until the drain times out",
+                            b.pod, b.budget
+                        );
+                        c.event(node, EventType::Warning, "DrainBlocked", &note)
+                            .await;
+                    }
                 }
                 Err(e) => warn!(node, pod = %pod.name_any(), error = %e, "eviction failed"),
             }
@@ -230,51 +248,137 @@ pub async fn drain(
         } else {
             Duration::from_millis(250)
         };
-        let left = deadline.duration_since(clock.now()).unsigned_abs();
-        tokio::time::sleep(backoff.min(left)).await;
+        let left = deadline.duration_since(c.now()).unsigned_abs();
+        pods.pause(backoff.min(left)).await;
+    }
+}
+
+/// One drain, run as its own task: evicts within the deadline and records the end of
+/// the drain on the node's Lease (as the cache shows it).
+pub async fn run<C: Cluster, P: Pods>(
+    c: &C,
+    pods: &P,
+    node: &str,
+    rules: DrainRules,
+    deadline: Timestamp,
+) {
+    c.event(
+        node,
+        EventType::Normal,
+        "DrainStarted",
+        &format!("evicting pods until {deadline}"),
+    )
+    .await;
+    c.metrics().drains.inc();
+    let started = c.now();
+    let outcome = drain(c, pods, node, &rules, deadline).await;
+    c.metrics().drains.dec();
+    c.metrics()
+        .drain_seconds
+        .observe(c.now().duration_since(started).as_secs_f64().max(0.0));
+    match outcome {
+        Ok(Outcome::Drained) => {
+            let name = crate::lease::name(node);
+            let lease = c.leases().into_iter().find(|l| l.name_any() == name);
+            if let Some(l) = lease {
+                let seen = LeaseFacts {
+                    name: l.name_any(),
+                    uid: l.uid(),
+                    resource_version: l.resource_version(),
+                };
+                let at = protocol::lease::DRAINED_AT.format(&c.now());
+                let drained = [(protocol::lease::DRAINED_AT.name, at)];
+                if let Err(e) = c.annotate_lease(&seen, &drained).await {
+                    warn!(error = %e, "recording the drain failed; it will be redone");
+                }
+            }
+        }
+        Ok(Outcome::TimedOut(remaining)) => {
+            let note = format!("still on the node: {}", remaining.join(", "));
+            c.event(node, EventType::Warning, "DrainTimedOut", &note)
+                .await;
+        }
+        Err(e) => warn!(error = %e, "drain failed; it will be retried"),
     }
 }
 
 /// Deletes the pods a timed-out drain left (bypassing PodDisruptionBudgets), for
 /// `onTimeout: Force`. DaemonSet, mirror, left-alone and operator pods still stay.
-pub async fn force(client: &Client, node: &str, rules: &DrainRules) -> Result<usize> {
-    let pods: Api<Pod> = Api::all(client.clone());
-    let list = pods
-        .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
-        .await?;
+pub async fn force<P: Pods>(pods: &P, node: &str, rules: &DrainRules) -> Result<usize> {
     let mut deleted = 0;
-    for pod in list.items {
+    for pod in pods.on_node(node).await? {
         if matches!(
             verdict(&pod, rules),
             Verdict::Evict | Verdict::BlockedByEmptyDir
         ) {
-            let api: Api<Pod> =
-                Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
-            let params = DeleteParams {
-                grace_period_seconds: rules.grace_period_seconds.map(|g| g as u32),
-                ..Default::default()
-            };
-            match api.delete(&pod.name_any(), &params).await {
-                Ok(_) => deleted += 1,
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
+            match pods.delete(&pod, rules.grace_period_seconds).await {
+                Ok(()) => deleted += 1,
+                Err(r) if r.code == Some(404) => {}
+                Err(r) => return Err(crate::error::Error::api(&format!("pod {}", named(&pod)), r)),
             }
         }
     }
     Ok(deleted)
 }
 
-/// The name of a PodDisruptionBudget selecting `pod`, to say which one blocks it.
-async fn blocking_budget(client: &Client, pod: &Pod) -> Result<Option<String>, kube::Error> {
-    let Some(namespace) = pod.namespace() else {
-        return Ok(None);
-    };
-    let api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &namespace);
-    let list = api.list(&ListParams::default()).await?;
-    Ok(list.items.into_iter().find_map(|pdb| {
-        let selector = Selector::compile(pdb.spec.as_ref()?.selector.as_ref()?).ok()?;
-        selector.matches(pod.labels()).then(|| pdb.name_any())
-    }))
+/// [`Pods`] on the API server.
+#[derive(Clone)]
+pub struct KubePods(pub Client);
+
+impl Pods for KubePods {
+    async fn pause(&self, d: Duration) {
+        tokio::time::sleep(d).await;
+    }
+
+    async fn on_node(&self, node: &str) -> Result<Vec<Pod>> {
+        let pods: Api<Pod> = Api::all(self.0.clone());
+        let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
+        Ok(pods.list(&on_node).await?.items)
+    }
+
+    async fn evict(&self, pod: &Pod, grace: Option<i64>) -> std::result::Result<(), Refusal> {
+        let api: Api<Pod> = Api::namespaced(self.0.clone(), &pod.namespace().unwrap_or_default());
+        let params = EvictParams {
+            delete_options: grace.map(|g| DeleteParams {
+                grace_period_seconds: u32::try_from(g).ok(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        api.evict(&pod.name_any(), &params)
+            .await
+            .map(drop)
+            .map_err(|e| Refusal::from_kube(&e))
+    }
+
+    async fn delete(&self, pod: &Pod, grace: Option<i64>) -> std::result::Result<(), Refusal> {
+        let api: Api<Pod> = Api::namespaced(self.0.clone(), &pod.namespace().unwrap_or_default());
+        let params = DeleteParams {
+            grace_period_seconds: grace.and_then(|g| u32::try_from(g).ok()),
+            ..Default::default()
+        };
+        api.delete(&pod.name_any(), &params)
+            .await
+            .map(drop)
+            .map_err(|e| Refusal::from_kube(&e))
+    }
+
+    async fn budget_of(&self, pod: &Pod) -> Option<String> {
+        let namespace = pod.namespace()?;
+        let api: Api<PodDisruptionBudget> = Api::namespaced(self.0.clone(), &namespace);
+        match api.list(&ListParams::default()).await {
+            Ok(list) => list.items.into_iter().find_map(|pdb| {
+                let selector = Selector::compile(pdb.spec.as_ref()?.selector.as_ref()?).ok()?;
+                selector.matches(pod.labels()).then(|| pdb.name_any())
+            }),
+            Err(e) => {
+                warn!(pod = %pod.name_any(), error = %e, "cannot list PodDisruptionBudgets");
+                Some(format!(
+                    "a PodDisruptionBudget (cannot list them to say which: {e})"
+                ))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

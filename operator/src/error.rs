@@ -12,6 +12,14 @@ pub enum Error {
     /// Someone else changed the object first; the next reconcile sees the new state.
     #[error("conflict on {0}: retrying with fresh state")]
     Conflict(String),
+    /// A write or read failed (refused by the API server, or not answered in time).
+    #[error("{what}: {refusal}")]
+    Api {
+        /// What was being done.
+        what: String,
+        /// How it failed.
+        refusal: crate::cluster::Refusal,
+    },
     /// A value could not be encoded.
     #[error("encoding: {0}")]
     Encode(#[from] serde_json::Error),
@@ -23,7 +31,20 @@ impl Error {
         match self {
             Error::Kube(_) => "kube",
             Error::Conflict(_) => "conflict",
+            Error::Api { .. } => "kube",
             Error::Encode(_) => "encode",
+        }
+    }
+
+    /// A failed request; a 409 is [`Error::Conflict`].
+    pub fn api(what: &str, refusal: crate::cluster::Refusal) -> Error {
+        if refusal.code == Some(409) {
+            Error::Conflict(what.to_string())
+        } else {
+            Error::Api {
+                what: what.to_string(),
+                refusal,
+            }
         }
     }
 

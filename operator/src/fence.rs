@@ -100,9 +100,14 @@ impl Fence {
 
     /// Whether, and until when, this replica may write.
     pub fn writable(&self) -> Writable {
+        self.writable_at(Instant::now())
+    }
+
+    /// [`Fence::writable`] at `now` (the simulation's clock).
+    pub fn writable_at(&self, now: Instant) -> Writable {
         match self.get() {
             Validity::Always => Writable::Always,
-            Validity::Until(t) if Instant::now() < t => Writable::Until(t),
+            Validity::Until(t) if now < t => Writable::Until(t),
             Validity::Until(_) | Validity::Never => Writable::No,
         }
     }

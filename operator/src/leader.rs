@@ -72,14 +72,84 @@ fn term_of(spec: &LeaseSpec, default_duration: Duration) -> Duration {
 
 /// What identifies one renewal of the lock (resourceVersion and holder): a follower
 /// restarts its countdown when it changes.
-type RenewalId = (Option<String>, Option<String>);
+pub type RenewalId = (Option<String>, Option<String>);
 
 /// The [`RenewalId`] of `lease`.
-fn renewal(lease: &Lease) -> RenewalId {
+pub fn renewal(lease: &Lease) -> RenewalId {
     (
         lease.metadata.resource_version.clone(),
         lease.spec.as_ref().and_then(|s| s.holder_identity.clone()),
     )
+}
+
+/// What an attempt to take the lock should do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Take {
+    /// There is no Lease: create this one.
+    Create(Lease),
+    /// Write this over the Lease seen (its resourceVersion guards the write).
+    Replace(Lease),
+    /// Another replica holds it (the Lease as seen): follow it.
+    Wait(Option<Lease>),
+}
+
+/// What `me` does with the leader Lease `current` (as just read), having seen the
+/// renewal `watched` unchanged for `unchanged_for` (a renewal the watch had not shown
+/// yet counts as just seen), with a term of `duration`, at `now`.
+pub fn take(
+    current: Option<&Lease>,
+    me: &str,
+    watched: Option<&RenewalId>,
+    unchanged_for: Duration,
+    duration: Duration,
+    now: Timestamp,
+) -> Take {
+    let now = MicroTime(now);
+    let seconds = i32::try_from(duration.as_secs()).unwrap_or(i32::MAX);
+    let Some(lease) = current else {
+        return Take::Create(Lease {
+            metadata: ObjectMeta {
+                name: Some(LEASE_NAME.into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(me.to_string()),
+                lease_duration_seconds: Some(seconds),
+                acquire_time: Some(now.clone()),
+                renew_time: Some(now),
+                lease_transitions: Some(0),
+                ..Default::default()
+            }),
+        });
+    };
+    let unchanged_for = if watched == Some(&renewal(lease)) {
+        unchanged_for
+    } else {
+        Duration::ZERO
+    };
+    if !may_hold(lease.spec.as_ref(), me, unchanged_for, duration) {
+        return Take::Wait(Some(lease.clone()));
+    }
+    let mut lease = lease.clone();
+    let spec = lease.spec.get_or_insert_with(Default::default);
+    if spec.holder_identity.as_deref() != Some(me) {
+        info!(previous = ?spec.holder_identity, "taking over leadership");
+        spec.holder_identity = Some(me.to_string());
+        spec.acquire_time = Some(now.clone());
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+    }
+    spec.renew_time = Some(now);
+    spec.lease_duration_seconds = Some(seconds);
+    Take::Replace(lease)
+}
+
+/// `held` (as this replica last wrote it) renewed at `now` for a term of `duration`.
+pub fn renewed(held: &Lease, now: Timestamp, duration: Duration) -> Lease {
+    let mut next = held.clone();
+    let spec = next.spec.get_or_insert_with(Default::default);
+    spec.renew_time = Some(MicroTime(now));
+    spec.lease_duration_seconds = Some(i32::try_from(duration.as_secs()).unwrap_or(i32::MAX));
+    next
 }
 
 /// What a renewal found.
@@ -130,10 +200,6 @@ impl Elector {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn seconds(&self) -> i32 {
-        i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX)
-    }
-
     /// Takes the lock if `may_hold` allows it, having seen the renewal `watched`
     /// unchanged for `unchanged_for` (a renewal the watch had not shown yet counts as
     /// just seen). `Ok(Ok(lease))` when this replica now leads, `Ok(Err(lease))` with
@@ -143,56 +209,25 @@ impl Elector {
         watched: Option<&RenewalId>,
         unchanged_for: Duration,
     ) -> Result<std::result::Result<Lease, Option<Lease>>> {
-        let now = MicroTime(Timestamp::now());
-        let Some(mut lease) = self.api.get_opt(LEASE_NAME).await? else {
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(LEASE_NAME.into()),
-                    ..Default::default()
-                },
-                spec: Some(LeaseSpec {
-                    holder_identity: Some(self.identity.clone()),
-                    lease_duration_seconds: Some(self.seconds()),
-                    acquire_time: Some(now.clone()),
-                    renew_time: Some(now),
-                    lease_transitions: Some(0),
-                    ..Default::default()
-                }),
-            };
-            return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(created) => Ok(Ok(created)),
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Err(None)),
-                Err(e) => Err(e.into()),
-            };
-        };
-        let unchanged_for = if watched == Some(&renewal(&lease)) {
-            unchanged_for
-        } else {
-            Duration::ZERO
-        };
-        if !may_hold(
-            lease.spec.as_ref(),
+        let current = self.api.get_opt(LEASE_NAME).await?;
+        let written = match take(
+            current.as_ref(),
             &self.identity,
+            watched,
             unchanged_for,
             self.duration,
+            Timestamp::now(),
         ) {
-            return Ok(Err(Some(lease)));
-        }
-        let spec = lease.spec.get_or_insert_with(Default::default);
-        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
-            info!(previous = ?spec.holder_identity, "taking over leadership");
-            spec.holder_identity = Some(self.identity.clone());
-            spec.acquire_time = Some(now.clone());
-            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-        }
-        spec.renew_time = Some(now);
-        spec.lease_duration_seconds = Some(self.seconds());
-        // `replace` carries the observed resourceVersion: a concurrent writer makes it 409.
-        match self
-            .api
-            .replace(LEASE_NAME, &PostParams::default(), &lease)
-            .await
-        {
+            Take::Wait(seen) => return Ok(Err(seen)),
+            Take::Create(lease) => self.api.create(&PostParams::default(), &lease).await,
+            // `replace` carries the observed resourceVersion: a concurrent writer makes it 409.
+            Take::Replace(lease) => {
+                self.api
+                    .replace(LEASE_NAME, &PostParams::default(), &lease)
+                    .await
+            }
+        };
+        match written {
             Ok(taken) => Ok(Ok(taken)),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(Err(None)),
             Err(e) => Err(e.into()),
@@ -266,10 +301,7 @@ impl Elector {
 
     /// Renews `lease` (as this replica last wrote it) with one update.
     async fn renew(&self, lease: &Lease) -> Result<Renewal> {
-        let mut next = lease.clone();
-        let spec = next.spec.get_or_insert_with(Default::default);
-        spec.renew_time = Some(MicroTime(Timestamp::now()));
-        spec.lease_duration_seconds = Some(self.seconds());
+        let next = renewed(lease, Timestamp::now(), self.duration);
         match self
             .api
             .replace(LEASE_NAME, &PostParams::default(), &next)

@@ -5,8 +5,9 @@
 //! The flow, one module per arrow (imports point the same way):
 //!
 //! ```text
-//! replica -> controller: watch event -> cache -> observe (snapshot) -> rollout::decide
-//!         -> plan -> step (one function per action) -> cluster (API writes)
+//! replica -> controller: watch event -> cache -> reconcile -> observe (snapshot)
+//!         -> rollout::decide -> plan -> step (one function per action)
+//!         -> cluster (API writes)
 //! ```
 #![forbid(unsafe_code)]
 
@@ -24,7 +25,8 @@ pub mod leader;
 pub mod lease;
 pub mod metrics;
 pub mod observe;
-mod readback;
+pub mod readback;
+pub mod reconcile;
 pub mod replica;
 pub mod status;
 pub mod step;

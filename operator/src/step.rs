@@ -15,10 +15,16 @@ use crds::{
 };
 use rollout::{
     Action, Policy,
+    expectations::ObjectKey,
     plan::{LeaseFacts, NodeFacts, NodePlan},
 };
 
-use crate::{cluster::Cluster, drain::DrainRules, error::Result, lease};
+use crate::{
+    cluster::Cluster,
+    drain::DrainRules,
+    error::{Error, Result},
+    lease,
+};
 
 /// Performs one node's step.
 pub async fn perform<C: Cluster>(
@@ -76,6 +82,10 @@ pub async fn perform<C: Cluster>(
         Action::Release(_) => release(c, node, seen, held).await,
         Action::Fail { reason } => fail(c, node, seen, held, reason, NodePatch::default()).await,
         Action::Abort { reason } => abort(c, node, seen, held, reason).await,
+        Action::ClearStaleGrant => match seen {
+            Some(n) => clear_stale_grant(c, node, n).await,
+            None => Ok(()),
+        },
         Action::WaitForReboot { .. } | Action::Settle { .. } | Action::Skip(_) => Ok(()),
     }
 }
@@ -307,9 +317,27 @@ async fn abort<C: Cluster>(
     Ok(())
 }
 
+/// Undoes baton's cordon and `reboot-ok` on a node no Lease holds, once a fresh read
+/// confirms that no Lease holds it (the cache may lag a grant).
+async fn clear_stale_grant<C: Cluster>(c: &C, node: &str, seen: &NodeFacts) -> Result<()> {
+    let key = ObjectKey::lease(&crds::grant::lease_name(node));
+    match c.read(&key).await {
+        Ok(None) => {}
+        Ok(Some(_)) => return Ok(()),
+        Err(e) => return Err(Error::api(&format!("lease of {node}"), e)),
+    }
+    let end = NodePatch::end_grant(seen.cordoned_by_baton, seen.lb_excluded);
+    c.patch_node(node, seen, &end).await?;
+    let why = "baton's cordon outlived its grant (no reboot Lease holds the node): undone";
+    info!(why, "stale grant cleared");
+    c.event(node, EventType::Normal, "StaleGrantCleared", why)
+        .await;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::{Arc, Mutex, MutexGuard};
 
     use k8s_openapi::api::{
         coordination::v1::Lease,
@@ -319,25 +347,62 @@ mod tests {
     use rollout::plan::Seen;
 
     use super::*;
+    use crate::{
+        cluster::{Refusal, Write},
+        config::Config,
+        metrics::Metrics,
+    };
     use crds::UpdatePolicy;
+    use rollout::{
+        alert::AlertGate,
+        expectations::{Expectations, ObjectKey, Seen as ExpectSeen},
+    };
 
     /// The writes a step made, in order, as `(object, what)`.
-    #[derive(Default, Clone)]
-    struct Recorded(Arc<Mutex<Vec<(String, String)>>>);
+    #[derive(Clone)]
+    struct Recorded {
+        writes: Arc<Mutex<Vec<(String, String)>>>,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        expectations: Arc<Mutex<Expectations>>,
+        lease_exists: bool,
+    }
+
+    impl Default for Recorded {
+        fn default() -> Self {
+            use clap::Parser;
+            Recorded {
+                writes: Arc::default(),
+                config: Arc::new(Config::parse_from(["baton-operator"])),
+                metrics: Arc::default(),
+                expectations: Arc::default(),
+                lease_exists: false,
+            }
+        }
+    }
 
     impl Recorded {
         fn push(&self, object: &str, what: String) {
-            self.0.lock().unwrap().push((object.to_string(), what));
+            self.writes.lock().unwrap().push((object.to_string(), what));
         }
 
         fn all(&self) -> Vec<(String, String)> {
-            self.0.lock().unwrap().clone()
+            self.writes.lock().unwrap().clone()
         }
     }
 
     impl Cluster for Recorded {
         fn namespace(&self) -> &str {
             "baton-system"
+        }
+        fn now(&self) -> Timestamp {
+            at()
+        }
+        fn config(&self) -> &Config {
+            &self.config
+        }
+        fn metrics(&self) -> &Metrics {
+            &self.metrics
         }
         fn nodes(&self) -> Vec<Arc<Node>> {
             Vec::new()
@@ -348,40 +413,62 @@ mod tests {
         fn policies(&self) -> Vec<Arc<UpdatePolicy>> {
             Vec::new()
         }
+        fn caches_ready(&self) -> bool {
+            true
+        }
+        fn cached(&self, _key: &ObjectKey) -> Option<ExpectSeen> {
+            None
+        }
+        fn expectations(&self) -> MutexGuard<'_, Expectations> {
+            self.expectations.lock().unwrap()
+        }
+        async fn read(&self, _key: &ObjectKey) -> Result<Option<ExpectSeen>, Refusal> {
+            Ok(self.lease_exists.then(|| ExpectSeen {
+                uid: Some("u1".into()),
+                resource_version: Some("9".into()),
+            }))
+        }
         async fn running_pods(&self, _selector: &str) -> Result<Vec<Pod>> {
             Ok(Vec::new())
         }
-        async fn patch_node(&self, node: &str, seen: &NodeFacts, patch: &NodePatch) -> Result<()> {
-            let json = patch.to_json(seen.resource_version.clone());
-            self.push(&format!("node/{node}"), json.to_string());
-            Ok(())
-        }
-        async fn create_lease(&self, lease: &Lease) -> Result<bool> {
-            let a = serde_json::to_string(&lease.annotations()).unwrap();
-            self.push(
-                &format!("lease/{}", lease.name_any()),
-                format!("create {a}"),
-            );
-            Ok(true)
-        }
-        async fn annotate_lease(
-            &self,
-            seen: &LeaseFacts,
-            annotations: &[(&str, String)],
-        ) -> Result<()> {
-            let keys: Vec<&str> = annotations.iter().map(|(k, _)| *k).collect();
-            self.push(
-                &format!("lease/{}", seen.name),
-                format!("annotate {keys:?} at {:?}", seen.resource_version),
-            );
-            Ok(())
-        }
-        async fn delete_lease(&self, seen: &LeaseFacts) -> Result<()> {
-            self.push(&format!("lease/{}", seen.name), "delete".into());
+        async fn send(&self, write: Write<'_>) -> Result<(), Refusal> {
+            match write {
+                Write::PatchNode { node, patch } => {
+                    self.push(&format!("node/{node}"), patch.to_string())
+                }
+                Write::CreateLease(lease) => {
+                    let a = serde_json::to_string(&lease.annotations()).unwrap();
+                    self.push(
+                        &format!("lease/{}", lease.name_any()),
+                        format!("create {a}"),
+                    )
+                }
+                Write::PatchLease { name, patch } => {
+                    self.push(&format!("lease/{name}"), patch.to_string())
+                }
+                Write::DeleteLease { name, .. } => {
+                    self.push(&format!("lease/{name}"), "delete".into())
+                }
+                Write::PatchPolicy { name, patch } | Write::PatchPolicyStatus { name, patch } => {
+                    self.push(&format!("policy/{name}"), patch.to_string())
+                }
+            }
             Ok(())
         }
         async fn event(&self, node: &str, _type_: EventType, reason: &str, _note: &str) {
             self.push(&format!("event/{node}"), reason.into());
+        }
+        async fn policy_event(
+            &self,
+            policy: &UpdatePolicy,
+            _type_: EventType,
+            reason: &str,
+            _note: &str,
+        ) {
+            self.push(&format!("event/{}", policy.name_any()), reason.into());
+        }
+        async fn alert_gate(&self, _gate: &AlertGate, _now: Timestamp) -> Option<String> {
+            None
         }
         async fn start_drain(&self, node: &str, _rules: DrainRules, _deadline: Timestamp) {
             self.push(&format!("drain/{node}"), "start".into());
@@ -514,6 +601,27 @@ mod tests {
             !c.all()[1].1.contains("unschedulable"),
             "an admin's cordon stays"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stale_cordon_is_undone_only_once_a_fresh_read_finds_no_lease() {
+        let w = run(Action::ClearStaleGrant).await;
+        assert_eq!(w[0].0, "node/n1");
+        assert!(
+            w[0].1.contains(r#""unschedulable":false"#) && !w[0].1.contains("failure"),
+            "{w:?}"
+        );
+        let c = Recorded {
+            lease_exists: true,
+            ..Recorded::default()
+        };
+        let step = NodePlan {
+            node: "n1".into(),
+            action: Action::ClearStaleGrant,
+            seen: seen(),
+        };
+        perform(&c, &policy(), &step, at()).await.unwrap();
+        assert!(c.all().is_empty(), "the Lease exists: the cache lagged");
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@
 //! halted or paused pool, or on a node someone else cordoned; it never uncordons a node
 //! baton did not cordon; and every wait it returns has a deadline.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use jiff::Timestamp;
 
@@ -24,12 +24,12 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         return wind_down(snapshot, policy, ending, now);
     }
     let window = policy.windows.state(now);
-    let nodes_by_name: BTreeMap<&str, &NodeView> = snapshot
+    let nodes_by_name: HashMap<&str, &NodeView> = snapshot
         .nodes
         .iter()
         .map(|n| (n.name.as_str(), n))
         .collect();
-    let leases_by_node: BTreeMap<&str, &LeaseView> = snapshot
+    let leases_by_node: HashMap<&str, &LeaseView> = snapshot
         .leases
         .iter()
         .map(|l| (l.node.as_str(), l))
@@ -37,6 +37,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
 
     // The pool: selected nodes that no other policy also selects.
     let mut pool = Vec::new();
+    let mut contested = Vec::new();
     let mut conflicts = Vec::new();
     for node in &snapshot.nodes {
         if !policy.selector.matches(&node.labels) {
@@ -51,6 +52,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         if others.is_empty() {
             pool.push(node);
         } else {
+            contested.push(node);
             conflicts.push(Conflict {
                 node: node.name.clone(),
                 others,
@@ -120,6 +122,16 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     // which the operator then records so that it counts until an admin retries it
     // (the agent itself may stop reporting it, such as a staging failure it retries).
     let mut newly_failed: BTreeMap<&str, String> = BTreeMap::new();
+    // A node marked failed that another policy's Lease still holds (it failed there,
+    // then was relabelled into this pool) is a failure here too.
+    for node in pool.iter().filter(|n| {
+        n.failure.is_some()
+            && leases_by_node
+                .get(n.name.as_str())
+                .is_some_and(|l| l.policy != policy.name)
+    }) {
+        failed.insert(node.name.as_str());
+    }
     for node in pool
         .iter()
         .filter(|n| !leases_by_node.contains_key(n.name.as_str()))
@@ -137,6 +149,11 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
             );
         }
     }
+    // A node another policy also claims keeps the failure it had here: the claim is
+    // no retry, and the pool stays halted.
+    for node in contested.iter().filter(|n| n.failure.is_some()) {
+        failed.insert(node.name.as_str());
+    }
     let halted = (failed.len() as u32 >= policy.max_failed).then(|| {
         format!(
             "{} failed node(s) reached maxFailedNodes={}: {}",
@@ -146,11 +163,13 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         )
     });
 
-    // The budget: this policy's leases, and everything else in the pool that is not
-    // plainly available.
+    // The budget: this policy's leases, and everything else it selects that is not
+    // plainly available. A node another policy also selects is left alone, but when
+    // it is down it is down in this pool too.
     let unavailable = own_held
         + pool
             .iter()
+            .chain(&contested)
             .filter(|n| {
                 leases_by_node
                     .get(n.name.as_str())
@@ -168,12 +187,13 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
 
     // Zones in progress, for one zone at a time: those of every leased node in the
     // pool and of every node holding this policy's lease.
+    let in_pool: HashSet<&str> = pool.iter().map(|n| n.name.as_str()).collect();
     let mut active_zones: BTreeSet<&str> = snapshot
         .nodes
         .iter()
         .filter(|n| !failed.contains(n.name.as_str()))
         .filter(|n| match leases_by_node.get(n.name.as_str()) {
-            Some(l) => l.policy == policy.name || pool.iter().any(|p| p.name == n.name),
+            Some(l) => l.policy == policy.name || in_pool.contains(n.name.as_str()),
             None => false,
         })
         .map(|n| n.zone(&policy.zone_label))
@@ -196,60 +216,65 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     rest.sort_by_cached_key(|n| order_key(n, snapshot, policy));
     let window_gate = window_gate(window, policy, now);
     for node in rest {
-        let action = if let Some(reason) = newly_failed.remove(node.name.as_str()) {
-            Action::Fail { reason }
-        } else if failed.contains(node.name.as_str()) {
-            let why = node
-                .failure
-                .clone()
-                .or_else(|| node.agent.message.clone())
-                .unwrap_or_else(|| {
-                    format!(
-                        "agent reported {}",
-                        node.agent.state.map_or("", |s| s.as_str())
-                    )
-                });
-            Action::Skip(Skip::Failed(why))
-        } else if !node.malformed.is_empty() {
-            Action::Skip(Skip::Malformed(
-                node.malformed.iter().map(|e| e.to_string()).collect(),
-            ))
-        } else if !node.requests_reboot() {
-            if is_up_to_date(node, policy) {
-                counts.up_to_date += 1;
-                Action::Skip(Skip::UpToDate)
+        let action =
+            if (node.cordoned_by_baton && node.unschedulable) || node.agent.reboot_ok.is_some() {
+                // Left by a grant that ended under a step in flight: it is baton's to undo.
+                // The node still counts as unavailable until that is done.
+                Action::ClearStaleGrant
+            } else if let Some(reason) = newly_failed.remove(node.name.as_str()) {
+                Action::Fail { reason }
+            } else if failed.contains(node.name.as_str()) {
+                let why = node
+                    .failure
+                    .clone()
+                    .or_else(|| node.agent.message.clone())
+                    .unwrap_or_else(|| {
+                        format!(
+                            "agent reported {}",
+                            node.agent.state.map_or("", |s| s.as_str())
+                        )
+                    });
+                Action::Skip(Skip::Failed(why))
+            } else if !node.malformed.is_empty() {
+                Action::Skip(Skip::Malformed(
+                    node.malformed.iter().map(|e| e.to_string()).collect(),
+                ))
+            } else if !node.requests_reboot() {
+                if is_up_to_date(node, policy) {
+                    counts.up_to_date += 1;
+                    Action::Skip(Skip::UpToDate)
+                } else {
+                    counts.waiting += 1;
+                    let why = match node.agent.state {
+                        Some(state) => format!("agent is {state}"),
+                        None => "agent has not reported".to_string(),
+                    };
+                    Action::Skip(Skip::NotRequested(why))
+                }
             } else {
                 counts.waiting += 1;
-                let why = match node.agent.state {
-                    Some(state) => format!("agent is {state}"),
-                    None => "agent has not reported".to_string(),
-                };
-                Action::Skip(Skip::NotRequested(why))
-            }
-        } else {
-            counts.waiting += 1;
-            match candidate(
-                node,
-                snapshot,
-                policy,
-                halted.is_some(),
-                &window_gate,
-                free,
-                &active_zones,
-            ) {
-                Ok(boot_id) => {
-                    free -= 1;
-                    if policy.one_zone_at_a_time {
-                        active_zones.insert(node.zone(&policy.zone_label));
+                match candidate(
+                    node,
+                    snapshot,
+                    policy,
+                    halted.is_some(),
+                    &window_gate,
+                    free,
+                    &active_zones,
+                ) {
+                    Ok(boot_id) => {
+                        free -= 1;
+                        if policy.one_zone_at_a_time {
+                            active_zones.insert(node.zone(&policy.zone_label));
+                        }
+                        Action::Grant {
+                            boot_id,
+                            target_version: node.agent.target_version.clone(),
+                        }
                     }
-                    Action::Grant {
-                        boot_id,
-                        target_version: node.agent.target_version.clone(),
-                    }
+                    Err(skip) => Action::Skip(skip),
                 }
-                Err(skip) => Action::Skip(skip),
-            }
-        };
+            };
         plans.push(NodePlan {
             node: node.name.clone(),
             action,
@@ -266,6 +291,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                 p.action,
                 Action::Release(_)
                     | Action::Abort { .. }
+                    | Action::ClearStaleGrant
                     | Action::Publish { .. }
                     | Action::Skip(Skip::UpToDate | Skip::NotRequested(_))
             )
@@ -561,8 +587,13 @@ fn wind_down(snapshot: &Snapshot, policy: &Policy, ending: Ending, now: Timestam
     let mut plans = Vec::new();
     let mut counts = Counts::default();
     let mut timers = Vec::new();
+    let nodes_by_name: HashMap<&str, &NodeView> = snapshot
+        .nodes
+        .iter()
+        .map(|n| (n.name.as_str(), n))
+        .collect();
     for lease in snapshot.leases.iter().filter(|l| l.policy == policy.name) {
-        let node = snapshot.nodes.iter().find(|n| n.name == lease.node);
+        let node = nodes_by_name.get(lease.node.as_str()).copied();
         let action = wind_down_step(node, lease, &finishing, ending, now);
         timers.extend(action.timer());
         match &action {

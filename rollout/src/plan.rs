@@ -221,6 +221,11 @@ pub enum Action {
         /// Why.
         reason: String,
     },
+    /// Undo baton's cordon (and the load-balancer label) and a `reboot-ok` on a node
+    /// that no reboot Lease holds: a grant ended while a step of it was in flight (an
+    /// admin's retry deleted the Lease under a reconcile that still saw it). The step
+    /// reads the Lease fresh first and does nothing if it exists. A failure mark stays.
+    ClearStaleGrant,
     /// Nothing to do now.
     Skip(Skip),
 }
@@ -304,6 +309,7 @@ impl fmt::Display for Action {
             Action::Release(ReleaseReason::NodeDeleted) => write!(f, "release: node deleted"),
             Action::Fail { reason } => write!(f, "fail: {reason}"),
             Action::Abort { reason } => write!(f, "end the grant: {reason}"),
+            Action::ClearStaleGrant => write!(f, "undo baton's cordon: no Lease holds the node"),
             Action::Skip(skip) => write!(f, "skip: {skip}"),
         }
     }

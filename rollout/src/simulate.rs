@@ -280,6 +280,15 @@ impl World {
                     });
                 }
                 Action::Fail { reason } => self.fail(name, lease, reason, now, &mut events),
+                Action::ClearStaleGrant => {
+                    if let Some(n) = self.node_mut(name) {
+                        if n.cordoned_by_baton {
+                            n.unschedulable = false;
+                            n.cordoned_by_baton = false;
+                        }
+                        n.agent.reboot_ok = None;
+                    }
+                }
                 Action::Abort { .. } => {
                     if let Some(n) = self.node_mut(name) {
                         if n.cordoned_by_baton {

@@ -666,6 +666,99 @@ fn a_node_in_flight_relabelled_out_of_the_pool_keeps_using_its_slot() {
     assert_eq!(plan.node("node-02"), Some(&Action::Skip(Skip::Budget)));
 }
 
+/// Found by the simulation (seed 7295): `kubectl baton retry` deleted node-01's Lease
+/// while a reconcile that still saw it cordoned the node. No Lease holds it now: the
+/// cordon is baton's to undo, and it counts against the budget until it is undone.
+#[test]
+fn baton_s_cordon_without_a_lease_is_undone_and_counts_until_then() {
+    let mut w = pool_a(4);
+    {
+        let n = w.node_mut("node-01").unwrap();
+        n.unschedulable = true;
+        n.cordoned_by_baton = true;
+    }
+    let plan = decide(&w.snapshot(), &policy_a(serde_json::json!({})), at(NOW));
+    assert_eq!(plan.node("node-01"), Some(&Action::ClearStaleGrant));
+    assert_eq!(plan.grants().count(), 0, "node-01 is still down");
+    // An admin's cordon is never baton's to undo.
+    let mut w = pool_a(4);
+    w.node_mut("node-01").unwrap().unschedulable = true;
+    let plan = decide(&w.snapshot(), &policy_a(serde_json::json!({})), at(NOW));
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::Skip(Skip::CordonedByOthers))
+    );
+}
+
+/// Found by the simulation (seed 45081): node-01 failed under policy `other`, whose
+/// Lease still holds it, and an admin relabelled it into this pool. Its failure halts
+/// this pool too, until an admin retries it.
+#[test]
+fn a_failed_node_relabelled_in_under_another_policys_lease_halts_this_pool() {
+    let mut w = pool_a(4);
+    let mut l = lease(&w, "node-01", NOW);
+    l.policy = "other".into();
+    l.failure = Some("agent reported RolledBack".into());
+    w.leases.push(l);
+    w.node_mut("node-01").unwrap().failure = Some("agent reported RolledBack".into());
+    let plan = decide(&w.snapshot(), &policy_a(serde_json::json!({})), at(NOW));
+    assert!(plan.halted.is_some(), "{plan:?}");
+    assert_eq!(plan.grants().count(), 0);
+}
+
+/// Selects the nodes labelled `claimed=yes`.
+fn claimed() -> Selector {
+    Selector::compile(
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+            match_labels: Some([("claimed".into(), "yes".into())].into()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Found by the simulation (seed 83): policy `other` granted node-01 while this policy
+/// was deleted; this policy, created again, selects node-01 too. node-01 is contested,
+/// so it is left alone, but it is down: another grant here would make two.
+#[test]
+fn a_contested_node_down_under_another_policy_uses_this_pools_budget_too() {
+    let mut w = pool_a(4);
+    draining(&mut w, "node-01");
+    w.leases[0].policy = "other".into();
+    w.node_mut("node-01")
+        .unwrap()
+        .labels
+        .insert("claimed".into(), "yes".into());
+    let mut snap = w.snapshot();
+    snap.other_policies.push(("other".into(), claimed()));
+    let plan = decide(&snap, &policy_a(serde_json::json!({})), at(NOW));
+    assert_eq!(plan.conflicts.len(), 1);
+    assert_eq!(plan.budget.unavailable, 1);
+    assert_eq!(
+        plan.grants().count(),
+        0,
+        "two disrupted under a budget of 1"
+    );
+}
+
+/// Found by the simulation (seed 394): node-01 failed staging and is marked failed;
+/// then a second policy claims it. The claim is no retry: the pool stays halted.
+#[test]
+fn a_failed_node_claimed_by_a_second_policy_still_halts_its_pool() {
+    let mut w = pool_a(4);
+    {
+        let n = w.node_mut("node-01").unwrap();
+        n.failure = Some("agent reported Failed: staging failed".into());
+        n.labels.insert("claimed".into(), "yes".into());
+    }
+    let mut snap = w.snapshot();
+    snap.other_policies.push(("other".into(), claimed()));
+    let plan = decide(&snap, &policy_a(serde_json::json!({})), at(NOW));
+    assert_eq!(plan.conflicts.len(), 1);
+    assert!(plan.halted.is_some(), "{plan:?}");
+    assert_eq!(plan.grants().count(), 0);
+}
+
 #[test]
 fn a_node_in_flight_claimed_by_a_second_policy_keeps_using_its_slot() {
     let mut w = pool_a(4);

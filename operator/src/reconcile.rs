@@ -1,0 +1,235 @@
+//! Reconciling one policy, through [`Cluster`] alone: observe the caches, ask
+//! `rollout::decide` what to do, perform each node's step, write the status and the
+//! Events when they changed, and say when to look again. The controller
+//! (`controller`) runs it on the API server; the simulation runs the same function on
+//! its model.
+
+use std::time::Duration;
+
+use kube::{Resource, ResourceExt, runtime::events::EventType};
+use tracing::{Instrument, info, info_span, warn};
+
+use crds::{UpdatePolicy, policy::FINALIZER};
+use rollout::{Policy, decide, policy::Ending};
+
+use crate::{
+    cluster::Cluster,
+    error::{Error, Result},
+    observe, readback, status, step,
+};
+
+/// How soon a reconcile that found its caches behind its own writes looks again (the
+/// watch event that catches them up wakes it sooner).
+pub const READBACK_RECHECK: Duration = Duration::from_secs(1);
+
+/// How soon a step that failed on a write conflict is tried again.
+const STEP_CONFLICT_RETRY: Duration = Duration::from_millis(200);
+
+/// How soon a step that failed otherwise is tried again.
+const STEP_RETRY: Duration = Duration::from_secs(5);
+
+/// The longest a policy goes without a reconcile.
+pub const RESYNC: Duration = Duration::from_secs(60);
+
+/// How often a node held back only by a blocking pod or a closed gate is looked at
+/// again.
+const GATE_RECHECK: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
+
+/// How soon a reconcile that failed with `error` is tried again.
+pub fn retry_after(error: &Error) -> Duration {
+    Duration::from_secs(if matches!(error, Error::Conflict(_)) {
+        1
+    } else {
+        5
+    })
+}
+
+/// Reconciles `policy`. Returns when to look at it again (`None`: only on a change).
+pub async fn policy<C: Cluster>(c: &C, policy: &UpdatePolicy) -> Result<Option<Duration>> {
+    // Never decide from a cache older than the operator's own last write.
+    if !c.caches_ready() || !readback::caught_up(c).await {
+        return Ok(Some(READBACK_RECHECK));
+    }
+    let name = policy.name_any();
+    let now = c.now();
+    if policy.meta().deletion_timestamp.is_some() {
+        return end_deleted(c, policy, now).await;
+    }
+    ensure_finalizer(c, policy).await?;
+    let rules = Policy::from_spec(&name, &policy.spec).and_then(|rules| {
+        let refused = c.config().refuses(&rules);
+        if refused.is_empty() {
+            Ok(rules)
+        } else {
+            Err(refused)
+        }
+    });
+    match rules {
+        Ok(rules) => roll_out(c, policy, &rules, now).await,
+        Err(errors) => wind_down_invalid(c, policy, &errors, now).await,
+    }
+}
+
+/// A valid policy: observe, decide, perform, report, and requeue when the plan can
+/// next change.
+async fn roll_out<C: Cluster>(
+    c: &C,
+    policy: &UpdatePolicy,
+    rules: &Policy,
+    now: jiff::Timestamp,
+) -> Result<Option<Duration>> {
+    let mut snapshot = observe::snapshot(c, rules, c.config().node_name.clone());
+    let blocked = observe::mark_blocked(c, rules, &mut snapshot).await?;
+    if let Some(gate) = &rules.alert_gate
+        && snapshot.nodes.iter().any(|n| n.requests_reboot())
+    {
+        snapshot.gate = c.alert_gate(gate, now).await;
+    }
+    let plan = decide(&snapshot, rules, now);
+    c.metrics().observe(&plan);
+    let retry = perform(c, rules, &plan, now).await;
+    let status = status::from_plan(
+        &plan,
+        rules.paused,
+        policy.meta().generation,
+        policy.status.as_ref(),
+        now,
+    );
+    if policy.status.as_ref() != Some(&status) {
+        for (kind, message) in status::raised(policy.status.as_ref(), &status) {
+            c.policy_event(policy, EventType::Warning, kind, message)
+                .await;
+        }
+        c.write_status(&rules.name, &status).await?;
+    }
+    // Pods and alerts are not watched (a cluster-wide pod cache would dwarf the
+    // operator; Prometheus has no watch), so a node held back only by a blocking pod
+    // or a closed gate is looked at again after GATE_RECHECK.
+    let gated = blocked || snapshot.gate.is_some();
+    let blocked_recheck = gated.then(|| now.checked_add(GATE_RECHECK).ok()).flatten();
+    let next = [plan.next_change, blocked_recheck]
+        .into_iter()
+        .flatten()
+        .min();
+    Ok(Some(requeue(next, retry, now)))
+}
+
+/// A spec that cannot be used: report it, and still drive the nodes in flight (a grant
+/// not yet rebooting ends, a reboot under way finishes; failures stay recorded).
+async fn wind_down_invalid<C: Cluster>(
+    c: &C,
+    policy: &UpdatePolicy,
+    errors: &[rollout::policy::SpecError],
+    now: jiff::Timestamp,
+) -> Result<Option<Duration>> {
+    let name = policy.name_any();
+    let rules = Policy::wind_down(&name, &policy.spec, Ending::InvalidSpec);
+    let snapshot = observe::snapshot(c, &rules, c.config().node_name.clone());
+    let plan = decide(&snapshot, &rules, now);
+    let retry = perform(c, &rules, &plan, now).await;
+    let status = status::invalid(
+        errors,
+        policy.meta().generation,
+        policy.status.as_ref(),
+        now,
+    );
+    if policy.status.as_ref() != Some(&status) {
+        let note = errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        c.policy_event(policy, EventType::Warning, "InvalidSpec", &note)
+            .await;
+        c.write_status(&name, &status).await?;
+    }
+    Ok(Some(requeue(plan.next_change, retry, now)))
+}
+
+/// A policy being deleted: end its grants (a reboot under way finishes first), then
+/// let it go by removing the finalizer once it holds no Lease.
+async fn end_deleted<C: Cluster>(
+    c: &C,
+    policy: &UpdatePolicy,
+    now: jiff::Timestamp,
+) -> Result<Option<Duration>> {
+    let name = policy.name_any();
+    let rules = Policy::wind_down(&name, &policy.spec, Ending::Deleted);
+    let snapshot = observe::snapshot(c, &rules, c.config().node_name.clone());
+    if !snapshot.leases.iter().any(|l| l.policy == name) {
+        remove_finalizer(c, policy).await?;
+        return Ok(None);
+    }
+    let plan = decide(&snapshot, &rules, now);
+    let retry = perform(c, &rules, &plan, now).await;
+    Ok(Some(requeue(plan.next_change, retry, now)))
+}
+
+/// Performs every node's step; returns how soon to try again when a step failed.
+async fn perform<C: Cluster>(
+    c: &C,
+    rules: &Policy,
+    plan: &rollout::Plan,
+    now: jiff::Timestamp,
+) -> Option<Duration> {
+    // A failed step is tried again soon: the change that made it fail (a conflict with
+    // a heartbeat, say) may be one that wakes nothing.
+    let mut retry: Option<Duration> = None;
+    for step in &plan.nodes {
+        let span = info_span!("node", node = %step.node);
+        if let Err(e) = step::perform(c, rules, step, now).instrument(span).await {
+            warn!(node = %step.node, action = %step.action, error = %e, "step failed; will retry");
+            let after = if matches!(e, Error::Conflict(_)) {
+                STEP_CONFLICT_RETRY
+            } else {
+                STEP_RETRY
+            };
+            retry = Some(retry.map_or(after, |r| r.min(after)));
+        }
+    }
+    retry
+}
+
+/// When to look at the policy again: at `next` (a timer of the plan), soon after a
+/// failed step, and at least every RESYNC.
+fn requeue(
+    next: Option<jiff::Timestamp>,
+    retry: Option<Duration>,
+    now: jiff::Timestamp,
+) -> Duration {
+    // Timers run on the monotonic clock while the rules run on the wall clock: a clock
+    // step (NTP, a resumed VM) would leave a far-off requeue far off. Looking again at
+    // least every RESYNC bounds that; it reads only the caches and writes nothing
+    // unless something changed.
+    let wait = next.map_or(RESYNC, |t| {
+        t.duration_since(now)
+            .unsigned_abs()
+            .clamp(Duration::from_millis(100), RESYNC)
+    });
+    retry.map_or(wait, |r| wait.min(r))
+}
+
+/// Puts the operator's finalizer on the policy (once), so that deleting it ends its
+/// grants first.
+async fn ensure_finalizer<C: Cluster>(c: &C, policy: &UpdatePolicy) -> Result<()> {
+    let mut finalizers = policy.finalizers().to_vec();
+    if finalizers.iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
+    finalizers.push(FINALIZER.to_string());
+    c.set_finalizers(policy, finalizers).await
+}
+
+async fn remove_finalizer<C: Cluster>(c: &C, policy: &UpdatePolicy) -> Result<()> {
+    let finalizers: Vec<String> = policy
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    if finalizers.len() == policy.finalizers().len() {
+        return Ok(());
+    }
+    info!("every grant ended: the policy may go");
+    c.set_finalizers(policy, finalizers).await
+}
