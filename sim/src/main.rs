@@ -33,6 +33,9 @@ struct Args {
     /// Worker threads (default: the machine's cores).
     #[arg(long)]
     jobs: Option<usize>,
+    /// Stop exploring at the first broken property (to measure how fast one is found).
+    #[arg(long)]
+    until_found: bool,
     /// Runs tried while shrinking a failure.
     #[arg(long, default_value_t = 300)]
     shrink_trials: usize,
@@ -94,6 +97,8 @@ fn explore(args: &Args) -> i32 {
     let last = args.first_seed + args.seeds;
     let steps = AtomicU64::new(0);
     let virtual_ms = AtomicU64::new(0);
+    let found = std::sync::atomic::AtomicBool::new(false);
+    let tried = AtomicU64::new(0);
     let mut failures: Vec<(u64, run::Outcome)> = Vec::new();
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..jobs)
@@ -101,14 +106,19 @@ fn explore(args: &Args) -> i32 {
                 scope.spawn(|| {
                     let mut failed = Vec::new();
                     loop {
+                        if args.until_found && found.load(Ordering::SeqCst) {
+                            return failed;
+                        }
                         let seed = next.fetch_add(1, Ordering::SeqCst);
                         if seed >= last {
                             return failed;
                         }
+                        tried.fetch_add(1, Ordering::Relaxed);
                         let out = run::run(&Scenario::generate(seed), false);
                         steps.fetch_add(out.steps, Ordering::Relaxed);
                         virtual_ms.fetch_add(out.ended_at.as_millis() as u64, Ordering::Relaxed);
                         if out.violation.is_some() {
+                            found.store(true, Ordering::SeqCst);
                             failed.push((seed, out));
                         }
                     }
@@ -124,9 +134,9 @@ fn explore(args: &Args) -> i32 {
     failures.sort_by_key(|(seed, _)| *seed);
     let elapsed = started.elapsed();
     let steps = steps.load(Ordering::Relaxed);
+    let tried = tried.load(Ordering::Relaxed);
     println!(
-        "explored {} scenarios (seeds {}..{}), {} steps, {:.0} virtual hours, in {:.1}s on {jobs} thread(s) ({:.0} steps/s)",
-        args.seeds,
+        "explored {tried} scenarios (of seeds {}..{}), {} steps, {:.0} virtual hours, in {:.1}s on {jobs} thread(s) ({:.0} steps/s)",
         args.first_seed,
         last,
         steps,
@@ -173,6 +183,13 @@ fn explore(args: &Args) -> i32 {
         for entry in &shrunk.trace {
             println!("{entry}");
         }
+        println!(
+            "FOUND property={} seed={seed} scenarios={tried} seconds={:.1} shrunk_events={} shrunk_trace={}",
+            v.property,
+            elapsed.as_secs_f64(),
+            small.events.len(),
+            shrunk.trace_len
+        );
         println!("replay: cargo run --release -p sim -- --seed {seed} --trace");
         for (seed, out) in failures.iter().skip(1).take(20) {
             if let Some(v) = &out.violation {
