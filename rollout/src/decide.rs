@@ -132,8 +132,12 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     }) {
         failed.insert(node.name.as_str());
     }
+    // A node another policy also claims is left alone, but not its failure: the claim
+    // is no retry, so the failure counts here too and is recorded on the node (a mark
+    // is no disruption, and every claimant would write the same one).
     for node in pool
         .iter()
+        .chain(&contested)
         .filter(|n| !leases_by_node.contains_key(n.name.as_str()))
     {
         if node.failure.is_some() {
@@ -149,8 +153,6 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
             );
         }
     }
-    // A node another policy also claims keeps the failure it had here: the claim is
-    // no retry, and the pool stays halted.
     for node in contested.iter().filter(|n| n.failure.is_some()) {
         failed.insert(node.name.as_str());
     }
@@ -281,6 +283,16 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
             seen: Seen::of(Some(node), None),
         });
     }
+    // The failures of contested nodes, recorded (pool nodes' were, in order, above).
+    plans.extend(
+        std::mem::take(&mut newly_failed)
+            .into_iter()
+            .map(|(node, reason)| NodePlan {
+                node: node.to_string(),
+                action: Action::Fail { reason },
+                seen: Seen::of(nodes_by_name.get(node).copied(), None),
+            }),
+    );
     plans.extend(publishes);
 
     let granted = plans.iter().filter(|p| p.action.is_grant()).count();

@@ -706,6 +706,28 @@ fn a_failed_node_relabelled_in_under_another_policys_lease_halts_this_pool() {
     assert_eq!(plan.grants().count(), 0);
 }
 
+/// Found by the simulation (seed 37499): node-01's staging failed while a second
+/// policy claimed it. Its failure halts this pool and is recorded on the node, so the
+/// halt holds after the agent retries its staging on its own.
+#[test]
+fn a_contested_nodes_agent_failure_is_recorded_and_halts_the_pool() {
+    let mut w = pool_a(4);
+    {
+        let n = w.node_mut("node-01").unwrap();
+        n.agent.state = Some(AgentState::Failed);
+        n.labels.insert("claimed".into(), "yes".into());
+    }
+    let mut snap = w.snapshot();
+    snap.other_policies.push(("other".into(), claimed()));
+    let plan = decide(&snap, &policy_a(serde_json::json!({})), at(NOW));
+    assert!(plan.halted.is_some(), "{plan:?}");
+    assert!(
+        matches!(plan.node("node-01"), Some(Action::Fail { .. })),
+        "{plan:?}"
+    );
+    assert_eq!(plan.grants().count(), 0);
+}
+
 /// Selects the nodes labelled `claimed=yes`.
 fn claimed() -> Selector {
     Selector::compile(

@@ -76,6 +76,9 @@ pub struct Checker {
     /// How far behind the API server the operator's caches may be.
     pub staleness: Duration,
     admin_cordons: BTreeSet<String>,
+    /// Nodes whose agent reported a failure (Failed, RolledBack), and when: they count
+    /// as failed until an admin retries them, whatever marks the operator keeps.
+    reported_failed: BTreeMap<String, Duration>,
     rebooted_out_of: BTreeSet<(String, String)>,
     node_changed: BTreeMap<String, Duration>,
     policies: BTreeMap<String, History>,
@@ -239,6 +242,8 @@ impl Checker {
     /// An admin deleted `node`.
     pub fn node_deleted(&mut self, at: Duration, node: &str) {
         self.node_changed.insert(node.to_string(), at);
+        // A Lease's failure mark, if any, keeps counting (`halted`).
+        self.reported_failed.remove(node);
     }
 
     /// A Node write landed: `patch` by `writer`, from `before` to `after`.
@@ -259,6 +264,9 @@ impl Checker {
                 "S2",
                 format!("{writer:?} uncordoned {node}, which an admin had cordoned"),
             );
+        }
+        if *writer == Writer::Retry {
+            self.reported_failed.remove(node);
         }
         if let Writer::Agent(own) = writer {
             if own != node {
@@ -299,6 +307,9 @@ impl Checker {
             if let Some(after) = after {
                 let boot = ann(after, protocol::BOOT_ID.name).unwrap_or_default();
                 let state = ann(after, protocol::STATE.name).unwrap_or_default();
+                if matches!(state, "Failed" | "RolledBack") {
+                    self.reported_failed.entry(node.to_string()).or_insert(at);
+                }
                 if matches!(state, "Verifying" | "Done")
                     && self
                         .rebooted_out_of
@@ -387,8 +398,8 @@ impl Checker {
         }
         let s6 = versions
             .iter()
-            .all(|p| self.halted(api, p, &name).is_some());
-        if s6 && let Some(why) = self.halted(api, &versions[0], &name) {
+            .all(|p| self.halted(at, api, p, &name).is_some());
+        if s6 && let Some(why) = self.halted(at, api, &versions[0], &name) {
             self.violate(
                 at,
                 "S6",
@@ -460,13 +471,43 @@ impl Checker {
         })
     }
 
-    fn halted(&self, api: &ApiServer, policy: &UpdatePolicy, name: &str) -> Option<String> {
-        let mut failed: BTreeSet<String> = self
-            .pool(api, policy)
+    /// When the policy's current incarnation was created (a deleted policy's wind-down
+    /// ends its failures; one created again starts afresh).
+    fn born(&self, name: &str) -> Duration {
+        let Some(history) = self.policies.get(name) else {
+            return Duration::ZERO;
+        };
+        let mut born = Duration::ZERO;
+        let mut before_was_gone = true;
+        for (t, p) in history {
+            if p.is_some() && before_was_gone {
+                born = *t;
+            }
+            before_was_gone = p.is_none();
+        }
+        born
+    }
+
+    fn halted(
+        &self,
+        at: Duration,
+        api: &ApiServer,
+        policy: &UpdatePolicy,
+        name: &str,
+    ) -> Option<String> {
+        let pool = self.pool(api, policy);
+        let mut failed: BTreeSet<String> = pool
             .iter()
             .filter(|n| ann(n, protocol::FAILURE.name).is_some())
             .map(|n| n.name_any())
             .collect();
+        // What the agents reported (seen by the operator by now), until a retry.
+        let born = self.born(name);
+        failed.extend(pool.iter().map(|n| n.name_any()).filter(|n| {
+            self.reported_failed
+                .get(n)
+                .is_some_and(|t| *t >= born && *t + self.staleness <= at)
+        }));
         failed.extend(
             api.leases
                 .values()

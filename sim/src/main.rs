@@ -154,10 +154,7 @@ fn explore(args: &Args) -> i32 {
     }
     if let Some((seed, out)) = failures.first() {
         code = 1;
-        let v = out
-            .violation
-            .clone()
-            .unwrap_or_else(unreachable_violation);
+        let v = out.violation.clone().unwrap_or_else(unreachable_violation);
         println!(
             "{} scenario(s) broke a property; the first:",
             failures.len()

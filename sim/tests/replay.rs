@@ -35,6 +35,7 @@ fn every_seed_that_found_a_bug_passes() {
         37992, // (checker) a deleted node's Lease holds nothing down
         45081, // a failed node relabelled in under another policy's Lease lifted the halt
         51243, // Node events more often than the check interval put re-checks off for good
+        37499, // a contested node's agent failure was neither counted nor recorded
     ] {
         let out = run::run(&Scenario::generate(seed), false);
         assert!(
