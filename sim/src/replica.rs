@@ -297,16 +297,18 @@ async fn hold(
     let base = sim.lock().base_instant;
     let virt = |i: tokio::time::Instant| i.saturating_duration_since(base);
     let mut wait = config.leader_renew_interval;
+    // `BATON_SIM_ELECTOR=unbounded` puts back the elector of before the safety issue:
+    // nothing bounds its wait by the renew deadline (sim/bugs/, bug 5).
+    let unbounded = std::env::var("BATON_SIM_ELECTOR").is_ok_and(|v| v == "unbounded");
+    let slack = Duration::from_secs(if unbounded { 1 << 40 } else { 0 });
     loop {
-        if let Either::Right(()) =
-            race(sim.rt.sleep(wait), sim.rt.sleep_until(virt(deadline))).await
-        {
+        if let Either::Right(()) = race(sim.rt.sleep(wait), sim.rt.sleep_until(virt(deadline) + slack)).await {
             break;
         }
         let sent = instant(sim);
         let next = leader::renewed(&held, clock(sim, identity), config.leader_lease_duration);
         let renewal = sim.request(identity, true, |w| w.api.replace_lease(next));
-        let outcome = match race(renewal, sim.rt.sleep_until(virt(deadline))).await {
+        let outcome = match race(renewal, sim.rt.sleep_until(virt(deadline) + slack)).await {
             Either::Left(r) => r,
             Either::Right(()) => break,
         };
