@@ -13,7 +13,7 @@ use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod, policy::v1::PodDi
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, EvictParams, Patch, PatchParams, PostParams, Preconditions},
-    runtime::{WatchStreamExt, watcher},
+    runtime::watcher,
 };
 use serde_json::{Value, json};
 
@@ -282,10 +282,23 @@ async fn on_real(cluster: &TestCluster, node: &str) -> (Vec<(&'static str, Answe
                     .await
                     .map_or_else(of_kube, |_| ok(None))
             }
-            Op::CreatePod => pods
-                .create(&post, &pod(node))
-                .await
-                .map_or_else(of_kube, |_| ok(None)),
+            Op::CreatePod => {
+                let created = pods
+                    .create(&post, &pod(node))
+                    .await
+                    .map_or_else(of_kube, |_| ok(None));
+                // A Pending pod is evicted whatever its budgets say: wait for kwok's
+                // "kubelet" to run it, as the model's pods run from the start.
+                cluster
+                    .wait_for("the pod to run", || async {
+                        pods.get_opt("p1").await.ok().flatten().is_some_and(|p| {
+                            p.status.and_then(|s| s.phase).as_deref() == Some("Running")
+                        })
+                    })
+                    .await
+                    .unwrap();
+                created
+            }
             Op::NeverEvict => budgets
                 .create(&post, &never_evict())
                 .await

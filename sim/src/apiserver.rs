@@ -452,6 +452,13 @@ impl ApiServer {
             .get(&key(namespace, name))
             .ok_or(ApiError::NotFound)?
             .clone();
+        // As the API server: a pod that is not running (Pending, Succeeded, Failed) or
+        // is already being deleted goes whatever its budgets say.
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        let running = !matches!(phase, Some("Pending" | "Succeeded" | "Failed") | None);
+        if !running || pod.metadata.deletion_timestamp.is_some() {
+            return self.delete_pod(namespace, name);
+        }
         for budget in self.budgets_of(&pod) {
             if self.disruptions_allowed(budget) <= 0 {
                 return Err(ApiError::TooManyRequests(format!(
@@ -592,5 +599,14 @@ mod tests {
         assert_eq!(api.evict("app", "web-0").unwrap_err().code(), 429);
         assert!(api.delete_pod("app", "web-0").is_ok());
         assert_eq!(api.evict("app", "web-0").unwrap_err(), ApiError::NotFound);
+        // A pod that does not run yet goes whatever its budgets say.
+        let pending: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-9", "namespace": "app", "labels": {"app": "web"}},
+            "spec": {"nodeName": "n9", "containers": []},
+            "status": {"phase": "Pending"},
+        }))
+        .unwrap();
+        api.create_pod(pending).unwrap();
+        assert!(api.evict("app", "web-9").is_ok());
     }
 }

@@ -302,7 +302,12 @@ async fn hold(
     let unbounded = std::env::var("BATON_SIM_ELECTOR").is_ok_and(|v| v == "unbounded");
     let slack = Duration::from_secs(if unbounded { 1 << 40 } else { 0 });
     loop {
-        if let Either::Right(()) = race(sim.rt.sleep(wait), sim.rt.sleep_until(virt(deadline) + slack)).await {
+        if let Either::Right(()) = race(
+            sim.rt.sleep(wait),
+            sim.rt.sleep_until(virt(deadline) + slack),
+        )
+        .await
+        {
             break;
         }
         let sent = instant(sim);
