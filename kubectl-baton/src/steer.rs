@@ -307,10 +307,10 @@ mod tests {
     #[test]
     fn a_policy_retry_takes_a_failed_node_holding_its_lease_wherever_its_labels_point() {
         let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1",
-            "labels": {"pool": "b"}, "annotations": {"baton.dev/failure": "did not reboot"}}}))
+            "labels": {"pool": "b"}, "annotations": {protocol::FAILURE.name: "did not reboot"}}}))
         .unwrap();
         let lease: Lease = serde_json::from_value(json!({"metadata": {"name": "baton-reboot-n1",
-            "annotations": {"baton.dev/policy": "pool"}}, "spec": {"holderIdentity": "n1"}}))
+            "annotations": {protocol::lease::POLICY.name: "pool"}}, "spec": {"holderIdentity": "n1"}}))
         .unwrap();
         let policy: UpdatePolicy = serde_json::from_value(json!({
             "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy",
