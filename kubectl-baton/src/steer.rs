@@ -312,11 +312,11 @@ mod tests {
         let lease: Lease = serde_json::from_value(json!({"metadata": {"name": "baton-reboot-n1",
             "annotations": {protocol::lease::POLICY.name: "pool"}}, "spec": {"holderIdentity": "n1"}}))
         .unwrap();
-        let policy: UpdatePolicy = serde_json::from_value(json!({
-            "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy",
-            "metadata": {"name": "pool"},
-            "spec": {"nodeSelector": {"matchLabels": {"pool": "a"}}}}))
-        .unwrap();
+        let policy = UpdatePolicy::new(
+            "pool",
+            serde_json::from_value(json!({"nodeSelector": {"matchLabels": {"pool": "a"}}}))
+                .unwrap(),
+        );
         let targets = retry_targets(
             Selection::Policy {
                 name: "pool",
