@@ -82,6 +82,16 @@ pub fn renewal(lease: &Lease) -> RenewalId {
     )
 }
 
+/// Whether nobody holds the lock (its holder gave it up on a clean shutdown): a
+/// follower may take it at once.
+pub fn is_free(lease: &Lease) -> bool {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref())
+        .is_none_or(str::is_empty)
+}
+
 /// What an attempt to take the lock should do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Take {
@@ -276,12 +286,7 @@ impl Elector {
                 () = tokio::time::sleep_until(since + term) => return (last.unwrap_or_default(), since.elapsed()),
                 event = events.next() => match event {
                     Some(Ok(Some(lease))) => {
-                        let free = lease
-                            .spec
-                            .as_ref()
-                            .and_then(|s| s.holder_identity.as_deref())
-                            .is_none_or(str::is_empty);
-                        if free {
+                        if is_free(&lease) {
                             return (last.unwrap_or_default(), since.elapsed());
                         }
                         let now = Some(renewal(&lease));

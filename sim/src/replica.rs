@@ -260,12 +260,7 @@ async fn follow(
                 let Some(lease) = now else {
                     return (last.unwrap_or_default(), sim.rt.now() - since);
                 };
-                let free = lease
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.holder_identity.as_deref())
-                    .is_none_or(str::is_empty);
-                if free {
+                if leader::is_free(&lease) {
                     return (last.unwrap_or_default(), sim.rt.now() - since);
                 }
                 let id = Some(leader::renewal(&lease));
