@@ -65,6 +65,19 @@ fn print_install(kubeconfig: &Path) {
     println!("  cargo run -p kubectl-baton -- status -w     # or: kubectl baton status -w");
 }
 
+/// The operator and agent binaries: `$BATON_OPERATOR_BINARY` and `$BATON_AGENT_BINARY`
+/// when both are set (as the tests set them), else a debug build of both.
+fn binaries() -> Result<(PathBuf, PathBuf)> {
+    if let (Some(operator), Some(agent)) = (
+        std::env::var_os("BATON_OPERATOR_BINARY"),
+        std::env::var_os("BATON_AGENT_BINARY"),
+    ) {
+        return Ok((operator.into(), agent.into()));
+    }
+    let target = build_binaries()?;
+    Ok((target.join("baton-operator"), target.join("baton-agent")))
+}
+
 /// Builds the operator and agent binaries (debug) and returns the target directory.
 fn build_binaries() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -118,9 +131,11 @@ fn state(node: &Node) -> Option<AgentState> {
 
 #[tokio::main]
 async fn local(n: usize, keep: bool) -> Result<()> {
-    let target = tokio::task::spawn_blocking(build_binaries)
+    let (operator_binary, agent_binary) = tokio::task::spawn_blocking(binaries)
         .await
         .map_err(|e| Error::Other(e.to_string()))??;
+    harness::process::check_runnable(&operator_binary)?;
+    harness::process::check_runnable(&agent_binary)?;
     let binaries = tokio::task::spawn_blocking(Binaries::ensure)
         .await
         .map_err(|e| Error::Other(e.to_string()))??;
@@ -154,7 +169,7 @@ async fn local(n: usize, keep: bool) -> Result<()> {
     let logs = cluster.kubeconfig().with_file_name("demo-operator.log");
     let _operator = harness::process::spawn_with_kubeconfig(
         "baton-operator",
-        &target.join("baton-operator"),
+        &operator_binary,
         &operator_kc,
         &[
             "--namespace",
@@ -171,7 +186,7 @@ async fn local(n: usize, keep: bool) -> Result<()> {
         &FleetOptions {
             kubeconfigs,
             ..FleetOptions::new(
-                target.join("baton-agent"),
+                agent_binary,
                 cluster.kubeconfig(),
                 Duration::from_secs(3),
                 ["--sim-stage-time", "2s"],
@@ -182,12 +197,16 @@ async fn local(n: usize, keep: bool) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     cluster
         .wait_for("every agent to report Idle on 1.0.0", || async {
-            nodes
-                .list(&ListParams::default())
-                .await
-                .is_ok_and(|l| l.items.iter().all(|n| state(n) == Some(AgentState::Idle)))
+            fleet.failure().is_some()
+                || nodes
+                    .list(&ListParams::default())
+                    .await
+                    .is_ok_and(|l| l.items.iter().all(|n| state(n) == Some(AgentState::Idle)))
         })
         .await?;
+    if let Some(failure) = fleet.failure() {
+        return Err(Error::Other(failure));
+    }
     println!(
         "baton-operator and {} baton-agent processes running. Setting the release to 2.0.0...",
         names.len()
@@ -253,6 +272,9 @@ async fn local(n: usize, keep: bool) -> Result<()> {
         if done {
             break;
         }
+        if let Some(failure) = fleet.failure() {
+            return Err(Error::Other(failure));
+        }
         if started.elapsed() > Duration::from_secs(600) {
             return Err(Error::Other(
                 "the rollout did not finish within 10 minutes".into(),
@@ -283,7 +305,8 @@ async fn local(n: usize, keep: bool) -> Result<()> {
             cluster.kubeconfig().display()
         );
         println!("Ctrl-C to stop.");
-        let _ = tokio::signal::ctrl_c().await;
+        // harness::interrupt stops the cluster and exits 130 on Ctrl-C.
+        std::future::pending::<()>().await;
     }
     Ok(())
 }

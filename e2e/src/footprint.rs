@@ -155,9 +155,7 @@ pub async fn operator(
         .create(&kube::api::PostParams::default(), &policy)
         .await?;
     let log = cluster.kubeconfig().with_file_name("operator.log");
-    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(io("choosing a metrics port"))?;
+    let metrics_addr = std::net::SocketAddr::from(([127, 0, 0, 1], harness::port::free_port()?));
     let metrics_arg = metrics_addr.to_string();
     let elect_arg = format!("--leader-elect={leader_elect}");
     let proc = harness::process::spawn_with_kubeconfig(

@@ -133,6 +133,11 @@ fn default_dir() -> PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Ctrl-C stops everything the command started and exits 130 (harness::interrupt).
+    if let Err(e) = harness::interrupt::install() {
+        eprintln!("e2e: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Cmd::Binaries => Binaries::ensure().map(|b| {
             for tool in harness::binaries::TOOLS {
@@ -166,6 +171,8 @@ fn main() -> ExitCode {
             agent_binary,
         } => agent_footprint(nodes, window_secs, agent_binary),
     };
+    // A command interrupted ends in the handler (exit 130), whatever it returned.
+    harness::interrupt::finish();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -194,6 +201,8 @@ fn up(nodes: usize, dir: &std::path::Path) -> Result<()> {
         .process_group(0)
         .spawn()
         .map_err(io("starting the cluster"))?;
+    // Ctrl-C before the cluster is up stops it too; once up, it runs until `down`.
+    harness::process::guard_group(child.id());
     std::fs::write(dir.join("serve.pid"), child.id().to_string())
         .map_err(io("writing serve.pid"))?;
     let ready = dir.join("ready");
@@ -211,6 +220,7 @@ fn up(nodes: usize, dir: &std::path::Path) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    harness::process::release_group(child.id());
     println!("{}", dir.join("cluster/kubeconfig").display());
     Ok(())
 }
@@ -243,15 +253,10 @@ async fn serve(nodes: usize, dir: PathBuf) -> Result<()> {
         cluster.add_nodes(nodes).await?;
     }
     std::fs::write(dir.join("ready"), cluster.server()).map_err(io("writing ready"))?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(io("installing a SIGTERM handler"))?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    let _ = std::fs::remove_file(dir.join("ready"));
-    drop(cluster);
-    Ok(())
+    // Until SIGTERM (`down`) or Ctrl-C: harness::interrupt stops the components and
+    // exits; the state in `dir` stays for the next `up`, which starts afresh.
+    let _cluster = cluster;
+    std::future::pending::<Result<()>>().await
 }
 
 #[tokio::main]

@@ -518,7 +518,7 @@ async fn firing_alerts_in_a_real_prometheus_hold_new_grants_but_never_a_reboot_u
     );
 
     // Unreachable first: the gate fails closed.
-    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let nowhere = format!("http://127.0.0.1:{}", harness::port::free_port().unwrap());
     s.policy(serde_json::json!({"health": {"prometheus": {"url": nowhere, "alertFilter": "^Watchdog$"}, "rebootTimeout": "5m"}})).await;
     s.cluster
         .wait_for("the gate to close on an unreachable Prometheus", || async {
@@ -602,13 +602,4 @@ async fn firing_alerts_in_a_real_prometheus_hold_new_grants_but_never_a_reboot_u
     s.wait_done(&[]).await;
     assert_eq!(s.report().max_leases, 1, "one at a time throughout");
     s.finish("a Prometheus gate (fake agents)");
-}
-
-/// A loopback port nothing listens on.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

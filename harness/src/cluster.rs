@@ -4,7 +4,7 @@
 //! nodes and pod lifecycles. Everything listens on 127.0.0.1 on free ports.
 
 use std::{
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     path::{Path, PathBuf},
     sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
@@ -28,6 +28,7 @@ use crate::{
     binaries::Binaries,
     error::{Error, Result, io},
     pki::Pki,
+    port::free_port,
     process::Supervised,
 };
 
@@ -69,23 +70,30 @@ impl std::fmt::Debug for TestCluster {
     }
 }
 
-pub(crate) fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
-    Ok(listener
-        .local_addr()
-        .map_err(io("finding a free port"))?
-        .port())
-}
-
 impl TestCluster {
     /// Starts a cluster in a fresh temporary directory.
+    ///
+    /// A component that loses its port to another process between the probe and its
+    /// bind ("address already in use") is retried on fresh ports, twice at most.
     pub async fn start() -> Result<TestCluster> {
-        let tmp = tempfile::Builder::new()
-            .prefix("baton-e2e-")
-            .tempdir()
-            .map_err(io("creating a temp dir"))?;
-        let dir = tmp.path().to_path_buf();
-        let mut cluster = Self::start_in(&dir).await?;
+        let mut attempts = 0;
+        let (tmp, mut cluster) = loop {
+            let tmp = tempfile::Builder::new()
+                .prefix("baton-e2e-")
+                .tempdir()
+                .map_err(io("creating a temp dir"))?;
+            crate::interrupt::scratch(tmp.path());
+            match Self::start_in(tmp.path()).await {
+                Ok(cluster) => break (tmp, cluster),
+                Err(Error::NotReady { ref tail, .. })
+                    if attempts < 2 && tail.contains("address already in use") =>
+                {
+                    attempts += 1;
+                    eprintln!("[baton-e2e] a port was taken while starting; retrying");
+                }
+                Err(e) => return Err(e),
+            }
+        };
         // BATON_E2E_KEEP=1 keeps the logs and data for a post-mortem.
         if std::env::var_os("BATON_E2E_KEEP").is_some() {
             eprintln!("[baton-e2e] keeping {}", tmp.keep().display());

@@ -37,6 +37,17 @@ pub enum Error {
         /// The log's last lines.
         tail: String,
     },
+    /// A program cannot run: missing, not executable, or exiting 126/127 (the shell's
+    /// "cannot execute" and "not found").
+    #[error("cannot run {path}: {problem}; {hint}")]
+    CannotRun {
+        /// The program.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+        /// How to get it.
+        hint: String,
+    },
     /// Certificates could not be generated.
     #[error("generating certificates: {0}")]
     Pki(#[from] rcgen::Error),

@@ -2,7 +2,8 @@
 //! node, each with its own state directory. When an agent "reboots" it exits with code
 //! 0 and a new boot id on disk; the fleet starts it again after the reboot time, as the
 //! machine coming back would. Any other exit is a crash, restarted at once, as the
-//! kubelet restarts a container: same boot, no reboot.
+//! kubelet restarts a container: same boot, no reboot. An agent that cannot run at all
+//! (exit 126 or 127) is not restarted: the fleet reports it ([`Fleet::failure`]).
 
 use std::{
     collections::BTreeMap,
@@ -16,7 +17,7 @@ use std::{
 
 use crate::{
     error::{Result, io},
-    process::Supervised,
+    process::{Supervised, cannot_run, check_runnable},
 };
 
 /// How the fleet's agents run.
@@ -78,6 +79,7 @@ struct Machine {
 pub struct Fleet {
     machines: BTreeMap<String, Arc<Machine>>,
     stop: Arc<AtomicBool>,
+    failure: Arc<Mutex<Option<String>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     dir: tempfile::TempDir,
 }
@@ -91,13 +93,17 @@ impl std::fmt::Debug for Fleet {
 }
 
 impl Fleet {
-    /// Starts one agent per node.
+    /// Starts one agent per node. A binary that is missing or not executable is an
+    /// error naming it and how to build it.
     pub fn start(nodes: &[String], options: &FleetOptions) -> Result<Fleet> {
+        check_runnable(&options.binary)?;
         let dir = tempfile::Builder::new()
             .prefix("baton-e2e-fleet-")
             .tempdir()
             .map_err(io("creating the fleet's directory"))?;
+        crate::interrupt::scratch(dir.path());
         let stop = Arc::new(AtomicBool::new(false));
+        let failure = Arc::new(Mutex::new(None));
         let mut machines = BTreeMap::new();
         let mut threads = Vec::new();
         for node in nodes {
@@ -126,6 +132,7 @@ impl Fleet {
                 options: options.clone(),
                 machine: Arc::clone(&machine),
                 stop: Arc::clone(&stop),
+                failure: Arc::clone(&failure),
             };
             threads.push(std::thread::spawn(move || supervisor.run()));
             machines.insert(node.clone(), machine);
@@ -133,6 +140,7 @@ impl Fleet {
         Ok(Fleet {
             machines,
             stop,
+            failure,
             threads,
             dir,
         })
@@ -183,6 +191,15 @@ impl Fleet {
             .filter(|p| *p != 0)
     }
 
+    /// Why an agent could not run at all (exit 126 or 127), if one could not: its
+    /// machine is not restarted, and a command should stop with this message.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// A machine's state directory.
     pub fn state_dir(&self, node: &str) -> PathBuf {
         self.dir.path().join(node)
@@ -205,6 +222,7 @@ struct Supervisor {
     options: FleetOptions,
     machine: Arc<Machine>,
     stop: Arc<AtomicBool>,
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 impl Supervisor {
@@ -221,7 +239,9 @@ impl Supervisor {
             let mut proc = match spawn(&self.options.binary, &self.args, kubeconfig, log) {
                 Ok(p) => p,
                 Err(e) => {
-                    eprintln!("[fleet] {}: cannot start the agent: {e}", self.node);
+                    if !crate::process::stopping() {
+                        eprintln!("[fleet] {}: cannot start the agent: {e}", self.node);
+                    }
                     return;
                 }
             };
@@ -245,6 +265,23 @@ impl Supervisor {
                 std::thread::sleep(Duration::from_millis(50));
             };
             self.machine.pid.store(0, Ordering::SeqCst);
+            if let Some(code @ (126 | 127)) = code {
+                let problem = if code == 126 {
+                    "it cannot be executed (exit 126)"
+                } else {
+                    "it or its interpreter was not found (exit 127)"
+                };
+                let error = cannot_run(&self.options.binary, problem).to_string();
+                let mut failure = self
+                    .failure
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if failure.is_none() {
+                    eprintln!("[fleet] {}: {error}\n{}", self.node, proc.log_tail(5));
+                    *failure = Some(error);
+                }
+                return;
+            }
             let mut log = self
                 .machine
                 .log

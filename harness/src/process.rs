@@ -3,15 +3,52 @@
 //! Each component runs under `sh` with a watchdog reading the harness's end of a pipe:
 //! when the harness exits for any reason (a panic, a kill), the pipe closes and the
 //! watchdog stops the component. Dropping a [`Supervised`] stops it at once.
+//!
+//! Each supervisor leads a process group of its own, so that a terminal's Ctrl-C
+//! (SIGINT to the foreground group) reaches only the command that started it, never
+//! the components behind its back: a component that dies of it first (etcd does) would
+//! leave the rest hanging on a dead control plane. The command stops them itself,
+//! all at once, with [`stop_all`] (see `crate::interrupt`).
 
 use std::{
+    collections::BTreeSet,
     fs::File,
+    os::unix::{fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use crate::error::{Result, io};
+use rustix::process::{Pid, Signal, kill_process_group};
+
+use crate::error::{Error, Result, io};
+
+/// The process groups of the supervisors still running (each leads its own).
+static GROUPS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+/// Set by [`stop_all`]: from then on nothing new starts (a fleet would otherwise
+/// restart the agents it sees die).
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Process groups of commands this program started that stop their own components
+/// ([`guard_group`]).
+static GUARDED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+fn groups() -> std::sync::MutexGuard<'static, BTreeSet<u32>> {
+    GROUPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn guarded() -> std::sync::MutexGuard<'static, BTreeSet<u32>> {
+    GUARDED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// The watchdog: run the component, and TERM then KILL it when stdin closes.
 /// (Background jobs get /dev/null as stdin, so the pipe is kept on fd 3.)
@@ -48,6 +85,11 @@ pub struct Supervised {
 impl Supervised {
     /// Starts `program args…`, logging to `log`.
     pub fn spawn(name: &str, program: &Path, args: &[String], log: PathBuf) -> Result<Supervised> {
+        if STOPPING.load(Ordering::SeqCst) {
+            return Err(Error::Other(format!(
+                "not starting {name}: everything is being stopped"
+            )));
+        }
         let out = File::create(&log).map_err(io(format!("creating {}", log.display())))?;
         let err = out.try_clone().map_err(io("duplicating a log handle"))?;
         let mut child = Command::new("sh")
@@ -59,8 +101,10 @@ impl Supervised {
             .stdin(Stdio::piped())
             .stdout(out)
             .stderr(err)
+            .process_group(0)
             .spawn()
             .map_err(io(format!("starting {}", program.display())))?;
+        groups().insert(child.id());
         let lifeline = child.stdin.take();
         Ok(Supervised {
             name: name.to_string(),
@@ -121,12 +165,14 @@ impl Supervised {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if self.exited() {
+                groups().remove(&self.child.id());
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
+        signal_group(self.child.id(), Signal::KILL);
         let _ = self.child.wait();
+        groups().remove(&self.child.id());
     }
 }
 
@@ -136,8 +182,136 @@ impl Drop for Supervised {
     }
 }
 
+/// Stops every supervised process of this program at once: SIGTERM to each
+/// supervisor's group (the supervisor, its component and its watchdog), then SIGKILL to
+/// the groups still alive after `grace`. A guarded group (a command that stops its own
+/// components the same way) gets twice that and a second, to finish its own
+/// [`stop_all`]. Returns how many groups had to be killed.
+pub fn stop_all(grace: Duration) -> usize {
+    STOPPING.store(true, Ordering::SeqCst);
+    let running: BTreeSet<u32> = groups().clone();
+    let guarded: BTreeSet<u32> = guarded().clone();
+    let all: BTreeSet<u32> = running.union(&guarded).copied().collect();
+    for group in &all {
+        signal_group(*group, Signal::TERM);
+    }
+    let started = Instant::now();
+    let mut killed = BTreeSet::new();
+    loop {
+        let alive: Vec<u32> = live_groups(&all)
+            .into_iter()
+            .filter(|g| !killed.contains(g))
+            .collect();
+        if alive.is_empty() {
+            return killed.len();
+        }
+        for group in alive {
+            let limit = if guarded.contains(&group) {
+                grace * 2 + Duration::from_secs(1)
+            } else {
+                grace
+            };
+            if started.elapsed() >= limit {
+                signal_group(group, Signal::KILL);
+                killed.insert(group);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Makes [`stop_all`] stop the process group `group` too: a child command started in
+/// a group of its own that stops its own components on SIGTERM (such as `e2e up`'s
+/// background cluster while it starts).
+pub fn guard_group(group: u32) {
+    guarded().insert(group);
+}
+
+/// Undoes [`guard_group`]: the group is meant to outlive this program.
+pub fn release_group(group: u32) {
+    guarded().remove(&group);
+}
+
+/// Whether [`stop_all`] has begun: nothing new starts any more.
+pub fn stopping() -> bool {
+    STOPPING.load(Ordering::SeqCst)
+}
+
+/// SIGKILLs every supervised process of this program (the second Ctrl-C).
+pub fn kill_all() {
+    let all: Vec<u32> = groups().iter().chain(guarded().iter()).copied().collect();
+    for group in all {
+        signal_group(group, Signal::KILL);
+    }
+}
+
+fn signal_group(group: u32, signal: Signal) {
+    if let Some(pid) = i32::try_from(group).ok().and_then(Pid::from_raw) {
+        // ESRCH (the group is gone already) is the outcome wanted.
+        let _ = kill_process_group(pid, signal);
+    }
+}
+
+/// Those of `groups` with a process that is not a zombie (a supervisor that exited
+/// stays a zombie until its parent reaps it, and is no longer running).
+fn live_groups(groups: &BTreeSet<u32>) -> BTreeSet<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return BTreeSet::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|stat| {
+            // `pid (comm) state ppid pgrp …`; comm may hold spaces and parentheses.
+            let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+            let state = fields.next()?;
+            let group = fields.nth(1)?.parse::<u32>().ok()?;
+            (state != "Z" && groups.contains(&group)).then_some(group)
+        })
+        .collect()
+}
+
+/// Fails unless `path` is a file this process may execute, naming what is wrong and
+/// how to get it.
+pub fn check_runnable(path: &Path) -> Result<()> {
+    let problem = match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "no such file".to_string(),
+        Err(e) => e.to_string(),
+        Ok(m) if !m.is_file() => "not a file".to_string(),
+        Ok(m) if m.permissions().mode() & 0o111 == 0 => "not executable".to_string(),
+        Ok(_) => return Ok(()),
+    };
+    Err(cannot_run(path, problem))
+}
+
+/// The error for a program that cannot run, with how to build it.
+pub fn cannot_run(path: &Path, problem: impl Into<String>) -> Error {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let hint = match name.as_str() {
+        "baton-operator" | "baton-agent" | "kubectl-baton" => format!(
+            "build it with `cargo build --bin {name}` (in the target directory the command uses: CARGO_TARGET_DIR or ./target)"
+        ),
+        _ => "`cargo run -p e2e -- binaries` builds the control plane's binaries".to_string(),
+    };
+    Error::CannotRun {
+        path: path.to_path_buf(),
+        problem: problem.into(),
+        hint,
+    }
+}
+
 /// Starts `binary args…` with `KUBECONFIG=kubeconfig` (through `env`, so that nothing
-/// else in the caller's environment changes), logging to `log`.
+/// else in the caller's environment changes), logging to `log`. A `binary` that is
+/// missing or not executable is an error, not a process that exits 127.
 pub fn spawn_with_kubeconfig(
     name: &str,
     binary: &Path,
@@ -145,6 +319,7 @@ pub fn spawn_with_kubeconfig(
     args: &[&str],
     log: PathBuf,
 ) -> Result<Supervised> {
+    check_runnable(binary)?;
     let mut full = vec![
         format!("KUBECONFIG={}", kubeconfig.display()),
         binary.display().to_string(),

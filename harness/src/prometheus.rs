@@ -12,8 +12,8 @@ use std::{
 };
 
 use crate::{
-    cluster::free_port,
     error::{Error, Result, io},
+    port::free_port,
     process::Supervised,
 };
 
@@ -112,6 +112,7 @@ impl Prometheus {
             .prefix("baton-e2e-prometheus-")
             .tempdir()
             .map_err(io("creating Prometheus's directory"))?;
+        crate::interrupt::scratch(dir.path());
         let port = free_port()?;
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [rules.yaml]\nscrape_configs:\n  - job_name: alarm\n    static_configs:\n      - targets: ['{}']\n",
