@@ -466,6 +466,11 @@ async fn a_policy_deleted_mid_drain_ends_its_grants_before_it_goes() {
             .unwrap()
             .is_some()
     );
+    let series = format!("policy=\"{POLICY}\"");
+    assert!(
+        s.metrics.encode().contains(&series),
+        "its metrics are exported"
+    );
     s.policies()
         .delete(POLICY, &DeleteParams::default())
         .await
@@ -474,6 +479,14 @@ async fn a_policy_deleted_mid_drain_ends_its_grants_before_it_goes() {
     s.cluster
         .wait_for("the policy to go, its grant ended", || async {
             policies.get_opt(POLICY).await.unwrap().is_none()
+        })
+        .await
+        .unwrap();
+    // Its metric series go with it: an alert on its last value would fire forever.
+    let metrics = Arc::clone(&s.metrics);
+    s.cluster
+        .wait_for("the deleted policy's series to go", || async {
+            !metrics.encode().contains(&series)
         })
         .await
         .unwrap();

@@ -18,7 +18,7 @@ use kube::{
         watcher,
     },
 };
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use crds::UpdatePolicy;
 
@@ -136,7 +136,11 @@ pub async fn run_with_clock(
 }
 
 fn error_policy(policy: Arc<UpdatePolicy>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    warn!(policy = %policy.name_any(), error = %error, kind = error.metric_label(), "reconcile error; retrying");
+    if matches!(error, Error::Conflict(_)) {
+        debug!(policy = %policy.name_any(), error = %error, kind = error.metric_label(), "reconcile conflicted; retrying");
+    } else {
+        warn!(policy = %policy.name_any(), error = %error, kind = error.metric_label(), "reconcile error; retrying");
+    }
     ctx.metrics
         .reconcile_errors
         .get_or_create(&ErrorLabels {

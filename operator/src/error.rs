@@ -26,7 +26,10 @@ pub enum Error {
 }
 
 impl Error {
-    /// A short, bounded label for metrics.
+    /// Every `kind` label of `baton_reconcile_errors_total`, exported at 0 from the start.
+    pub const METRIC_LABELS: [&'static str; 3] = ["kube", "conflict", "encode"];
+
+    /// The `kind` label of `baton_reconcile_errors_total` (one of [`Self::METRIC_LABELS`]).
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",

@@ -40,9 +40,21 @@ pub struct EventLabels {
     pub outcome: String,
 }
 
+/// Labels of `baton_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// The operator's version.
+    pub version: String,
+}
+
+/// The `state` labels of `baton_nodes`.
+const NODE_STATES: [&str; 4] = ["up_to_date", "waiting", "in_progress", "failed"];
+
 /// Every metric the operator exports.
 pub struct Metrics {
     registry: Registry,
+    /// 1, labelled with the build.
+    pub build_info: Family<BuildLabels, Gauge>,
     /// Nodes by state, per policy.
     pub nodes: Family<StateLabels, Gauge>,
     /// Reboot leases held, per policy.
@@ -73,6 +85,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("baton");
         let m = Metrics {
+            build_info: Family::default(),
             nodes: Family::default(),
             leases: Family::default(),
             window_open: Family::default(),
@@ -89,6 +102,28 @@ impl Default for Metrics {
             node_events: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "build_info",
+            "1, labelled with the operator's version",
+            m.build_info.clone(),
+        );
+        m.build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
+        // Counters exist at 0 from the start, so that `rate()` and `increase()` see the
+        // first error.
+        for kind in crate::error::Error::METRIC_LABELS {
+            let _ = m
+                .reconcile_errors
+                .get_or_create(&ErrorLabels { kind: kind.into() });
+        }
+        for outcome in ["admitted", "ignored"] {
+            let _ = m.node_events.get_or_create(&EventLabels {
+                outcome: outcome.into(),
+            });
+        }
         registry.register("nodes", "Nodes by rollout state", m.nodes.clone());
         registry.register("leases_held", "Reboot leases held", m.leases.clone());
         registry.register(
@@ -141,12 +176,11 @@ impl Metrics {
     /// Records a policy's plan.
     pub fn observe(&self, plan: &rollout::Plan) {
         let c = plan.counts;
-        for (state, value) in [
-            ("up_to_date", c.up_to_date),
-            ("waiting", c.waiting),
-            ("in_progress", c.in_progress),
-            ("failed", c.failed),
-        ] {
+        for (state, value) in
+            NODE_STATES
+                .into_iter()
+                .zip([c.up_to_date, c.waiting, c.in_progress, c.failed])
+        {
             self.nodes
                 .get_or_create(&StateLabels {
                     policy: plan.policy.clone(),
@@ -171,6 +205,28 @@ impl Metrics {
             .set(plan.gate.is_some().into());
     }
 
+    /// Removes every series of `policy` (it is deleted): an alert on a deleted
+    /// policy's last value would otherwise fire forever.
+    pub fn forget(&self, policy: &str) {
+        for state in NODE_STATES {
+            self.nodes.remove(&StateLabels {
+                policy: policy.into(),
+                state: state.into(),
+            });
+        }
+        let labels = PolicyLabels {
+            policy: policy.into(),
+        };
+        for family in [
+            &self.leases,
+            &self.window_open,
+            &self.halted,
+            &self.gate_closed,
+        ] {
+            family.remove(&labels);
+        }
+    }
+
     /// Counts a Node watch event.
     pub fn node_event(&self, admitted: bool) {
         let outcome = if admitted { "admitted" } else { "ignored" };
@@ -193,6 +249,7 @@ impl Metrics {
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
     axum::serve(listener, router(metrics)).await
 }
 
@@ -267,5 +324,54 @@ mod tests {
         }
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn counters_start_at_zero_and_the_build_is_labelled() {
+        let text = Metrics::default().encode();
+        for needle in [
+            "baton_reconcile_errors_total{kind=\"kube\"} 0",
+            "baton_reconcile_errors_total{kind=\"conflict\"} 0",
+            "baton_reconcile_errors_total{kind=\"encode\"} 0",
+            "baton_node_events_total{outcome=\"admitted\"} 0",
+            "baton_node_events_total{outcome=\"ignored\"} 0",
+            concat!(
+                "baton_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\"} 1"
+            ),
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_deleted_policys_series_are_removed_and_others_stay() {
+        let metrics = Metrics::default();
+        let world = rollout::simulate::World::requesting(3, 1, "1", "2");
+        for name in ["night", "day"] {
+            let policy = rollout::Policy::from_spec(
+                name,
+                &serde_json::from_value(serde_json::json!({})).unwrap(),
+            )
+            .unwrap();
+            metrics.observe(&rollout::decide(
+                &world.snapshot(),
+                &policy,
+                "2026-11-28T03:00:00Z".parse().unwrap(),
+            ));
+        }
+        metrics.forget("night");
+        let text = metrics.encode();
+        assert!(!text.contains("policy=\"night\""), "{text}");
+        for family in [
+            "baton_nodes{policy=\"day\"",
+            "baton_leases_held{policy=\"day\"}",
+            "baton_window_open{policy=\"day\"}",
+            "baton_pool_halted{policy=\"day\"}",
+            "baton_gate_closed{policy=\"day\"}",
+        ] {
+            assert!(text.contains(family), "{family} missing from:\n{text}");
+        }
     }
 }

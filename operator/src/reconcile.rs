@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use kube::{Resource, ResourceExt, runtime::events::EventType};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crds::{UpdatePolicy, policy::FINALIZER};
 use rollout::{Policy, decide, policy::Ending};
@@ -158,6 +158,7 @@ async fn end_deleted<C: Cluster>(
     let snapshot = observe::snapshot(c, &rules, c.config().node_name.clone());
     if !snapshot.leases.iter().any(|l| l.policy == name) {
         remove_finalizer(c, policy).await?;
+        c.metrics().forget(&name);
         return Ok(None);
     }
     let plan = decide(&snapshot, &rules, now);
@@ -178,7 +179,13 @@ async fn perform<C: Cluster>(
     for step in &plan.nodes {
         let span = info_span!("node", node = %step.node);
         if let Err(e) = step::perform(c, rules, step, now).instrument(span).await {
-            warn!(node = %step.node, action = %step.action, error = %e, "step failed; will retry");
+            // A conflict is optimistic concurrency at work (a heartbeat wrote first),
+            // retried at once: not worth a warning.
+            if matches!(e, Error::Conflict(_)) {
+                debug!(node = %step.node, action = %step.action, error = %e, "step conflicted; will retry");
+            } else {
+                warn!(node = %step.node, action = %step.action, error = %e, "step failed; will retry");
+            }
             let after = if matches!(e, Error::Conflict(_)) {
                 STEP_CONFLICT_RETRY
             } else {
