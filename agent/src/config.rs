@@ -130,7 +130,8 @@ pub struct Config {
     )]
     pub release_public_keys: Vec<String>,
 
-    /// ab: an extra CA (PEM) for the release download, besides the system's roots.
+    /// ab: an extra CA (PEM) for the release download, besides the Mozilla roots built
+    /// into the binary (webpki-roots).
     #[arg(long, env = "BATON_RELEASE_CA_FILE")]
     pub release_ca_file: Option<PathBuf>,
 

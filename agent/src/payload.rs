@@ -158,7 +158,8 @@ const BUFFERS: usize = 3;
 const DIRECT_ALIGN: usize = 4096;
 
 impl Stager {
-    /// A stager with an HTTPS client trusting the system roots plus `extra_ca` (PEM).
+    /// A stager with an HTTPS client trusting the Mozilla roots built into the binary
+    /// (webpki-roots) plus `extra_ca` (PEM).
     pub fn new(state_dir: &Path, extra_ca: Option<&Path>) -> Result<Stager, PayloadError> {
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("baton-agent/", env!("CARGO_PKG_VERSION")))

@@ -6,6 +6,7 @@
 
 pub mod demo;
 pub mod footprint;
+pub mod image;
 pub mod invariants;
 pub mod makespan;
 pub mod scenario;

@@ -6,6 +6,7 @@
 //! - `demo`: the local demo (or install instructions for a real cluster).
 //! - `footprint --nodes N`: the control plane's memory with N kwok nodes.
 //! - `agent-footprint`: idle agents' memory, CPU and API requests, against a baseline.
+//! - `image-run`: run the images `.ci/image` built, with podman.
 //! - `test [ARGS…]`: install the Debian packages some tests run (Prometheus,
 //!   dbus-daemon) when missing, build the binaries with progress shown, then run
 //!   `cargo test --workspace ARGS…` against them.
@@ -119,6 +120,17 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         poll_secs: u64,
     },
+    /// Run the images `.ci/image` built, with podman: the operator's `--help`, the
+    /// agent's `--version`, and the operator against a local control plane (read-only
+    /// root, non-root user): it serves /healthz and takes the leader Lease.
+    ImageRun {
+        /// The directory of the OCI layouts.
+        #[arg(long, default_value_os_t = e2e::image::default_dir())]
+        images: PathBuf,
+        /// The tag (default: the workspace's version).
+        #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+        tag: String,
+    },
     /// Build the binaries (with progress), then run `cargo test --workspace`.
     Test {
         /// Extra arguments for `cargo test`.
@@ -165,6 +177,7 @@ fn main() -> ExitCode {
             reboot_secs,
             poll_secs,
         } => rollout_bench(nodes, &k, reboot_secs, poll_secs),
+        Cmd::ImageRun { images, tag } => image_run(&images, &tag),
         Cmd::AgentFootprint {
             nodes,
             window_secs,
@@ -338,6 +351,30 @@ async fn rollout_bench(nodes: usize, k: &[usize], reboot_secs: u64, poll_secs: u
     );
     let rollouts = e2e::makespan::run(nodes, k, reboot, poll).await?;
     e2e::makespan::print(nodes, reboot, poll, &rollouts);
+    Ok(())
+}
+
+#[tokio::main]
+async fn image_run(images: &std::path::Path, tag: &str) -> Result<()> {
+    let run = e2e::image::run(images, tag).await?;
+    println!("operator --help:    {}", run.operator_help);
+    println!("agent --version:    {}", run.agent_version);
+    println!(
+        "operator container: read-only root, UID {}, served /healthz, took the leader Lease as {}",
+        run.operator_uid, run.leader
+    );
+    if run.operator_uid != 65532 {
+        return Err(Error::Other(format!(
+            "the operator ran as UID {}, not 65532",
+            run.operator_uid
+        )));
+    }
+    if !run.agent_version.contains(tag) {
+        return Err(Error::Other(format!(
+            "the agent's --version ({}) does not name {tag}",
+            run.agent_version
+        )));
+    }
     Ok(())
 }
 

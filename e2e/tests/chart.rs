@@ -401,7 +401,7 @@ async fn the_operator_runs_under_restricted_pod_security_with_the_agents_apart()
         .await
         .unwrap();
     let kubeconfig = cluster.kubeconfig();
-    run_helm(&[
+    let notes = run_helm(&[
         "install",
         "baton",
         chart_str(),
@@ -419,6 +419,15 @@ async fn the_operator_runs_under_restricted_pod_security_with_the_agents_apart()
         "--timeout",
         "3m",
     ]);
+    // The default repositories hold no published image: the NOTES say so, and how to
+    // build and push the images.
+    assert!(
+        notes.contains(
+            "WARNING: image.operatorRepository / image.agentRepository point at ghcr.io/baton-dev"
+        ) && notes.contains(".ci/image")
+            && notes.contains("skopeo copy --all oci:target/image/baton-operator:"),
+        "{notes}"
+    );
     let pods = |ns: &str| {
         let api: Api<Pod> = Api::namespaced(cluster.client(), ns);
         async move { api.list(&ListParams::default()).await.unwrap().items }
@@ -493,7 +502,7 @@ async fn the_installed_charts_service_accounts_can_roll_nodes_and_the_agent_can_
     let names = cluster.add_nodes(3).await.unwrap();
     let kubeconfig = cluster.kubeconfig();
     let chart = chart();
-    run_helm(&[
+    let notes = run_helm(&[
         "install",
         "baton",
         chart.to_str().unwrap(),
@@ -504,10 +513,18 @@ async fn the_installed_charts_service_accounts_can_roll_nodes_and_the_agent_can_
         "--create-namespace",
         "--set",
         "agent.backend=sim",
+        "--set",
+        "image.operatorRepository=registry.example/baton-operator",
+        "--set",
+        "image.agentRepository=registry.example/baton-agent",
         "--wait",
         "--timeout",
         "3m",
     ]);
+    assert!(
+        !notes.contains("WARNING: image."),
+        "images of one's own registry: no warning\n{notes}"
+    );
     let nodes: Api<Node> = Api::all(cluster.client());
 
     // The operator, under the chart's ServiceAccount.
