@@ -22,10 +22,7 @@ use k8s_openapi::api::{
 use kube::{
     Api, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
-    runtime::{
-        events::{Event, EventType},
-        reflector::ObjectRef,
-    },
+    runtime::{events::EventType, reflector::ObjectRef},
 };
 use serde_json::Value;
 use tracing::{Instrument, info_span, warn};
@@ -527,14 +524,12 @@ pub(crate) async fn publish(
     reason: &str,
     note: &str,
 ) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1024).collect()),
-        action: reason.into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, reference).await {
+    let now = ctx.clock.now();
+    if let Err(e) = ctx
+        .recorder
+        .publish(reference, type_, reason, note, now)
+        .await
+    {
         warn!(error = %e, reason, "could not publish an event");
     }
 }

@@ -5,10 +5,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
-use kube::{
-    Client,
-    runtime::{events::Recorder, reflector::Store},
-};
+use kube::{Client, runtime::reflector::Store};
 
 use crds::UpdatePolicy;
 
@@ -21,7 +18,7 @@ pub struct Context {
     pub(crate) nodes: Store<Node>,
     pub(crate) leases: Store<Lease>,
     pub(crate) policies: Store<UpdatePolicy>,
-    pub(crate) recorder: Recorder,
+    pub(crate) recorder: crate::event::Recorder,
     pub(crate) drains: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) alerts: crate::alert::Alerts,

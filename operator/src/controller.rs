@@ -13,7 +13,6 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::Action as Requeue,
-        events::{Recorder, Reporter},
         reflector::{self, ObjectRef},
         watcher,
     },
@@ -103,12 +102,8 @@ pub async fn run_with_clock(
         }
     };
     let for_node = every_policy.clone();
-    let reporter = Reporter {
-        controller: "baton-operator".into(),
-        instance: Some(config.identity.clone()),
-    };
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: crate::event::Recorder::new(client.clone(), "baton-operator", &config.identity),
         client,
         config,
         nodes,

@@ -1,0 +1,165 @@
+//! Events (`events.k8s.io/v1`) on the Nodes and UpdatePolicies baton acts on, with
+//! series used as the events API means them: the same event happening again (same
+//! object, type, reason and note) within [`SERIES_TTL`] bumps the series count of the
+//! Event already written; anything else, a new note included, is a new Event.
+//!
+//! kube-runtime's `Recorder` keys its series on the reason alone, so a second
+//! `DrainStarted` kept the first drain's deadline in its note, and "granted by
+//! UpdatePolicy demo" stood for a grant by another policy. This keeps its Event shape
+//! (name, reporting controller and instance, the namespace of cluster-scoped objects).
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::ObjectReference,
+        events::v1::{Event, EventSeries},
+    },
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+    runtime::events::EventType,
+};
+
+/// How long an Event may still grow a series (kube-runtime's and client-go's value).
+pub const SERIES_TTL: Duration = Duration::from_secs(6 * 60);
+
+/// The namespace of the Events of cluster-scoped objects (Nodes, UpdatePolicies).
+const CLUSTER_SCOPED_NAMESPACE: &str = "default";
+
+/// What makes two Events the same event.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    /// The object's uid, or its kind/namespace/name when it has none.
+    regarding: String,
+    type_: EventType,
+    reason: String,
+    note: String,
+}
+
+/// An Event written, and its series so far.
+struct Written {
+    namespace: String,
+    name: String,
+    count: i32,
+    last: Instant,
+}
+
+/// Writes Events for one reporting controller instance.
+pub struct Recorder {
+    client: Client,
+    controller: String,
+    instance: String,
+    written: tokio::sync::Mutex<HashMap<Key, Written>>,
+}
+
+impl Recorder {
+    /// A recorder reporting as `controller` (`instance`: this replica).
+    pub fn new(client: Client, controller: &str, instance: &str) -> Recorder {
+        Recorder {
+            client,
+            controller: controller.into(),
+            instance: instance.into(),
+            written: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// Records that `reason` happened to `regarding`, described by `note`, at `now`:
+    /// a repeat of the same event within [`SERIES_TTL`] bumps its series; anything else
+    /// is a new Event.
+    pub async fn publish(
+        &self,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: &str,
+        now: jiff::Timestamp,
+    ) -> Result<(), kube::Error> {
+        let key = Key {
+            regarding: regarding.uid.clone().unwrap_or_else(|| {
+                format!(
+                    "{}/{}/{}",
+                    regarding.kind.as_deref().unwrap_or_default(),
+                    regarding.namespace.as_deref().unwrap_or_default(),
+                    regarding.name.as_deref().unwrap_or_default()
+                )
+            }),
+            type_,
+            reason: reason.into(),
+            note: note.into(),
+        };
+        // Held across the write: two publishes of one event must not both create it.
+        let mut written = self.written.lock().await;
+        written.retain(|_, w| w.last.elapsed() < SERIES_TTL);
+        if let Some(w) = written.get_mut(&key) {
+            let count = w.count + 1;
+            let patch = serde_json::json!({"series": EventSeries {
+                count,
+                last_observed_time: MicroTime(now),
+            }});
+            let events: Api<Event> = Api::namespaced(self.client.clone(), &w.namespace);
+            match events
+                .patch(&w.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    w.count = count;
+                    w.last = Instant::now();
+                    return Ok(());
+                }
+                // Gone (the API server's own TTL, or deleted): a new one below.
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let namespace = regarding
+            .namespace
+            .clone()
+            .unwrap_or_else(|| CLUSTER_SCOPED_NAMESPACE.into());
+        let name = format!(
+            "{}.{:x}",
+            regarding.name.as_deref().unwrap_or(&self.controller),
+            now.as_nanosecond()
+        );
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(now)),
+            action: Some(reason.into()),
+            reason: Some(reason.into()),
+            note: Some(note.chars().take(1024).collect()),
+            type_: Some(
+                match type_ {
+                    EventType::Normal => "Normal",
+                    EventType::Warning => "Warning",
+                }
+                .into(),
+            ),
+            regarding: Some(regarding.clone()),
+            reporting_controller: Some(self.controller.clone()),
+            reporting_instance: Some(self.instance.clone()),
+            ..Event::default()
+        };
+        Api::<Event>::namespaced(self.client.clone(), &namespace)
+            .create(&PostParams::default(), &event)
+            .await?;
+        written.insert(
+            key,
+            Written {
+                namespace,
+                name,
+                count: 1,
+                last: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+}
