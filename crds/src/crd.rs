@@ -19,10 +19,56 @@ pub fn rendered() -> Result<Vec<(String, String)>, serde_yaml_ng::Error> {
             .as_deref()
             .unwrap_or("updatepolicies.baton.dev")
     );
+    let mut value = serde_yaml_ng::to_value(&crd)?;
+    unwrap_descriptions(&mut value);
     Ok(vec![(
         name,
-        format!("{HEADER}{}", serde_yaml_ng::to_string(&crd)?),
+        format!("{HEADER}{}", serde_yaml_ng::to_string(&value)?),
     )])
+}
+
+/// Joins the lines of each paragraph of every `description`: doc comments wrap at 88
+/// columns, and `kubectl explain` would print those breaks mid-sentence. Paragraph
+/// breaks and list items keep their line.
+fn unwrap_descriptions(value: &mut serde_yaml_ng::Value) {
+    use serde_yaml_ng::Value;
+    match value {
+        Value::Mapping(map) => {
+            for (key, v) in map.iter_mut() {
+                match (key.as_str(), v) {
+                    (Some("description"), Value::String(text)) => *text = unwrap(text),
+                    (_, v) => unwrap_descriptions(v),
+                }
+            }
+        }
+        Value::Sequence(items) => items.iter_mut().for_each(unwrap_descriptions),
+        _ => {}
+    }
+}
+
+/// `text` with the line breaks inside its paragraphs made spaces.
+fn unwrap(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        out.push_str(line);
+        match lines.peek() {
+            None => {}
+            Some(next) if line.is_empty() || next.is_empty() || is_item(next) => out.push('\n'),
+            Some(_) => out.push(' '),
+        }
+    }
+    out
+}
+
+/// Whether a line starts a list item (`- `, `* ` or `1. `).
+fn is_item(line: &str) -> bool {
+    let line = line.trim_start();
+    line.starts_with("- ")
+        || line.starts_with("* ")
+        || line
+            .split_once(". ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The chart partial that gives the agent's admission policy the protocol's key lists
@@ -153,6 +199,44 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn descriptions_break_lines_only_between_paragraphs_and_items() {
+        assert_eq!(
+            unwrap("A policy's\nnodes.\n\nSecond\nparagraph:\n- one\n- two"),
+            "A policy's nodes.\n\nSecond paragraph:\n- one\n- two"
+        );
+        let (_, yaml) = rendered().unwrap().remove(0);
+        let crd: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        let mut broken = Vec::new();
+        fn walk(v: &serde_yaml_ng::Value, broken: &mut Vec<String>) {
+            use serde_yaml_ng::Value;
+            match v {
+                Value::Mapping(map) => {
+                    for (k, v) in map {
+                        match (k.as_str(), v) {
+                            (Some("description"), Value::String(t)) => {
+                                let lines: Vec<&str> = t.lines().collect();
+                                for pair in lines.windows(2) {
+                                    if !pair[0].is_empty()
+                                        && !pair[1].is_empty()
+                                        && !is_item(pair[1])
+                                    {
+                                        broken.push(format!("{} / {}", pair[0], pair[1]));
+                                    }
+                                }
+                            }
+                            (_, v) => walk(v, broken),
+                        }
+                    }
+                }
+                Value::Sequence(items) => items.iter().for_each(|v| walk(v, broken)),
+                _ => {}
+            }
+        }
+        walk(&crd, &mut broken);
+        assert!(broken.is_empty(), "lines broken mid-sentence: {broken:#?}");
     }
 
     #[test]

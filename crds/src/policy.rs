@@ -127,7 +127,8 @@ pub struct UpdatePolicyStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `Progressing`, `Halted`, `Paused` and `InvalidSpec`.
+    /// `Ready`, `Progressing`, `Halted`, `Paused`, `InvalidSpec`, `Overlapping` and
+    /// `GateClosed`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Nodes the policy selects.
@@ -192,6 +193,9 @@ pub mod condition {
     /// A health gate (the Prometheus alert gate) holds new grants back; reboots already
     /// under way carry on.
     pub const GATE_CLOSED: &str = "GateClosed";
+    /// Some nodes this policy selects are selected by another policy too: baton leaves
+    /// them alone until the selectors are disjoint (reported on every policy involved).
+    pub const OVERLAPPING: &str = "Overlapping";
 }
 
 impl Default for FailurePolicy {

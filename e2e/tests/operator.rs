@@ -603,3 +603,92 @@ async fn firing_alerts_in_a_real_prometheus_hold_new_grants_but_never_a_reboot_u
     assert_eq!(s.report().max_leases, 1, "one at a time throughout");
     s.finish("a Prometheus gate (fake agents)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_policies_both_say_so_at_once_and_both_clear_at_once() {
+    let (s, _operator) = start(3, 1, Duration::from_millis(300), &[]).await;
+    let policies = s.policies();
+    // Every node, paused: nothing moves, only the conditions are watched.
+    s.policy(serde_json::json!({"paused": true})).await;
+    let condition = |name: &'static str, type_: &'static str| {
+        let policies = policies.clone();
+        async move {
+            policies
+                .get_opt(name)
+                .await
+                .unwrap()
+                .and_then(|p| p.status)
+                .and_then(|st| st.conditions.into_iter().find(|c| c.type_ == type_))
+                .map(|c| c.status)
+        }
+    };
+    s.cluster
+        .wait_for("the first policy's status", || async {
+            condition(POLICY, "Overlapping").await.as_deref() == Some("False")
+        })
+        .await
+        .unwrap();
+    let mut night = s.policies().get(POLICY).await.unwrap().spec;
+    night.node_selector = serde_json::from_value(
+        serde_json::json!({"matchLabels": {"topology.kubernetes.io/zone": "zone-a"}}),
+    )
+    .unwrap();
+    let created = std::time::Instant::now();
+    policies
+        .create(&PostParams::default(), &UpdatePolicy::new("night", night))
+        .await
+        .unwrap();
+    // Both policies say so within seconds (the first one's spec did not change: it
+    // learns from the second's creation, not at its next resync 60 s later), and
+    // neither calls its own valid spec invalid.
+    let both = |want: &'static str| {
+        let condition = &condition;
+        async move {
+            condition(POLICY, "Overlapping").await.as_deref() == Some(want)
+                && condition("night", "Overlapping").await.as_deref() == Some(want)
+        }
+    };
+    s.cluster
+        .wait_for("Overlapping on both policies", || both("True"))
+        .await
+        .unwrap();
+    let learned = created.elapsed();
+    for name in [POLICY, "night"] {
+        assert_eq!(
+            condition(name, "InvalidSpec").await.as_deref(),
+            Some("False"),
+            "{name}'s spec is valid"
+        );
+        assert_eq!(condition(name, "Ready").await.as_deref(), Some("False"));
+    }
+    assert!(
+        s.events("Overlapping").await.len() >= 2,
+        "a Warning Event on each: {:?}",
+        s.events("Overlapping").await
+    );
+    // Made disjoint: both clear within seconds.
+    let fixed = std::time::Instant::now();
+    policies
+        .patch(
+            "night",
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"spec": {"nodeSelector": {"matchLabels": {"pool": "none"}}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    s.cluster
+        .wait_for("Overlapping cleared on both policies", || both("False"))
+        .await
+        .unwrap();
+    let cleared = fixed.elapsed();
+    eprintln!(
+        "[overlap] both policies said so after {learned:.1?}, both cleared after {cleared:.1?}"
+    );
+    let resync = operator::reconcile::RESYNC;
+    assert!(
+        learned < resync / 4 && cleared < resync / 4,
+        "{learned:?} / {cleared:?}: not at the resync ({resync:?})"
+    );
+}

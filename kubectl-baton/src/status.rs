@@ -123,6 +123,7 @@ pub fn render(
                         condition::HALTED,
                         condition::PAUSED,
                         condition::INVALID_SPEC,
+                        condition::OVERLAPPING,
                         condition::GATE_CLOSED,
                     ]
                     .contains(&c.type_.as_str())

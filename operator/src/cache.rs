@@ -1,18 +1,47 @@
-//! What the operator keeps of Nodes, and which of their changes wake it.
+//! What the operator keeps of Nodes, and which changes of Nodes and UpdatePolicies
+//! wake it.
 //!
 //! On a big cluster the Node watch is the operator's whole cost: Nodes are large and
 //! kubelets rewrite their status every few seconds to minutes (heartbeats, images,
 //! resource figures). baton reads little of a Node, so the cache keeps only that
 //! (`slim`), and only changes to it trigger a reconcile (`Changes`). The cache itself is
 //! updated by every event, so patches always carry the latest resourceVersion.
+//!
+//! Every policy's view of the others (which nodes they select, so where selectors
+//! overlap) changes with any policy's spec: a new generation or a deletion of one wakes
+//! all of them, while status writes wake none.
 
 use std::{
     collections::HashMap,
     hash::{DefaultHasher, Hash, Hasher},
 };
 
+use crds::UpdatePolicy;
 use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus};
 use kube::{ResourceExt, runtime::watcher::Event};
+
+/// What of an object its watch events are judged by: changes to anything else wake
+/// nothing.
+pub trait Fingerprint {
+    /// A digest of what matters.
+    fn fingerprint(&self) -> u64;
+}
+
+impl Fingerprint for Node {
+    fn fingerprint(&self) -> u64 {
+        fingerprint(self)
+    }
+}
+
+/// A policy's spec (its generation) and whether it is being deleted; not its status.
+impl Fingerprint for UpdatePolicy {
+    fn fingerprint(&self) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        self.metadata.generation.hash(&mut hasher);
+        self.metadata.deletion_timestamp.is_some().hash(&mut hasher);
+        hasher.finish()
+    }
+}
 
 /// Strips a Node to what baton reads: metadata without managed fields, the spec's
 /// `unschedulable`, and the `Ready` condition. Images, addresses, capacity, node info
@@ -64,34 +93,45 @@ pub fn fingerprint(node: &Node) -> u64 {
     hasher.finish()
 }
 
-/// Remembers each Node's fingerprint and admits only the watch events that matter:
-/// a new Node, a change baton reads, a deletion, and every event of a relist (which
-/// also forgets Nodes deleted while the watch was down).
-#[derive(Debug, Default)]
-pub struct Changes {
+/// Remembers each object's fingerprint and admits only the watch events that matter:
+/// a new object, a change of its fingerprint, a deletion, and every event of a relist
+/// (which also forgets objects deleted while the watch was down).
+#[derive(Debug)]
+pub struct Changes<K = Node> {
     seen: HashMap<String, u64>,
     relisted: Option<HashMap<String, u64>>,
+    kind: std::marker::PhantomData<fn(&K)>,
 }
 
-impl Changes {
+impl<K> Default for Changes<K> {
+    fn default() -> Self {
+        Changes {
+            seen: HashMap::new(),
+            relisted: None,
+            kind: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<K: Fingerprint + kube::Resource> Changes<K> {
     /// Whether `event` should trigger a reconcile; records what it shows.
-    pub fn admit(&mut self, event: &Event<Node>) -> bool {
+    pub fn admit(&mut self, event: &Event<K>) -> bool {
         match event {
-            Event::Apply(node) => {
-                let print = fingerprint(node);
-                self.seen.insert(node.name_any(), print) != Some(print)
+            Event::Apply(object) => {
+                let print = object.fingerprint();
+                self.seen.insert(object.name_any(), print) != Some(print)
             }
-            Event::Delete(node) => {
-                self.seen.remove(&node.name_any());
+            Event::Delete(object) => {
+                self.seen.remove(&object.name_any());
                 true
             }
             Event::Init => {
                 self.relisted = Some(HashMap::new());
                 true
             }
-            Event::InitApply(node) => {
+            Event::InitApply(object) => {
                 if let Some(relisted) = self.relisted.as_mut() {
-                    relisted.insert(node.name_any(), fingerprint(node));
+                    relisted.insert(object.name_any(), object.fingerprint());
                 }
                 true
             }
@@ -104,12 +144,12 @@ impl Changes {
         }
     }
 
-    /// How many Nodes are remembered.
+    /// How many objects are remembered.
     pub fn len(&self) -> usize {
         self.seen.len()
     }
 
-    /// Whether no Node is remembered.
+    /// Whether no object is remembered.
     pub fn is_empty(&self) -> bool {
         self.seen.is_empty()
     }
@@ -240,5 +280,35 @@ mod tests {
         slim(&mut n);
         assert_eq!(fingerprint(&n), before);
         assert_eq!(n.spec.as_ref().unwrap().provider_id, None);
+    }
+
+    #[test]
+    fn a_policys_spec_change_or_deletion_is_admitted_and_its_status_writes_are_not() {
+        let policy = |generation: i64, failed: u32| {
+            let mut p = UpdatePolicy::new(
+                "night",
+                serde_json::from_value(serde_json::json!({})).unwrap(),
+            );
+            p.metadata.generation = Some(generation);
+            p.status = Some(crds::UpdatePolicyStatus {
+                failed,
+                ..Default::default()
+            });
+            p
+        };
+        let mut changes = Changes::<UpdatePolicy>::default();
+        assert!(changes.admit(&Event::Apply(policy(1, 0))), "a new policy");
+        assert!(
+            !changes.admit(&Event::Apply(policy(1, 1))),
+            "a status write"
+        );
+        assert!(changes.admit(&Event::Apply(policy(2, 1))), "a spec change");
+        let mut deleting = policy(3, 1);
+        deleting.metadata.deletion_timestamp = Some(Time("2026-01-01T00:00:00Z".parse().unwrap()));
+        assert!(
+            changes.admit(&Event::Apply(deleting.clone())),
+            "being deleted"
+        );
+        assert!(changes.admit(&Event::Delete(deleting)), "gone");
     }
 }

@@ -102,6 +102,18 @@ pub async fn run_with_clock(
         }
     };
     let for_node = every_policy.clone();
+    let for_policy = every_policy.clone();
+    // A policy's spec change or deletion reconciles every policy: each judges overlap
+    // with the others' selectors, so both sides of an overlap learn of it (and of its
+    // end) at once. Status writes wake nothing (`cache::Changes`).
+    let mut spec_changes = crate::cache::Changes::<UpdatePolicy>::default();
+    let policy_stream = watcher(
+        Api::<UpdatePolicy>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .filter(move |event| std::future::ready(event.as_ref().map_or(true, |e| spec_changes.admit(e))))
+    .touched_objects()
+    .default_backoff();
     let ctx = Arc::new(Context {
         recorder: crate::event::Recorder::new(client.clone(), "baton-operator", &config.identity),
         client,
@@ -121,6 +133,7 @@ pub async fn run_with_clock(
     controller
         .watches_stream(node_stream, move |_| for_node())
         .watches_stream(lease_stream, move |_| every_policy())
+        .watches_stream(policy_stream, move |_| for_policy())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {

@@ -18,8 +18,8 @@ pub fn from_plan(
 ) -> UpdatePolicyStatus {
     let mut conditions = Vec::new();
     let halted = plan.halted.as_deref();
-    // Overlapping selectors make the spec invalid for the nodes concerned: reported on
-    // both policies, and neither touches those nodes.
+    // Overlapping selectors are not an invalid spec (each spec may be fine on its own):
+    // their own condition, on every policy involved, and none touches those nodes.
     let conflicts = (!plan.conflicts.is_empty()).then(|| {
         let pairs: Vec<String> =
             plan.conflicts.iter().map(|c| format!("{} (also {})", c.node, c.others.join(", "))).collect();
@@ -28,18 +28,29 @@ pub fn from_plan(
             pairs.join(", ")
         )
     });
-    let (invalid_reason, invalid_message) = match &conflicts {
-        Some(message) => ("OverlappingSelectors", message.as_str()),
-        None => ("Valid", "the spec is valid"),
-    };
     set(
         &mut conditions,
         old,
         now,
         condition::INVALID_SPEC,
+        false,
+        "Valid",
+        "the spec is valid",
+    );
+    set(
+        &mut conditions,
+        old,
+        now,
+        condition::OVERLAPPING,
         conflicts.is_some(),
-        invalid_reason,
-        invalid_message,
+        if conflicts.is_some() {
+            "OverlappingSelectors"
+        } else {
+            "Disjoint"
+        },
+        conflicts
+            .as_deref()
+            .unwrap_or("no node is selected by another policy"),
     );
     set(
         &mut conditions,
@@ -145,6 +156,7 @@ pub fn raised<'a>(
             c.status == "True"
                 && (c.type_ == condition::HALTED
                     || c.type_ == condition::INVALID_SPEC
+                    || c.type_ == condition::OVERLAPPING
                     || c.type_ == condition::GATE_CLOSED)
         })
         .filter(|c| {
@@ -313,7 +325,7 @@ mod tests {
     }
 
     #[test]
-    fn overlapping_selectors_are_an_invalid_spec_naming_the_nodes_and_policies() {
+    fn overlapping_selectors_are_their_own_condition_naming_the_nodes_and_policies() {
         let world = World::requesting(2, 1, "1", "2");
         let mut snapshot = world.snapshot();
         snapshot
@@ -326,19 +338,21 @@ mod tests {
         .unwrap();
         let p = decide(&snapshot, &policy, at("2026-11-28T03:00:00Z"));
         let status = from_plan(&p, false, Some(1), None, at("2026-11-28T03:00:00Z"));
-        let invalid = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "InvalidSpec")
-            .unwrap();
+        let find = |type_: &str| status.conditions.iter().find(|c| c.type_ == type_).unwrap();
+        let overlapping = find("Overlapping");
         assert_eq!(
-            (invalid.status.as_str(), invalid.reason.as_str()),
+            (overlapping.status.as_str(), overlapping.reason.as_str()),
             ("True", "OverlappingSelectors")
         );
         assert!(
-            invalid.message.contains("node-01 (also other)"),
+            overlapping.message.contains("node-01 (also other)"),
             "{}",
-            invalid.message
+            overlapping.message
+        );
+        assert_eq!(
+            find("InvalidSpec").status,
+            "False",
+            "each spec is valid on its own"
         );
         assert_eq!(
             status
@@ -351,8 +365,25 @@ mod tests {
         );
         assert_eq!(
             raised(None, &status),
-            [("InvalidSpec", invalid.message.as_str())]
+            [("Overlapping", overlapping.message.as_str())]
         );
+        // Made disjoint: Overlapping goes False, Ready comes back.
+        let disjoint = from_plan(
+            &decide(&world.snapshot(), &policy, at("2026-11-28T03:01:00Z")),
+            false,
+            Some(1),
+            Some(&status),
+            at("2026-11-28T03:01:00Z"),
+        );
+        let find = |type_: &str| {
+            disjoint
+                .conditions
+                .iter()
+                .find(|c| c.type_ == type_)
+                .unwrap()
+        };
+        assert_eq!(find("Overlapping").status, "False");
+        assert_eq!(find("Ready").status, "True");
         assert!(
             raised(Some(&status), &status).is_empty(),
             "raised once, not on every reconcile"
