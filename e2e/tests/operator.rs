@@ -606,7 +606,7 @@ async fn firing_alerts_in_a_real_prometheus_hold_new_grants_but_never_a_reboot_u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_policies_both_say_so_at_once_and_both_clear_at_once() {
-    let (s, _operator) = start(3, 1, Duration::from_millis(300), &[]).await;
+    let (mut s, _operator) = start(3, 1, Duration::from_millis(300), &[]).await;
     let policies = s.policies();
     // Every node, paused: nothing moves, only the conditions are watched.
     s.policy(serde_json::json!({"paused": true})).await;
@@ -691,4 +691,5 @@ async fn overlapping_policies_both_say_so_at_once_and_both_clear_at_once() {
         learned < resync / 4 && cleared < resync / 4,
         "{learned:?} / {cleared:?}: not at the resync ({resync:?})"
     );
+    s.finish("overlapping policies (fake agents)");
 }
