@@ -488,6 +488,38 @@ mod tests {
     }
 
     #[test]
+    fn the_uninstall_steps_remove_every_node_key() {
+        let docs = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md"),
+        )
+        .unwrap();
+        let section = docs
+            .split("## Uninstalling")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("docs/operations.md has an Uninstalling section");
+        let command = |verb: &str| {
+            section
+                .split(&format!("kubectl {verb} nodes --all"))
+                .nth(1)
+                .map(|rest| rest.split("\n```").next().unwrap_or_default().to_string())
+                .unwrap_or_default()
+        };
+        let (annotate, label) = (command("annotate"), command("label"));
+        for (name, kind, _) in NODE_KEYS {
+            let removes = match kind {
+                Kind::Annotation => &annotate,
+                Kind::Label => &label,
+            };
+            let removes = removes.split("kubectl ").next().unwrap_or_default();
+            assert!(
+                removes.contains(&format!("{name}-")),
+                "the uninstall steps leave {name} ({kind:?}) on the Nodes"
+            );
+        }
+    }
+
+    #[test]
     fn every_key_is_under_the_baton_prefix_and_unique_per_kind() {
         let mut seen = std::collections::HashSet::new();
         for (name, kind, _) in NODE_KEYS {

@@ -143,6 +143,11 @@ async fn local(n: usize, keep: bool) -> Result<()> {
         "Starting a local Kubernetes control plane (etcd, kube-apiserver, controllers, scheduler, kwok)..."
     );
     let cluster = TestCluster::start().await?;
+    println!(
+        "Cluster kubeconfig: {}\n  KUBECONFIG={} cargo run -p kubectl-baton -- status -w",
+        cluster.kubeconfig().display(),
+        cluster.kubeconfig().display()
+    );
     let names = cluster.add_nodes(n).await?;
     println!("{} kwok nodes Ready.", names.len());
     println!(
@@ -167,6 +172,7 @@ async fn local(n: usize, keep: bool) -> Result<()> {
         kubeconfigs.insert(node.clone(), kc);
     }
     let logs = cluster.kubeconfig().with_file_name("demo-operator.log");
+    let logs_path = logs.clone();
     let _operator = harness::process::spawn_with_kubeconfig(
         "baton-operator",
         &operator_binary,
@@ -193,6 +199,13 @@ async fn local(n: usize, keep: bool) -> Result<()> {
             )
         },
     )?;
+    if let Some(first) = names.first() {
+        println!(
+            "Logs: the operator's in {}, each agent's in {} (and beside it for the other nodes)",
+            logs_path.display(),
+            fleet.state_dir(first).join("agent-1.log").display()
+        );
+    }
     let client = cluster.client();
     let nodes: Api<Node> = Api::all(client.clone());
     cluster
