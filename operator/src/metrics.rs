@@ -61,6 +61,8 @@ pub struct Metrics {
     pub leases: Family<PolicyLabels, Gauge>,
     /// 1 while a policy's maintenance window is open.
     pub window_open: Family<PolicyLabels, Gauge>,
+    /// When a policy's next window opens (Unix seconds), while its windows are closed.
+    pub next_window: Family<PolicyLabels, Gauge>,
     /// 1 while a policy's pool is halted.
     pub halted: Family<PolicyLabels, Gauge>,
     /// 1 while a health gate holds a policy's grants back.
@@ -89,6 +91,7 @@ impl Default for Metrics {
             nodes: Family::default(),
             leases: Family::default(),
             window_open: Family::default(),
+            next_window: Family::default(),
             halted: Family::default(),
             gate_closed: Family::default(),
             drains: Gauge::default(),
@@ -130,6 +133,11 @@ impl Default for Metrics {
             "window_open",
             "1 while the maintenance window is open",
             m.window_open.clone(),
+        );
+        registry.register(
+            "next_window_timestamp_seconds",
+            "When the next maintenance window opens (Unix time), while the windows are closed",
+            m.next_window.clone(),
         );
         registry.register(
             "pool_halted",
@@ -197,6 +205,16 @@ impl Metrics {
         self.window_open
             .get_or_create(&policy)
             .set(plan.window.is_open().into());
+        // Only while closed with a known opening: an open (or always-open) pool has no
+        // next window to wait for, and a stale value would mislead.
+        match plan.window {
+            rollout::window::WindowState::Closed { opens: Some(at) } => {
+                self.next_window.get_or_create(&policy).set(at.as_second());
+            }
+            _ => {
+                self.next_window.remove(&policy);
+            }
+        }
         self.halted
             .get_or_create(&policy)
             .set(plan.halted.is_some().into());
@@ -220,6 +238,7 @@ impl Metrics {
         for family in [
             &self.leases,
             &self.window_open,
+            &self.next_window,
             &self.halted,
             &self.gate_closed,
         ] {
@@ -343,6 +362,46 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn the_next_window_is_exported_while_closed_and_dropped_once_open() {
+        let metrics = Metrics::default();
+        let world = rollout::simulate::World::requesting(2, 1, "1", "2");
+        let policy = rollout::Policy::from_spec(
+            "night",
+            &serde_json::from_value(serde_json::json!({"maintenanceWindows": [
+                {"schedule": "0 2 * * *", "duration": "1h", "timeZone": "Europe/Berlin"}]}))
+            .unwrap(),
+        )
+        .unwrap();
+        let at = |s: &str| -> jiff::Timestamp { s.parse().unwrap() };
+        // 12:00 UTC: closed; opens at 02:00 Berlin (01:00 UTC) the next day.
+        metrics.observe(&rollout::decide(
+            &world.snapshot(),
+            &policy,
+            at("2026-11-28T12:00:00Z"),
+        ));
+        let opens = at("2026-11-29T01:00:00Z").as_second();
+        assert!(
+            metrics.encode().contains(&format!(
+                "baton_next_window_timestamp_seconds{{policy=\"night\"}} {opens}"
+            )),
+            "{}",
+            metrics.encode()
+        );
+        metrics.observe(&rollout::decide(
+            &world.snapshot(),
+            &policy,
+            at("2026-11-29T01:30:00Z"),
+        ));
+        assert!(
+            !metrics
+                .encode()
+                .contains("baton_next_window_timestamp_seconds{"),
+            "{}",
+            metrics.encode()
+        );
     }
 
     #[test]
