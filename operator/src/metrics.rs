@@ -310,12 +310,11 @@ mod tests {
         body
     }
 
-    #[tokio::test]
-    async fn serves_metrics_and_health_on_loopback() {
-        let metrics = Arc::new(Metrics::default());
+    /// Records the plan of policy `name` (default spec) over 3 nodes, one granted.
+    fn observe_default(metrics: &Metrics, name: &str) {
         let world = rollout::simulate::World::requesting(3, 1, "1", "2");
         let policy = rollout::Policy::from_spec(
-            "pool",
+            name,
             &serde_json::from_value(serde_json::json!({})).unwrap(),
         )
         .unwrap();
@@ -324,6 +323,12 @@ mod tests {
             &policy,
             "2026-11-28T03:00:00Z".parse().unwrap(),
         ));
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_health_on_loopback() {
+        let metrics = Arc::new(Metrics::default());
+        observe_default(&metrics, "pool");
         metrics.evictions_blocked.inc();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -407,18 +412,8 @@ mod tests {
     #[test]
     fn a_deleted_policys_series_are_removed_and_others_stay() {
         let metrics = Metrics::default();
-        let world = rollout::simulate::World::requesting(3, 1, "1", "2");
         for name in ["night", "day"] {
-            let policy = rollout::Policy::from_spec(
-                name,
-                &serde_json::from_value(serde_json::json!({})).unwrap(),
-            )
-            .unwrap();
-            metrics.observe(&rollout::decide(
-                &world.snapshot(),
-                &policy,
-                "2026-11-28T03:00:00Z".parse().unwrap(),
-            ));
+            observe_default(&metrics, name);
         }
         metrics.forget("night");
         let text = metrics.encode();
