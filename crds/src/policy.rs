@@ -25,6 +25,8 @@ use crate::{DrainSpec, HealthSpec, HooksSpec, MaintenanceWindow, Release};
     printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.failed"}"#,
     printcolumn = r#"{"name":"Window","type":"string","jsonPath":".status.window"}"#,
     printcolumn = r#"{"name":"Paused","type":"boolean","jsonPath":".spec.paused"}"#,
+    printcolumn = r#"{"name":"Next-Window","type":"string","priority":1,"jsonPath":".status.nextWindowLocal","description":"When the next maintenance window opens, in its own time zone (while the windows are closed)"}"#,
+    printcolumn = r#"{"name":"Condition","type":"string","priority":1,"jsonPath":".status.conditions[?(@.status==\"True\")].type","description":"The first true condition: a problem (InvalidSpec, Overlapping, Halted, Paused, GateClosed) before Progressing and Ready"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -155,6 +157,10 @@ pub struct UpdatePolicyStatus {
     /// When the next window opens, if it is closed now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_window: Option<Time>,
+    /// `nextWindow` in the time zone of the window that opens then, such as
+    /// `2026-12-05 22:00 Europe/Berlin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_window_local: Option<String>,
 }
 
 impl UpdatePolicyStatus {
@@ -165,7 +171,12 @@ impl UpdatePolicyStatus {
     pub fn merge_patch(&self) -> serde_json::Value {
         let mut value = serde_json::to_value(self).unwrap_or_default();
         if let Some(fields) = value.as_object_mut() {
-            for field in ["observedGeneration", "window", "nextWindow"] {
+            for field in [
+                "observedGeneration",
+                "window",
+                "nextWindow",
+                "nextWindowLocal",
+            ] {
                 fields.entry(field).or_insert(serde_json::Value::Null);
             }
         }

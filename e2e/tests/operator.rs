@@ -653,6 +653,11 @@ async fn overlapping_policies_both_say_so_at_once_and_both_clear_at_once() {
         .await
         .unwrap();
     let learned = created.elapsed();
+    // `kubectl get upol -o wide`: the Condition column names the problem.
+    let wide = wide_table(&s.cluster.client()).await;
+    for name in [POLICY, "night"] {
+        assert_eq!(wide[name]["Condition"], "Overlapping", "{wide:?}");
+    }
     for name in [POLICY, "night"] {
         assert_eq!(
             condition(name, "InvalidSpec").await.as_deref(),
@@ -683,6 +688,39 @@ async fn overlapping_policies_both_say_so_at_once_and_both_clear_at_once() {
         .await
         .unwrap();
     let cleared = fixed.elapsed();
+    // Disjoint again: the paused policy says Paused; `night`, unpaused, whose one window
+    // opens on 29 February, is Ready and shows that opening in its own zone until then.
+    policies
+        .patch(
+            "night",
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"spec": {"paused": false, "maintenanceWindows": [
+                {"schedule": "0 3 29 2 *", "duration": "2h", "timeZone": "Europe/Berlin"}]}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let next_feb_29 = {
+        let now = jiff::Zoned::now();
+        (now.year()..now.year() + 8)
+            .find(|y| jiff::civil::date(*y, 2, 1).in_leap_year())
+            .map(|y| format!("{y}-02-29 03:00 Europe/Berlin"))
+            .unwrap()
+    };
+    s.cluster
+        .wait_for("night's Next-Window", || async {
+            let wide = wide_table(&s.cluster.client()).await;
+            wide["night"]["Next-Window"] == next_feb_29
+        })
+        .await
+        .unwrap();
+    let wide = wide_table(&s.cluster.client()).await;
+    eprintln!("[overlap] kubectl get upol -o wide: {wide:?}");
+    assert_eq!(wide[POLICY]["Condition"], "Paused", "{wide:?}");
+    assert_eq!(wide["night"]["Condition"], "Ready", "{wide:?}");
+    assert_eq!(wide["night"]["Window"], "Closed", "{wide:?}");
+    assert_eq!(wide[POLICY]["Next-Window"], "", "{wide:?}");
     eprintln!(
         "[overlap] both policies said so after {learned:.1?}, both cleared after {cleared:.1?}"
     );
@@ -692,4 +730,42 @@ async fn overlapping_policies_both_say_so_at_once_and_both_clear_at_once() {
         "{learned:?} / {cleared:?}: not at the resync ({resync:?})"
     );
     s.finish("overlapping policies (fake agents)");
+}
+
+/// `kubectl get updatepolicies -o wide` as the API server renders it (a `Table`): per
+/// policy, its cells by column name (an absent value is "").
+async fn wide_table(
+    client: &kube::Client,
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>> {
+    let request = http::Request::get("/apis/baton.dev/v1alpha1/updatepolicies?includeObject=None")
+        .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .body(Vec::new())
+        .unwrap();
+    let table: serde_json::Value = client.request(request).await.unwrap();
+    let columns: Vec<String> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let cells: std::collections::BTreeMap<String, String> = columns
+                .iter()
+                .zip(row["cells"].as_array().unwrap())
+                .map(|(c, v)| {
+                    let text = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::Null => String::new(),
+                        v => v.to_string(),
+                    };
+                    (c.clone(), text)
+                })
+                .collect();
+            (cells["Name"].clone(), cells)
+        })
+        .collect()
 }

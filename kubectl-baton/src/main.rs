@@ -1,28 +1,35 @@
-//! `kubectl-baton` entry point.
+//! `kubectl-baton` entry point: parses the command line, runs one command, prints one
+//! line on failure and exits with a documented code (see [`kubectl_baton::error`]).
 
 use std::{collections::BTreeMap, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp, tz::TimeZone};
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
-use kube::{
-    Api, Client,
-    api::ListParams,
-    runtime::{WatchStreamExt, reflector, watcher},
-};
+use kube::{Api, api::ListParams};
 
 use crds::UpdatePolicy;
 use kubectl_baton::{
     Error,
+    cluster::{Cluster, ClusterArgs},
+    live::{self, Screen},
+    output::{self, Format},
     plan::{self, PlanOptions},
     status, steer,
 };
 
+/// Exit codes, shown under `--help`.
+const EXIT_CODES: &str = "Exit codes: 0 done; 1 the API server refused or failed the request; \
+2 a wrong flag or value; 3 the named policy or node does not exist; 4 no cluster (no \
+usable kubeconfig, the API server is unreachable or silent, or it refused the \
+credentials). `status -w` exits 0 when its output pipe closes.";
+
 /// Plan, watch and steer baton rollouts.
 #[derive(Debug, Parser)]
-#[command(name = "kubectl-baton", version)]
+#[command(name = "kubectl baton", bin_name = "kubectl baton", version, after_help = EXIT_CODES)]
 struct Cli {
+    #[command(flatten)]
+    cluster: ClusterArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,17 +38,17 @@ struct Cli {
 enum Command {
     /// Simulate a rollout of a policy and print its timeline.
     Plan(PlanArgs),
-    /// The rollout now: per policy a progress bar, per node its state, version,
-    /// lease and cordon. `-w` keeps it live (from watches).
+    /// The rollout now: per policy a progress bar, per node its combined state
+    /// (operator and agent), version, lease and cordon. `-w` keeps it live.
     Status {
         /// Only this policy.
         policy: Option<String>,
-        /// Keep watching and redraw on every change.
+        /// Keep watching; print on every change.
         #[arg(short = 'w', long)]
         watch: bool,
-        /// The operator's namespace (where the reboot Leases are).
-        #[arg(short = 'n', long, default_value = "baton-system")]
-        namespace: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
     },
     /// Pause a policy (nothing new starts; nodes in flight finish) or, with --node, a node.
     Pause(Target),
@@ -49,16 +56,7 @@ enum Command {
     Resume(Target),
     /// After fixing the cause: clear failed nodes (every failed node of a policy, or
     /// the --node ones) so that a halted pool resumes. See docs/operations.md.
-    Retry {
-        /// The policy whose failed nodes to retry.
-        policy: Option<String>,
-        /// Retry these nodes instead.
-        #[arg(long = "node")]
-        nodes: Vec<String>,
-        /// The operator's namespace (where the reboot Leases are).
-        #[arg(short = 'n', long, default_value = "baton-system")]
-        namespace: String,
-    },
+    Retry(Target),
 }
 
 /// A policy, or nodes.
@@ -69,6 +67,17 @@ struct Target {
     /// Nodes instead of a policy.
     #[arg(long = "node")]
     nodes: Vec<String>,
+}
+
+impl Target {
+    fn check(&self) -> Result<(), Error> {
+        match (&self.policy, self.nodes.is_empty()) {
+            (Some(_), true) | (None, false) => Ok(()),
+            _ => Err(Error::Usage(
+                "name a policy, or nodes with --node (not both)".into(),
+            )),
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -99,6 +108,9 @@ struct PlanArgs {
     /// The node the operator runs on (it goes last).
     #[arg(long)]
     operator_node: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Format,
 }
 
 /// A `kind: List` or `kind: NodeList` document, as `kubectl get nodes -o yaml` prints.
@@ -132,36 +144,61 @@ fn read_yaml<T: serde::de::DeserializeOwned>(path: &str, what: &'static str) -> 
     })
 }
 
-async fn run_plan(args: PlanArgs) -> Result<String, Error> {
+/// The connected cluster, once; commands that need none never connect.
+struct Session {
+    args: ClusterArgs,
+    cluster: Option<Cluster>,
+}
+
+impl Session {
+    async fn cluster(&mut self) -> Result<&Cluster, Error> {
+        if self.cluster.is_none() {
+            self.cluster = Some(Cluster::connect(&self.args).await?);
+        }
+        self.cluster
+            .as_ref()
+            .ok_or_else(|| Error::Other("no cluster".into()))
+    }
+
+    fn server(&self) -> Option<&str> {
+        self.cluster.as_ref().map(|c| c.server.as_str())
+    }
+}
+
+async fn run_plan(session: &mut Session, args: PlanArgs) -> Result<String, Error> {
     let time_zone = TimeZone::get(&args.time_zone).map_err(|_| {
         Error::Usage(format!(
             "--time-zone {:?} is not an IANA time zone",
             args.time_zone
         ))
     })?;
-    let client = if args.file && args.nodes.is_some() {
-        None
+    let policy: UpdatePolicy = if args.file {
+        read_yaml(&args.policy, "an UpdatePolicy")?
     } else {
-        Some(Client::try_default().await?)
-    };
-    let policy: UpdatePolicy = match (&client, args.file) {
-        (_, true) => read_yaml(&args.policy, "an UpdatePolicy")?,
-        (Some(client), false) => {
-            Api::<UpdatePolicy>::all(client.clone())
-                .get(&args.policy)
+        let c = session.cluster().await?;
+        c.bounded(async {
+            Api::<UpdatePolicy>::all(c.client.clone())
+                .get_opt(&args.policy)
                 .await?
-        }
-        (None, false) => return Err(Error::Usage("no cluster client".into())),
+                .ok_or(Error::NotFound {
+                    kind: "updatepolicy",
+                    name: args.policy.clone(),
+                })
+        })
+        .await?
     };
-    let nodes: Vec<Node> = match (&args.nodes, &client) {
-        (Some(path), _) => read_yaml::<NodeItems>(path, "a NodeList")?.items,
-        (None, Some(client)) => {
-            Api::<Node>::all(client.clone())
-                .list(&ListParams::default())
-                .await?
-                .items
+    let nodes: Vec<Node> = match &args.nodes {
+        Some(path) => read_yaml::<NodeItems>(path, "a NodeList")?.items,
+        None => {
+            let c = session.cluster().await?;
+            c.bounded(async {
+                Ok(Api::<Node>::all(c.client.clone())
+                    .list(&ListParams::default())
+                    .await?
+                    .items)
+            })
+            .await?
         }
-        (None, None) => return Err(Error::Usage("no cluster client".into())),
     };
     let opts = PlanOptions {
         start: args.start.unwrap_or_else(Timestamp::now),
@@ -174,160 +211,193 @@ async fn run_plan(args: PlanArgs) -> Result<String, Error> {
         time_zone,
         operator_node: args.operator_node,
     };
-    plan::render(&policy, &nodes, &opts)
+    let report = plan::simulate(&policy, &nodes, &opts)?;
+    Ok(match args.output.encode(&report)? {
+        Some(text) => text,
+        None => plan::text(&report, &opts),
+    })
 }
 
-async fn snapshot(
-    client: &Client,
-    namespace: &str,
-) -> Result<(Vec<UpdatePolicy>, Vec<Node>, Vec<Lease>), Error> {
-    let policies = Api::<UpdatePolicy>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let nodes = Api::<Node>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let leases = Api::<Lease>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=baton"))
-        .await?
-        .items;
-    Ok((policies, nodes, leases))
+async fn snapshot(c: &Cluster) -> Result<(Vec<UpdatePolicy>, Vec<Node>, Vec<Lease>), Error> {
+    c.bounded(async {
+        let policies = Api::<UpdatePolicy>::all(c.client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items;
+        let nodes = Api::<Node>::all(c.client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items;
+        let leases = Api::<Lease>::namespaced(c.client.clone(), &c.namespace)
+            .list(&ListParams::default().labels("app.kubernetes.io/managed-by=baton"))
+            .await?
+            .items;
+        Ok((policies, nodes, leases))
+    })
+    .await
+}
+
+/// The terminal's width: `$COLUMNS`, else the terminal's, else none (no wrapping).
+fn width() -> Option<usize> {
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .or_else(|| terminal_size::terminal_size().map(|(w, _)| usize::from(w.0)))
 }
 
 async fn run_status(
+    session: &mut Session,
     policy: Option<String>,
     watch: bool,
-    namespace: String,
+    format: Format,
 ) -> Result<String, Error> {
-    let client = Client::try_default().await?;
-    if !watch {
-        let (p, n, l) = snapshot(&client, &namespace).await?;
-        return Ok(status::render(
-            &p,
-            &n,
-            &l,
-            policy.as_deref(),
-            Timestamp::now(),
-        ));
-    }
-    // Three watches feed three caches; every change redraws (at most every 250 ms).
-    let (policies, pw) = reflector::store::<UpdatePolicy>();
-    let (nodes, nw) = reflector::store::<Node>();
-    let (leases, lw) = reflector::store::<Lease>();
-    let p = watcher(
-        Api::<UpdatePolicy>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(pw)
-    .map(|_| ());
-    let n = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(nw)
-        .map(|_| ());
-    let l = watcher(
-        Api::<Lease>::namespaced(client.clone(), &namespace),
-        watcher::Config::default().labels("app.kubernetes.io/managed-by=baton"),
-    )
-    .default_backoff()
-    .reflect(lw)
-    .map(|_| ());
-    let mut events = futures::stream::select(futures::stream::select(p, n), l).boxed();
+    let c = session.cluster().await?;
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            e = events.next() => if e.is_none() { return Ok(String::new()) },
-            _ = ticker.tick() => {}
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-        let text = status::render(
-            &owned(policies.state()),
-            &owned(nodes.state()),
-            &owned(leases.state()),
-            policy.as_deref(),
-            Timestamp::now(),
-        );
-        if terminal {
-            print!("\x1b[H\x1b[2J");
-        }
-        println!(
-            "{}  (kubectl baton status -w; Ctrl-C to stop)\n{text}",
-            Timestamp::now().strftime("%H:%M:%S")
-        );
+    if watch {
+        let mut screen = Screen::new(&c.server, terminal, width().filter(|_| terminal), format);
+        screen.only = policy;
+        live::watch(c, screen).await?;
+        return Ok(String::new());
     }
+    let (p, n, l) = snapshot(c).await?;
+    let report = status::report(&p, &n, &l, policy.as_deref(), Timestamp::now());
+    if let (Some(name), true) = (&policy, report.policies.is_empty()) {
+        return Err(Error::NotFound {
+            kind: "updatepolicy",
+            name: name.clone(),
+        });
+    }
+    Ok(match format.encode(&report)? {
+        Some(text) => text,
+        None => status::table(&report, width().filter(|_| terminal)),
+    })
 }
 
-fn owned<T: Clone>(items: Vec<std::sync::Arc<T>>) -> Vec<T> {
-    items.into_iter().map(|o| (*o).clone()).collect()
-}
-
-async fn run_pause(target: Target, paused: bool) -> Result<String, Error> {
-    let client = Client::try_default().await?;
+async fn run_pause(session: &mut Session, target: Target, paused: bool) -> Result<String, Error> {
+    target.check()?;
+    let c = session.cluster().await?;
     let word = if paused { "paused" } else { "resumed" };
-    match (target.policy, target.nodes.is_empty()) {
-        (Some(policy), true) => {
-            steer::set_policy_paused(client, &policy, paused).await?;
-            Ok(format!("updatepolicy/{policy} {word}\n"))
+    let mut out = String::new();
+    c.bounded(async {
+        if let Some(policy) = &target.policy {
+            steer::set_policy_paused(c.client.clone(), policy, paused).await?;
+            out.push_str(&format!("updatepolicy/{policy} {word}"));
         }
-        (None, false) => {
-            let mut out = String::new();
-            for node in &target.nodes {
-                steer::set_node_paused(client.clone(), node, paused).await?;
-                out.push_str(&format!("node/{node} {word}\n"));
-            }
-            Ok(out)
+        for node in &target.nodes {
+            steer::set_node_paused(c.client.clone(), node, paused).await?;
+            out.push_str(&format!("node/{node} {word}\n"));
         }
-        _ => Err(Error::Usage(
-            "name a policy, or nodes with --node (not both)".into(),
-        )),
-    }
+        Ok(())
+    })
+    .await?;
+    Ok(format!("{}  {}\n", out.trim_end(), c.acted_on()))
+}
+
+async fn run_retry(session: &mut Session, target: Target) -> Result<String, Error> {
+    target.check()?;
+    let c = session.cluster().await?;
+    let done = c
+        .bounded(steer::retry(
+            c.client.clone(),
+            &c.namespace,
+            target.policy.as_deref(),
+            &target.nodes,
+        ))
+        .await?;
+    Ok(if done.is_empty() {
+        format!("no failed node to retry  {}\n", c.acted_on())
+    } else {
+        let lines: Vec<String> = done.iter().map(|n| format!("node/{n} retried")).collect();
+        format!("{}  {}\n", lines.join("\n"), c.acted_on())
+    })
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let mut session = Session {
+        args: cli.cluster,
+        cluster: None,
+    };
     let result = match cli.command {
-        Command::Plan(args) => run_plan(args).await,
+        Command::Plan(args) => run_plan(&mut session, args).await,
         Command::Status {
             policy,
             watch,
-            namespace,
-        } => run_status(policy, watch, namespace).await,
-        Command::Pause(t) => run_pause(t, true).await,
-        Command::Resume(t) => run_pause(t, false).await,
-        Command::Retry {
-            policy,
-            nodes,
-            namespace,
-        } => match (&policy, nodes.is_empty()) {
-            (Some(_), true) | (None, false) => {
-                async {
-                    let client = Client::try_default().await?;
-                    let done = steer::retry(client, &namespace, policy.as_deref(), &nodes).await?;
-                    Ok(if done.is_empty() {
-                        "no failed node to retry\n".to_string()
-                    } else {
-                        done.iter().map(|n| format!("node/{n} retried\n")).collect()
-                    })
-                }
-                .await
-            }
-            _ => Err(Error::Usage(
-                "name a policy, or nodes with --node (not both)".into(),
-            )),
-        },
+            output,
+        } => run_status(&mut session, policy, watch, output).await,
+        Command::Pause(t) => run_pause(&mut session, t, true).await,
+        Command::Resume(t) => run_pause(&mut session, t, false).await,
+        Command::Retry(t) => run_retry(&mut session, t).await,
     };
-    match result {
-        Ok(out) => {
-            print!("{out}");
-            ExitCode::SUCCESS
-        }
+    match result.and_then(|out| output::print(&out)) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kubectl-baton: {e}");
-            ExitCode::FAILURE
+            let code = e.exit_code();
+            if code != kubectl_baton::error::EXIT_OK {
+                eprintln!("kubectl baton: {}", e.line(session.server()));
+            }
+            ExitCode::from(code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn kubectl_flags_are_accepted_before_and_after_the_command() {
+        let cli = Cli::try_parse_from([
+            "kubectl-baton",
+            "--context",
+            "prod",
+            "pause",
+            "night",
+            "--kubeconfig",
+            "/tmp/k",
+            "-n",
+            "ops",
+        ])
+        .unwrap();
+        assert_eq!(cli.cluster.context.as_deref(), Some("prod"));
+        assert_eq!(cli.cluster.kubeconfig.as_deref(), Some("/tmp/k"));
+        assert_eq!(cli.cluster.namespace, "ops");
+        let cli = Cli::try_parse_from(["kubectl-baton", "status", "-o", "yaml", "-w"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Status {
+                watch: true,
+                output: Format::Yaml,
+                ..
+            }
+        ));
+        assert_eq!(cli.cluster.namespace, "baton-system");
+        let cli = Cli::try_parse_from(["kubectl-baton", "plan", "p", "-o", "json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Plan(PlanArgs {
+                output: Format::Json,
+                ..
+            })
+        ));
+        let bad = Cli::try_parse_from(["kubectl-baton", "status", "-o", "xml"]).unwrap_err();
+        assert_eq!(bad.exit_code(), 2);
+        let bad = Cli::try_parse_from(["kubectl-baton", "--request-timeout", "0s", "status"])
+            .unwrap_err();
+        assert!(bad.to_string().contains("every wait has a bound"), "{bad}");
+    }
+
+    #[test]
+    fn help_names_the_command_users_type_and_the_exit_codes() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(
+            help.contains("Usage: kubectl baton [OPTIONS] <COMMAND>"),
+            "{help}"
+        );
+        assert!(!help.contains("kubectl-baton"), "{help}");
+        assert!(help.contains("Exit codes: 0 done"), "{help}");
+        Cli::command().debug_assert();
     }
 }

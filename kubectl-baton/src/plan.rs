@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use jiff::{SignedDuration, Timestamp, tz::TimeZone};
 use k8s_openapi::api::core::v1::Node;
+use serde::Serialize;
 
 use crds::UpdatePolicy;
 use rollout::{
@@ -40,8 +41,72 @@ struct Row {
     failed: Option<String>,
 }
 
+/// The `apiVersion` of `kubectl baton plan -o json|yaml`.
+pub const REPORT_VERSION: &str = "kubectl.baton.dev/v1alpha1";
+
+/// A simulated rollout: what `-o json|yaml` prints (schema: docs/kubectl-baton.md).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanReport {
+    /// [`REPORT_VERSION`].
+    pub api_version: &'static str,
+    /// `Plan`.
+    pub kind: &'static str,
+    /// The UpdatePolicy.
+    pub policy: String,
+    /// Nodes it selects.
+    pub nodes: usize,
+    /// `maxUnavailable` as written.
+    pub max_unavailable: String,
+    /// How many nodes that allows at once.
+    pub at_once: usize,
+    /// How many maintenance windows it has (0: always open).
+    pub maintenance_windows: usize,
+    /// The reboot time assumed, as a duration (`10m`).
+    pub reboot_time: String,
+    /// When the simulation starts.
+    pub start: Timestamp,
+    /// How far it looks.
+    pub horizon: String,
+    /// Per node, in the order they start.
+    pub rows: Vec<PlanRow>,
+    /// Nodes updated within the horizon.
+    pub updated: usize,
+    /// When the last node is done, if every node is within the horizon.
+    pub expected_end: Option<Timestamp>,
+}
+
+/// One node of a [`PlanReport`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanRow {
+    /// The node.
+    pub node: String,
+    /// Its zone, if labelled.
+    pub zone: Option<String>,
+    /// When it is granted, if within the horizon.
+    pub start: Option<Timestamp>,
+    /// Which window (1-based, in order of use), if windows are configured.
+    pub window: Option<usize>,
+    /// When that window closes.
+    pub window_closes: Option<Timestamp>,
+    /// When it is done, if within the horizon.
+    pub end: Option<Timestamp>,
+    /// Why it would fail, if it would.
+    pub failed: Option<String>,
+}
+
 /// Simulates `policy` over `nodes` and renders the timeline.
 pub fn render(policy: &UpdatePolicy, nodes: &[Node], opts: &PlanOptions) -> Result<String, Error> {
+    Ok(text(&simulate(policy, nodes, opts)?, opts))
+}
+
+/// Simulates `policy` over `nodes`.
+pub fn simulate(
+    policy: &UpdatePolicy,
+    nodes: &[Node],
+    opts: &PlanOptions,
+) -> Result<PlanReport, Error> {
     let name = policy.metadata.name.clone().unwrap_or_default();
     let rules = Policy::from_spec(&name, &policy.spec).map_err(|errors| Error::InvalidPolicy {
         name: name.clone(),
@@ -100,40 +165,74 @@ pub fn render(policy: &UpdatePolicy, nodes: &[Node], opts: &PlanOptions) -> Resu
         .map(|n| (n.name.as_str(), n.zone(&rules.zone_label)))
         .collect();
 
+    let mut ordered: Vec<(&String, &Row)> = rows.iter().collect();
+    ordered.sort_by_key(|(name, row)| (row.start.is_none(), row.start, name.as_str()));
+    let out_rows: Vec<PlanRow> = ordered
+        .into_iter()
+        .map(|(node, row)| PlanRow {
+            node: node.clone(),
+            zone: zone_of
+                .get(node.as_str())
+                .filter(|z| !z.is_empty())
+                .map(|z| z.to_string()),
+            start: row.start,
+            window: row.window,
+            window_closes: row.window.and_then(|i| windows.get(i - 1).copied()),
+            end: row.end,
+            failed: row.failed.clone(),
+        })
+        .collect();
+    let updated = rows.values().filter(|r| r.end.is_some()).count();
+    let last = rows.values().filter_map(|r| r.end).max();
+    Ok(PlanReport {
+        api_version: REPORT_VERSION,
+        kind: "Plan",
+        policy: name,
+        nodes: total,
+        max_unavailable: rules.budget.to_string(),
+        at_once: rules.budget.resolve(total),
+        maintenance_windows: policy.spec.maintenance_windows.len(),
+        reboot_time: crds::duration::format(opts.reboot_time.unsigned_abs()),
+        start: opts.start,
+        horizon: crds::duration::format(opts.horizon.unsigned_abs()),
+        rows: out_rows,
+        updated,
+        expected_end: last.filter(|_| updated == total),
+    })
+}
+
+/// The plan as text for humans, times in `opts.time_zone`.
+pub fn text(plan: &PlanReport, opts: &PlanOptions) -> String {
     let fmt = |t: Timestamp| {
         t.to_zoned(opts.time_zone.clone())
             .strftime("%Y-%m-%d %H:%M %Z")
             .to_string()
     };
     let mut out = String::new();
-    let windows_desc = match policy.spec.maintenance_windows.len() {
+    let windows_desc = match plan.maintenance_windows {
         0 => "no maintenance windows (always open)".to_string(),
         1 => "1 maintenance window".to_string(),
         n => format!("{n} maintenance windows"),
     };
     let _ = writeln!(
         out,
-        "Plan for UpdatePolicy {name}: {total} nodes, maxUnavailable {} ({} at once), {windows_desc}, reboot time {}",
-        rules.budget,
-        rules.budget.resolve(total),
-        crds::duration::format(opts.reboot_time.unsigned_abs()),
+        "Plan for UpdatePolicy {}: {} nodes, maxUnavailable {} ({} at once), {windows_desc}, reboot time {}",
+        plan.policy, plan.nodes, plan.max_unavailable, plan.at_once, plan.reboot_time,
     );
-    let mut ordered: Vec<(&String, &Row)> = rows.iter().collect();
-    ordered.sort_by_key(|(name, row)| (row.start.is_none(), row.start, name.as_str()));
     let _ = writeln!(
         out,
         "{:<22}  {:<16}  {:<10}  {:<28}  END",
         "START", "NODE", "ZONE", "WINDOW"
     );
-    for (node, row) in ordered {
+    for row in &plan.rows {
         let start = row.start.map_or("-".to_string(), fmt);
-        let window = match (row.start, row.window) {
-            (None, _) => "-".to_string(),
-            (Some(_), None) => "always open".to_string(),
-            (Some(_), Some(i)) => format!(
+        let window = match (row.start, row.window, row.window_closes) {
+            (None, _, _) => "-".to_string(),
+            (Some(_), Some(i), Some(closes)) => format!(
                 "#{i} (closes {})",
-                fmt(windows[i - 1]).get(11..16).unwrap_or_default()
+                fmt(closes).get(11..16).unwrap_or_default()
             ),
+            (Some(_), _, _) => "always open".to_string(),
         };
         let end = match (&row.failed, row.end, row.start) {
             (Some(why), _, _) => format!("FAILED: {why}"),
@@ -141,33 +240,30 @@ pub fn render(policy: &UpdatePolicy, nodes: &[Node], opts: &PlanOptions) -> Resu
             (None, None, Some(_)) => "still in progress at the horizon".to_string(),
             (None, None, None) => "not started within the horizon".to_string(),
         };
-        let zone = zone_of
-            .get(node.as_str())
-            .copied()
-            .filter(|z| !z.is_empty())
-            .unwrap_or("-");
+        let zone = row.zone.as_deref().unwrap_or("-");
+        let node = &row.node;
         let _ = writeln!(
             out,
             "{start:<22}  {node:<16}  {zone:<10}  {window:<28}  {end}"
         );
     }
-    let done = rows.values().filter(|r| r.end.is_some()).count();
-    let last = rows.values().filter_map(|r| r.end).max();
-    match last {
-        Some(end) if done == total => {
+    match plan.expected_end {
+        Some(end) => {
             let _ = writeln!(
                 out,
-                "Expected end: {} ({done} of {total} nodes updated)",
-                fmt(end)
+                "Expected end: {} ({} of {} nodes updated)",
+                fmt(end),
+                plan.updated,
+                plan.nodes
             );
         }
-        _ => {
+        None => {
             let _ = writeln!(
                 out,
-                "Incomplete within {}: {done} of {total} nodes updated",
-                crds::duration::format(opts.horizon.unsigned_abs())
+                "Incomplete within {}: {} of {} nodes updated",
+                plan.horizon, plan.updated, plan.nodes
             );
         }
     }
-    Ok(out)
+    out
 }

@@ -1,40 +1,161 @@
-//! `kubectl baton status`: per policy, a progress bar and one line per node with its
-//! state, version, lease and cordon, from what the cluster holds. Pure: the caller
-//! fetches (or watches) and prints.
+//! `kubectl baton status`: per policy its progress and one row per node with its
+//! combined state (operator and agent), version, lease and cordon, from what the
+//! cluster holds. Pure: the caller fetches (or watches) and prints.
+//!
+//! [`report`] builds the [`Report`] (`-o json|yaml` prints it as is; its schema is in
+//! docs/kubectl-baton.md); [`table`] draws it for humans.
 
 use std::{collections::BTreeMap, fmt::Write};
 
 use jiff::Timestamp;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::ResourceExt;
+use serde::Serialize;
 
 use crds::{UpdatePolicy, node::NodeMarks, policy::condition};
-use rollout::selector::Selector;
+use rollout::{NodeView, Policy, phase::Phase};
 
 /// The width of the progress bar.
 const BAR: usize = 30;
 
-/// One node's line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The `apiVersion` of `-o json|yaml` output; it changes only when a field's meaning
+/// does (fields may be added).
+pub const REPORT_VERSION: &str = "kubectl.baton.dev/v1alpha1";
+
+/// What `kubectl baton status` reports.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    /// [`REPORT_VERSION`].
+    pub api_version: &'static str,
+    /// `Status`.
+    pub kind: &'static str,
+    /// When it was taken.
+    pub time: Timestamp,
+    /// One per policy, by name.
+    pub policies: Vec<PolicyReport>,
+}
+
+/// One policy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyReport {
+    /// The UpdatePolicy.
+    pub name: String,
+    /// Nodes it selects.
+    pub nodes: u32,
+    /// Nodes on the target version with nothing left to do.
+    pub up_to_date: u32,
+    /// Nodes between grant and release.
+    pub in_progress: u32,
+    /// Nodes that need an update and have not started.
+    pub waiting: u32,
+    /// Nodes marked failed.
+    pub failed: u32,
+    /// `Open`, `Closed` or `Always`; absent before the operator's first status.
+    pub window: Option<String>,
+    /// When the next window opens, in its own time zone, while closed.
+    pub next_window: Option<String>,
+    /// `spec.paused`.
+    pub paused: bool,
+    /// Its true conditions that call for attention (Halted, Paused, InvalidSpec,
+    /// Overlapping, GateClosed), as `Type: message`.
+    pub problems: Vec<String>,
+    /// Its nodes, by name.
+    pub node_rows: Vec<NodeLine>,
+}
+
+/// One node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct NodeLine {
     /// The node.
     pub name: String,
-    /// `baton.dev/state`, or `-`.
-    pub state: String,
-    /// `baton.dev/current-version`, or `-`.
-    pub version: String,
-    /// `baton.dev/target-version` (or the desired one), or `-`.
-    pub target: String,
-    /// The lease's age, or `-`.
-    pub lease: String,
-    /// Cordoned, and by whom.
-    pub cordoned: String,
-    /// The agent's message or the operator's failure.
+    /// The combined phase ([`Phase`]).
+    pub phase: String,
+    /// Why a waiting node waits (`window closed`, `budget 1/1 in use`, …), if it does.
+    pub waiting_for: Option<String>,
+    /// `baton.dev/state`, the agent's own state.
+    pub agent_state: Option<String>,
+    /// `baton.dev/current-version`.
+    pub version: Option<String>,
+    /// `baton.dev/target-version`, or the desired one.
+    pub target: Option<String>,
+    /// When its reboot Lease was acquired, if it holds one (`held` without a time).
+    pub lease_since: Option<Timestamp>,
+    /// Whether it holds a reboot Lease.
+    pub lease_held: bool,
+    /// `baton`, `admin` (someone else cordoned it) or absent.
+    pub cordoned_by: Option<String>,
+    /// The operator's failure, or the agent's message.
     pub message: String,
 }
 
-/// The lines for `nodes`, with `leases` (baton's reboot Leases) at `now`.
-pub fn lines(nodes: &[&Node], leases: &[Lease], now: Timestamp) -> Vec<NodeLine> {
+impl NodeLine {
+    /// `Phase`, or `Waiting: reason`.
+    pub fn state(&self) -> String {
+        match &self.waiting_for {
+            Some(why) => format!("{}: {why}", self.phase),
+            None => self.phase.clone(),
+        }
+    }
+
+    /// The lease column at `now`: `held 42s`, `held 3m`, `held` or `-`.
+    pub fn lease(&self, now: Timestamp) -> String {
+        match (self.lease_held, self.lease_since) {
+            (false, _) => "-".into(),
+            (true, None) => "held".into(),
+            (true, Some(at)) => {
+                let secs = now.duration_since(at).as_secs().max(0);
+                match secs {
+                    0..60 => format!("held {secs}s"),
+                    60..3600 => format!("held {}m", secs / 60),
+                    _ => format!("held {}h{}m", secs / 3600, secs % 3600 / 60),
+                }
+            }
+        }
+    }
+}
+
+/// Why nodes of a policy that ask for a reboot wait, from its status and spec.
+fn waiting_reason(policy: &UpdatePolicy) -> String {
+    let status = policy.status.clone().unwrap_or_default();
+    let is_true = |t: &str| {
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == t && c.status == "True")
+    };
+    if is_true(condition::HALTED) {
+        "pool halted (kubectl baton retry)".into()
+    } else if policy.spec.paused || is_true(condition::PAUSED) {
+        "policy paused".into()
+    } else if is_true(condition::INVALID_SPEC) {
+        "invalid spec".into()
+    } else if is_true(condition::OVERLAPPING) {
+        "overlapping policies".into()
+    } else if is_true(condition::GATE_CLOSED) {
+        "alert gate closed".into()
+    } else if status.window.as_deref() == Some("Closed") {
+        match &status.next_window_local {
+            Some(at) => format!("window closed until {at}"),
+            None => "window closed".into(),
+        }
+    } else {
+        let budget = Policy::from_spec(&policy.name_any(), &policy.spec)
+            .map(|p| p.budget.resolve(status.nodes as usize))
+            .unwrap_or(1);
+        if status.in_progress as usize >= budget {
+            format!("budget {}/{budget} in use", status.in_progress)
+        } else {
+            "next in line".into()
+        }
+    }
+}
+
+/// The rows for `nodes`, with `leases` (baton's reboot Leases); waiting nodes wait for
+/// `waiting_for`.
+pub fn lines(nodes: &[&Node], leases: &[Lease], waiting_for: &str) -> Vec<NodeLine> {
     let held: BTreeMap<String, Option<Timestamp>> = leases
         .iter()
         .filter_map(|l| {
@@ -49,33 +170,31 @@ pub fn lines(nodes: &[&Node], leases: &[Lease], now: Timestamp) -> Vec<NodeLine>
         .iter()
         .map(|n| {
             let m = NodeMarks::read(n);
-            let name = m.name.clone();
-            let shown = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+            let lease = held.get(&m.name).copied();
+            let phase = Phase::of(&NodeView::from_marks(m.clone()), lease.is_some());
             NodeLine {
-                state: shown(m.agent.state.map(|s| s.to_string())),
-                version: shown(m.agent.current_version.map(|v| v.to_string())),
-                target: shown(
-                    m.agent
-                        .target_version
-                        .or(m.desired_version)
-                        .map(|v| v.to_string()),
-                ),
-                lease: match held.get(&name) {
-                    Some(Some(at)) => format!("held {}s", now.duration_since(*at).as_secs().max(0)),
-                    Some(None) => "held".into(),
-                    None => "-".into(),
-                },
-                cordoned: match (m.unschedulable, m.cordoned) {
-                    (true, true) => "baton".into(),
-                    (true, false) => "admin".into(),
-                    (false, _) => "-".into(),
+                phase: phase.to_string(),
+                waiting_for: (phase == Phase::Waiting).then(|| waiting_for.to_string()),
+                agent_state: m.agent.state.map(|s| s.to_string()),
+                version: m.agent.current_version.map(|v| v.to_string()),
+                target: m
+                    .agent
+                    .target_version
+                    .or(m.desired_version)
+                    .map(|v| v.to_string()),
+                lease_since: lease.flatten(),
+                lease_held: lease.is_some(),
+                cordoned_by: match (m.unschedulable, m.cordoned) {
+                    (true, true) => Some("baton".into()),
+                    (true, false) => Some("admin".into()),
+                    (false, _) => None,
                 },
                 message: m
                     .failure
                     .map(|f| format!("failed: {f}"))
                     .or(m.agent.message)
                     .unwrap_or_default(),
-                name,
+                name: m.name,
             }
         })
         .collect();
@@ -83,7 +202,7 @@ pub fn lines(nodes: &[&Node], leases: &[Lease], now: Timestamp) -> Vec<NodeLine>
     out
 }
 
-/// A progress bar of `done` out of `total`.
+/// A progress bar of `done` out of `total` (`total` > 0).
 pub fn bar(done: u32, total: u32) -> String {
     let filled = (done as usize * BAR)
         .checked_div(total as usize)
@@ -97,7 +216,150 @@ pub fn bar(done: u32, total: u32) -> String {
     )
 }
 
-/// Renders every policy (or only `only`), each with its nodes.
+/// The report on every policy (or only `only`), each with its nodes.
+pub fn report(
+    policies: &[UpdatePolicy],
+    nodes: &[Node],
+    leases: &[Lease],
+    only: Option<&str>,
+    now: Timestamp,
+) -> Report {
+    let mut out: Vec<PolicyReport> = policies
+        .iter()
+        .filter(|p| only.is_none_or(|o| p.name_any() == o))
+        .map(|policy| {
+            let status = policy.status.clone().unwrap_or_default();
+            let problems = status
+                .conditions
+                .iter()
+                .filter(|c| {
+                    c.status == "True"
+                        && [
+                            condition::HALTED,
+                            condition::PAUSED,
+                            condition::INVALID_SPEC,
+                            condition::OVERLAPPING,
+                            condition::GATE_CLOSED,
+                        ]
+                        .contains(&c.type_.as_str())
+                })
+                .map(|c| format!("{}: {}", c.type_, c.message))
+                .collect();
+            let selected: Vec<&Node> =
+                match rollout::selector::Selector::compile(&policy.spec.node_selector) {
+                    Ok(sel) => nodes.iter().filter(|n| sel.matches(n.labels())).collect(),
+                    Err(_) => Vec::new(),
+                };
+            PolicyReport {
+                name: policy.name_any(),
+                nodes: status.nodes,
+                up_to_date: status.up_to_date,
+                in_progress: status.in_progress,
+                waiting: status.waiting,
+                failed: status.failed,
+                window: status.window.clone(),
+                next_window: status.next_window_local.clone(),
+                paused: policy.spec.paused,
+                problems,
+                node_rows: lines(&selected, leases, &waiting_reason(policy)),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Report {
+        api_version: REPORT_VERSION,
+        kind: "Status",
+        time: now,
+        policies: out,
+    }
+}
+
+/// A policy's heading line.
+pub fn heading(p: &PolicyReport) -> String {
+    let window = match (&p.window, &p.next_window) {
+        (Some(w), Some(next)) => format!("{w} (opens {next})"),
+        (Some(w), None) => w.clone(),
+        (None, _) => "-".into(),
+    };
+    if p.node_rows.is_empty() && p.nodes == 0 {
+        return format!(
+            "POLICY {}  no node matches its nodeSelector  window {window}",
+            p.name
+        );
+    }
+    format!(
+        "POLICY {}  {} updated {}/{}  in progress {}  failed {}  window {window}",
+        p.name,
+        bar(p.up_to_date, p.nodes),
+        p.up_to_date,
+        p.nodes,
+        p.in_progress,
+        p.failed,
+    )
+}
+
+/// The header of the node rows.
+pub const HEADER: &str = "NODE                     STATE                          VERSION      TARGET       LEASE      CORDONED  MESSAGE";
+
+/// The column the message starts at in a row.
+const MESSAGE_COLUMN: usize = 2 + 24 + 1 + 30 + 1 + 12 + 1 + 12 + 1 + 10 + 1 + 9 + 1;
+
+/// One node's row at `now`, its message wrapped to `width` columns when given (the
+/// continuation lines start under MESSAGE); a long state widens its column.
+pub fn row(r: &NodeLine, now: Timestamp, width: Option<usize>) -> String {
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let head = format!(
+        "  {:<24} {:<30} {:<12} {:<12} {:<10} {:<9} ",
+        r.name,
+        r.state(),
+        dash(&r.version),
+        dash(&r.target),
+        r.lease(now),
+        dash(&r.cordoned_by),
+    );
+    let room = width
+        .map(|w| w.saturating_sub(head.chars().count().max(MESSAGE_COLUMN)))
+        .filter(|room| *room >= 20);
+    let Some(room) = room else {
+        return format!("{head}{}", r.message).trim_end().to_string();
+    };
+    let lines = textwrap::wrap(&r.message, room);
+    let mut out = head.trim_end().to_string();
+    for (i, line) in lines.iter().enumerate() {
+        if i == 0 {
+            out = format!("{head}{line}");
+        } else {
+            out.push('\n');
+            out.push_str(&" ".repeat(head.chars().count()));
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+/// The report as tables for humans, messages wrapped to `width` when given.
+pub fn table(report: &Report, width: Option<usize>) -> String {
+    let mut out = String::new();
+    for p in &report.policies {
+        let _ = writeln!(out, "{}", heading(p));
+        for problem in &p.problems {
+            let _ = writeln!(out, "  ! {problem}");
+        }
+        if !p.node_rows.is_empty() {
+            let _ = writeln!(out, "  {HEADER}");
+        }
+        for r in &p.node_rows {
+            let _ = writeln!(out, "{}", row(r, report.time, width));
+        }
+        out.push('\n');
+    }
+    if report.policies.is_empty() {
+        out.push_str("no UpdatePolicy yet: nothing is rolled out\n");
+    }
+    out
+}
+
+/// [`report`] then [`table`], unwrapped: the one-shot text.
 pub fn render(
     policies: &[UpdatePolicy],
     nodes: &[Node],
@@ -105,76 +367,7 @@ pub fn render(
     only: Option<&str>,
     now: Timestamp,
 ) -> String {
-    let mut out = String::new();
-    let mut shown = 0;
-    for policy in policies
-        .iter()
-        .filter(|p| only.is_none_or(|o| p.name_any() == o))
-    {
-        shown += 1;
-        let name = policy.name_any();
-        let status = policy.status.clone().unwrap_or_default();
-        let true_conditions: Vec<String> = status
-            .conditions
-            .iter()
-            .filter(|c| {
-                c.status == "True"
-                    && [
-                        condition::HALTED,
-                        condition::PAUSED,
-                        condition::INVALID_SPEC,
-                        condition::OVERLAPPING,
-                        condition::GATE_CLOSED,
-                    ]
-                    .contains(&c.type_.as_str())
-            })
-            .map(|c| format!("{}: {}", c.type_, c.message))
-            .collect();
-        let _ = writeln!(
-            out,
-            "POLICY {name}  {} updated {}/{}  in progress {}  failed {}  window {}",
-            bar(status.up_to_date, status.nodes),
-            status.up_to_date,
-            status.nodes,
-            status.in_progress,
-            status.failed,
-            status.window.as_deref().unwrap_or("-"),
-        );
-        for c in &true_conditions {
-            let _ = writeln!(out, "  ! {c}");
-        }
-        let selected: Vec<&Node> = match Selector::compile(&policy.spec.node_selector) {
-            Ok(sel) => nodes.iter().filter(|n| sel.matches(n.labels())).collect(),
-            Err(_) => Vec::new(),
-        };
-        let rows = lines(&selected, leases, now);
-        let _ = writeln!(
-            out,
-            "  {:<24} {:<15} {:<12} {:<12} {:<10} {:<9} MESSAGE",
-            "NODE", "STATE", "VERSION", "TARGET", "LEASE", "CORDONED"
-        );
-        for r in rows {
-            let _ = writeln!(
-                out,
-                "  {:<24} {:<15} {:<12} {:<12} {:<10} {:<9} {}",
-                r.name,
-                r.state,
-                r.version,
-                r.target,
-                r.lease,
-                r.cordoned,
-                r.message.chars().take(80).collect::<String>()
-            );
-        }
-        out.push('\n');
-    }
-    if shown == 0 {
-        out.push_str(match only {
-            Some(_) => "no such UpdatePolicy\n",
-            None => "no UpdatePolicy yet: nothing is rolled out\n",
-        });
-    }
-    out
+    table(&report(policies, nodes, leases, only, now), None)
 }
 
 #[cfg(test)]
@@ -189,15 +382,16 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn a_rollout_in_progress_reads_at_a_glance() {
-        let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
+    fn policy(status: serde_json::Value) -> UpdatePolicy {
+        serde_json::from_value(serde_json::json!({
             "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "workers"},
             "spec": {"nodeSelector": {"matchLabels": {"pool": "a"}}},
-            "status": {"nodes": 3, "upToDate": 1, "inProgress": 1, "failed": 0, "window": "Always",
-                       "conditions": [{"type": "Halted", "status": "False", "reason": "x", "message": "m", "lastTransitionTime": "2026-11-26T10:00:00Z"}]},
+            "status": status,
         }))
-        .unwrap();
+        .unwrap()
+    }
+
+    fn cluster() -> (Vec<Node>, Lease) {
         let nodes = vec![
             node(
                 "n1",
@@ -206,12 +400,13 @@ mod tests {
             ),
             node(
                 "n2",
-                serde_json::json!({"baton.dev/state": "Rebooting", "baton.dev/current-version": "1.0.0", "baton.dev/target-version": "2.0.0", "baton.dev/cordoned": "true"}),
+                serde_json::json!({"baton.dev/state": "RebootRequired", "baton.dev/reboot-required": "true", "baton.dev/current-version": "1.0.0", "baton.dev/target-version": "2.0.0", "baton.dev/cordoned": "true"}),
                 true,
             ),
             node(
                 "n3",
-                serde_json::json!({"baton.dev/state": "RebootRequired", "baton.dev/desired-version": "2.0.0"}),
+                serde_json::json!({"baton.dev/state": "RebootRequired", "baton.dev/reboot-required": "true", "baton.dev/desired-version": "2.0.0",
+                                   "baton.dev/message": "staged 2.0.0 into USR-B; the reboot waits for a grant from the operator, which decides by window and budget"}),
                 false,
             ),
         ];
@@ -219,34 +414,121 @@ mod tests {
             "metadata": {"name": "baton-reboot-n2"}, "spec": {"holderIdentity": "n2", "acquireTime": "2026-11-26T10:00:00.000000Z"},
         }))
         .unwrap();
+        (nodes, lease)
+    }
+
+    #[test]
+    fn a_rollout_in_progress_reads_at_a_glance_with_combined_states() {
+        let p = policy(
+            serde_json::json!({"nodes": 3, "upToDate": 1, "inProgress": 1, "failed": 0, "window": "Always",
+                       "conditions": [{"type": "Halted", "status": "False", "reason": "x", "message": "m", "lastTransitionTime": "2026-11-26T10:00:00Z"}]}),
+        );
+        let (nodes, lease) = cluster();
         let text = render(
-            &[policy],
+            &[p],
             &nodes,
             &[lease],
             None,
             "2026-11-26T10:00:42Z".parse().unwrap(),
         );
         assert!(text.starts_with("POLICY workers  [##########--------------------]  33% updated 1/3  in progress 1  failed 0  window Always"), "{text}");
-        let n2 = text
-            .lines()
-            .find(|l| l.trim_start().starts_with("n2"))
-            .unwrap();
+        let find = |n: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(n))
+                .unwrap()
+                .to_string()
+        };
+        let n2 = find("n2");
         assert!(
-            n2.contains("Rebooting") && n2.contains("held 42s") && n2.contains("baton"),
-            "{n2}"
+            n2.contains("Draining") && n2.contains("held 42s") && n2.contains("baton"),
+            "a node holding a Lease and cordoned by baton drains, whatever its agent says: {n2}"
         );
-        let n3 = text
-            .lines()
-            .find(|l| l.trim_start().starts_with("n3"))
-            .unwrap();
+        let n3 = find("n3");
         assert!(
-            n3.contains("2.0.0"),
-            "the desired version shows as the target: {n3}"
+            n3.contains("Waiting: budget 1/1 in use") && n3.contains("2.0.0"),
+            "{n3}"
+        );
+        assert!(
+            n3.contains("decides by window and budget"),
+            "messages are not cut when unwrapped: {n3}"
         );
         assert!(
             !text.contains("! Halted"),
             "only true conditions are flagged"
         );
+    }
+
+    #[test]
+    fn a_closed_window_and_a_halt_are_the_reason_to_wait() {
+        let (nodes, _) = cluster();
+        let closed = policy(
+            serde_json::json!({"nodes": 3, "window": "Closed", "nextWindowLocal": "2026-12-05 22:00 Europe/Berlin"}),
+        );
+        let r = report(&[closed], &nodes, &[], None, Timestamp::UNIX_EPOCH);
+        let n3 = &r.policies[0].node_rows[2];
+        assert_eq!(
+            n3.state(),
+            "Waiting: window closed until 2026-12-05 22:00 Europe/Berlin"
+        );
+        assert!(
+            heading(&r.policies[0])
+                .ends_with("window Closed (opens 2026-12-05 22:00 Europe/Berlin)")
+        );
+        let halted = policy(serde_json::json!({"nodes": 3, "window": "Open",
+            "conditions": [{"type": "Halted", "status": "True", "reason": "NodeFailed", "message": "n9 failed", "lastTransitionTime": "2026-11-26T10:00:00Z"}]}));
+        let r = report(&[halted], &nodes, &[], None, Timestamp::UNIX_EPOCH);
+        assert_eq!(
+            r.policies[0].node_rows[2].state(),
+            "Waiting: pool halted (kubectl baton retry)"
+        );
+        assert_eq!(r.policies[0].problems, ["Halted: n9 failed"]);
+    }
+
+    #[test]
+    fn long_messages_wrap_under_their_column() {
+        let (nodes, lease) = cluster();
+        let p = policy(serde_json::json!({"nodes": 3, "window": "Always"}));
+        let r = report(&[p], &nodes, &[lease], None, Timestamp::UNIX_EPOCH);
+        let text = row(&r.policies[0].node_rows[2], r.time, Some(140));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.len() > 1, "{text}");
+        for l in &lines {
+            assert!(l.chars().count() <= 140, "{l:?}");
+        }
+        assert!(lines[1].starts_with(&" ".repeat(MESSAGE_COLUMN)), "{text}");
+        assert_eq!(
+            lines
+                .iter()
+                .map(|l| l.trim())
+                .collect::<Vec<_>>()
+                .join(" ")
+                .split_once("staged")
+                .map(|(_, m)| m.to_string()),
+            Some(" 2.0.0 into USR-B; the reboot waits for a grant from the operator, which decides by window and budget".to_string())
+        );
+    }
+
+    #[test]
+    fn an_empty_pool_says_so_instead_of_a_full_bar() {
+        let p = policy(serde_json::json!({"nodes": 0, "window": "Always"}));
+        let text = render(&[p], &[], &[], None, Timestamp::UNIX_EPOCH);
+        assert!(
+            text.starts_with("POLICY workers  no node matches its nodeSelector  window Always"),
+            "{text}"
+        );
+        assert!(!text.contains("100%"), "{text}");
+    }
+
+    #[test]
+    fn the_report_is_json_with_a_version() {
+        let (nodes, lease) = cluster();
+        let p = policy(serde_json::json!({"nodes": 3, "window": "Always"}));
+        let r = report(&[p], &nodes, &[lease], None, Timestamp::UNIX_EPOCH);
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["apiVersion"], REPORT_VERSION);
+        assert_eq!(v["policies"][0]["nodeRows"][1]["phase"], "Draining");
+        assert_eq!(v["policies"][0]["nodeRows"][1]["leaseHeld"], true);
+        assert_eq!(v["policies"][0]["nodeRows"][1]["cordonedBy"], "baton");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+use rollout::phase::Phase;
 
 /// Labels naming a policy.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,6 +58,8 @@ pub struct Metrics {
     pub build_info: Family<BuildLabels, Gauge>,
     /// Nodes by state, per policy.
     pub nodes: Family<StateLabels, Gauge>,
+    /// Nodes by combined phase (`rollout::phase::Phase`), per policy.
+    pub node_state: Family<StateLabels, Gauge>,
     /// Reboot leases held, per policy.
     pub leases: Family<PolicyLabels, Gauge>,
     /// 1 while a policy's maintenance window is open.
@@ -89,6 +92,7 @@ impl Default for Metrics {
         let m = Metrics {
             build_info: Family::default(),
             nodes: Family::default(),
+            node_state: Family::default(),
             leases: Family::default(),
             window_open: Family::default(),
             next_window: Family::default(),
@@ -128,6 +132,11 @@ impl Default for Metrics {
             });
         }
         registry.register("nodes", "Nodes by rollout state", m.nodes.clone());
+        registry.register(
+            "node_state",
+            "Nodes by combined phase (operator and agent), as kubectl baton status shows them",
+            m.node_state.clone(),
+        );
         registry.register("leases_held", "Reboot leases held", m.leases.clone());
         registry.register(
             "window_open",
@@ -223,6 +232,24 @@ impl Metrics {
             .set(plan.gate.is_some().into());
     }
 
+    /// Records how many of a policy's nodes are in each phase (every phase, 0 included,
+    /// so that a phase emptied is seen as 0 and not as a stale count).
+    pub fn observe_phases(&self, policy: &str, nodes: &[rollout::NodeView], holders: &[String]) {
+        let mut counts = std::collections::BTreeMap::new();
+        for node in nodes {
+            let phase = Phase::of(node, holders.contains(&node.name));
+            *counts.entry(phase).or_insert(0i64) += 1;
+        }
+        for phase in Phase::ALL {
+            self.node_state
+                .get_or_create(&StateLabels {
+                    policy: policy.into(),
+                    state: phase.as_str().into(),
+                })
+                .set(counts.get(&phase).copied().unwrap_or(0));
+        }
+    }
+
     /// Removes every series of `policy` (it is deleted): an alert on a deleted
     /// policy's last value would otherwise fire forever.
     pub fn forget(&self, policy: &str) {
@@ -230,6 +257,12 @@ impl Metrics {
             self.nodes.remove(&StateLabels {
                 policy: policy.into(),
                 state: state.into(),
+            });
+        }
+        for phase in Phase::ALL {
+            self.node_state.remove(&StateLabels {
+                policy: policy.into(),
+                state: phase.as_str().into(),
             });
         }
         let labels = PolicyLabels {
@@ -318,11 +351,10 @@ mod tests {
             &serde_json::from_value(serde_json::json!({})).unwrap(),
         )
         .unwrap();
-        metrics.observe(&rollout::decide(
-            &world.snapshot(),
-            &policy,
-            "2026-11-28T03:00:00Z".parse().unwrap(),
-        ));
+        let snapshot = world.snapshot();
+        let plan = rollout::decide(&snapshot, &policy, "2026-11-28T03:00:00Z".parse().unwrap());
+        metrics.observe(&plan);
+        metrics.observe_phases(name, &snapshot.nodes, &plan.holders);
     }
 
     #[tokio::test]
@@ -336,6 +368,8 @@ mod tests {
         let text = get(addr, "/metrics").await;
         for needle in [
             "baton_nodes{policy=\"pool\",state=\"waiting\"} 2",
+            "baton_node_state{policy=\"pool\",state=\"Waiting\"} 2",
+            "baton_node_state{policy=\"pool\",state=\"Failed\"} 0",
             "baton_leases_held{policy=\"pool\"} 1",
             "baton_window_open{policy=\"pool\"} 1",
             "baton_pool_halted{policy=\"pool\"} 0",

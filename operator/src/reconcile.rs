@@ -87,14 +87,17 @@ async fn roll_out<C: Cluster>(
     }
     let plan = decide(&snapshot, rules, now);
     c.metrics().observe(&plan);
+    c.metrics()
+        .observe_phases(&rules.name, &snapshot.nodes, &plan.holders);
     let retry = perform(c, rules, &plan, now).await;
-    let status = status::from_plan(
+    let mut status = status::from_plan(
         &plan,
         rules.paused,
         policy.meta().generation,
         policy.status.as_ref(),
         now,
     );
+    status.next_window_local = status::next_window_local(&plan, &rules.windows, now);
     if policy.status.as_ref() != Some(&status) {
         for (kind, message) in status::raised(policy.status.as_ref(), &status) {
             c.policy_event(policy, EventType::Warning, kind, message)

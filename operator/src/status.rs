@@ -6,7 +6,11 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crds::{UpdatePolicyStatus, policy::condition};
-use rollout::{Plan, policy::SpecError, window::WindowState};
+use rollout::{
+    Plan,
+    policy::SpecError,
+    window::{WindowState, Windows},
+};
 
 /// The status for a valid policy.
 pub fn from_plan(
@@ -141,6 +145,18 @@ pub fn from_plan(
             WindowState::Closed { opens: Some(t) } => Some(Time(t)),
             _ => None,
         },
+        next_window_local: None,
+    }
+}
+
+/// `status.nextWindowLocal`: while the windows are closed, when the next one opens, in
+/// its own time zone (`2026-12-05 22:00 Europe/Berlin`).
+pub fn next_window_local(plan: &Plan, windows: &Windows, now: Timestamp) -> Option<String> {
+    match plan.window {
+        WindowState::Closed { opens: Some(_) } => windows
+            .next_opening(now)
+            .map(|at| at.strftime("%Y-%m-%d %H:%M %Q").to_string()),
+        _ => None,
     }
 }
 
@@ -248,6 +264,24 @@ mod tests {
     fn plan(world: &World, json: serde_json::Value) -> Plan {
         let policy = Policy::from_spec("pool", &serde_json::from_value(json).unwrap()).unwrap();
         decide(&world.snapshot(), &policy, at("2026-11-28T03:00:00Z"))
+    }
+
+    #[test]
+    fn the_next_window_is_shown_in_its_own_zone_while_closed() {
+        let world = World::requesting(3, 1, "1", "2");
+        let spec = serde_json::json!({"maintenanceWindows": [
+            {"weekdays": ["Sat"], "start": "22:00", "duration": "4h", "timeZone": "Europe/Berlin"}]});
+        let rules = Policy::from_spec("pool", &serde_json::from_value(spec).unwrap()).unwrap();
+        // 2026-11-28 03:00Z is Saturday 04:00 in Berlin: closed until 22:00 local.
+        let now = at("2026-11-28T03:00:00Z");
+        let p = decide(&world.snapshot(), &rules, now);
+        assert_eq!(
+            next_window_local(&p, &rules.windows, now).as_deref(),
+            Some("2026-11-28 22:00 Europe/Berlin")
+        );
+        let open = at("2026-11-28T22:00:00Z");
+        let p = decide(&world.snapshot(), &rules, open);
+        assert_eq!(next_window_local(&p, &rules.windows, open), None);
     }
 
     #[test]

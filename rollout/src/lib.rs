@@ -5,6 +5,7 @@
 //! - [`window`]: maintenance windows (cron or weekdays, IANA zones, DST).
 //! - [`policy`]: a spec parsed and checked once.
 //! - [`snapshot`]: the observed cluster.
+//! - [`phase`]: a node's combined phase (operator and agent), as shown and counted.
 //! - [`decide()`]: the next action for every node, and when to look again.
 //! - [`expectations`]: read-your-writes over the operator's watch caches.
 //! - [`simulate`]: a model cluster driven by `decide`, for `kubectl baton plan` and tests.
@@ -13,6 +14,7 @@
 pub mod alert;
 pub mod decide;
 pub mod expectations;
+pub mod phase;
 pub mod plan;
 pub mod policy;
 pub mod selector;

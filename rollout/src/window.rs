@@ -254,6 +254,16 @@ impl Windows {
         Windows(Vec::new())
     }
 
+    /// The next start of any window after `now`, in the time zone of the window that
+    /// starts then: what `kubectl get upol -o wide` shows as NEXT-WINDOW.
+    pub fn next_opening(&self, now: Timestamp) -> Option<jiff::Zoned> {
+        self.0
+            .iter()
+            .filter_map(|w| Some((w.next_start(now)?, w)))
+            .min_by_key(|(at, _)| *at)
+            .map(|(at, w)| at.to_zoned(w.zone.clone()))
+    }
+
     /// Whether the pool's windows are open at `now`, and until or from when.
     pub fn state(&self, now: Timestamp) -> WindowState {
         if self.0.is_empty() {
@@ -529,6 +539,35 @@ mod tests {
             WindowState::Closed {
                 opens: Some(ts("2026-12-02T12:00:00Z"))
             }
+        );
+    }
+
+    #[test]
+    fn the_next_opening_is_told_in_the_zone_of_the_window_that_opens() {
+        let w = Windows::compile(&[
+            weekly(&[Weekday::Sat], "22:00", "4h", "Europe/Berlin"),
+            weekly(&[Weekday::Sun], "02:00", "2h", "America/New_York"),
+        ])
+        .unwrap();
+        // Tuesday: Berlin's Saturday 22:00 (21:00Z) comes before New York's Sunday.
+        let next = w.next_opening(ts("2026-12-01T12:00:00Z")).unwrap();
+        assert_eq!(
+            next.strftime("%Y-%m-%d %H:%M %Q").to_string(),
+            "2026-12-05 22:00 Europe/Berlin"
+        );
+        assert_eq!(
+            Some(next.timestamp()),
+            w.state(ts("2026-12-01T12:00:00Z")).next_edge()
+        );
+        // Sunday 03:00Z: the next is New York's 02:00 (07:00Z).
+        let next = w.next_opening(ts("2026-12-06T03:00:00Z")).unwrap();
+        assert_eq!(
+            next.strftime("%Y-%m-%d %H:%M %Q").to_string(),
+            "2026-12-06 02:00 America/New_York"
+        );
+        assert_eq!(
+            Windows::always().next_opening(ts("2026-12-01T12:00:00Z")),
+            None
         );
     }
 
