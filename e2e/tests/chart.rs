@@ -86,7 +86,8 @@ fn the_chart_lints_and_renders_for_every_backend_with_and_without_a_service_moni
         for monitor in [false, true] {
             let b = format!("agent.backend={backend}");
             let m = format!("metrics.serviceMonitor.enabled={monitor}");
-            let mut sets = vec![b.clone(), m.clone()];
+            let r = format!("metrics.prometheusRule.enabled={monitor}");
+            let mut sets = vec![b.clone(), m.clone(), r];
             sets.extend(AB.iter().map(|s| s.to_string()));
             let mut lint = vec!["lint", chart, "--strict"];
             for s in &sets {
@@ -104,6 +105,7 @@ fn the_chart_lints_and_renders_for_every_backend_with_and_without_a_service_moni
                 monitor,
                 "{backend} monitor={monitor}"
             );
+            assert_eq!(find(&docs, "PrometheusRule").is_some(), monitor);
             let ds = find(&docs, "DaemonSet").unwrap();
             let pod = &ds["spec"]["template"]["spec"];
             let args: Vec<&str> = pod["containers"][0]["args"]
@@ -889,4 +891,138 @@ async fn the_installed_charts_service_accounts_can_roll_nodes_and_the_agent_can_
         }
         other => panic!("the agent evicted a pod: {other:?}"),
     }
+}
+
+/// The chart's example alerts (`metrics.prometheusRule`), rendered by helm with the
+/// defaults, under `promtool test rules` from Debian's prometheus package: each alert
+/// fires when it should, with its labels and words, and stays quiet otherwise
+/// (e2e/alerts/baton.test.yaml).
+#[test]
+fn the_example_alerts_pass_promtool_test_rules() {
+    assert!(
+        find(&template(&[]), "PrometheusRule").is_none(),
+        "off unless asked for"
+    );
+    let docs = template(&[
+        "metrics.prometheusRule.enabled=true",
+        "metrics.prometheusRule.labels.release=prom",
+    ]);
+    let rule = find(&docs, "PrometheusRule").unwrap();
+    assert_eq!(rule["metadata"]["labels"]["release"], "prom");
+    let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["alert"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        alerts,
+        [
+            "BatonPoolHalted",
+            "BatonNodeFailed",
+            "BatonRolloutStuck",
+            "BatonReconcileErrors",
+            "BatonNoLeader"
+        ]
+    );
+    harness::packages::ensure().unwrap();
+    let promtool = harness::packages::find("promtool").expect("promtool ships with prometheus");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        serde_yaml_ng::to_string(&rule["spec"]).unwrap(),
+    )
+    .unwrap();
+    let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("alerts/baton.test.yaml");
+    std::fs::copy(&tests, dir.path().join("baton.test.yaml")).unwrap();
+    let check = std::process::Command::new(&promtool)
+        .args(["check", "rules", "rules.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "promtool check rules:\n{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let out = std::process::Command::new(&promtool)
+        .args(["test", "rules", "baton.test.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("[alerts] promtool test rules:\n{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("SUCCESS"), "{text}");
+}
+
+/// The Grafana dashboard: a cluster variable that every query filters by, the panels an
+/// SRE looks for first, and queries that parse (each as a recording rule under
+/// `promtool check rules`, the dashboard's variables replaced).
+#[test]
+fn the_dashboard_filters_by_cluster_and_its_queries_parse() {
+    let docs = template(&["dashboard.enabled=true"]);
+    let dashboard: serde_json::Value = serde_json::from_str(
+        find(&docs, "ConfigMap").unwrap()["data"]["baton.json"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(variables, ["datasource", "cluster", "policy"]);
+    let panels = dashboard["panels"].as_array().unwrap();
+    let titles: Vec<&str> = panels
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    for want in [
+        "Rollout progress (updated / selected)",
+        "Failed nodes",
+        "Next window opens",
+        "Nodes by phase",
+    ] {
+        assert!(titles.contains(&want), "{want} missing from {titles:?}");
+    }
+    let exprs: Vec<String> = panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        assert!(e.contains("cluster=~\"$cluster\""), "{e}");
+        let concrete = e
+            .replace("$cluster", ".*")
+            .replace("$policy", ".*")
+            .replace("$__rate_interval", "5m");
+        rules.push_str(&format!(
+            "      - record: dashboard_query_{i}\n        expr: {}\n",
+            serde_json::to_string(&concrete).unwrap()
+        ));
+    }
+    harness::packages::ensure().unwrap();
+    let promtool = harness::packages::find("promtool").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dashboard.yaml"), rules).unwrap();
+    let out = std::process::Command::new(&promtool)
+        .args(["check", "rules", "dashboard.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
