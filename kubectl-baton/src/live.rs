@@ -173,7 +173,10 @@ impl Screen {
                     format!(
                         "{}/{}",
                         p.name,
-                        status::row(&stable, report.time, None).trim_start()
+                        status::row(&stable, report.time, None, 0)
+                            .split_whitespace()
+                            .collect::<Vec<_>>()
+                            .join(" ")
                     ),
                 );
             }

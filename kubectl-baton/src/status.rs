@@ -137,10 +137,8 @@ fn waiting_reason(policy: &UpdatePolicy) -> String {
     } else if is_true(condition::GATE_CLOSED) {
         "alert gate closed".into()
     } else if status.window.as_deref() == Some("Closed") {
-        match &status.next_window_local {
-            Some(at) => format!("window closed until {at}"),
-            None => "window closed".into(),
-        }
+        // When it opens is on the policy's line (and in `nextWindow`).
+        "window closed".into()
     } else {
         let budget = Policy::from_spec(&policy.name_any(), &policy.spec)
             .map(|p| p.budget.resolve(status.nodes as usize))
@@ -298,18 +296,29 @@ pub fn heading(p: &PolicyReport) -> String {
     )
 }
 
-/// The header of the node rows.
-pub const HEADER: &str = "NODE                     STATE                          VERSION      TARGET       LEASE      CORDONED  MESSAGE";
+/// The STATE column's width: its longest state, at least as wide as `Releasing`.
+pub fn state_width(rows: &[NodeLine]) -> usize {
+    rows.iter()
+        .map(|r| r.state().chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(10)
+}
 
-/// The column the message starts at in a row.
-const MESSAGE_COLUMN: usize = 2 + 24 + 1 + 30 + 1 + 12 + 1 + 12 + 1 + 10 + 1 + 9 + 1;
+/// The header of the node rows, for a STATE column `state_width` wide.
+pub fn header(state_width: usize) -> String {
+    format!(
+        "  {:<24} {:<state_width$} {:<12} {:<12} {:<10} {:<9} MESSAGE",
+        "NODE", "STATE", "VERSION", "TARGET", "LEASE", "CORDONED"
+    )
+}
 
-/// One node's row at `now`, its message wrapped to `width` columns when given (the
-/// continuation lines start under MESSAGE); a long state widens its column.
-pub fn row(r: &NodeLine, now: Timestamp, width: Option<usize>) -> String {
+/// One node's row at `now` with a STATE column `state_width` wide, its message
+/// wrapped to `width` columns when given (the continuation lines start under MESSAGE).
+pub fn row(r: &NodeLine, now: Timestamp, width: Option<usize>, state_width: usize) -> String {
     let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let head = format!(
-        "  {:<24} {:<30} {:<12} {:<12} {:<10} {:<9} ",
+        "  {:<24} {:<state_width$} {:<12} {:<12} {:<10} {:<9} ",
         r.name,
         r.state(),
         dash(&r.version),
@@ -317,22 +326,25 @@ pub fn row(r: &NodeLine, now: Timestamp, width: Option<usize>) -> String {
         r.lease(now),
         dash(&r.cordoned_by),
     );
+    let indent = head.chars().count();
     let room = width
-        .map(|w| w.saturating_sub(head.chars().count().max(MESSAGE_COLUMN)))
+        .map(|w| w.saturating_sub(indent))
         .filter(|room| *room >= 20);
     let Some(room) = room else {
         return format!("{head}{}", r.message).trim_end().to_string();
     };
-    let lines = textwrap::wrap(&r.message, room);
-    let mut out = head.trim_end().to_string();
-    for (i, line) in lines.iter().enumerate() {
+    let mut out = String::new();
+    for (i, line) in textwrap::wrap(&r.message, room).iter().enumerate() {
         if i == 0 {
-            out = format!("{head}{line}");
+            out.push_str(&head);
         } else {
             out.push('\n');
-            out.push_str(&" ".repeat(head.chars().count()));
-            out.push_str(line);
+            out.push_str(&" ".repeat(indent));
         }
+        out.push_str(line);
+    }
+    if out.is_empty() {
+        out = head.trim_end().to_string();
     }
     out
 }
@@ -345,11 +357,12 @@ pub fn table(report: &Report, width: Option<usize>) -> String {
         for problem in &p.problems {
             let _ = writeln!(out, "  ! {problem}");
         }
+        let state_width = state_width(&p.node_rows);
         if !p.node_rows.is_empty() {
-            let _ = writeln!(out, "  {HEADER}");
+            let _ = writeln!(out, "{}", header(state_width));
         }
         for r in &p.node_rows {
-            let _ = writeln!(out, "{}", row(r, report.time, width));
+            let _ = writeln!(out, "{}", row(r, report.time, width, state_width));
         }
         out.push('\n');
     }
@@ -466,10 +479,7 @@ mod tests {
         );
         let r = report(&[closed], &nodes, &[], None, Timestamp::UNIX_EPOCH);
         let n3 = &r.policies[0].node_rows[2];
-        assert_eq!(
-            n3.state(),
-            "Waiting: window closed until 2026-12-05 22:00 Europe/Berlin"
-        );
+        assert_eq!(n3.state(), "Waiting: window closed");
         assert!(
             heading(&r.policies[0])
                 .ends_with("window Closed (opens 2026-12-05 22:00 Europe/Berlin)")
@@ -489,13 +499,15 @@ mod tests {
         let (nodes, lease) = cluster();
         let p = policy(serde_json::json!({"nodes": 3, "window": "Always"}));
         let r = report(&[p], &nodes, &[lease], None, Timestamp::UNIX_EPOCH);
-        let text = row(&r.policies[0].node_rows[2], r.time, Some(140));
+        let text = row(&r.policies[0].node_rows[2], r.time, Some(140), 26);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines.len() > 1, "{text}");
         for l in &lines {
             assert!(l.chars().count() <= 140, "{l:?}");
         }
-        assert!(lines[1].starts_with(&" ".repeat(MESSAGE_COLUMN)), "{text}");
+        let column = lines[0].find("staged").unwrap();
+        assert!(lines[1].starts_with(&" ".repeat(column)), "{text}");
+        assert!(!lines[1][column..].starts_with(' '), "{text}");
         assert_eq!(
             lines
                 .iter()
