@@ -990,6 +990,7 @@ fn the_dashboard_filters_by_cluster_and_its_queries_parse() {
         "Failed nodes",
         "Next window opens",
         "Nodes by phase",
+        "Waiting nodes by reason",
     ] {
         assert!(titles.contains(&want), "{want} missing from {titles:?}");
     }

@@ -58,6 +58,18 @@ async fn five_nodes_update_one_at_a_time() {
         "{status:?}"
     );
     assert_eq!(s.events("Done").await.len(), 5);
+    // Each waiting node was told why, once per reason (the budget's holder changing
+    // is the same reason): no Event storm.
+    let waiting = s.events("Waiting").await;
+    eprintln!("[rollout] Waiting Events: {waiting:?}");
+    assert!(!waiting.is_empty() && waiting.len() <= 8, "{waiting:?}");
+    for w in &waiting {
+        let (_, note) = w.split_once(": ").unwrap();
+        assert!(
+            note.starts_with("budget 1/1 in use by kwok-node-"),
+            "the reason from decide, naming the holder: {w}"
+        );
+    }
     let metrics = s.metrics.encode();
     for needle in [
         "baton_nodes{policy=\"pool\",state=\"up_to_date\"} 5",
@@ -717,6 +729,50 @@ async fn overlapping_policies_both_say_so_at_once_and_both_clear_at_once() {
         .unwrap();
     let wide = wide_table(&s.cluster.client()).await;
     eprintln!("[overlap] kubectl get upol -o wide: {wide:?}");
+    // `kubectl baton why` on a node of the paused policy, from the API's objects: the
+    // reason decide gives, at the gate that stops it; and one Waiting Event per reason.
+    let node = s.names[0].clone();
+    let text = why_text(&s, &node).await;
+    eprintln!("[overlap] kubectl baton why {node}:\n{text}");
+    assert!(text.contains("  decision  policy paused\n"), "{text}");
+    let stop: Vec<&str> = text.lines().filter(|l| l.contains("STOP")).collect();
+    assert_eq!(stop.len(), 1, "{text}");
+    assert!(
+        stop[0].contains("policy pause") && stop[0].ends_with("<- the reason"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Goes when: kubectl baton resume <policy>"),
+        "{text}"
+    );
+    s.cluster
+        .wait_for("a Waiting Event saying the policy is paused", || async {
+            s.events("Waiting")
+                .await
+                .iter()
+                .any(|e| e == &format!("{node}: policy paused"))
+        })
+        .await
+        .unwrap();
+    let notes: Vec<String> = s
+        .events("Waiting")
+        .await
+        .into_iter()
+        .filter(|e| e.starts_with(&format!("{node}: ")))
+        .collect();
+    assert_eq!(
+        notes,
+        [format!("{node}: policy paused")],
+        "one Event: the policy was paused throughout, so the reason never changed, \
+         however often the overlap made the operator reconcile"
+    );
+    let metrics = s.metrics.encode();
+    assert!(
+        metrics.contains(&format!(
+            "baton_nodes_waiting{{policy=\"{POLICY}\",reason=\"policy_paused\"}} 3"
+        )),
+        "{metrics}"
+    );
     assert_eq!(wide[POLICY]["Condition"], "Paused", "{wide:?}");
     assert_eq!(wide["night"]["Condition"], "Ready", "{wide:?}");
     assert_eq!(wide["night"]["Window"], "Closed", "{wide:?}");
@@ -768,4 +824,29 @@ async fn wide_table(
             (cells["Name"].clone(), cells)
         })
         .collect()
+}
+
+/// `kubectl baton why <node>` as the plugin computes it, from the API's objects now.
+async fn why_text(s: &Scenario, node: &str) -> String {
+    let policies = s
+        .policies()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    let nodes = list(&s.nodes()).await;
+    let leases: Vec<Lease> = Api::<Lease>::namespaced(s.client.clone(), "baton-system")
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    let blocking = std::collections::BTreeMap::new();
+    let seen = kubectl_baton::why::Observed {
+        policies: &policies,
+        nodes: &nodes,
+        leases: &leases,
+        blocking: &blocking,
+        now: jiff::Timestamp::now(),
+    };
+    kubectl_baton::why::render(node, &seen, None).unwrap()
 }

@@ -6,6 +6,7 @@
 //! - [`live`]: `status -w`, from watches.
 //! - [`output`]: `-o json|yaml`, and a standard output that tolerates a closed pipe.
 //! - [`steer`]: pause, resume and retry.
+//! - [`why`]: why a node is (not) updating, from the real decision core.
 //! - [`error`]: one-line errors and the documented exit codes.
 #![forbid(unsafe_code)]
 
@@ -16,5 +17,6 @@ pub mod output;
 pub mod plan;
 pub mod status;
 pub mod steer;
+pub mod why;
 
 pub use error::Error;

@@ -293,6 +293,7 @@ pub async fn watch(cluster: &Cluster, mut screen: Screen) -> Result<(), Error> {
             &owned(policies.state()),
             &owned(nodes.state()),
             &owned(leases.state()),
+            &BTreeMap::new(),
             screen.only.as_deref(),
             now,
         );
@@ -343,7 +344,14 @@ mod tests {
                 .unwrap()
             })
             .collect();
-        status::report(&[policy], &nodes, &[], None, now.parse().unwrap())
+        status::report(
+            &[policy],
+            &nodes,
+            &[],
+            &BTreeMap::new(),
+            None,
+            now.parse().unwrap(),
+        )
     }
 
     fn at(s: &str) -> Timestamp {

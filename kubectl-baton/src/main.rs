@@ -5,8 +5,11 @@ use std::{collections::BTreeMap, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use jiff::{SignedDuration, Timestamp, tz::TimeZone};
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
-use kube::{Api, api::ListParams};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Node, Pod},
+};
+use kube::{Api, ResourceExt, api::ListParams};
 
 use crds::UpdatePolicy;
 use kubectl_baton::{
@@ -15,7 +18,7 @@ use kubectl_baton::{
     live::{self, Screen},
     output::{self, Format},
     plan::{self, PlanOptions},
-    status, steer,
+    status, steer, why,
 };
 
 /// Exit codes, shown under `--help`.
@@ -49,6 +52,12 @@ enum Command {
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
+    },
+    /// Why a node is (or is not) updating: its policy, the operator's decision, every
+    /// gate in order with what it saw, what would let it go and the predicted start.
+    Why {
+        /// The node.
+        node: String,
     },
     /// Pause a policy (nothing new starts; nodes in flight finish) or, with --node, a node.
     Pause(Target),
@@ -237,6 +246,38 @@ async fn snapshot(c: &Cluster) -> Result<(Vec<UpdatePolicy>, Vec<Node>, Vec<Leas
     .await
 }
 
+/// The running pods that block a reboot (`health.blockingPodSelectors` of every valid
+/// policy), by node: the same list the operator makes, so that `status` and `why`
+/// name the pod. One list per selector; none when no policy has selectors.
+async fn blocking_pods(
+    c: &Cluster,
+    policies: &[UpdatePolicy],
+) -> Result<BTreeMap<String, String>, Error> {
+    let mut out = BTreeMap::new();
+    for policy in policies {
+        let Ok(rules) = rollout::Policy::from_spec(&policy.name_any(), &policy.spec) else {
+            continue;
+        };
+        for selector in &rules.blocking_pod_selectors {
+            let params = ListParams::default()
+                .labels(&selector.to_query())
+                .fields("status.phase=Running");
+            for pod in Api::<Pod>::all(c.client.clone()).list(&params).await?.items {
+                if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+                    out.entry(node).or_insert_with(|| {
+                        format!(
+                            "pod {}/{}",
+                            pod.namespace().unwrap_or_default(),
+                            pod.name_any()
+                        )
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The terminal's width: `$COLUMNS`, else the terminal's, else none (no wrapping).
 fn width() -> Option<usize> {
     std::env::var("COLUMNS")
@@ -260,7 +301,8 @@ async fn run_status(
         return Ok(String::new());
     }
     let (p, n, l) = snapshot(c).await?;
-    let report = status::report(&p, &n, &l, policy.as_deref(), Timestamp::now());
+    let blocking = c.bounded(blocking_pods(c, &p)).await?;
+    let report = status::report(&p, &n, &l, &blocking, policy.as_deref(), Timestamp::now());
     if let (Some(name), true) = (&policy, report.policies.is_empty()) {
         return Err(Error::NotFound {
             kind: "updatepolicy",
@@ -271,6 +313,45 @@ async fn run_status(
         Some(text) => text,
         None => status::table(&report, width().filter(|_| terminal)),
     })
+}
+
+async fn run_why(session: &mut Session, node: String) -> Result<String, Error> {
+    let c = session.cluster().await?;
+    let (p, n, l) = snapshot(c).await?;
+    let blocking = c.bounded(blocking_pods(c, &p)).await?;
+    let now = Timestamp::now();
+    // The start `plan` predicts, from the nodes that still need the update.
+    let predicted = n
+        .iter()
+        .find(|x| x.name_any() == node)
+        .and_then(|x| why::policies_of(x, &p).first().copied().cloned())
+        .and_then(|policy| {
+            let pending: Vec<Node> = n
+                .iter()
+                .filter(|x| {
+                    crds::node::NodeMarks::read(x).agent.state != Some(crds::AgentState::Done)
+                })
+                .cloned()
+                .collect();
+            let opts = PlanOptions {
+                start: now,
+                horizon: SignedDuration::from_hours(24 * 30),
+                reboot_time: SignedDuration::from_mins(10),
+                node_reboot_times: BTreeMap::new(),
+                time_zone: TimeZone::UTC,
+                operator_node: None,
+            };
+            plan::simulate(&policy, &pending, &opts).ok()
+        })
+        .and_then(|report| report.rows.into_iter().find(|r| r.node == node)?.start);
+    let seen = why::Observed {
+        policies: &p,
+        nodes: &n,
+        leases: &l,
+        blocking: &blocking,
+        now,
+    };
+    why::render(&node, &seen, predicted)
 }
 
 async fn run_pause(session: &mut Session, target: Target, paused: bool) -> Result<String, Error> {
@@ -326,6 +407,7 @@ async fn main() -> ExitCode {
             watch,
             output,
         } => run_status(&mut session, policy, watch, output).await,
+        Command::Why { node } => run_why(&mut session, node).await,
         Command::Pause(t) => run_pause(&mut session, t, true).await,
         Command::Resume(t) => run_pause(&mut session, t, false).await,
         Command::Retry(t) => run_retry(&mut session, t).await,

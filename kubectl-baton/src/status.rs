@@ -13,7 +13,7 @@ use kube::ResourceExt;
 use serde::Serialize;
 
 use crds::{UpdatePolicy, node::NodeMarks, policy::condition};
-use rollout::{NodeView, Policy, phase::Phase};
+use rollout::{Action, NodeView, Policy, Snapshot, phase::Phase, why};
 
 /// The width of the progress bar.
 const BAR: usize = 30;
@@ -117,43 +117,51 @@ impl NodeLine {
     }
 }
 
-/// Why nodes of a policy that ask for a reboot wait, from its status and spec.
-fn waiting_reason(policy: &UpdatePolicy) -> String {
-    let status = policy.status.clone().unwrap_or_default();
-    let is_true = |t: &str| {
-        status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == t && c.status == "True")
+/// Why each waiting node of `policy` waits, from the real decision core: `decide` over
+/// the same objects the operator reads (`blocking`: node to the pod that blocks it),
+/// at `now`. Node name to (short reason, the reason in words).
+pub fn reasons(
+    policy: &UpdatePolicy,
+    policies: &[UpdatePolicy],
+    nodes: &[Node],
+    leases: &[Lease],
+    blocking: &BTreeMap<String, String>,
+    now: Timestamp,
+) -> BTreeMap<String, (String, String)> {
+    let Ok(rules) = Policy::from_spec(&policy.name_any(), &policy.spec) else {
+        return BTreeMap::new();
     };
-    if is_true(condition::HALTED) {
-        "pool halted (kubectl baton retry)".into()
-    } else if policy.spec.paused || is_true(condition::PAUSED) {
-        "policy paused".into()
-    } else if is_true(condition::INVALID_SPEC) {
-        "invalid spec".into()
-    } else if is_true(condition::OVERLAPPING) {
-        "overlapping policies".into()
-    } else if is_true(condition::GATE_CLOSED) {
-        "alert gate closed".into()
-    } else if status.window.as_deref() == Some("Closed") {
-        // When it opens is on the policy's line (and in `nextWindow`).
-        "window closed".into()
-    } else {
-        let budget = Policy::from_spec(&policy.name_any(), &policy.spec)
-            .map(|p| p.budget.resolve(status.nodes as usize))
-            .unwrap_or(1);
-        if status.in_progress as usize >= budget {
-            format!("budget {}/{budget} in use", status.in_progress)
-        } else {
-            "next in line".into()
-        }
-    }
+    let (mut snapshot, _) = Snapshot::from_objects(nodes, leases, policies, &rules.name, None);
+    // The alert gate is the operator's to query; it reports it as a condition.
+    snapshot.gate = policy.status.as_ref().and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == condition::GATE_CLOSED && c.status == "True")
+            .map(|c| c.message.clone())
+    });
+    snapshot.mark_blocked(blocking);
+    let plan = rollout::decide(&snapshot, &rules, now);
+    plan.nodes
+        .iter()
+        .filter_map(|n| {
+            let short = match &n.action {
+                Action::Skip(skip) if why::is_waiting(skip) => why::label(skip).replace('_', " "),
+                a if a.is_grant() => "next in line".to_string(),
+                _ => return None,
+            };
+            let words = why::action(&n.node, &plan, &rules, now).unwrap_or_default();
+            Some((n.node.clone(), (short, words)))
+        })
+        .collect()
 }
 
 /// The rows for `nodes`, with `leases` (baton's reboot Leases); waiting nodes wait for
 /// `waiting_for`.
-pub fn lines(nodes: &[&Node], leases: &[Lease], waiting_for: &str) -> Vec<NodeLine> {
+pub fn lines(
+    nodes: &[&Node],
+    leases: &[Lease],
+    reasons: &BTreeMap<String, (String, String)>,
+) -> Vec<NodeLine> {
     let held: BTreeMap<String, Option<Timestamp>> = leases
         .iter()
         .filter_map(|l| {
@@ -170,9 +178,14 @@ pub fn lines(nodes: &[&Node], leases: &[Lease], waiting_for: &str) -> Vec<NodeLi
             let m = NodeMarks::read(n);
             let lease = held.get(&m.name).copied();
             let phase = Phase::of(&NodeView::from_marks(m.clone()), lease.is_some());
+            let reason = reasons
+                .get(&m.name)
+                .filter(|_| matches!(phase, Phase::Waiting | Phase::Paused));
             NodeLine {
                 phase: phase.to_string(),
-                waiting_for: (phase == Phase::Waiting).then(|| waiting_for.to_string()),
+                waiting_for: reason
+                    .filter(|_| phase == Phase::Waiting)
+                    .map(|(short, _)| short.clone()),
                 agent_state: m.agent.state.map(|s| s.to_string()),
                 version: m.agent.current_version.map(|v| v.to_string()),
                 target: m
@@ -190,6 +203,7 @@ pub fn lines(nodes: &[&Node], leases: &[Lease], waiting_for: &str) -> Vec<NodeLi
                 message: m
                     .failure
                     .map(|f| format!("failed: {f}"))
+                    .or_else(|| reason.map(|(_, words)| words.clone()))
                     .or(m.agent.message)
                     .unwrap_or_default(),
                 name: m.name,
@@ -215,10 +229,13 @@ pub fn bar(done: u32, total: u32) -> String {
 }
 
 /// The report on every policy (or only `only`), each with its nodes.
+/// `blocking` maps a node to the pod that blocks it (`health.blockingPodSelectors`),
+/// when the caller listed them.
 pub fn report(
     policies: &[UpdatePolicy],
     nodes: &[Node],
     leases: &[Lease],
+    blocking: &BTreeMap<String, String>,
     only: Option<&str>,
     now: Timestamp,
 ) -> Report {
@@ -259,7 +276,11 @@ pub fn report(
                 next_window: status.next_window_local.clone(),
                 paused: policy.spec.paused,
                 problems,
-                node_rows: lines(&selected, leases, &waiting_reason(policy)),
+                node_rows: lines(
+                    &selected,
+                    leases,
+                    &reasons(policy, policies, nodes, leases, blocking, now),
+                ),
             }
         })
         .collect();
@@ -380,7 +401,10 @@ pub fn render(
     only: Option<&str>,
     now: Timestamp,
 ) -> String {
-    table(&report(policies, nodes, leases, only, now), None)
+    table(
+        &report(policies, nodes, leases, &BTreeMap::new(), only, now),
+        None,
+    )
 }
 
 #[cfg(test)]
@@ -391,48 +415,61 @@ mod tests {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "labels": {"pool": "a"}, "annotations": annotations},
             "spec": {"unschedulable": unschedulable},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
         }))
         .unwrap()
     }
 
-    fn policy(status: serde_json::Value) -> UpdatePolicy {
+    fn policy(spec: serde_json::Value, status: serde_json::Value) -> UpdatePolicy {
+        let mut spec = spec;
+        spec["nodeSelector"] = serde_json::json!({"matchLabels": {"pool": "a"}});
         serde_json::from_value(serde_json::json!({
             "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "workers"},
-            "spec": {"nodeSelector": {"matchLabels": {"pool": "a"}}},
-            "status": status,
+            "spec": spec, "status": status,
         }))
         .unwrap()
     }
 
+    /// n1 done, n2 granted and draining, n3 waiting for a reboot.
     fn cluster() -> (Vec<Node>, Lease) {
         let nodes = vec![
             node(
                 "n1",
-                serde_json::json!({"baton.dev/state": "Done", "baton.dev/current-version": "2.0.0"}),
+                serde_json::json!({"baton.dev/state": "Done", "baton.dev/current-version": "2.0.0", "baton.dev/boot-id": "a1"}),
                 false,
             ),
             node(
                 "n2",
-                serde_json::json!({"baton.dev/state": "RebootRequired", "baton.dev/reboot-required": "true", "baton.dev/current-version": "1.0.0", "baton.dev/target-version": "2.0.0", "baton.dev/cordoned": "true"}),
+                serde_json::json!({"baton.dev/state": "RebootRequired", "baton.dev/reboot-required": "true", "baton.dev/boot-id": "b2",
+                                   "baton.dev/current-version": "1.0.0", "baton.dev/target-version": "2.0.0", "baton.dev/cordoned": "true",
+                                   "baton.dev/message": "staged 2.0.0 into USR-B; the reboot waits for a grant from the operator, which decides by window and budget"}),
                 true,
             ),
             node(
                 "n3",
-                serde_json::json!({"baton.dev/state": "RebootRequired", "baton.dev/reboot-required": "true", "baton.dev/desired-version": "2.0.0",
-                                   "baton.dev/message": "staged 2.0.0 into USR-B; the reboot waits for a grant from the operator, which decides by window and budget"}),
+                serde_json::json!({"baton.dev/state": "RebootRequired", "baton.dev/reboot-required": "true", "baton.dev/boot-id": "c3",
+                                   "baton.dev/current-version": "1.0.0", "baton.dev/desired-version": "2.0.0"}),
                 false,
             ),
         ];
         let lease: Lease = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "baton-reboot-n2"}, "spec": {"holderIdentity": "n2", "acquireTime": "2026-11-26T10:00:00.000000Z"},
+            "metadata": {"name": "baton-reboot-n2", "annotations": {"baton.dev/policy": "workers", "baton.dev/granted-boot-id": "b2"}},
+            "spec": {"holderIdentity": "n2", "acquireTime": "2026-11-26T10:00:00.000000Z"},
         }))
         .unwrap();
         (nodes, lease)
     }
 
+    fn row_of<'a>(text: &'a str, node: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(node))
+            .unwrap()
+    }
+
     #[test]
-    fn a_rollout_in_progress_reads_at_a_glance_with_combined_states() {
+    fn a_rollout_in_progress_reads_at_a_glance_with_the_deciding_reasons() {
         let p = policy(
+            serde_json::json!({}),
             serde_json::json!({"nodes": 3, "upToDate": 1, "inProgress": 1, "failed": 0, "window": "Always",
                        "conditions": [{"type": "Halted", "status": "False", "reason": "x", "message": "m", "lastTransitionTime": "2026-11-26T10:00:00Z"}]}),
         );
@@ -445,25 +482,19 @@ mod tests {
             "2026-11-26T10:00:42Z".parse().unwrap(),
         );
         assert!(text.starts_with("POLICY workers  [##########--------------------]  33% updated 1/3  in progress 1  failed 0  window Always"), "{text}");
-        let find = |n: &str| {
-            text.lines()
-                .find(|l| l.trim_start().starts_with(n))
-                .unwrap()
-                .to_string()
-        };
-        let n2 = find("n2");
+        let n2 = row_of(&text, "n2");
         assert!(
             n2.contains("Draining") && n2.contains("held 42s") && n2.contains("baton"),
             "a node holding a Lease and cordoned by baton drains, whatever its agent says: {n2}"
         );
-        let n3 = find("n3");
         assert!(
-            n3.contains("Waiting: budget 1/1 in use") && n3.contains("2.0.0"),
-            "{n3}"
+            n2.contains("decides by window and budget"),
+            "messages are not cut when unwrapped: {n2}"
         );
+        let n3 = row_of(&text, "n3");
         assert!(
-            n3.contains("decides by window and budget"),
-            "messages are not cut when unwrapped: {n3}"
+            n3.contains("Waiting: budget") && n3.contains("budget 1/1 in use by n2"),
+            "the reason from decide, naming the holder: {n3}"
         );
         assert!(
             !text.contains("! Halted"),
@@ -472,34 +503,80 @@ mod tests {
     }
 
     #[test]
-    fn a_closed_window_and_a_halt_are_the_reason_to_wait() {
-        let (nodes, _) = cluster();
+    fn a_closed_window_and_a_halt_are_the_reasons_decide_gives() {
+        let (mut nodes, _) = cluster();
+        let windows = serde_json::json!({"maintenanceWindows": [
+            {"weekdays": ["Sat"], "start": "02:00", "duration": "4h", "timeZone": "Europe/Berlin"}]});
         let closed = policy(
-            serde_json::json!({"nodes": 3, "window": "Closed", "nextWindowLocal": "2026-12-05 22:00 Europe/Berlin"}),
+            windows,
+            serde_json::json!({"nodes": 3, "window": "Closed", "nextWindowLocal": "2026-12-05 02:00 Europe/Berlin"}),
         );
-        let r = report(&[closed], &nodes, &[], None, Timestamp::UNIX_EPOCH);
+        let now: Timestamp = "2026-12-01T09:00:00Z".parse().unwrap();
+        let r = report(&[closed], &nodes, &[], &BTreeMap::new(), None, now);
         let n3 = &r.policies[0].node_rows[2];
-        assert_eq!(n3.state(), "Waiting: window closed");
+        assert_eq!(n3.state(), "Waiting: outside window");
+        assert_eq!(
+            n3.message,
+            "outside the window; next opens Sat 2026-12-05 02:00 Europe/Berlin (in 3d 16h)"
+        );
         assert!(
             heading(&r.policies[0])
-                .ends_with("window Closed (opens 2026-12-05 22:00 Europe/Berlin)")
+                .ends_with("window Closed (opens 2026-12-05 02:00 Europe/Berlin)")
         );
-        let halted = policy(serde_json::json!({"nodes": 3, "window": "Open",
-            "conditions": [{"type": "Halted", "status": "True", "reason": "NodeFailed", "message": "n9 failed", "lastTransitionTime": "2026-11-26T10:00:00Z"}]}));
-        let r = report(&[halted], &nodes, &[], None, Timestamp::UNIX_EPOCH);
-        assert_eq!(
-            r.policies[0].node_rows[2].state(),
-            "Waiting: pool halted (kubectl baton retry)"
+
+        nodes.push(node(
+            "n4",
+            serde_json::json!({"baton.dev/state": "RolledBack", "baton.dev/boot-id": "d4", "baton.dev/failure": "booted the old slot"}),
+            true,
+        ));
+        let halted = policy(
+            serde_json::json!({}),
+            serde_json::json!({"nodes": 4, "window": "Always",
+            "conditions": [{"type": "Halted", "status": "True", "reason": "NodeFailed", "message": "n4 failed", "lastTransitionTime": "2026-11-26T10:00:00Z"}]}),
         );
-        assert_eq!(r.policies[0].problems, ["Halted: n9 failed"]);
+        let r = report(&[halted], &nodes, &[], &BTreeMap::new(), None, now);
+        let n3 = &r.policies[0].node_rows[2];
+        assert_eq!(n3.state(), "Waiting: halted");
+        assert!(
+            n3.message.starts_with("pool halted: ")
+                && n3.message.ends_with("(kubectl baton retry)"),
+            "{}",
+            n3.message
+        );
+        assert_eq!(r.policies[0].problems, ["Halted: n4 failed"]);
+        assert_eq!(r.policies[0].node_rows[3].phase, "Failed");
+    }
+
+    #[test]
+    fn a_blocking_pod_is_named() {
+        let (nodes, _) = cluster();
+        let p = policy(
+            serde_json::json!({"health": {"blockingPodSelectors": [{"matchLabels": {"app": "db"}}]}}),
+            serde_json::json!({"nodes": 3}),
+        );
+        let blocking = BTreeMap::from([("n3".to_string(), "pod backup/db-0".to_string())]);
+        let r = report(&[p], &nodes, &[], &blocking, None, Timestamp::UNIX_EPOCH);
+        let n3 = &r.policies[0].node_rows[2];
+        assert_eq!(n3.state(), "Waiting: blocked");
+        assert_eq!(n3.message, "blocked by pod backup/db-0");
     }
 
     #[test]
     fn long_messages_wrap_under_their_column() {
         let (nodes, lease) = cluster();
-        let p = policy(serde_json::json!({"nodes": 3, "window": "Always"}));
-        let r = report(&[p], &nodes, &[lease], None, Timestamp::UNIX_EPOCH);
-        let text = row(&r.policies[0].node_rows[2], r.time, Some(140), 26);
+        let p = policy(
+            serde_json::json!({}),
+            serde_json::json!({"nodes": 3, "window": "Always"}),
+        );
+        let r = report(
+            &[p],
+            &nodes,
+            &[lease],
+            &BTreeMap::new(),
+            None,
+            Timestamp::UNIX_EPOCH,
+        );
+        let text = row(&r.policies[0].node_rows[1], r.time, Some(140), 26);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines.len() > 1, "{text}");
         for l in &lines {
@@ -522,7 +599,10 @@ mod tests {
 
     #[test]
     fn an_empty_pool_says_so_instead_of_a_full_bar() {
-        let p = policy(serde_json::json!({"nodes": 0, "window": "Always"}));
+        let p = policy(
+            serde_json::json!({}),
+            serde_json::json!({"nodes": 0, "window": "Always"}),
+        );
         let text = render(&[p], &[], &[], None, Timestamp::UNIX_EPOCH);
         assert!(
             text.starts_with("POLICY workers  no node matches its nodeSelector  window Always"),
@@ -534,13 +614,61 @@ mod tests {
     #[test]
     fn the_report_is_json_with_a_version() {
         let (nodes, lease) = cluster();
-        let p = policy(serde_json::json!({"nodes": 3, "window": "Always"}));
-        let r = report(&[p], &nodes, &[lease], None, Timestamp::UNIX_EPOCH);
+        let p = policy(
+            serde_json::json!({}),
+            serde_json::json!({"nodes": 3, "window": "Always"}),
+        );
+        let r = report(
+            &[p],
+            &nodes,
+            &[lease],
+            &BTreeMap::new(),
+            None,
+            Timestamp::UNIX_EPOCH,
+        );
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["apiVersion"], REPORT_VERSION);
         assert_eq!(v["policies"][0]["nodeRows"][1]["phase"], "Draining");
         assert_eq!(v["policies"][0]["nodeRows"][1]["leaseHeld"], true);
         assert_eq!(v["policies"][0]["nodeRows"][1]["cordonedBy"], "baton");
+        assert_eq!(v["policies"][0]["nodeRows"][2]["waitingFor"], "budget");
+    }
+
+    #[test]
+    fn why_walks_the_gates_and_stops_at_decides_reason() {
+        let (nodes, lease) = cluster();
+        let p = policy(serde_json::json!({}), serde_json::json!({"nodes": 3}));
+        let leases = [lease];
+        let seen = crate::why::Observed {
+            policies: std::slice::from_ref(&p),
+            nodes: &nodes,
+            leases: &leases,
+            blocking: &BTreeMap::new(),
+            now: "2026-11-26T10:00:42Z".parse().unwrap(),
+        };
+        let text =
+            crate::why::render("n3", &seen, Some("2026-11-26T10:10:42Z".parse().unwrap())).unwrap();
+        assert!(text.starts_with("node/n3  UpdatePolicy workers\n  phase     Waiting (agent: RebootRequired, 1.0.0 -> 2.0.0)\n  decision  budget 1/1 in use by n2\n"), "{text}");
+        let stop: Vec<&str> = text.lines().filter(|l| l.contains("STOP")).collect();
+        assert_eq!(stop.len(), 1, "{text}");
+        assert!(
+            stop[0].contains("budget") && stop[0].ends_with("<- the reason"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Goes when: a node in flight finishing"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Predicted start: 2026-11-26 10:10 UTC (in 10m;"),
+            "{text}"
+        );
+        let text = crate::why::render("n2", &seen, None).unwrap();
+        assert!(text.contains("phase     Draining"), "{text}");
+        assert!(matches!(
+            crate::why::render("nosuch", &seen, None),
+            Err(crate::Error::NotFound { kind: "node", .. })
+        ));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Prometheus metrics, and the small HTTP server for `/metrics`, `/healthz` and
 //! `/readyz`.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use prometheus_client::{
@@ -41,6 +41,15 @@ pub struct EventLabels {
     pub outcome: String,
 }
 
+/// Labels naming a policy and why its nodes wait.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The UpdatePolicy.
+    pub policy: String,
+    /// One of `rollout::why::waiting_labels`.
+    pub reason: String,
+}
+
 /// Labels of `baton_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -60,6 +69,11 @@ pub struct Metrics {
     pub nodes: Family<StateLabels, Gauge>,
     /// Nodes by combined phase (`rollout::phase::Phase`), per policy.
     pub node_state: Family<StateLabels, Gauge>,
+    /// Nodes that wait for a reboot they asked for, by the reason `decide` gave.
+    pub nodes_waiting: Family<ReasonLabels, Gauge>,
+    /// Each waiting node's last reason label, per policy: a node's Event is recorded
+    /// when its reason changes, not at every reconcile.
+    last_waiting: std::sync::Mutex<BTreeMap<String, BTreeMap<String, &'static str>>>,
     /// Reboot leases held, per policy.
     pub leases: Family<PolicyLabels, Gauge>,
     /// 1 while a policy's maintenance window is open.
@@ -93,6 +107,8 @@ impl Default for Metrics {
             build_info: Family::default(),
             nodes: Family::default(),
             node_state: Family::default(),
+            nodes_waiting: Family::default(),
+            last_waiting: std::sync::Mutex::default(),
             leases: Family::default(),
             window_open: Family::default(),
             next_window: Family::default(),
@@ -132,6 +148,11 @@ impl Default for Metrics {
             });
         }
         registry.register("nodes", "Nodes by rollout state", m.nodes.clone());
+        registry.register(
+            "nodes_waiting",
+            "Nodes that wait for a reboot they asked for, by the reason the decision core gave (kubectl baton why)",
+            m.nodes_waiting.clone(),
+        );
         registry.register(
             "node_state",
             "Nodes by combined phase (operator and agent), as kubectl baton status shows them",
@@ -250,6 +271,32 @@ impl Metrics {
         }
     }
 
+    /// Records why `plan`'s nodes wait (every reason, 0 included) and returns the
+    /// nodes whose reason changed since the last plan of this policy (a node that
+    /// starts waiting included), with the new reason's label.
+    pub fn observe_waiting(&self, plan: &rollout::Plan) -> Vec<(String, &'static str)> {
+        let now = rollout::why::waiting(plan);
+        for reason in rollout::why::waiting_labels() {
+            let count = now.values().filter(|l| **l == reason).count();
+            self.nodes_waiting
+                .get_or_create(&ReasonLabels {
+                    policy: plan.policy.clone(),
+                    reason: reason.into(),
+                })
+                .set(count as i64);
+        }
+        let mut last = self
+            .last_waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = last
+            .insert(plan.policy.clone(), now.clone())
+            .unwrap_or_default();
+        now.into_iter()
+            .filter(|(node, label)| before.get(node) != Some(label))
+            .collect()
+    }
+
     /// Removes every series of `policy` (it is deleted): an alert on a deleted
     /// policy's last value would otherwise fire forever.
     pub fn forget(&self, policy: &str) {
@@ -265,6 +312,16 @@ impl Metrics {
                 state: phase.as_str().into(),
             });
         }
+        for reason in rollout::why::waiting_labels() {
+            self.nodes_waiting.remove(&ReasonLabels {
+                policy: policy.into(),
+                reason: reason.into(),
+            });
+        }
+        self.last_waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(policy);
         let labels = PolicyLabels {
             policy: policy.into(),
         };
@@ -401,6 +458,51 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn waiting_nodes_are_counted_by_reason_and_a_changed_reason_is_reported_once() {
+        let metrics = Metrics::default();
+        let world = rollout::simulate::World::requesting(3, 1, "1", "2");
+        let policy = rollout::Policy::from_spec(
+            "pool",
+            &serde_json::from_value(serde_json::json!({})).unwrap(),
+        )
+        .unwrap();
+        let plan = rollout::decide(
+            &world.snapshot(),
+            &policy,
+            "2026-11-28T03:00:00Z".parse().unwrap(),
+        );
+        // node-01 is granted; the other two wait for the budget.
+        let changed = metrics.observe_waiting(&plan);
+        assert_eq!(
+            changed,
+            [
+                ("node-02".to_string(), "budget"),
+                ("node-03".to_string(), "budget")
+            ]
+        );
+        assert!(
+            metrics.observe_waiting(&plan).is_empty(),
+            "the same reasons again: no Event"
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains("baton_nodes_waiting{policy=\"pool\",reason=\"budget\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("baton_nodes_waiting{policy=\"pool\",reason=\"outside_window\"} 0"),
+            "{text}"
+        );
+        metrics.forget("pool");
+        assert!(!metrics.encode().contains("baton_nodes_waiting{"));
+        assert_eq!(
+            metrics.observe_waiting(&plan).len(),
+            2,
+            "forgotten: told again"
+        );
     }
 
     #[test]

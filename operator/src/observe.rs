@@ -3,41 +3,30 @@
 //! a node (listed only while some node asks for a reboot) and the Prometheus alert
 //! gate.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use tracing::warn;
 
-use rollout::{LeaseView, NodeView, Policy, Snapshot, selector::Selector};
+use rollout::{Policy, Snapshot};
 
 use crate::{cluster::Cluster, error::Result};
 
 /// The snapshot from the caches alone, for the policy `rules`, on an operator running
 /// on `operator_node`.
 pub fn snapshot<C: Cluster>(c: &C, rules: &Policy, operator_node: Option<String>) -> Snapshot {
-    let nodes = c.nodes().iter().map(|n| NodeView::from_node(n)).collect();
-    let mut leases = Vec::new();
-    for lease in c.leases() {
-        let (view, errors) = LeaseView::from_lease(&lease);
-        for e in errors {
-            warn!(lease = %lease.name_any(), error = %e, "malformed lease annotation");
-        }
-        leases.extend(view);
-    }
-    // A policy being deleted claims no node any more (its Leases still hold theirs).
-    let other_policies = c
-        .policies()
-        .iter()
-        .filter(|p| p.name_any() != rules.name && p.meta().deletion_timestamp.is_none())
-        .filter_map(|p| Some((p.name_any(), Selector::compile(&p.spec.node_selector).ok()?)))
-        .collect();
-    Snapshot {
-        nodes,
-        leases,
+    let (nodes, leases, policies) = (c.nodes(), c.leases(), c.policies());
+    let (snapshot, malformed) = Snapshot::from_objects(
+        nodes.iter().map(|n| n.as_ref()),
+        leases.iter().map(|l| l.as_ref()),
+        policies.iter().map(|p| p.as_ref()),
+        &rules.name,
         operator_node,
-        other_policies,
-        gate: None,
+    );
+    for (lease, e) in malformed {
+        warn!(%lease, error = %e, "malformed lease annotation");
     }
+    snapshot
 }
 
 /// Marks the nodes that run a pod matching `health.blockingPodSelectors`, for nodes
@@ -52,7 +41,7 @@ pub async fn mark_blocked<C: Cluster>(
     if selectors.is_empty() || !snapshot.nodes.iter().any(|n| n.requests_reboot()) {
         return Ok(false);
     }
-    let mut blocking: HashMap<String, String> = HashMap::new();
+    let mut blocking: BTreeMap<String, String> = BTreeMap::new();
     for selector in selectors {
         for pod in c.running_pods(&selector.to_query()).await? {
             if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
@@ -66,10 +55,5 @@ pub async fn mark_blocked<C: Cluster>(
             }
         }
     }
-    let mut any = false;
-    for node in snapshot.nodes.iter_mut().filter(|n| n.requests_reboot()) {
-        node.blocked_by = blocking.get(&node.name).cloned();
-        any |= node.blocked_by.is_some();
-    }
-    Ok(any)
+    Ok(snapshot.mark_blocked(&blocking))
 }

@@ -89,6 +89,13 @@ async fn roll_out<C: Cluster>(
     c.metrics().observe(&plan);
     c.metrics()
         .observe_phases(&rules.name, &snapshot.nodes, &plan.holders);
+    // Why each waiting node waits: an Event when its reason changes (a budget holder
+    // changing is the same reason, so no storm while a pool drains through).
+    for (node, _) in c.metrics().observe_waiting(&plan) {
+        if let Some(words) = rollout::why::action(&node, &plan, rules, now) {
+            c.event(&node, EventType::Normal, "Waiting", &words).await;
+        }
+    }
     let retry = perform(c, rules, &plan, now).await;
     let mut status = status::from_plan(
         &plan,

@@ -8,6 +8,7 @@
 //! - [`phase`]: a node's combined phase (operator and agent), as shown and counted.
 //! - [`decide()`]: the next action for every node, and when to look again.
 //! - [`expectations`]: read-your-writes over the operator's watch caches.
+//! - [`why`]: why a node waits, in words, and each gate on its way to a grant.
 //! - [`simulate`]: a model cluster driven by `decide`, for `kubectl baton plan` and tests.
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod policy;
 pub mod selector;
 pub mod simulate;
 pub mod snapshot;
+pub mod why;
 pub mod window;
 
 pub use decide::decide;

@@ -119,6 +119,61 @@ pub struct LeaseView {
     pub failure: Option<String>,
 }
 
+impl Snapshot {
+    /// The snapshot of `nodes` and `leases` (baton's reboot Leases) for the policy named
+    /// `own`, with the other live policies' selectors (to find nodes claimed twice).
+    /// Returns the malformed Lease annotations beside it, as (Lease, error): reported,
+    /// never trusted.
+    pub fn from_objects<'a>(
+        nodes: impl IntoIterator<Item = &'a Node>,
+        leases: impl IntoIterator<Item = &'a Lease>,
+        policies: impl IntoIterator<Item = &'a crds::UpdatePolicy>,
+        own: &str,
+        operator_node: Option<String>,
+    ) -> (Snapshot, Vec<(String, ProtocolError)>) {
+        let mut malformed = Vec::new();
+        let mut views = Vec::new();
+        for lease in leases {
+            let (view, errors) = LeaseView::from_lease(lease);
+            let name = lease.metadata.name.clone().unwrap_or_default();
+            malformed.extend(errors.into_iter().map(|e| (name.clone(), e)));
+            views.extend(view);
+        }
+        // A policy being deleted claims no node any more (its Leases still hold theirs).
+        let other_policies = policies
+            .into_iter()
+            .filter(|p| {
+                p.metadata.name.as_deref() != Some(own) && p.metadata.deletion_timestamp.is_none()
+            })
+            .filter_map(|p| {
+                Some((
+                    p.metadata.name.clone()?,
+                    Selector::compile(&p.spec.node_selector).ok()?,
+                ))
+            })
+            .collect();
+        let snapshot = Snapshot {
+            nodes: nodes.into_iter().map(NodeView::from_node).collect(),
+            leases: views,
+            operator_node,
+            other_policies,
+            gate: None,
+        };
+        (snapshot, malformed)
+    }
+
+    /// Marks the nodes that ask for a reboot and run a blocking pod (`blocking`: node
+    /// name to `pod namespace/name`). Returns whether any is blocked.
+    pub fn mark_blocked(&mut self, blocking: &BTreeMap<String, String>) -> bool {
+        let mut any = false;
+        for node in self.nodes.iter_mut().filter(|n| n.requests_reboot()) {
+            node.blocked_by = blocking.get(&node.name).cloned();
+            any |= node.blocked_by.is_some();
+        }
+        any
+    }
+}
+
 impl NodeView {
     /// Whether this node asks for a reboot: state `RebootRequired` and the flag set.
     pub fn requests_reboot(&self) -> bool {
