@@ -1,4 +1,5 @@
-//! The Debian packages some tests run for real: Prometheus (the alert gate),
+//! The Debian packages some tests run for real: Prometheus (the alert gate), Chromium
+//! (renders `kubectl baton plan --svg` headless),
 //! dbus-daemon (the agent's update_engine and logind clients), and cgpt and sgdisk (the
 //! A/B backend's reference for GPT attribute bits, and Flatcar's real disk layout). `ensure` installs the
 //! missing ones with apt-get when it can, and otherwise says how.
@@ -18,7 +19,7 @@ pub struct Package {
 }
 
 /// Everything the tests need from the system.
-pub const PACKAGES: [Package; 6] = [
+pub const PACKAGES: [Package; 7] = [
     Package {
         program: "prometheus",
         package: "prometheus",
@@ -42,6 +43,10 @@ pub const PACKAGES: [Package; 6] = [
     Package {
         program: "libnss_wrapper.so",
         package: "libnss-wrapper",
+    },
+    Package {
+        program: "chromium",
+        package: "chromium",
     },
 ];
 

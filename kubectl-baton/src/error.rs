@@ -36,6 +36,14 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
+    /// A file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A file is not the YAML or JSON expected.
     #[error("{path} is not {what}: {source}")]
     Parse {
@@ -99,7 +107,7 @@ impl Error {
                 kube::Error::Auth(_) => EXIT_NO_CLUSTER,
                 _ => EXIT_FAILED,
             },
-            Error::Other(_) => EXIT_FAILED,
+            Error::Other(_) | Error::Write { .. } => EXIT_FAILED,
             Error::ClosedOutput => EXIT_OK,
         }
     }

@@ -2,6 +2,7 @@
 //!
 //! - [`cluster`]: kubectl's flags (`--kubeconfig`, `--context`, `-n`), resolved.
 //! - [`plan`]: what a policy will do, simulated.
+//! - [`gantt`]: the plan as an SVG Gantt chart.
 //! - [`status`]: the report and its table.
 //! - [`live`]: `status -w`, from watches.
 //! - [`output`]: `-o json|yaml`, and a standard output that tolerates a closed pipe.
@@ -12,6 +13,7 @@
 
 pub mod cluster;
 pub mod error;
+pub mod gantt;
 pub mod live;
 pub mod output;
 pub mod plan;

@@ -120,6 +120,9 @@ struct PlanArgs {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Format,
+    /// Also draw the timeline as an SVG Gantt chart into this file.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<String>,
 }
 
 /// A `kind: List` or `kind: NodeList` document, as `kubectl get nodes -o yaml` prints.
@@ -221,6 +224,21 @@ async fn run_plan(session: &mut Session, args: PlanArgs) -> Result<String, Error
         operator_node: args.operator_node,
     };
     let report = plan::simulate(&policy, &nodes, &opts)?;
+    if let Some(path) = &args.svg {
+        let rules = rollout::Policy::from_spec(&report.policy, &policy.spec).map_err(|errors| {
+            Error::InvalidPolicy {
+                name: report.policy.clone(),
+                errors: errors.iter().map(ToString::to_string).collect(),
+            }
+        })?;
+        let until = opts.start.checked_add(opts.horizon).unwrap_or(opts.start);
+        let open = rules.windows.open_spans(opts.start, until);
+        let picture = kubectl_baton::gantt::svg(&report, &open, &opts.time_zone);
+        std::fs::write(path, picture).map_err(|source| Error::Write {
+            path: path.clone(),
+            source,
+        })?;
+    }
     Ok(match args.output.encode(&report)? {
         Some(text) => text,
         None => plan::text(&report, &opts),

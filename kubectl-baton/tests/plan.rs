@@ -194,3 +194,122 @@ fn a_window_that_never_opens_is_named_by_plan() {
         "{err}"
     );
 }
+
+/// `data-NAME="VALUE"` of every element of class `class` in `svg`, as maps.
+fn elements(svg: &str, class: &str) -> Vec<BTreeMap<String, String>> {
+    svg.split('<')
+        .filter(|e| e.contains(&format!("class=\"{class}\"")))
+        .map(|e| {
+            e.split(" data-")
+                .skip(1)
+                .filter_map(|kv| {
+                    let (k, rest) = kv.split_once("=\"")?;
+                    Some((k.to_string(), rest.split('"').next()?.to_string()))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn the_svg_shows_the_text_plans_nodes_and_times_and_renders_in_chromium() {
+    use kubectl_baton::{gantt, plan::simulate};
+    let policy: UpdatePolicy = serde_yaml_ng::from_str(POLICY).unwrap();
+    let nodes: Vec<Node> = (1..=20).map(node).collect();
+    let o = opts();
+    let text = render(&policy, &nodes, &o).unwrap();
+    let report = simulate(&policy, &nodes, &o).unwrap();
+    let rules = rollout::Policy::from_spec("workers", &policy.spec).unwrap();
+    let open = rules
+        .windows
+        .open_spans(o.start, o.start.checked_add(o.horizon).unwrap());
+    let svg = gantt::svg(&report, &open, &TimeZone::UTC);
+
+    // The same nodes and times as the text plan.
+    let bars = elements(&svg, "node");
+    assert_eq!(bars.len(), 20);
+    for bar in &bars {
+        let node = &bar["node"];
+        let line = text.lines().find(|l| l.contains(node.as_str())).unwrap();
+        let minute = |rfc: &str| {
+            let t: jiff::Timestamp = rfc.parse().unwrap();
+            t.strftime("%Y-%m-%d %H:%M UTC").to_string()
+        };
+        assert!(
+            line.starts_with(&minute(&bar["start"])),
+            "{bar:?} vs {line}"
+        );
+        assert!(line.ends_with(&minute(&bar["end"])), "{bar:?} vs {line}");
+    }
+    // The two windows shaded, the expected end marked, zones grouped, nothing external.
+    let windows = elements(&svg, "window");
+    assert_eq!(
+        windows
+            .iter()
+            .map(|w| (w["start"].as_str(), w["end"].as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("2026-11-28T02:00:00Z", "2026-11-28T06:00:00Z"),
+            ("2026-11-29T02:00:00Z", "2026-11-29T06:00:00Z"),
+            ("2026-12-05T02:00:00Z", "2026-12-05T06:00:00Z"),
+            ("2026-12-06T02:00:00Z", "2026-12-06T06:00:00Z"),
+        ][..windows.len()]
+    );
+    assert_eq!(elements(&svg, "end")[0]["end"], "2026-11-29T03:00:00Z");
+    assert!(svg.contains(">zone zone-a</text>") && svg.contains(">zone zone-b</text>"));
+    for external in ["<script", "href", "@font-face", "url("] {
+        assert!(!svg.contains(external), "{external}");
+    }
+
+    // Headless Chromium draws it at its size, not blank: bars and windows in colour.
+    harness::packages::ensure().unwrap();
+    let chromium = harness::packages::find("chromium").expect("chromium is installed");
+    let dir = tempfile::tempdir().unwrap();
+    let (svg_path, png_path) = (dir.path().join("plan.svg"), dir.path().join("plan.png"));
+    std::fs::write(&svg_path, &svg).unwrap();
+    let (w, h) = gantt::size(&report);
+    let out = std::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            &format!("--screenshot={}", png_path.display()),
+            &format!("--window-size={w},{h}"),
+            &format!("file://{}", svg_path.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&png_path).unwrap(),
+    ));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (w, h));
+    let channels = info.line_size / info.width as usize;
+    let pixels: Vec<&[u8]> = buf[..info.buffer_size()].chunks(channels).collect();
+    let count = |rgb: [u8; 3]| {
+        pixels
+            .iter()
+            .filter(|p| p[..3].iter().zip(rgb).all(|(a, b)| a.abs_diff(b) <= 8))
+            .count()
+    };
+    let (bar, window, white) = (
+        count([0x33, 0x7a, 0xb7]),
+        count([0xd9, 0xf2, 0xd9]),
+        count([0xff, 0xff, 0xff]),
+    );
+    eprintln!(
+        "[svg] {w}x{h}: {bar} bar pixels, {window} window pixels, {white} white of {}",
+        pixels.len()
+    );
+    assert!(bar > 20 * 100, "the 20 bars are drawn: {bar}");
+    assert!(window > 1000, "the windows are shaded: {window}");
+    assert!(white < pixels.len(), "not blank");
+}

@@ -254,6 +254,32 @@ impl Windows {
         Windows(Vec::new())
     }
 
+    /// The stretches in which the windows are open between `from` and `to`, clipped to
+    /// them: what `kubectl baton plan --svg` shades. Always open is one stretch.
+    pub fn open_spans(&self, from: Timestamp, to: Timestamp) -> Vec<(Timestamp, Timestamp)> {
+        let mut spans = Vec::new();
+        let mut at = from;
+        // Each step moves to the next edge; 10,000 steps bound a pathological schedule.
+        for _ in 0..10_000 {
+            if at >= to {
+                break;
+            }
+            match self.state(at) {
+                WindowState::Always => {
+                    spans.push((at, to));
+                    break;
+                }
+                WindowState::Open { closes } => {
+                    spans.push((at, closes.min(to)));
+                    at = closes;
+                }
+                WindowState::Closed { opens: Some(opens) } => at = opens,
+                WindowState::Closed { opens: None } => break,
+            }
+        }
+        spans
+    }
+
     /// The next start of any window after `now`, in the time zone of the window that
     /// starts then: what `kubectl get upol -o wide` shows as NEXT-WINDOW.
     pub fn next_opening(&self, now: Timestamp) -> Option<jiff::Zoned> {
@@ -539,6 +565,24 @@ mod tests {
             WindowState::Closed {
                 opens: Some(ts("2026-12-02T12:00:00Z"))
             }
+        );
+    }
+
+    #[test]
+    fn open_spans_are_the_windows_clipped_to_the_range() {
+        let w = Windows::compile(&[weekly(&[Weekday::Sat, Weekday::Sun], "02:00", "4h", "UTC")])
+            .unwrap();
+        assert_eq!(
+            w.open_spans(ts("2026-12-05T03:00:00Z"), ts("2026-12-06T05:00:00Z")),
+            [
+                (ts("2026-12-05T03:00:00Z"), ts("2026-12-05T06:00:00Z")),
+                (ts("2026-12-06T02:00:00Z"), ts("2026-12-06T05:00:00Z")),
+            ]
+        );
+        let always = Windows::always();
+        assert_eq!(
+            always.open_spans(ts("2026-12-05T03:00:00Z"), ts("2026-12-06T05:00:00Z")),
+            [(ts("2026-12-05T03:00:00Z"), ts("2026-12-06T05:00:00Z"))]
         );
     }
 
