@@ -32,6 +32,38 @@ pub struct HealthSpec {
     /// grants are made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prometheus: Option<PrometheusGate>,
+
+    /// Silence a node's alerts in Alertmanager while baton disrupts it: from its grant
+    /// until it is done plus `extra`; a node that fails has its silence expired at once,
+    /// so that it pages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alertmanager: Option<AlertmanagerSilence>,
+}
+
+/// Alertmanager silences for disrupted nodes.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertmanagerSilence {
+    /// The Alertmanager base URL, such as `http://alertmanager.monitoring:9093`.
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^ ]+$')").message("url must be an http:// or https:// URL, such as http://alertmanager.monitoring:9093"))]
+    #[schemars(length(max = 2048))]
+    pub url: String,
+
+    /// The silence's matchers, `label=value`, `label!=value`, `label=~regex` or
+    /// `label!~regex`; `{{node}}` is replaced by the node's name (escaped in a regex).
+    #[x_kube(validation = Rule::new("self.all(m, m.matches('^[a-zA-Z_][a-zA-Z0-9_]*(=|!=|=~|!~).+$'))").message("each matcher must be label=value, label!=value, label=~regex or label!~regex, such as instance=~\"{{node}}:.*\""))]
+    #[schemars(length(min = 1, max = 16), inner(length(max = 256)))]
+    pub matchers: Vec<String>,
+
+    /// How long the silence lasts after the node is done.
+    #[serde(default = "default_extra")]
+    #[x_kube(validation = Rule::new(crate::duration::NON_NEGATIVE_RULE).message("extra must be a duration of 0s or more, such as 10m"))]
+    #[schemars(length(max = 32))]
+    pub extra: String,
+}
+
+fn default_extra() -> String {
+    "10m".into()
 }
 
 /// The Prometheus alert gate.
@@ -56,6 +88,7 @@ impl Default for HealthSpec {
             settle_time: default_settle_time(),
             blocking_pod_selectors: Vec::new(),
             prometheus: None,
+            alertmanager: None,
         }
     }
 }

@@ -20,7 +20,7 @@ pub mod window;
 
 pub use budget::{Budget, BudgetError};
 pub use drain::{DrainSpec, OnTimeout};
-pub use health::{HealthSpec, PrometheusGate};
+pub use health::{AlertmanagerSilence, HealthSpec, PrometheusGate};
 pub use hooks::{Hook, HooksSpec};
 pub use policy::{
     FailurePolicy, OrderingSpec, UpdatePolicy, UpdatePolicySpec, UpdatePolicyStatus, WindowMode,

@@ -103,10 +103,25 @@ async fn a_forty_percent_budget_on_ten_nodes_never_disrupts_more_than_four() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_never_comes_back_fails_at_reboot_timeout_and_halts_its_pool() {
+    let am = harness::alertmanager::Alertmanager::start().await.unwrap();
     let (mut s, _operator) = start(3, 1, Duration::from_millis(300), &[0]).await;
-    s.policy(serde_json::json!({"health": {"rebootTimeout": "5s"}}))
-        .await;
     let lost = s.names[0].clone();
+    am.fire("NodeDown", &lost).await.unwrap();
+    s.policy(serde_json::json!({"health": {"rebootTimeout": "5s",
+        "alertmanager": {"url": am.url(), "matchers": ["node={{node}}"], "extra": "10m"}}}))
+        .await;
+    // In flight, its alert is silenced...
+    s.cluster
+        .wait_for(
+            "the lost node's alert silenced while it is in flight",
+            || async {
+                am.state("NodeDown", &lost)
+                    .await
+                    .is_ok_and(|st| st == "suppressed")
+            },
+        )
+        .await
+        .unwrap();
     let nodes = s.nodes();
     s.cluster
         .wait_for(
@@ -138,6 +153,19 @@ async fn a_node_that_never_comes_back_fails_at_reboot_timeout_and_halts_its_pool
     let status = s.status().await;
     assert_eq!((status.failed, status.up_to_date), (1, 0), "{status:?}");
     assert!(!s.events("Failed").await.is_empty());
+    // ...and once it failed, its silence is expired so that it pages (not kept for
+    // the 10m extra a node that is done gets).
+    s.cluster
+        .wait_for("the failed node's alert to page again", || async {
+            am.state("NodeDown", &lost)
+                .await
+                .is_ok_and(|st| st == "active")
+        })
+        .await
+        .unwrap();
+    let silences = am.silences().await.unwrap();
+    assert_eq!(silences.len(), 1, "{silences:?}");
+    assert_eq!(silences[0]["status"]["state"], "expired", "{silences:?}");
     let report = s.finish("a node that never comes back (fake agents)");
     assert_eq!(report.failures.len(), 1);
 }
@@ -849,4 +877,91 @@ async fn why_text(s: &Scenario, node: &str) -> String {
         now: jiff::Timestamp::now(),
     };
     kubectl_baton::why::render(node, &seen, None).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disrupted_nodes_alerts_are_silenced_until_it_is_done_plus_extra_and_no_one_elses() {
+    let am = harness::alertmanager::Alertmanager::start().await.unwrap();
+    let (mut s, _operator) = start(3, 1, Duration::from_secs(2), &[]).await;
+    for node in &s.names {
+        am.fire("NodeDown", node).await.unwrap();
+    }
+    s.policy(serde_json::json!({"health": {"rebootTimeout": "2m",
+        "alertmanager": {"url": am.url(), "matchers": ["node=~\"{{node}}\""], "extra": "3s"}}}))
+        .await;
+    // While one node holds its Lease, its alert is suppressed and another's, waiting, is
+    // not.
+    let seen = std::sync::Mutex::new(None);
+    s.cluster
+        .wait_for(
+            "a node in flight silenced while a waiting one is not",
+            || async {
+                let leases = s.reboot_leases().await;
+                let [lease] = leases.as_slice() else {
+                    return false;
+                };
+                let holder = lease
+                    .spec
+                    .as_ref()
+                    .and_then(|sp| sp.holder_identity.clone())
+                    .unwrap_or_default();
+                let nodes = list(&s.nodes()).await;
+                let waiting = nodes.iter().find(|n| {
+                    n.name_any() != holder
+                        && annotation(n, protocol::STATE.name) == Some("RebootRequired")
+                });
+                let Some(waiting) = waiting else {
+                    return false;
+                };
+                let silenced = am
+                    .state("NodeDown", &holder)
+                    .await
+                    .is_ok_and(|st| st == "suppressed");
+                let other = am
+                    .state("NodeDown", &waiting.name_any())
+                    .await
+                    .unwrap_or_default();
+                if silenced && other == "active" {
+                    *seen.lock().unwrap() = Some((holder, waiting.name_any()));
+                }
+                silenced && other == "active"
+            },
+        )
+        .await
+        .unwrap();
+    eprintln!(
+        "[silence] in flight and silenced, waiting and paging: {:?}",
+        seen.lock().unwrap()
+    );
+    s.wait_done(&[]).await;
+    // Done plus 3s: every silence has ended and every alert pages again.
+    s.cluster
+        .wait_for("every alert active again after done + extra", || async {
+            let mut all = true;
+            for node in &s.names {
+                all &= am
+                    .state("NodeDown", node)
+                    .await
+                    .is_ok_and(|st| st == "active");
+            }
+            all
+        })
+        .await
+        .unwrap();
+    // One silence per node, made once and never duplicated; each named its node.
+    let silences = am.silences().await.unwrap();
+    let mut named: Vec<String> = silences
+        .iter()
+        .map(|x| x["comment"].as_str().unwrap().to_string())
+        .filter_map(|c| rollout::silence::parse_comment(&c).map(|(_, node)| node))
+        .collect();
+    named.sort();
+    assert_eq!(named, s.names, "{silences:?}");
+    assert!(
+        silences
+            .iter()
+            .all(|x| x["createdBy"] == "baton" && x["status"]["state"] == "expired")
+    );
+    assert_eq!(s.events("Silenced").await.len(), 3);
+    s.finish("silences (fake agents, real Alertmanager)");
 }

@@ -8,6 +8,7 @@
 //! code under test never tests itself.
 #![forbid(unsafe_code)]
 
+pub mod alertmanager;
 pub mod audit;
 pub mod binaries;
 pub mod cluster;

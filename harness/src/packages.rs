@@ -1,4 +1,5 @@
-//! The Debian packages some tests run for real: Prometheus (the alert gate), Chromium
+//! The Debian packages some tests run for real: Prometheus (the alert gate), Alertmanager
+//! (silences for disrupted nodes), Chromium
 //! (renders `kubectl baton plan --svg` headless),
 //! dbus-daemon (the agent's update_engine and logind clients), and cgpt and sgdisk (the
 //! A/B backend's reference for GPT attribute bits, and Flatcar's real disk layout). `ensure` installs the
@@ -19,7 +20,7 @@ pub struct Package {
 }
 
 /// Everything the tests need from the system.
-pub const PACKAGES: [Package; 7] = [
+pub const PACKAGES: [Package; 8] = [
     Package {
         program: "prometheus",
         package: "prometheus",
@@ -47,6 +48,10 @@ pub const PACKAGES: [Package; 7] = [
     Package {
         program: "chromium",
         package: "chromium",
+    },
+    Package {
+        program: "prometheus-alertmanager",
+        package: "prometheus-alertmanager",
     },
 ];
 

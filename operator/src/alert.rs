@@ -55,14 +55,21 @@ struct Entry {
     state: String,
 }
 
+/// An HTTP client for the monitoring stack (Prometheus, Alertmanager): every request
+/// bounded by `timeout`, and the operator named in its user agent. Errors only when no
+/// TLS backend can be set up (a start-up failure).
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .user_agent(concat!("baton-operator/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 impl Alerts {
     /// A client; errors only when no TLS backend can be set up (a start-up failure).
     pub fn new() -> Result<Alerts, QueryError> {
-        let http = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .user_agent(concat!("baton-operator/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| QueryError::Http(e.to_string()))?;
+        let http = http_client(TIMEOUT).map_err(QueryError::Http)?;
         Ok(Alerts {
             http,
             cache: Mutex::new(HashMap::new()),

@@ -22,6 +22,7 @@ pub struct Context {
     pub(crate) drains: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) alerts: crate::alert::Alerts,
+    pub(crate) silences: crate::silence::Alertmanager,
     pub(crate) clock: Arc<crate::clock::Clock>,
     /// Writes not yet seen in the caches (`readback`).
     pub(crate) expectations: std::sync::Mutex<rollout::expectations::Expectations>,

@@ -56,6 +56,13 @@ pub async fn run_with_clock(
             return;
         }
     };
+    let silences = match crate::silence::Alertmanager::new() {
+        Ok(silences) => silences,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up the Alertmanager client");
+            return;
+        }
+    };
     let nodes_api: Api<Node> = Api::all(client.clone());
     let leases_api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let (nodes, node_writer) = reflector::store();
@@ -124,6 +131,7 @@ pub async fn run_with_clock(
         drains: std::sync::Mutex::new(HashMap::new()),
         metrics,
         alerts,
+        silences,
         clock,
         expectations: std::sync::Mutex::default(),
     });

@@ -29,6 +29,7 @@ pub mod observe;
 pub mod readback;
 pub mod reconcile;
 pub mod replica;
+pub mod silence;
 pub mod status;
 pub mod step;
 

@@ -97,6 +97,7 @@ async fn roll_out<C: Cluster>(
         }
     }
     let retry = perform(c, rules, &plan, now).await;
+    crate::silence::sync(c, rules, &plan, now).await;
     let mut status = status::from_plan(
         &plan,
         rules.paused,

@@ -9,6 +9,7 @@
 //! - [`decide()`]: the next action for every node, and when to look again.
 //! - [`expectations`]: read-your-writes over the operator's watch caches.
 //! - [`why`]: why a node waits, in words, and each gate on its way to a grant.
+//! - [`silence`]: Alertmanager silences for disrupted nodes.
 //! - [`simulate`]: a model cluster driven by `decide`, for `kubectl baton plan` and tests.
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod phase;
 pub mod plan;
 pub mod policy;
 pub mod selector;
+pub mod silence;
 pub mod simulate;
 pub mod snapshot;
 pub mod why;

@@ -62,6 +62,8 @@ pub struct Policy {
     /// Pods whose presence on a node holds its grant back
     /// (`health.blockingPodSelectors`).
     pub blocking_pod_selectors: Vec<Selector>,
+    /// Alertmanager silences for disrupted nodes.
+    pub silence: Option<crate::silence::SilenceRules>,
     /// Set when the policy is being wound down: nothing new starts, and its grants end.
     pub ending: Option<Ending>,
 }
@@ -152,6 +154,12 @@ impl Policy {
         let reboot_timeout = duration("spec.health.rebootTimeout", &spec.health.reboot_timeout);
         let settle_time = duration("spec.health.settleTime", &spec.health.settle_time);
         let drain_timeout = duration("spec.drain.timeout", &spec.drain.timeout);
+        let silence_extra = spec
+            .health
+            .alertmanager
+            .as_ref()
+            .map(|a| duration("spec.health.alertmanager.extra", &a.extra))
+            .unwrap_or_default();
         let mut hook = |field: &str, h: &Option<crds::Hook>| {
             h.as_ref().map(|h| HookRule {
                 annotations: h.annotations.clone(),
@@ -208,6 +216,23 @@ impl Policy {
                 .map_err(|e| err("spec.health.prometheus.alertFilter", e))
                 .ok()
         });
+        let silence = spec.health.alertmanager.as_ref().map(|a| {
+            let matchers = a
+                .matchers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| {
+                    crate::silence::Matcher::parse(m)
+                        .map_err(|e| err(&format!("spec.health.alertmanager.matchers[{i}]"), e))
+                        .ok()
+                })
+                .collect();
+            crate::silence::SilenceRules {
+                url: a.url.clone(),
+                matchers,
+                extra: silence_extra,
+            }
+        });
         if spec.failure_policy.max_failed_nodes == 0 {
             err(
                 "spec.failurePolicy.maxFailedNodes",
@@ -243,6 +268,7 @@ impl Policy {
             max_parallel_evictions: spec.drain.max_parallel_evictions,
             exclude_from_load_balancers: spec.drain.exclude_from_load_balancers,
             blocking_pod_selectors,
+            silence,
             ending: None,
         };
         (policy, errors)
