@@ -133,12 +133,14 @@ pub fn next_window(rules: &Policy, now: Timestamp) -> Option<String> {
 /// Who uses the budget: `1/1 in use by node-4` (or by unavailable nodes).
 fn budget(plan: &Plan) -> String {
     let used = plan.budget.unavailable + plan.budget.granted;
-    let by = if plan.holders.is_empty() {
-        "unavailable nodes (NotReady, cordoned or failed)".to_string()
-    } else {
-        plan.holders.join(", ")
-    };
-    format!("{used}/{} in use by {by}", plan.budget.limit)
+    let limit = plan.budget.limit;
+    match (used, plan.holders.is_empty()) {
+        (0, _) => format!("0/{limit} in use"),
+        (_, true) => {
+            format!("{used}/{limit} in use by unavailable nodes (NotReady, cordoned or failed)")
+        }
+        (_, false) => format!("{used}/{limit} in use by {}", plan.holders.join(", ")),
+    }
 }
 
 /// The reason in words, with the budget's holders and the next window.
