@@ -13,6 +13,7 @@ pub mod grant;
 pub mod health;
 pub mod hooks;
 pub mod node;
+pub mod notify;
 pub mod policy;
 pub mod protocol;
 pub mod release;

@@ -81,6 +81,13 @@ pub struct UpdatePolicySpec {
     /// backends, whose target comes from the node itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<Release>,
+
+    /// Webhooks that hear about the rollout: started, each node done or failed,
+    /// halted, resumed, completed. Delivered at least once, never holding the rollout
+    /// back (docs/operations.md, "Notifications").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub notify: Vec<crate::notify::NotifyTarget>,
 }
 
 /// How a maintenance window gates a disruption.

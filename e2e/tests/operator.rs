@@ -965,3 +965,145 @@ async fn a_disrupted_nodes_alerts_are_silenced_until_it_is_done_plus_extra_and_n
     assert_eq!(s.events("Silenced").await.len(), 3);
     s.finish("silences (fake agents, real Alertmanager)");
 }
+
+/// A webhook receiver on loopback: it records each body and answers `status`.
+async fn receiver(
+    status: u16,
+) -> (
+    String,
+    Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let got: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let kept = Arc::clone(&got);
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let kept = Arc::clone(&kept);
+            async move {
+                kept.lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&body).unwrap_or_default());
+                axum::http::StatusCode::from_u16(status).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (url, got, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_hear_the_rollout_in_order_and_a_failing_one_holds_nothing_back() {
+    let (ok_url, heard, _a) = receiver(200).await;
+    let (bad_url, refused, _b) = receiver(500).await;
+    let (secret_url, secretly, _c) = receiver(200).await;
+    let (mut s, _operator) = start(3, 1, Duration::from_millis(300), &[]).await;
+    // A URL that carries a token lives in a Secret of the operator's namespace.
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "hook", "namespace": "baton-system"},
+        "stringData": {"url": secret_url},
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(s.client.clone(), "baton-system")
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    s.policy(serde_json::json!({"notify": [
+        {"url": ok_url},
+        {"url": bad_url, "format": "slack", "events": ["Started", "Completed"]},
+        {"urlFrom": {"name": "hook", "key": "url"}, "events": ["Completed"]},
+    ]}))
+    .await;
+    s.wait_done(&[]).await;
+    let rolled = started.elapsed();
+    s.cluster
+        .wait_for("the Completed notification", || async {
+            heard
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|b| b["event"] == "Completed")
+        })
+        .await
+        .unwrap();
+    let got = heard.lock().unwrap().clone();
+    let events: Vec<String> = got
+        .iter()
+        .map(|b| match b["node"].as_str() {
+            Some(node) => format!("{}:{node}", b["event"].as_str().unwrap()),
+            None => b["event"].as_str().unwrap().to_string(),
+        })
+        .collect();
+    eprintln!("[notify] heard in {rolled:.1?}: {events:?}");
+    assert_eq!(
+        events.first().map(String::as_str),
+        Some("Started"),
+        "{events:?}"
+    );
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("Completed"),
+        "{events:?}"
+    );
+    let mut done: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e.strip_prefix("NodeDone:"))
+        .collect();
+    done.sort();
+    assert_eq!(done, s.names, "each node announced once: {events:?}");
+    assert_eq!(events.len(), 5, "{events:?}");
+    for b in &got {
+        assert_eq!(b["apiVersion"], "baton.dev/v1alpha1");
+        assert_eq!(b["kind"], "Notification");
+        assert_eq!(b["policy"], POLICY);
+        assert!(
+            b["time"]
+                .as_str()
+                .unwrap()
+                .parse::<jiff::Timestamp>()
+                .is_ok()
+        );
+        assert!(b["message"].as_str().unwrap().contains(POLICY));
+    }
+    // The refusing webhook was retried (with backoff) in Slack's format, and it held
+    // nothing back: the rollout took the same few seconds.
+    s.cluster
+        .wait_for("the refused Started notification to be retried", || async {
+            refused.lock().unwrap().len() >= 3
+        })
+        .await
+        .unwrap();
+    let tries = refused.lock().unwrap().clone();
+    assert!(
+        tries[0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("baton Started: "),
+        "{tries:?}"
+    );
+    assert!(
+        rolled < Duration::from_secs(30),
+        "a failing webhook must not slow the rollout: {rolled:?}"
+    );
+    // The Secret's URL heard only what it asked for.
+    s.cluster
+        .wait_for("the Secret's webhook to hear Completed", || async {
+            !secretly.lock().unwrap().is_empty()
+        })
+        .await
+        .unwrap();
+    let secret_heard: Vec<serde_json::Value> = secretly.lock().unwrap().clone();
+    assert_eq!(secret_heard.len(), 1, "{secret_heard:?}");
+    assert_eq!(secret_heard[0]["event"], "Completed");
+    let metrics = s.metrics.encode();
+    assert!(
+        metrics.contains("baton_notifications_total{result=\"sent\"} 6"),
+        "{metrics}"
+    );
+    s.finish("webhooks (fake agents)");
+}

@@ -177,6 +177,17 @@ pub trait Cluster: Send + Sync {
         let _ = (url, policy, matchers, op, now);
         async { Ok(()) }
     }
+    /// Queues a notification for delivery; never waits (none where nothing delivers,
+    /// as in the simulation).
+    fn notify(&self, delivery: crate::notify::Delivery) {
+        let _ = delivery;
+    }
+    /// The value of `key` in the Secret `name` of the operator's namespace, if both
+    /// exist (bounded by the request timeout).
+    fn secret(&self, name: &str, key: &str) -> impl Future<Output = Option<String>> + Send {
+        let _ = (name, key);
+        async { None }
+    }
     /// Why the Prometheus alert gate is closed at `now`, or `None` when it is open.
     fn alert_gate(
         &self,
@@ -518,6 +529,23 @@ impl Cluster for Kube {
         url: &str,
     ) -> Result<Vec<rollout::silence::Existing>, crate::silence::SilenceError> {
         self.0.silences.list(url).await
+    }
+
+    fn notify(&self, delivery: crate::notify::Delivery) {
+        self.0.notifier.send(delivery);
+    }
+
+    async fn secret(&self, name: &str, key: &str) -> Option<String> {
+        let api: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(self.0.client.clone(), &self.0.config.namespace);
+        let secret = tokio::time::timeout(self.0.config.request_timeout, api.get_opt(name))
+            .await
+            .ok()?
+            .ok()??;
+        let bytes = secret.data?.remove(key)?;
+        String::from_utf8(bytes.0)
+            .ok()
+            .map(|s| s.trim().to_string())
     }
 
     async fn silence(

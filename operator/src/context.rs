@@ -23,6 +23,7 @@ pub struct Context {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) alerts: crate::alert::Alerts,
     pub(crate) silences: crate::silence::Alertmanager,
+    pub(crate) notifier: crate::notify::Notifier,
     pub(crate) clock: Arc<crate::clock::Clock>,
     /// Writes not yet seen in the caches (`readback`).
     pub(crate) expectations: std::sync::Mutex<rollout::expectations::Expectations>,

@@ -63,6 +63,13 @@ pub async fn run_with_clock(
             return;
         }
     };
+    let notifier = match crate::notify::Notifier::start(Arc::clone(&metrics)) {
+        Ok(notifier) => notifier,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up the webhook client");
+            return;
+        }
+    };
     let nodes_api: Api<Node> = Api::all(client.clone());
     let leases_api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let (nodes, node_writer) = reflector::store();
@@ -132,6 +139,7 @@ pub async fn run_with_clock(
         metrics,
         alerts,
         silences,
+        notifier,
         clock,
         expectations: std::sync::Mutex::default(),
     });

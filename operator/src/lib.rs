@@ -25,6 +25,7 @@ pub mod fence;
 pub mod leader;
 pub mod lease;
 pub mod metrics;
+pub mod notify;
 pub mod observe;
 pub mod readback;
 pub mod reconcile;

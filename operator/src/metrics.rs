@@ -50,6 +50,13 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Labels naming what became of a notification.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `sent`, `failed` (given up after every attempt, or no URL) or `dropped` (queue full).
+    pub result: String,
+}
+
 /// Labels of `baton_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -98,6 +105,8 @@ pub struct Metrics {
     pub reconcile_seconds: Histogram,
     /// Node watch events, admitted or ignored.
     pub node_events: Family<EventLabels, Counter>,
+    /// Notifications, by what became of them.
+    pub notifications: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -123,6 +132,7 @@ impl Default for Metrics {
             leader: Gauge::default(),
             reconcile_seconds: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
             node_events: Family::default(),
+            notifications: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -142,12 +152,22 @@ impl Default for Metrics {
                 .reconcile_errors
                 .get_or_create(&ErrorLabels { kind: kind.into() });
         }
+        for result in ["sent", "failed", "dropped"] {
+            let _ = m.notifications.get_or_create(&ResultLabels {
+                result: result.into(),
+            });
+        }
         for outcome in ["admitted", "ignored"] {
             let _ = m.node_events.get_or_create(&EventLabels {
                 outcome: outcome.into(),
             });
         }
         registry.register("nodes", "Nodes by rollout state", m.nodes.clone());
+        registry.register(
+            "notifications",
+            "Rollout notifications to webhooks, by result (sent, failed, dropped)",
+            m.notifications.clone(),
+        );
         registry.register(
             "nodes_waiting",
             "Nodes that wait for a reboot they asked for, by the reason the decision core gave (kubectl baton why)",
@@ -334,6 +354,15 @@ impl Metrics {
         ] {
             family.remove(&labels);
         }
+    }
+
+    /// Counts a notification's result.
+    pub fn notified(&self, result: &str) {
+        self.notifications
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc();
     }
 
     /// Counts a Node watch event.

@@ -106,6 +106,9 @@ async fn roll_out<C: Cluster>(
         now,
     );
     status.next_window_local = status::next_window_local(&plan, &rules.windows, now);
+    // Before the status write: if it fails, the next reconcile announces again (at
+    // least once) rather than never.
+    crate::notify::announce(c, policy, &status, &plan, now).await;
     if policy.status.as_ref() != Some(&status) {
         for (kind, message) in status::raised(policy.status.as_ref(), &status) {
             c.policy_event(policy, EventType::Warning, kind, message)

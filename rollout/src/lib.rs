@@ -9,6 +9,7 @@
 //! - [`decide()`]: the next action for every node, and when to look again.
 //! - [`expectations`]: read-your-writes over the operator's watch caches.
 //! - [`why`]: why a node waits, in words, and each gate on its way to a grant.
+//! - [`notify`]: the rollout events a reconcile produced, for webhooks.
 //! - [`silence`]: Alertmanager silences for disrupted nodes.
 //! - [`simulate`]: a model cluster driven by `decide`, for `kubectl baton plan` and tests.
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@
 pub mod alert;
 pub mod decide;
 pub mod expectations;
+pub mod notify;
 pub mod phase;
 pub mod plan;
 pub mod policy;
