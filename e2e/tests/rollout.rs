@@ -282,13 +282,14 @@ async fn kubectl_baton_pauses_resumes_and_retries_a_halted_pool() {
         kubectl_baton::status::render(&p, &n, &l, None, jiff::Timestamp::now())
     };
 
-    // Paused: both nodes stage and ask, nothing is granted.
+    // Paused: both nodes stage and ask, nothing is granted, and the status says why
+    // they wait (the reason `decide` gives).
     s.cluster
         .wait_for(
             "the pool to report Paused with both nodes asking",
             || async {
                 let text = status().await;
-                s.condition("Paused").await && text.matches("RebootRequired").count() == 2
+                s.condition("Paused").await && text.matches("Waiting: policy paused").count() == 2
             },
         )
         .await
