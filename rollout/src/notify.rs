@@ -13,15 +13,17 @@ use crds::{
 
 use crate::plan::{Action, Plan, ReleaseReason};
 
-/// The `apiVersion` of a notification's JSON payload.
-pub const API_VERSION: &str = "baton.dev/v1alpha1";
+/// The `apiVersion` of a notification's JSON payload: baton's API group and version.
+pub fn api_version() -> String {
+    format!("{}/{}", crds::GROUP, crds::VERSION)
+}
 
 /// One notification: baton's JSON payload (docs/operations.md, "Notifications").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Notification {
-    /// [`API_VERSION`].
-    pub api_version: &'static str,
+    /// [`api_version`].
+    pub api_version: String,
     /// `Notification`.
     pub kind: &'static str,
     /// What happened.
@@ -67,7 +69,7 @@ pub fn events(
     now: Timestamp,
 ) -> Vec<Notification> {
     let note = |event, node: Option<&str>, message: String| Notification {
-        api_version: API_VERSION,
+        api_version: api_version(),
         kind: "Notification",
         event,
         policy: policy.to_string(),
@@ -215,7 +217,7 @@ mod tests {
             "no change, no event"
         );
         let json = e[1].body(NotifyFormat::Json);
-        assert_eq!(json["apiVersion"], API_VERSION);
+        assert_eq!(json["apiVersion"], "baton.dev/v1alpha1");
         assert_eq!(json["event"], "Completed");
         assert_eq!(json["node"], serde_json::Value::Null);
         assert_eq!(

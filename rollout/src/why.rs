@@ -243,7 +243,7 @@ pub fn gates(
             "node pause",
             !node.paused,
             if node.paused {
-                "baton.dev/paused"
+                crds::protocol::PAUSED.name
             } else {
                 "not paused"
             }
