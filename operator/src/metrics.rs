@@ -291,10 +291,12 @@ impl Metrics {
         }
     }
 
-    /// Records why `plan`'s nodes wait (every reason, 0 included) and returns the
-    /// nodes whose reason changed since the last plan of this policy (a node that
-    /// starts waiting included), with the new reason's label.
-    pub fn observe_waiting(&self, plan: &rollout::Plan) -> Vec<(String, &'static str)> {
+    /// Records why `plan`'s nodes wait (every reason, 0 included) and returns at most
+    /// `max` nodes whose reason changed since it was last returned (a node that starts
+    /// waiting included), with the new reason's label. The others are returned by later
+    /// calls: a window opening on 1,000 waiting nodes must not make one reconcile write
+    /// 1,000 Events before it grants anything.
+    pub fn observe_waiting(&self, plan: &rollout::Plan, max: usize) -> Vec<(String, &'static str)> {
         let now = rollout::why::waiting(plan);
         for reason in rollout::why::waiting_labels() {
             let count = now.values().filter(|l| **l == reason).count();
@@ -309,12 +311,18 @@ impl Metrics {
             .last_waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let before = last
-            .insert(plan.policy.clone(), now.clone())
-            .unwrap_or_default();
-        now.into_iter()
-            .filter(|(node, label)| before.get(node) != Some(label))
-            .collect()
+        let told = last.entry(plan.policy.clone()).or_default();
+        // Nodes no longer waiting are forgotten; a changed reason is told once.
+        told.retain(|node, _| now.contains_key(node));
+        let changed: Vec<(String, &'static str)> = now
+            .into_iter()
+            .filter(|(node, label)| told.get(node) != Some(label))
+            .take(max)
+            .collect();
+        for (node, label) in &changed {
+            told.insert(node.clone(), label);
+        }
+        changed
     }
 
     /// Removes every series of `policy` (it is deleted): an alert on a deleted
@@ -503,17 +511,18 @@ mod tests {
             &policy,
             "2026-11-28T03:00:00Z".parse().unwrap(),
         );
-        // node-01 is granted; the other two wait for the budget.
-        let changed = metrics.observe_waiting(&plan);
+        // node-01 is granted; the other two wait for the budget. At most one is told
+        // per call; the other comes next time.
         assert_eq!(
-            changed,
-            [
-                ("node-02".to_string(), "budget"),
-                ("node-03".to_string(), "budget")
-            ]
+            metrics.observe_waiting(&plan, 1),
+            [("node-02".to_string(), "budget")]
+        );
+        assert_eq!(
+            metrics.observe_waiting(&plan, 1),
+            [("node-03".to_string(), "budget")]
         );
         assert!(
-            metrics.observe_waiting(&plan).is_empty(),
+            metrics.observe_waiting(&plan, 10).is_empty(),
             "the same reasons again: no Event"
         );
         let text = metrics.encode();
@@ -528,7 +537,7 @@ mod tests {
         metrics.forget("pool");
         assert!(!metrics.encode().contains("baton_nodes_waiting{"));
         assert_eq!(
-            metrics.observe_waiting(&plan).len(),
+            metrics.observe_waiting(&plan, 10).len(),
             2,
             "forgotten: told again"
         );

@@ -70,6 +70,9 @@ pub async fn policy<C: Cluster>(c: &C, policy: &UpdatePolicy) -> Result<Option<D
     }
 }
 
+/// At most this many `Waiting` Events per reconcile (the rest come with later ones).
+pub const WAITING_EVENTS: usize = 10;
+
 /// A valid policy: observe, decide, perform, report, and requeue when the plan can
 /// next change.
 async fn roll_out<C: Cluster>(
@@ -91,7 +94,7 @@ async fn roll_out<C: Cluster>(
         .observe_phases(&rules.name, &snapshot.nodes, &plan.holders);
     // Why each waiting node waits: an Event when its reason changes (a budget holder
     // changing is the same reason, so no storm while a pool drains through).
-    for (node, _) in c.metrics().observe_waiting(&plan) {
+    for (node, _) in c.metrics().observe_waiting(&plan, WAITING_EVENTS) {
         if let Some(words) = rollout::why::action(&node, &plan, rules, now) {
             c.event(&node, EventType::Normal, "Waiting", &words).await;
         }
