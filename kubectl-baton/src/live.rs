@@ -331,7 +331,7 @@ mod tests {
 
     fn report(state: &str, now: &str) -> Report {
         let policy: UpdatePolicy = serde_json::from_value(serde_json::json!({
-            "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "workers"},
+            "kind": "UpdatePolicy", "metadata": {"name": "workers"},
             "spec": {}, "status": {"nodes": 2, "upToDate": 1, "window": "Always"},
         }))
         .unwrap();
@@ -339,7 +339,9 @@ mod tests {
             .iter()
             .map(|n| {
                 serde_json::from_value(serde_json::json!({
-                    "metadata": {"name": n, "annotations": {"baton.dev/state": if *n == "n1" { "Done" } else { state }}},
+                    "metadata": {"name": n, "annotations": {
+                        crds::protocol::STATE.name: if *n == "n1" { "Done" } else { state },
+                    }},
                 }))
                 .unwrap()
             })
@@ -356,6 +358,11 @@ mod tests {
 
     fn at(s: &str) -> Timestamp {
         s.parse().unwrap()
+    }
+
+    /// One update of `s` with the report at `time`, where the second node is in `state`.
+    fn tick(s: &mut Screen, link: &Link, state: &str, time: &str) -> Option<String> {
+        s.update(link, &report(state, time), at(time))
     }
 
     #[test]
@@ -400,35 +407,15 @@ mod tests {
     #[test]
     fn piped_it_prints_only_changed_rows_with_a_time_stamp() {
         let mut s = Screen::new("https://k", false, None, Format::Table);
-        let _ = s.update(
-            &Link::Connecting,
-            &report("Staging", "2026-12-01T10:00:00Z"),
-            at("2026-12-01T10:00:00Z"),
-        );
-        let first = s
-            .update(
-                &Link::Synced,
-                &report("Staging", "2026-12-01T10:00:01Z"),
-                at("2026-12-01T10:00:01Z"),
-            )
-            .unwrap();
+        let _ = tick(&mut s, &Link::Connecting, "Staging", "2026-12-01T10:00:00Z");
+        let first = tick(&mut s, &Link::Synced, "Staging", "2026-12-01T10:00:01Z").unwrap();
         assert_eq!(first.lines().count(), 3, "heading and two rows: {first}");
         assert_eq!(
-            s.update(
-                &Link::Synced,
-                &report("Staging", "2026-12-01T10:00:02Z"),
-                at("2026-12-01T10:00:02Z")
-            ),
+            tick(&mut s, &Link::Synced, "Staging", "2026-12-01T10:00:02Z"),
             None,
             "nothing changed, nothing printed"
         );
-        let changed = s
-            .update(
-                &Link::Synced,
-                &report("Verifying", "2026-12-01T10:00:03Z"),
-                at("2026-12-01T10:00:03Z"),
-            )
-            .unwrap();
+        let changed = tick(&mut s, &Link::Synced, "Verifying", "2026-12-01T10:00:03Z").unwrap();
         assert_eq!(changed.lines().count(), 1, "{changed}");
         assert!(
             changed.starts_with("10:00:03 workers/n2 ") && changed.contains("Verifying"),
@@ -449,46 +436,21 @@ mod tests {
             "{frame}"
         );
         assert_eq!(
-            s.update(
-                &Link::Synced,
-                &report("Staging", "2026-12-01T10:00:02Z"),
-                at("2026-12-01T10:00:02Z")
-            ),
+            tick(&mut s, &Link::Synced, "Staging", "2026-12-01T10:00:02Z"),
             None
         );
-        assert!(
-            s.update(
-                &Link::Synced,
-                &report("Verifying", "2026-12-01T10:00:03Z"),
-                at("2026-12-01T10:00:03Z")
-            )
-            .is_some()
-        );
+        assert!(tick(&mut s, &Link::Synced, "Verifying", "2026-12-01T10:00:03Z").is_some());
     }
 
     #[test]
     fn json_lines_only_on_change() {
         let mut s = Screen::new("https://k", false, None, Format::Json);
-        let _ = s.update(
-            &Link::Connecting,
-            &report("Staging", "2026-12-01T10:00:00Z"),
-            at("2026-12-01T10:00:00Z"),
-        );
-        let one = s
-            .update(
-                &Link::Synced,
-                &report("Staging", "2026-12-01T10:00:01Z"),
-                at("2026-12-01T10:00:01Z"),
-            )
-            .unwrap();
+        let _ = tick(&mut s, &Link::Connecting, "Staging", "2026-12-01T10:00:00Z");
+        let one = tick(&mut s, &Link::Synced, "Staging", "2026-12-01T10:00:01Z").unwrap();
         let v: serde_json::Value = serde_json::from_str(one.trim()).unwrap();
         assert_eq!(v["kind"], "Status");
         assert_eq!(
-            s.update(
-                &Link::Synced,
-                &report("Staging", "2026-12-01T10:00:02Z"),
-                at("2026-12-01T10:00:02Z")
-            ),
+            tick(&mut s, &Link::Synced, "Staging", "2026-12-01T10:00:02Z"),
             None
         );
     }

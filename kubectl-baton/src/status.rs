@@ -410,6 +410,17 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crds::protocol::{self as p, lease};
+
+    /// An annotations object from protocol keys.
+    fn marks(pairs: &[(&str, &str)]) -> serde_json::Value {
+        serde_json::Value::Object(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+                .collect(),
+        )
+    }
 
     fn node(name: &str, annotations: serde_json::Value, unschedulable: bool) -> Node {
         serde_json::from_value(serde_json::json!({
@@ -424,7 +435,7 @@ mod tests {
         let mut spec = spec;
         spec["nodeSelector"] = serde_json::json!({"matchLabels": {"pool": "a"}});
         serde_json::from_value(serde_json::json!({
-            "apiVersion": "baton.dev/v1alpha1", "kind": "UpdatePolicy", "metadata": {"name": "workers"},
+            "kind": "UpdatePolicy", "metadata": {"name": "workers"},
             "spec": spec, "status": status,
         }))
         .unwrap()
@@ -435,25 +446,43 @@ mod tests {
         let nodes = vec![
             node(
                 "n1",
-                serde_json::json!({"baton.dev/state": "Done", "baton.dev/current-version": "2.0.0", "baton.dev/boot-id": "a1"}),
+                marks(&[
+                    (p::STATE.name, "Done"),
+                    (p::CURRENT_VERSION.name, "2.0.0"),
+                    (p::BOOT_ID.name, "a1"),
+                ]),
                 false,
             ),
             node(
                 "n2",
-                serde_json::json!({"baton.dev/state": "RebootRequired", "baton.dev/reboot-required": "true", "baton.dev/boot-id": "b2",
-                                   "baton.dev/current-version": "1.0.0", "baton.dev/target-version": "2.0.0", "baton.dev/cordoned": "true",
-                                   "baton.dev/message": "staged 2.0.0 into USR-B; the reboot waits for a grant from the operator, which decides by window and budget"}),
+                marks(&[
+                    (p::STATE.name, "RebootRequired"),
+                    (p::REBOOT_REQUIRED.name, "true"),
+                    (p::BOOT_ID.name, "b2"),
+                    (p::CURRENT_VERSION.name, "1.0.0"),
+                    (p::TARGET_VERSION.name, "2.0.0"),
+                    (p::CORDONED.name, "true"),
+                    (
+                        p::MESSAGE.name,
+                        "staged 2.0.0 into USR-B; the reboot waits for a grant from the operator, which decides by window and budget",
+                    ),
+                ]),
                 true,
             ),
             node(
                 "n3",
-                serde_json::json!({"baton.dev/state": "RebootRequired", "baton.dev/reboot-required": "true", "baton.dev/boot-id": "c3",
-                                   "baton.dev/current-version": "1.0.0", "baton.dev/desired-version": "2.0.0"}),
+                marks(&[
+                    (p::STATE.name, "RebootRequired"),
+                    (p::REBOOT_REQUIRED.name, "true"),
+                    (p::BOOT_ID.name, "c3"),
+                    (p::CURRENT_VERSION.name, "1.0.0"),
+                    (p::DESIRED_VERSION.name, "2.0.0"),
+                ]),
                 false,
             ),
         ];
         let lease: Lease = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "baton-reboot-n2", "annotations": {"baton.dev/policy": "workers", "baton.dev/granted-boot-id": "b2"}},
+            "metadata": {"name": "baton-reboot-n2", "annotations": marks(&[(lease::POLICY.name, "workers"), (lease::GRANTED_BOOT_ID.name, "b2")])},
             "spec": {"holderIdentity": "n2", "acquireTime": "2026-11-26T10:00:00.000000Z"},
         }))
         .unwrap();
@@ -526,7 +555,11 @@ mod tests {
 
         nodes.push(node(
             "n4",
-            serde_json::json!({"baton.dev/state": "RolledBack", "baton.dev/boot-id": "d4", "baton.dev/failure": "booted the old slot"}),
+            marks(&[
+                (p::STATE.name, "RolledBack"),
+                (p::BOOT_ID.name, "d4"),
+                (p::FAILURE.name, "booted the old slot"),
+            ]),
             true,
         ));
         let halted = policy(

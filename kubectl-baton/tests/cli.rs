@@ -142,6 +142,26 @@ async fn the_plugin_takes_kubectls_flags_and_exits_with_codes_scripts_can_rely_o
     );
 }
 
+/// Starts `status -w` against `kubeconfig`, its output piped.
+fn watch(kubeconfig: &str) -> std::process::Child {
+    Command::new(BIN)
+        .args(["--kubeconfig", kubeconfig, "status", "-w"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Writes `node`'s agent state as its agent would.
+async fn set_state(cluster: &TestCluster, node: &str, state: &str) {
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {crds::protocol::STATE.name: state}}});
+    Api::<Node>::all(cluster.client())
+        .patch(node, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+}
+
 /// Reads `status -w`'s lines on a thread, so that the test can wait with a bound.
 fn lines_of(child: &mut std::process::Child) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
@@ -187,12 +207,7 @@ async fn status_watch_waits_for_its_caches_says_when_the_connection_is_lost_and_
 
     // Piped: first "connecting", then the policy with its node rows, never an empty
     // "no UpdatePolicy" frame; then only what changes, time-stamped.
-    let mut child = Command::new(BIN)
-        .args(["--kubeconfig", &kc, "status", "-w"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = watch(&kc);
     let rx = lines_of(&mut child);
     let mut seen = Vec::new();
     wait_line(&rx, &mut seen, &nodes[1], Duration::from_secs(30));
@@ -214,16 +229,7 @@ async fn status_watch_waits_for_its_caches_says_when_the_connection_is_lost_and_
         "printed with no change"
     );
     // One node changes: one line, with a time stamp.
-    Api::<Node>::all(cluster.client())
-        .patch(
-            &nodes[0],
-            &PatchParams::default(),
-            &Patch::Merge(
-                serde_json::json!({"metadata": {"annotations": {"baton.dev/state": "Staging"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    set_state(&cluster, &nodes[0], "Staging").await;
     seen.clear();
     wait_line(&rx, &mut seen, "Staging", Duration::from_secs(10));
     assert_eq!(seen.len(), 1, "{seen:?}");
@@ -260,27 +266,13 @@ async fn status_watch_waits_for_its_caches_says_when_the_connection_is_lost_and_
     // no panic. (Against a second cluster, since the first one's API server is gone.)
     let (cluster, nodes) = cluster_with_policy().await;
     let kc = cluster.kubeconfig().display().to_string();
-    let mut child = Command::new(BIN)
-        .args(["--kubeconfig", &kc, "status", "-w"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = watch(&kc);
     let rx = lines_of(&mut child);
     let mut seen = Vec::new();
     wait_line(&rx, &mut seen, &nodes[1], Duration::from_secs(30));
     drop(rx); // the reader thread ends at its next line and closes the pipe
     for state in ["Staging", "RebootRequired", "Staging"] {
-        Api::<Node>::all(cluster.client())
-            .patch(
-                &nodes[0],
-                &PatchParams::default(),
-                &Patch::Merge(
-                    serde_json::json!({"metadata": {"annotations": {"baton.dev/state": state}}}),
-                ),
-            )
-            .await
-            .unwrap();
+        set_state(&cluster, &nodes[0], state).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(20);
