@@ -24,7 +24,8 @@ pub use drain::{DrainSpec, OnTimeout};
 pub use health::{AlertmanagerSilence, HealthSpec, PrometheusGate};
 pub use hooks::{Hook, HooksSpec};
 pub use policy::{
-    FailurePolicy, OrderingSpec, UpdatePolicy, UpdatePolicySpec, UpdatePolicyStatus, WindowMode,
+    ControlPlaneOrder, FailurePolicy, OrderingSpec, UpdatePolicy, UpdatePolicySpec,
+    UpdatePolicyStatus, WindowMode,
 };
 pub use protocol::{AgentState, ProtocolError};
 pub use release::Release;

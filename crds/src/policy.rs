@@ -127,6 +127,26 @@ pub struct OrderingSpec {
     #[x_kube(validation = Rule::new("size(self) > 0").message("zoneLabel must name a node label, such as topology.kubernetes.io/zone"))]
     #[schemars(length(max = 316))]
     pub zone_label: String,
+    /// Where control-plane nodes (`node-role.kubernetes.io/control-plane`) go: `Last`
+    /// (after every worker of the pool, the default), `First` or `Any` (in the usual
+    /// order). Whatever this says, they go one at a time, and only while etcd keeps
+    /// quorum with that node down (see docs/rollout.md, "Control-plane nodes").
+    #[serde(default)]
+    pub control_plane: ControlPlaneOrder,
+}
+
+/// Where control-plane nodes go in a rollout.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum ControlPlaneOrder {
+    /// After every worker of the pool that asks for a reboot.
+    #[default]
+    Last,
+    /// Before any worker of the pool.
+    First,
+    /// In the usual order (operator's node last, then zone, age and name).
+    Any,
 }
 
 /// What baton observes of its pool, written by the operator.
@@ -136,8 +156,8 @@ pub struct UpdatePolicyStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `Progressing`, `Halted`, `Paused`, `InvalidSpec`, `Overlapping` and
-    /// `GateClosed`.
+    /// `Ready`, `Progressing`, `Halted`, `Paused`, `InvalidSpec`, `Overlapping`,
+    /// `GateClosed` and (for a pool with control-plane nodes) `EtcdHeld`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Nodes the policy selects.
@@ -214,6 +234,11 @@ pub mod condition {
     /// Some nodes this policy selects are selected by another policy too: baton leaves
     /// them alone until the selectors are disjoint (reported on every policy involved).
     pub const OVERLAPPING: &str = "Overlapping";
+    /// The etcd quorum guard holds a control-plane node back (a member unhealthy,
+    /// behind its leader or unreachable, or a rebooted member not yet caught up); the
+    /// message names the node and why. False says what the guard sees (etcd healthy,
+    /// external, or not observed). Absent when the pool has no control-plane node.
+    pub const ETCD_HELD: &str = "EtcdHeld";
 }
 
 impl Default for FailurePolicy {
@@ -229,6 +254,7 @@ impl Default for OrderingSpec {
         OrderingSpec {
             one_zone_at_a_time: true,
             zone_label: default_zone_label(),
+            control_plane: ControlPlaneOrder::default(),
         }
     }
 }

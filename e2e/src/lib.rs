@@ -9,4 +9,5 @@ pub mod footprint;
 pub mod image;
 pub mod invariants;
 pub mod makespan;
+pub mod quorum;
 pub mod scenario;

@@ -195,7 +195,17 @@ impl Scenario {
         identity: &str,
         clock: Option<Arc<operator::clock::Clock>>,
     ) -> tokio::task::JoinHandle<()> {
-        let config = replica_config(identity);
+        self.operator_with(client, replica_config(identity, &[]), clock)
+    }
+
+    /// [`Scenario::operator_on`] with a configuration of its own (see
+    /// [`replica_config`]).
+    pub fn operator_with(
+        &self,
+        client: Client,
+        config: operator::config::Config,
+        clock: Option<Arc<operator::clock::Clock>>,
+    ) -> tokio::task::JoinHandle<()> {
         let metrics = Arc::clone(&self.metrics);
         let clock = clock.unwrap_or_else(|| Arc::new(operator::clock::Clock::system()));
         tokio::spawn(async move {
@@ -252,6 +262,32 @@ impl Scenario {
         kubectl_baton::steer::set_policy_paused(self.client.clone(), POLICY, false)
             .await
             .expect("kubectl baton resume");
+    }
+
+    /// `kubectl baton why <node>` as the plugin computes it, from the API's objects now.
+    pub async fn why(&self, node: &str) -> String {
+        let policies = self
+            .policies()
+            .list(&ListParams::default())
+            .await
+            .expect("list the policies")
+            .items;
+        let nodes = list(&self.nodes()).await;
+        let leases = self
+            .leases()
+            .list(&ListParams::default())
+            .await
+            .expect("list the Leases")
+            .items;
+        let blocking = std::collections::BTreeMap::new();
+        let seen = kubectl_baton::why::Observed {
+            policies: &policies,
+            nodes: &nodes,
+            leases: &leases,
+            blocking: &blocking,
+            now: jiff::Timestamp::now(),
+        };
+        kubectl_baton::why::render(node, &seen, None).expect("the node exists")
     }
 
     /// Every Node.
@@ -529,9 +565,9 @@ pub fn finish(watcher: Watcher, name: &str) -> Report {
 }
 
 /// The configuration of an operator replica named `identity`: leader Lease 3 s,
-/// renewed every second, Force drains allowed.
-pub fn replica_config(identity: &str) -> operator::config::Config {
-    operator::config::Config::try_parse_from([
+/// renewed every second, Force drains allowed, and the `extra` flags.
+pub fn replica_config(identity: &str, extra: &[String]) -> operator::config::Config {
+    let flags = [
         "baton-operator",
         "--namespace",
         NAMESPACE,
@@ -542,7 +578,13 @@ pub fn replica_config(identity: &str) -> operator::config::Config {
         "--leader-renew-interval",
         "1s",
         "--allow-force-drain=true",
-    ])
+    ];
+    operator::config::Config::try_parse_from(
+        flags
+            .iter()
+            .map(|f| f.to_string())
+            .chain(extra.iter().cloned()),
+    )
     .expect("valid operator flags")
 }
 

@@ -376,6 +376,43 @@ fn every_backend_renders_with_only_the_privileges_its_table_lists() {
         find(&netpol, "NetworkPolicy").unwrap()["spec"]["ingress"],
         json!([])
     );
+    // etcd access for the quorum guard: off by default; with it, the endpoints and the
+    // client certificate's files, from a Secret mounted read-only, as the operator
+    // parses them.
+    let pod = &deploy["spec"]["template"]["spec"];
+    assert!(!pod["containers"][0]["args"].to_string().contains("etcd"));
+    assert!(pod["volumes"].is_null());
+    let etcd = template(&[
+        "operator.etcd.endpoints={https://10.0.0.1:2379,https://10.0.0.2:2379}",
+        "operator.etcd.clientSecret=baton-etcd-client",
+    ]);
+    let pod = &find(&etcd, "Deployment").unwrap()["spec"]["template"]["spec"];
+    let args: Vec<String> = pod["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let config = operator::config::Config::try_parse_from(
+        std::iter::once("baton-operator".to_string()).chain(args),
+    )
+    .unwrap();
+    assert_eq!(
+        config.etcd.endpoints,
+        ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
+    );
+    assert_eq!(
+        config.etcd.key.unwrap().display().to_string(),
+        "/etc/baton/etcd/tls.key"
+    );
+    assert_eq!(
+        pod["volumes"][0]["secret"]["secretName"],
+        "baton-etcd-client"
+    );
+    assert_eq!(
+        pod["containers"][0]["volumeMounts"][0],
+        json!({"name": "etcd-client", "mountPath": "/etc/baton/etcd", "readOnly": true})
+    );
 }
 
 fn chart_str() -> &'static str {

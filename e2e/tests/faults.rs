@@ -73,7 +73,7 @@ async fn the_leader_killed_at_random_moments_breaks_no_rule() {
                     // It comes back (as a restarted pod would) and stands by.
                     slot.1 = tokio::spawn(operator::replica::run_replica(
                         client.clone(),
-                        replica_config(&leader),
+                        replica_config(&leader, &[]),
                     ));
                 }
             }

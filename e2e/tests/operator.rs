@@ -760,7 +760,7 @@ async fn overlapping_policies_both_say_so_at_once_and_both_clear_at_once() {
     // `kubectl baton why` on a node of the paused policy, from the API's objects: the
     // reason decide gives, at the gate that stops it; and one Waiting Event per reason.
     let node = s.names[0].clone();
-    let text = why_text(&s, &node).await;
+    let text = s.why(&node).await;
     eprintln!("[overlap] kubectl baton why {node}:\n{text}");
     assert!(text.contains("  decision  policy paused\n"), "{text}");
     let stop: Vec<&str> = text.lines().filter(|l| l.contains("STOP")).collect();
@@ -852,31 +852,6 @@ async fn wide_table(
             (cells["Name"].clone(), cells)
         })
         .collect()
-}
-
-/// `kubectl baton why <node>` as the plugin computes it, from the API's objects now.
-async fn why_text(s: &Scenario, node: &str) -> String {
-    let policies = s
-        .policies()
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items;
-    let nodes = list(&s.nodes()).await;
-    let leases: Vec<Lease> = Api::<Lease>::namespaced(s.client.clone(), "baton-system")
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items;
-    let blocking = std::collections::BTreeMap::new();
-    let seen = kubectl_baton::why::Observed {
-        policies: &policies,
-        nodes: &nodes,
-        leases: &leases,
-        blocking: &blocking,
-        now: jiff::Timestamp::now(),
-    };
-    kubectl_baton::why::render(node, &seen, None).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

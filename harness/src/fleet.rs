@@ -20,6 +20,15 @@ use crate::{
     process::{Supervised, cannot_run, check_runnable},
 };
 
+/// What else happens to a machine when it reboots (such as its etcd member stopping
+/// and starting again). Called from the machine's supervisor thread.
+pub trait MachineHooks: Send + Sync + std::fmt::Debug {
+    /// `node` went down (its agent exited for the reboot).
+    fn down(&self, node: &str);
+    /// `node` is back up, just before its agent starts again.
+    fn up(&self, node: &str);
+}
+
 /// How the fleet's agents run.
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
@@ -37,6 +46,8 @@ pub struct FleetOptions {
     pub args: Vec<String>,
     /// Extra arguments per node (such as each machine's disk image).
     pub node_args: BTreeMap<String, Vec<String>>,
+    /// What else a reboot does.
+    pub hooks: Option<Arc<dyn MachineHooks>>,
 }
 
 impl FleetOptions {
@@ -55,6 +66,7 @@ impl FleetOptions {
             reboot_time,
             args: args.into_iter().map(Into::into).collect(),
             node_args: BTreeMap::new(),
+            hooks: None,
         }
     }
 }
@@ -290,7 +302,18 @@ impl Supervisor {
             if code == Some(0) {
                 log.reboots += 1;
                 drop(log);
+                if let Some(hooks) = &self.options.hooks {
+                    hooks.down(&self.node);
+                }
                 sleep_unless_stopped(self.options.reboot_time, &self.stop);
+                if let Some(hooks) = self
+                    .options
+                    .hooks
+                    .as_ref()
+                    .filter(|_| !self.stop.load(Ordering::SeqCst))
+                {
+                    hooks.up(&self.node);
+                }
             } else {
                 log.restarts += 1;
                 drop(log);

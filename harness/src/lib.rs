@@ -14,6 +14,7 @@ pub mod binaries;
 pub mod cluster;
 pub mod dbus;
 pub mod error;
+pub mod etcd;
 pub mod fleet;
 pub mod identity;
 pub mod image_server;

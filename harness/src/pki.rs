@@ -28,62 +28,26 @@ pub struct Pki {
 impl Pki {
     /// Generates everything into `dir`.
     pub fn generate(dir: &Path) -> Result<Pki> {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-        let write = |name: &str, text: String| -> Result<PathBuf> {
-            let path = dir.join(name);
-            std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))?;
-            Ok(path)
-        };
-
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "baton-e2e-ca");
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
-        let ca_cert = write("ca.crt", ca.pem())?;
-
-        let mut serving = CertificateParams::new(vec![
-            "localhost".to_string(),
-            "kubernetes".into(),
-            "kubernetes.default.svc".into(),
-        ])?;
-        serving
-            .subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
-        serving
-            .distinguished_name
-            .push(DnType::CommonName, "kube-apiserver");
-        serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate()?;
-        let cert = serving.signed_by(&key, &ca)?;
-        let serving = (
-            write("apiserver.crt", cert.pem())?,
-            write("apiserver.key", key.serialize_pem())?,
-        );
-
-        let mut admin = CertificateParams::new(Vec::<String>::new())?;
-        admin
-            .distinguished_name
-            .push(DnType::CommonName, "baton-e2e-admin");
-        admin
-            .distinguished_name
-            .push(DnType::OrganizationName, "system:masters");
-        admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate()?;
-        let cert = admin.signed_by(&key, &ca)?;
-        let admin = (
-            write("admin.crt", cert.pem())?,
-            write("admin.key", key.serialize_pem())?,
-        );
-
+        let files = Files::new(dir)?;
+        let ca = ca("baton-e2e-ca")?;
+        let ca_cert = files.write("ca.crt", ca.pem())?;
+        let serving = files.leaf(
+            "apiserver",
+            &ca,
+            &["localhost", "kubernetes", "kubernetes.default.svc"],
+            &[("kube-apiserver", None)],
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+        )?;
+        let admin = files.leaf(
+            "admin",
+            &ca,
+            &[],
+            &[("baton-e2e-admin", Some("system:masters"))],
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        )?;
         let sa = KeyPair::generate()?;
-        let sa_key = write("sa.key", sa.serialize_pem())?;
-        let sa_pub = write("sa.pub", sa.public_key_pem())?;
+        let sa_key = files.write("sa.key", sa.serialize_pem())?;
+        let sa_pub = files.write("sa.pub", sa.public_key_pem())?;
         Ok(Pki {
             ca_cert,
             serving,
@@ -92,6 +56,70 @@ impl Pki {
             sa_pub,
         })
     }
+}
+
+/// A directory certificates are written into.
+struct Files<'a>(&'a Path);
+
+impl<'a> Files<'a> {
+    fn new(dir: &'a Path) -> Result<Files<'a>> {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        Ok(Files(dir))
+    }
+
+    fn write(&self, name: &str, text: String) -> Result<PathBuf> {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))?;
+        Ok(path)
+    }
+
+    /// A certificate signed by `ca` for `names` (and 127.0.0.1 when it has names), with
+    /// the common name and organization of `subject`, written as `{name}.crt` and
+    /// `{name}.key`.
+    fn leaf(
+        &self,
+        name: &str,
+        ca: &CertifiedIssuer<'static, KeyPair>,
+        names: &[&str],
+        subject: &[(&str, Option<&str>)],
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<(PathBuf, PathBuf)> {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        if !names.is_empty() {
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        }
+        for (cn, org) in subject {
+            params.distinguished_name.push(DnType::CommonName, *cn);
+            if let Some(org) = org {
+                params
+                    .distinguished_name
+                    .push(DnType::OrganizationName, *org);
+            }
+        }
+        params.extended_key_usages = usages;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, ca)?;
+        Ok((
+            self.write(&format!("{name}.crt"), cert.pem())?,
+            self.write(&format!("{name}.key"), key.serialize_pem())?,
+        ))
+    }
+}
+
+/// A self-signed CA named `cn`.
+fn ca(cn: &str) -> Result<CertifiedIssuer<'static, KeyPair>> {
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, cn);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?)
 }
 
 /// A TLS acceptor for a loopback server (`localhost`, `127.0.0.1`) with a CA of its
@@ -148,4 +176,46 @@ pub async fn serve_https(
         }
     });
     Ok((port, task))
+}
+
+/// Files written by [`etcd`]: etcd's own CA, a serving certificate for loopback that
+/// also authenticates as a client (etcd's gateway dials its own gRPC server with it),
+/// and a client certificate for baton.
+#[derive(Debug, Clone)]
+pub struct EtcdPki {
+    /// The CA certificate.
+    pub ca_cert: PathBuf,
+    /// The members' certificate and key.
+    pub serving: (PathBuf, PathBuf),
+    /// baton's client certificate and key.
+    pub client: (PathBuf, PathBuf),
+}
+
+/// Generates an etcd PKI into `dir`.
+pub fn etcd(dir: &Path) -> Result<EtcdPki> {
+    let files = Files::new(dir)?;
+    let ca = ca("etcd-ca")?;
+    let ca_cert = files.write("etcd-ca.crt", ca.pem())?;
+    let serving = files.leaf(
+        "etcd-server",
+        &ca,
+        &["localhost"],
+        &[("etcd", None)],
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    )?;
+    let client = files.leaf(
+        "baton-etcd-client",
+        &ca,
+        &[],
+        &[("baton-etcd-client", None)],
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+    )?;
+    Ok(EtcdPki {
+        ca_cert,
+        serving,
+        client,
+    })
 }

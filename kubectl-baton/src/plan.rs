@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use jiff::{SignedDuration, Timestamp, tz::TimeZone};
 use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
 use serde::Serialize;
 
 use crds::UpdatePolicy;
@@ -74,6 +75,10 @@ pub struct PlanReport {
     pub updated: usize,
     /// When the last node is done, if every node is within the horizon.
     pub expected_end: Option<Timestamp>,
+    /// What an operator should know before this rollout (such as the API going down
+    /// while a cluster's only control-plane node reboots).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One node of a [`PlanReport`].
@@ -184,6 +189,25 @@ pub fn simulate(
         .collect();
     let updated = rows.values().filter(|r| r.end.is_some()).count();
     let last = rows.values().filter_map(|r| r.end).max();
+    // The cluster's only control-plane node, when this pool takes it: the API server is
+    // down while it reboots.
+    let control_plane: Vec<&Node> = nodes
+        .iter()
+        .filter(|n| rollout::etcd::is_control_plane(n.labels()))
+        .collect();
+    let warnings = match control_plane.as_slice() {
+        [only] if rows.contains_key(&only.name_any()) => vec![format!(
+            "{} is the cluster's only control-plane node: it goes alone, {}, and the Kubernetes API is down while it reboots (about {} here); baton finishes it when the API is back",
+            only.name_any(),
+            match rules.control_plane {
+                crds::ControlPlaneOrder::First => "first",
+                crds::ControlPlaneOrder::Last => "last",
+                crds::ControlPlaneOrder::Any => "in the usual order",
+            },
+            crds::duration::format(reboot(&only.name_any()).unsigned_abs()),
+        )],
+        _ => Vec::new(),
+    };
     Ok(PlanReport {
         api_version: REPORT_VERSION,
         kind: "Plan",
@@ -198,6 +222,7 @@ pub fn simulate(
         rows: out_rows,
         updated,
         expected_end: last.filter(|_| updated == total),
+        warnings,
     })
 }
 
@@ -264,6 +289,9 @@ pub fn text(plan: &PlanReport, opts: &PlanOptions) -> String {
                 plan.horizon, plan.updated, plan.nodes
             );
         }
+    }
+    for warning in &plan.warnings {
+        let _ = writeln!(out, "warning: {warning}");
     }
     out
 }

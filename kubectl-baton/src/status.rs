@@ -132,13 +132,7 @@ pub fn reasons(
         return BTreeMap::new();
     };
     let (mut snapshot, _) = Snapshot::from_objects(nodes, leases, policies, &rules.name, None);
-    // The alert gate is the operator's to query; it reports it as a condition.
-    snapshot.gate = policy.status.as_ref().and_then(|s| {
-        s.conditions
-            .iter()
-            .find(|c| c.type_ == condition::GATE_CLOSED && c.status == "True")
-            .map(|c| c.message.clone())
-    });
+    reported(policy, &mut snapshot);
     snapshot.mark_blocked(blocking);
     let plan = rollout::decide(&snapshot, &rules, now);
     plan.nodes
@@ -405,6 +399,23 @@ pub fn render(
         &report(policies, nodes, leases, &BTreeMap::new(), only, now),
         None,
     )
+}
+
+/// What only the operator can see, as it reports it in `policy`'s conditions: the
+/// alert gate (`GateClosed`) and the etcd quorum guard (`EtcdHeld`).
+pub fn reported(policy: &UpdatePolicy, snapshot: &mut Snapshot) {
+    let held = |type_: &str| {
+        policy.status.as_ref().and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == type_ && c.status == "True")
+                .map(|c| c.message.clone())
+        })
+    };
+    snapshot.gate = held(condition::GATE_CLOSED);
+    if let Some(why) = held(condition::ETCD_HELD) {
+        snapshot.etcd = rollout::etcd::Etcd::Reported(why);
+    }
 }
 
 #[cfg(test)]

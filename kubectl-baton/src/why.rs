@@ -10,7 +10,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::ResourceExt;
 
-use crds::{UpdatePolicy, policy::condition};
+use crds::UpdatePolicy;
 use rollout::{Action, NodeView, Policy, Snapshot, phase::Phase, selector::Selector, why};
 
 use crate::Error;
@@ -78,12 +78,7 @@ pub fn render(node: &str, seen: &Observed, predicted: Option<Timestamp>) -> Resu
     })?;
     let (mut snapshot, _) =
         Snapshot::from_objects(seen.nodes, seen.leases, seen.policies, &rules.name, None);
-    snapshot.gate = policy.status.as_ref().and_then(|s| {
-        s.conditions
-            .iter()
-            .find(|c| c.type_ == condition::GATE_CLOSED && c.status == "True")
-            .map(|c| c.message.clone())
-    });
+    crate::status::reported(policy, &mut snapshot);
     snapshot.mark_blocked(seen.blocking);
     let plan = rollout::decide(&snapshot, &rules, seen.now);
     let view = snapshot

@@ -152,6 +152,40 @@ fn a_slow_node_and_the_operator_node_change_the_timeline() {
 }
 
 #[test]
+fn a_single_control_plane_node_goes_last_alone_and_plan_warns_that_the_api_is_down() {
+    let mut policy: UpdatePolicy = serde_yaml_ng::from_str(POLICY).unwrap();
+    policy.spec.maintenance_windows.clear();
+    let mut nodes: Vec<Node> = (1..=4).map(node).collect();
+    nodes[0].metadata.labels.as_mut().unwrap().insert(
+        "node-role.kubernetes.io/control-plane".into(),
+        String::new(),
+    );
+    let out = render(&policy, &nodes, &opts()).unwrap();
+    println!("{out}");
+    let start = |n: &str| {
+        let line = out.lines().find(|l| l.contains(n)).unwrap();
+        line.get(..16).unwrap().to_string()
+    };
+    // Three workers two at a time (12:00, 12:00, 12:30), then node-01 alone (13:00).
+    assert_eq!(start("node-02"), "2026-11-27 12:00");
+    assert_eq!(start("node-04"), "2026-11-27 12:30");
+    assert_eq!(start("node-01"), "2026-11-27 13:00");
+    let last = out.lines().rfind(|l| l.starts_with("2026-")).unwrap();
+    assert!(last.contains("node-01"), "it goes last:\n{out}");
+    assert!(
+        out.contains("warning: node-01 is the cluster's only control-plane node: it goes alone, last, and the Kubernetes API is down while it reboots (about 30m here)"),
+        "{out}"
+    );
+    // With two control-plane nodes there is no such warning.
+    nodes[1].metadata.labels.as_mut().unwrap().insert(
+        "node-role.kubernetes.io/control-plane".into(),
+        String::new(),
+    );
+    let out = render(&policy, &nodes, &opts()).unwrap();
+    assert!(!out.contains("warning:"), "{out}");
+}
+
+#[test]
 fn an_invalid_policy_is_refused_with_every_problem() {
     let mut policy: UpdatePolicy = serde_yaml_ng::from_str(POLICY).unwrap();
     policy.spec.maintenance_windows[0].time_zone = "Nowhere/Land".into();

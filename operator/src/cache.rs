@@ -44,9 +44,12 @@ impl Fingerprint for UpdatePolicy {
 }
 
 /// Strips a Node to what baton reads: metadata without managed fields, the spec's
-/// `unschedulable`, and the `Ready` condition. Images, addresses, capacity, node info
-/// and the other conditions dominate a Node's size and baton reads none of them.
+/// `unschedulable`, the `Ready` condition, and a control-plane node's internal
+/// addresses (to find its etcd member by peer address). Images, the other addresses,
+/// capacity, node info and the other conditions dominate a Node's size and baton reads
+/// none of them.
 pub fn slim(node: &mut Node) {
+    let control_plane = rollout::etcd::is_control_plane(node.labels());
     node.managed_fields_mut().clear();
     if let Some(spec) = node.spec.as_mut() {
         *spec = NodeSpec {
@@ -59,8 +62,14 @@ pub fn slim(node: &mut Node) {
             .conditions
             .take()
             .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect());
+        let addresses = status
+            .addresses
+            .take()
+            .filter(|_| control_plane)
+            .map(|a| a.into_iter().filter(|a| a.type_ == "InternalIP").collect());
         *status = NodeStatus {
             conditions: ready,
+            addresses,
             ..Default::default()
         };
     }

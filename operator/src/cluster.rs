@@ -188,6 +188,21 @@ pub trait Cluster: Send + Sync {
         let _ = (name, key);
         async { None }
     }
+    /// etcd as the quorum guard sees it (not observed where the operator has no etcd
+    /// access, as in the simulation).
+    fn etcd(&self) -> impl Future<Output = rollout::etcd::Etcd> + Send {
+        async { rollout::etcd::Etcd::NotObserved }
+    }
+    /// Moves etcd leadership from the leader at `leader_url` to member `to`, returning
+    /// once the transfer is done or failed.
+    fn move_leader(
+        &self,
+        leader_url: &str,
+        to: u64,
+    ) -> impl Future<Output = Result<(), crate::etcd::EtcdError>> + Send {
+        let _ = (leader_url, to);
+        async { Ok(()) }
+    }
     /// Why the Prometheus alert gate is closed at `now`, or `None` when it is open.
     fn alert_gate(
         &self,
@@ -522,6 +537,23 @@ impl Cluster for Kube {
 
     async fn alert_gate(&self, gate: &AlertGate, now: Timestamp) -> Option<String> {
         self.0.alerts.verdict(gate, now).await
+    }
+
+    async fn etcd(&self) -> rollout::etcd::Etcd {
+        match &self.0.etcd {
+            Some(etcd) => etcd.observe(&self.nodes()).await,
+            None => rollout::etcd::Etcd::NotObserved,
+        }
+    }
+
+    async fn move_leader(&self, leader_url: &str, to: u64) -> Result<(), crate::etcd::EtcdError> {
+        match &self.0.etcd {
+            Some(etcd) => etcd.move_leader(leader_url, to).await,
+            None => Err(crate::etcd::EtcdError::Refused {
+                url: leader_url.to_string(),
+                message: "the operator has no etcd access".into(),
+            }),
+        }
     }
 
     async fn silences(

@@ -61,6 +61,10 @@ pub struct Config {
     #[arg(long, env = "BATON_ALLOW_FORCE_DRAIN", default_value_t = false, action = clap::ArgAction::Set)]
     pub allow_force_drain: bool,
 
+    /// etcd access, for the quorum guard on control-plane nodes.
+    #[command(flatten)]
+    pub etcd: crate::etcd::EtcdAccess,
+
     /// Logging.
     #[command(flatten)]
     pub log: telemetry::LogArgs,

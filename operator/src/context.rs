@@ -24,6 +24,8 @@ pub struct Context {
     pub(crate) alerts: crate::alert::Alerts,
     pub(crate) silences: crate::silence::Alertmanager,
     pub(crate) notifier: crate::notify::Notifier,
+    /// etcd, when the operator has access to it.
+    pub(crate) etcd: Option<crate::etcd::EtcdClient>,
     pub(crate) clock: Arc<crate::clock::Clock>,
     /// Writes not yet seen in the caches (`readback`).
     pub(crate) expectations: std::sync::Mutex<rollout::expectations::Expectations>,

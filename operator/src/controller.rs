@@ -70,6 +70,13 @@ pub async fn run_with_clock(
             return;
         }
     };
+    let etcd = match crate::etcd::EtcdClient::new(&config.etcd) {
+        Ok(etcd) => etcd,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up the etcd client");
+            return;
+        }
+    };
     let nodes_api: Api<Node> = Api::all(client.clone());
     let leases_api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let (nodes, node_writer) = reflector::store();
@@ -140,6 +147,7 @@ pub async fn run_with_clock(
         alerts,
         silences,
         notifier,
+        etcd,
         clock,
         expectations: std::sync::Mutex::default(),
     });

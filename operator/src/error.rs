@@ -20,6 +20,9 @@ pub enum Error {
         /// How it failed.
         refusal: crate::cluster::Refusal,
     },
+    /// etcd refused or did not answer (the quorum guard's reads and leader moves).
+    #[error("etcd: {0}")]
+    Etcd(#[from] crate::etcd::EtcdError),
     /// A value could not be encoded.
     #[error("encoding: {0}")]
     Encode(#[from] serde_json::Error),
@@ -27,7 +30,7 @@ pub enum Error {
 
 impl Error {
     /// Every `kind` label of `baton_reconcile_errors_total`, exported at 0 from the start.
-    pub const METRIC_LABELS: [&'static str; 3] = ["kube", "conflict", "encode"];
+    pub const METRIC_LABELS: [&'static str; 4] = ["kube", "conflict", "etcd", "encode"];
 
     /// The `kind` label of `baton_reconcile_errors_total` (one of [`Self::METRIC_LABELS`]).
     pub fn metric_label(&self) -> &'static str {
@@ -35,6 +38,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Conflict(_) => "conflict",
             Error::Api { .. } => "kube",
+            Error::Etcd(_) => "etcd",
             Error::Encode(_) => "encode",
         }
     }

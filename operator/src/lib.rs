@@ -20,6 +20,7 @@ pub mod context;
 pub mod controller;
 pub mod drain;
 pub mod error;
+pub mod etcd;
 pub mod event;
 pub mod fence;
 pub mod leader;

@@ -35,6 +35,10 @@ pub const RESYNC: Duration = Duration::from_secs(60);
 /// again.
 const GATE_RECHECK: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
 
+/// How often a node waiting on etcd (its quorum, a leader move, a member's rejoin) is
+/// looked at again: etcd has no watch for its members' health.
+const ETCD_RECHECK: jiff::SignedDuration = jiff::SignedDuration::from_secs(2);
+
 /// How soon a reconcile that failed with `error` is tried again.
 pub fn retry_after(error: &Error) -> Duration {
     Duration::from_secs(if matches!(error, Error::Conflict(_)) {
@@ -88,6 +92,11 @@ async fn roll_out<C: Cluster>(
     {
         snapshot.gate = c.alert_gate(gate, now).await;
     }
+    // etcd is read only while something could depend on it: a node asking for a reboot
+    // or one in flight.
+    if snapshot.nodes.iter().any(|n| n.requests_reboot()) || !snapshot.leases.is_empty() {
+        snapshot.etcd = c.etcd().await;
+    }
     let plan = decide(&snapshot, rules, now);
     c.metrics().observe(&plan);
     c.metrics()
@@ -124,7 +133,13 @@ async fn roll_out<C: Cluster>(
     // or a closed gate is looked at again after GATE_RECHECK.
     let gated = blocked || snapshot.gate.is_some();
     let blocked_recheck = gated.then(|| now.checked_add(GATE_RECHECK).ok()).flatten();
-    let next = [plan.next_change, blocked_recheck]
+    let etcd_recheck = plan
+        .nodes
+        .iter()
+        .any(|n| rollout::why::waits_on_etcd(&n.action))
+        .then(|| now.checked_add(ETCD_RECHECK).ok())
+        .flatten();
+    let next = [plan.next_change, blocked_recheck, etcd_recheck]
         .into_iter()
         .flatten()
         .min();

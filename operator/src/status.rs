@@ -97,6 +97,28 @@ pub fn from_plan(
             .as_deref()
             .unwrap_or("no health gate holds grants back"),
     );
+    match &plan.etcd {
+        Some(guard) => {
+            let message = match &guard.hold {
+                Some((node, hold)) => format!("{node}: {hold}"),
+                None => guard.summary.clone(),
+            };
+            set(
+                &mut conditions,
+                old,
+                now,
+                condition::ETCD_HELD,
+                guard.hold.is_some(),
+                if guard.hold.is_some() {
+                    "EtcdQuorumGuard"
+                } else {
+                    "NotHeld"
+                },
+                &message,
+            );
+        }
+        None => conditions.retain(|c| c.type_ != condition::ETCD_HELD),
+    }
     let progressing = plan.counts.in_progress > 0;
     set(
         &mut conditions,
@@ -173,7 +195,8 @@ pub fn raised<'a>(
                 && (c.type_ == condition::HALTED
                     || c.type_ == condition::INVALID_SPEC
                     || c.type_ == condition::OVERLAPPING
-                    || c.type_ == condition::GATE_CLOSED)
+                    || c.type_ == condition::GATE_CLOSED
+                    || c.type_ == condition::ETCD_HELD)
         })
         .filter(|c| {
             !old.is_some_and(|o| {
@@ -282,6 +305,43 @@ mod tests {
         let open = at("2026-11-28T22:00:00Z");
         let p = decide(&world.snapshot(), &rules, open);
         assert_eq!(next_window_local(&p, &rules.windows, open), None);
+    }
+
+    #[test]
+    fn the_etcd_guard_is_a_condition_only_for_pools_with_control_plane_nodes() {
+        let cond = |s: &UpdatePolicyStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == condition::ETCD_HELD)
+                .map(|c| (c.status.clone(), c.message.clone()))
+        };
+        let mut world = World::requesting(3, 1, "1", "2");
+        let now = at("2026-11-28T03:00:00Z");
+        let workers = from_plan(&plan(&world, serde_json::json!({})), false, None, None, now);
+        assert_eq!(cond(&workers), None);
+        world.nodes[0].labels.insert(
+            "node-role.kubernetes.io/control-plane".into(),
+            String::new(),
+        );
+        let not_observed = from_plan(&plan(&world, serde_json::json!({})), false, None, None, now);
+        assert_eq!(
+            cond(&not_observed),
+            Some((
+                "False".into(),
+                "etcd not observed: quorum not checked".into()
+            ))
+        );
+        world.etcd =
+            rollout::etcd::Etcd::Unreachable("https://10.0.0.1:2379: connection refused".into());
+        let spec = serde_json::json!({"ordering": {"controlPlane": "Any"}});
+        let held = from_plan(&plan(&world, spec), false, None, None, now);
+        assert_eq!(
+            cond(&held),
+            Some((
+                "True".into(),
+                "node-01: etcd is unreachable: https://10.0.0.1:2379: connection refused".into()
+            ))
+        );
     }
 
     #[test]

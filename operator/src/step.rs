@@ -6,7 +6,7 @@
 
 use jiff::Timestamp;
 use kube::runtime::events::EventType;
-use tracing::info;
+use tracing::{info, warn};
 
 use crds::{
     OnTimeout,
@@ -71,6 +71,12 @@ pub async fn perform<C: Cluster>(
             Some(n) => allow_reboot(c, node, n, boot_id).await,
             None => Ok(()),
         },
+        Action::MoveLeader {
+            from,
+            leader_url,
+            to,
+            to_id,
+        } => move_leader(c, node, from, leader_url, to, *to_id).await,
         Action::Uncordon => match seen {
             Some(n) => uncordon(c, node, n).await,
             None => Ok(()),
@@ -86,7 +92,42 @@ pub async fn perform<C: Cluster>(
             Some(n) => clear_stale_grant(c, node, n).await,
             None => Ok(()),
         },
-        Action::WaitForReboot { .. } | Action::Settle { .. } | Action::Skip(_) => Ok(()),
+        Action::WaitForReboot { .. }
+        | Action::WaitForEtcd { .. }
+        | Action::Settle { .. }
+        | Action::Skip(_) => Ok(()),
+    }
+}
+
+/// Hands etcd leadership over before the node reboots, with an Event either way. A
+/// failed transfer is an error: the node waits (its grant is not given) and the step is
+/// tried again.
+async fn move_leader<C: Cluster>(
+    c: &C,
+    node: &str,
+    from: &str,
+    leader_url: &str,
+    to: &str,
+    to_id: u64,
+) -> Result<()> {
+    match c.move_leader(leader_url, to_id).await {
+        Ok(()) => {
+            info!(%from, %to, "moved etcd leadership");
+            let note =
+                format!("moved etcd leadership from member {from} to {to} before the reboot");
+            c.event(node, EventType::Normal, "EtcdLeaderMoved", &note)
+                .await;
+            Ok(())
+        }
+        Err(e) => {
+            warn!(%from, %to, error = %e, "moving etcd leadership failed");
+            let note = format!(
+                "moving etcd leadership from member {from} to {to} failed: {e}; the node waits, it does not reboot as leader"
+            );
+            c.event(node, EventType::Warning, "EtcdLeaderMoveFailed", &note)
+                .await;
+            Err(e.into())
+        }
     }
 }
 

@@ -12,7 +12,11 @@ use jiff::Timestamp;
 use crds::{AgentState, WindowMode};
 
 use crate::{
-    plan::{Action, BudgetUse, Conflict, Counts, NodePlan, Plan, ReleaseReason, Seen, Skip},
+    control_plane::{self, Guard},
+    etcd::Etcd,
+    plan::{
+        Action, BudgetUse, Conflict, Counts, EtcdGuard, NodePlan, Plan, ReleaseReason, Seen, Skip,
+    },
     policy::{Ending, HookRule, Policy},
     snapshot::{LeaseView, NodeView, Snapshot},
     window::WindowState,
@@ -92,7 +96,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     let own_leases = snapshot.leases.iter().filter(|l| l.policy == policy.name);
     for lease in own_leases {
         let node = nodes_by_name.get(lease.node.as_str()).copied();
-        let action = step(node, lease, policy, now);
+        let action = step(node, lease, policy, &snapshot.etcd, now);
         if let Some(t) = action.timer() {
             timers.push(t);
         }
@@ -217,6 +221,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         .collect();
     rest.sort_by_cached_key(|n| order_key(n, snapshot, policy));
     let window_gate = window_gate(window, policy, now);
+    let mut guard = Guard::new(snapshot, policy, &pool, &leases_by_node);
     for node in rest {
         let action =
             if (node.cordoned_by_baton && node.unschedulable) || node.agent.reboot_ok.is_some() {
@@ -261,11 +266,15 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                     policy,
                     halted.is_some(),
                     &window_gate,
-                    free,
-                    &active_zones,
+                    Room {
+                        free,
+                        active_zones: &active_zones,
+                    },
+                    &guard,
                 ) {
                     Ok(boot_id) => {
                         free -= 1;
+                        guard.granted(node.name.as_str());
                         if policy.one_zone_at_a_time {
                             active_zones.insert(node.zone(&policy.zone_label));
                         }
@@ -295,6 +304,15 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     );
     plans.extend(publishes);
 
+    let etcd = guard.has_control_plane(&pool).then(|| EtcdGuard {
+        summary: snapshot.etcd.summary(),
+        hold: plans.iter().find_map(|p| match &p.action {
+            Action::Skip(Skip::Etcd(hold)) | Action::WaitForEtcd { hold, .. } => {
+                Some((p.node.clone(), hold.clone()))
+            }
+            _ => None,
+        }),
+    });
     let granted = plans.iter().filter(|p| p.action.is_grant()).count();
     let mut holders: Vec<String> = plans
         .iter()
@@ -338,6 +356,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         window,
         halted,
         gate: snapshot.gate.clone(),
+        etcd,
         conflicts,
         counts,
         next_change,
@@ -362,6 +381,14 @@ fn window_gate(window: WindowState, policy: &Policy, now: Timestamp) -> Result<(
     }
 }
 
+/// What is left of the pool's room for new grants in this decision.
+struct Room<'a, 'b> {
+    /// Budget left.
+    free: usize,
+    /// Zones in progress.
+    active_zones: &'a BTreeSet<&'b str>,
+}
+
 /// Whether a node that asks for a reboot may be granted now. Checks run from the
 /// reasons an admin most needs to see to the most transient.
 fn candidate(
@@ -370,9 +397,10 @@ fn candidate(
     policy: &Policy,
     halted: bool,
     window: &Result<(), Skip>,
-    free: usize,
-    active_zones: &BTreeSet<&str>,
+    room: Room,
+    guard: &Guard,
 ) -> Result<crds::protocol::BootId, Skip> {
+    let Room { free, active_zones } = room;
     if halted {
         return Err(Skip::Halted);
     }
@@ -400,6 +428,7 @@ fn candidate(
         return Err(Skip::Gate(gate.clone()));
     }
     window.clone()?;
+    guard.check(&node.name)?;
     if free == 0 {
         return Err(Skip::Budget);
     }
@@ -438,7 +467,13 @@ fn is_up_to_date(node: &NodeView, policy: &Policy) -> bool {
 }
 
 /// The next step of a node that holds one of the policy's leases.
-fn step(node: Option<&NodeView>, lease: &LeaseView, policy: &Policy, now: Timestamp) -> Action {
+fn step(
+    node: Option<&NodeView>,
+    lease: &LeaseView,
+    policy: &Policy,
+    etcd: &Etcd,
+    now: Timestamp,
+) -> Action {
     if let Some(reason) = &lease.failure {
         // A failure counts until an admin retries it, even once its node is gone.
         let reason = match node {
@@ -495,6 +530,9 @@ fn step(node: Option<&NodeView>, lease: &LeaseView, policy: &Policy, now: Timest
             };
         };
         if agent.reboot_ok.as_ref() != Some(&boot_id) {
+            if control_plane::is_control_plane(node, etcd) {
+                return before_control_plane_reboot(node, etcd, boot_id, reboot_deadline);
+            }
             return Action::AllowReboot { boot_id };
         }
         return Action::WaitForReboot {
@@ -533,6 +571,22 @@ fn step(node: Option<&NodeView>, lease: &LeaseView, policy: &Policy, now: Timest
             deadline: reboot_deadline,
         };
     }
+    if control_plane::is_control_plane(node, etcd)
+        && let Err(hold) = etcd.rejoined(&node.name)
+    {
+        if now >= reboot_deadline {
+            return Action::Fail {
+                reason: format!(
+                    "its etcd member did not rejoin within rebootTimeout ({}): {hold}",
+                    human(policy.reboot_timeout)
+                ),
+            };
+        }
+        return Action::WaitForEtcd {
+            hold,
+            deadline: reboot_deadline,
+        };
+    }
     if let Some(hook) = &policy.after_reboot {
         let missing = missing(node, hook);
         if !missing.is_empty() {
@@ -554,6 +608,43 @@ fn step(node: Option<&NodeView>, lease: &LeaseView, policy: &Policy, now: Timest
         return Action::Uncordon;
     }
     Action::MarkDone
+}
+
+/// The last gate before a drained control-plane node may reboot: etcd keeps quorum
+/// without it, and its member does not lead (leadership is moved first). Until both
+/// hold it waits, within the reboot's bound.
+fn before_control_plane_reboot(
+    node: &NodeView,
+    etcd: &Etcd,
+    boot_id: crds::protocol::BootId,
+    deadline: Timestamp,
+) -> Action {
+    if let Err(hold) = etcd.may_go_down(&node.name) {
+        return Action::WaitForEtcd { hold, deadline };
+    }
+    match etcd.successor(&node.name) {
+        None => Action::AllowReboot { boot_id },
+        Some(Err(hold)) => Action::WaitForEtcd { hold, deadline },
+        Some(Ok(next)) => {
+            let leader = etcd.member_of(&node.name);
+            match leader.and_then(|l| l.client_url.clone().map(|url| (l, url))) {
+                Some((leader, leader_url)) => Action::MoveLeader {
+                    from: leader.name.clone(),
+                    leader_url,
+                    to: next.name.clone(),
+                    to_id: next.id,
+                },
+                None => Action::WaitForEtcd {
+                    hold: crate::etcd::Hold::Unhealthy {
+                        member: node.name.clone(),
+                        problem: "it leads but advertises no client URL to move leadership through"
+                            .into(),
+                    },
+                    deadline,
+                },
+            }
+        }
+    }
 }
 
 /// Cordon, before-reboot hooks and drain, in that order.
@@ -606,7 +697,7 @@ fn wind_down(snapshot: &Snapshot, policy: &Policy, ending: Ending, now: Timestam
         .collect();
     for lease in snapshot.leases.iter().filter(|l| l.policy == policy.name) {
         let node = nodes_by_name.get(lease.node.as_str()).copied();
-        let action = wind_down_step(node, lease, &finishing, ending, now);
+        let action = wind_down_step(node, lease, &finishing, &snapshot.etcd, ending, now);
         timers.extend(action.timer());
         match &action {
             Action::Skip(Skip::Failed(_)) | Action::Fail { .. } => counts.failed += 1,
@@ -636,6 +727,7 @@ fn wind_down(snapshot: &Snapshot, policy: &Policy, ending: Ending, now: Timestam
         window: policy.windows.state(now),
         halted: None,
         gate: None,
+        etcd: None,
         conflicts: Vec::new(),
         counts,
         next_change: timers.into_iter().filter(|t| *t > now).min(),
@@ -646,6 +738,7 @@ fn wind_down_step(
     node: Option<&NodeView>,
     lease: &LeaseView,
     policy: &Policy,
+    etcd: &Etcd,
     ending: Ending,
     now: Timestamp,
 ) -> Action {
@@ -669,7 +762,7 @@ fn wind_down_step(
         };
     }
     if may_be_rebooting(node, lease) {
-        return step(Some(node), lease, policy, now);
+        return step(Some(node), lease, policy, etcd, now);
     }
     Action::Abort {
         reason: format!("{why}: ending the grant before the reboot"),

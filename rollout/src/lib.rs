@@ -5,6 +5,9 @@
 //! - [`window`]: maintenance windows (cron or weekdays, IANA zones, DST).
 //! - [`policy`]: a spec parsed and checked once.
 //! - [`snapshot`]: the observed cluster.
+//! - [`etcd`]: etcd's members and the quorum guard's checks.
+//! - [`control_plane`]: control-plane nodes: one at a time, in their place, alone when
+//!   only one.
 //! - [`phase`]: a node's combined phase (operator and agent), as shown and counted.
 //! - [`decide()`]: the next action for every node, and when to look again.
 //! - [`expectations`]: read-your-writes over the operator's watch caches.
@@ -15,7 +18,9 @@
 #![forbid(unsafe_code)]
 
 pub mod alert;
+pub mod control_plane;
 pub mod decide;
+pub mod etcd;
 pub mod expectations;
 pub mod notify;
 pub mod phase;

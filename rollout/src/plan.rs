@@ -12,6 +12,15 @@ use crds::{
 
 use crate::window::WindowState;
 
+/// The etcd quorum guard, as a plan reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdGuard {
+    /// What it sees, in words (members healthy, external etcd, not observed).
+    pub summary: String,
+    /// The first control-plane node it holds, and why.
+    pub hold: Option<(String, crate::etcd::Hold)>,
+}
+
 /// The decision for one policy at one moment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -31,6 +40,9 @@ pub struct Plan {
     pub halted: Option<String>,
     /// Why a cluster-wide health gate holds new grants back, if one does.
     pub gate: Option<String>,
+    /// For a pool with control-plane nodes: what the etcd quorum guard sees, and the
+    /// first hold it puts on one of them, if any.
+    pub etcd: Option<EtcdGuard>,
     /// Nodes that another policy also selects; neither policy touches them.
     pub conflicts: Vec<Conflict>,
     /// Counts for the status.
@@ -185,6 +197,26 @@ pub enum Action {
         /// The boot the grant names.
         boot_id: BootId,
     },
+    /// Move etcd leadership away from the member on this node before it reboots: its
+    /// member leads, and a reboot would cost an election.
+    MoveLeader {
+        /// The leading member's name.
+        from: String,
+        /// Its client URL, where the transfer is asked for.
+        leader_url: String,
+        /// The member to take over.
+        to: String,
+        /// Its member ID.
+        to_id: u64,
+    },
+    /// Wait for etcd: quorum would not hold with this node down, or its member has not
+    /// rejoined and caught up since the reboot.
+    WaitForEtcd {
+        /// What etcd is waited on for.
+        hold: crate::etcd::Hold,
+        /// When waiting fails the node (the reboot's bound).
+        deadline: Timestamp,
+    },
     /// Wait for the node to come back Ready on the new version.
     WaitForReboot {
         /// When waiting fails the node.
@@ -275,6 +307,11 @@ pub enum Skip {
     Conflict(Vec<String>),
     /// It failed; an admin must retry it.
     Failed(String),
+    /// A control-plane rule holds it: one at a time, workers first, or the only
+    /// control-plane node alone.
+    ControlPlane(String),
+    /// The etcd quorum guard holds it.
+    Etcd(crate::etcd::Hold),
 }
 
 impl fmt::Display for Action {
@@ -294,6 +331,12 @@ impl fmt::Display for Action {
             Action::DrainTimedOut(on) => write!(f, "drain timed out: {on:?}"),
             Action::Publish { version, .. } => write!(f, "publish release {version}"),
             Action::AllowReboot { .. } => write!(f, "allow the reboot"),
+            Action::MoveLeader { from, to, .. } => {
+                write!(f, "move etcd leadership from {from} to {to}")
+            }
+            Action::WaitForEtcd { hold, deadline } => {
+                write!(f, "wait for etcd until {deadline}: {hold}")
+            }
             Action::WaitForReboot { deadline } => write!(f, "wait for the reboot until {deadline}"),
             Action::RunAfterHooks { missing, deadline } => {
                 write!(
@@ -343,6 +386,8 @@ impl fmt::Display for Skip {
             Skip::Malformed(errors) => write!(f, "malformed annotations: {}", errors.join("; ")),
             Skip::Conflict(others) => write!(f, "also selected by {}", others.join(", ")),
             Skip::Failed(why) => write!(f, "failed: {why}"),
+            Skip::ControlPlane(why) => write!(f, "{why}"),
+            Skip::Etcd(hold) => write!(f, "etcd quorum guard: {hold}"),
         }
     }
 }
@@ -358,6 +403,7 @@ impl Action {
         match self {
             Action::RunBeforeHooks { deadline, .. }
             | Action::WaitForReboot { deadline }
+            | Action::WaitForEtcd { deadline, .. }
             | Action::RunAfterHooks { deadline, .. } => Some(*deadline),
             Action::Drain { deadline } => *deadline,
             Action::Settle { until } => Some(*until),

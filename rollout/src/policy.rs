@@ -42,6 +42,8 @@ pub struct Policy {
     pub one_zone_at_a_time: bool,
     /// The label naming a node's zone.
     pub zone_label: String,
+    /// Where control-plane nodes go.
+    pub control_plane: crds::ControlPlaneOrder,
     /// The release version nodes converge on, when the policy names one.
     pub target_version: Option<Version>,
     /// The release image nodes converge on, when the policy names one.
@@ -255,6 +257,7 @@ impl Policy {
             paused: spec.paused,
             one_zone_at_a_time: spec.ordering.one_zone_at_a_time,
             zone_label: spec.ordering.zone_label.clone(),
+            control_plane: spec.ordering.control_plane,
             target_version,
             release: spec.release.as_ref().map(|r| crds::protocol::ReleaseRef {
                 url: r.url.clone(),

@@ -115,6 +115,8 @@ pub fn intent(action: &Action) -> Option<Intent> {
         | Action::Drain { .. }
         | Action::DrainTimedOut(_)
         | Action::AllowReboot { .. }
+        | Action::MoveLeader { .. }
+        | Action::WaitForEtcd { .. }
         | Action::WaitForReboot { .. }
         | Action::RunAfterHooks { .. } => Some(Intent::Hold),
         Action::Uncordon | Action::MarkDone | Action::Settle { .. } | Action::Release(_) => {

@@ -30,6 +30,11 @@ pub struct World {
     pub operator_node: Option<String>,
     /// Nodes whose next boot falls back to the old version.
     pub roll_back_on_boot: Vec<String>,
+    /// Its etcd, as the quorum guard sees it: a member is down while its node reboots,
+    /// and leadership moves when told to (or, when its node goes down, by election).
+    pub etcd: crate::etcd::Etcd,
+    /// Nodes that went down while their etcd member led (the guard should prevent it).
+    pub leaders_rebooted: Vec<String>,
     reboots: BTreeMap<String, Timestamp>,
     boots: u64,
 }
@@ -107,6 +112,43 @@ impl World {
         world
     }
 
+    /// The member on `node` goes down with it; if it led, another healthy one is
+    /// elected.
+    fn member_down(&mut self, node: &str) {
+        let crate::etcd::Etcd::Members(members) = &mut self.etcd else {
+            return;
+        };
+        let Some(i) = members.iter().position(|m| m.node.as_deref() == Some(node)) else {
+            return;
+        };
+        if members[i].leader {
+            self.leaders_rebooted.push(node.to_string());
+            if let Some(next) = members.iter().position(|m| m.healthy && !m.leader) {
+                members[next].leader = true;
+            }
+        }
+        let m = &mut members[i];
+        m.healthy = false;
+        m.leader = false;
+        m.problem = Some("rebooting".into());
+    }
+
+    /// The member on `node` rejoins, caught up (and leads if no one does, as a
+    /// single-member etcd does after its reboot).
+    fn member_up(&mut self, node: &str) {
+        let crate::etcd::Etcd::Members(members) = &mut self.etcd else {
+            return;
+        };
+        let index = members.iter().filter_map(|m| m.raft_index).max();
+        let leaderless = !members.iter().any(|m| m.leader);
+        if let Some(m) = members.iter_mut().find(|m| m.node.as_deref() == Some(node)) {
+            m.healthy = true;
+            m.problem = None;
+            m.raft_index = index;
+            m.leader = leaderless;
+        }
+    }
+
     fn new_boot(&mut self) -> BootId {
         self.boots += 1;
         // Infallible: 32 hex digits.
@@ -119,6 +161,7 @@ impl World {
             nodes: self.nodes.clone(),
             leases: self.leases.clone(),
             operator_node: self.operator_node.clone(),
+            etcd: self.etcd.clone(),
             ..Default::default()
         }
     }
@@ -151,6 +194,7 @@ impl World {
                 .iter()
                 .find(|l| l.node == name)
                 .and_then(|l| l.target_version.clone());
+            self.member_up(&name);
             if let Some(node) = self.node_mut(&name) {
                 node.agent.boot_id = Some(boot);
                 node.ready = true;
@@ -249,6 +293,7 @@ impl World {
                         n.ready = false;
                     }
                     self.reboots.insert(name.to_string(), back);
+                    self.member_down(name);
                     events.push(Event {
                         at: now,
                         node: name.into(),
@@ -312,7 +357,18 @@ impl World {
                     }
                     continue;
                 }
-                Action::WaitForReboot { .. } | Action::Settle { .. } | Action::Skip(_) => continue,
+                // The model's etcd (when it has one) hands leadership over at once.
+                Action::MoveLeader { to, .. } => {
+                    if let crate::etcd::Etcd::Members(members) = &mut self.etcd {
+                        for m in members.iter_mut() {
+                            m.leader = m.name == *to;
+                        }
+                    }
+                }
+                Action::WaitForReboot { .. }
+                | Action::WaitForEtcd { .. }
+                | Action::Settle { .. }
+                | Action::Skip(_) => continue,
             }
             changed = true;
         }

@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub other_policies: Vec<(String, Selector)>,
     /// Why a cluster-wide gate (the Prometheus alert gate) blocks new grants, if it does.
     pub gate: Option<String>,
+    /// The etcd members, for the quorum guard.
+    pub etcd: crate::etcd::Etcd,
 }
 
 /// One node.
@@ -158,6 +160,7 @@ impl Snapshot {
             operator_node,
             other_policies,
             gate: None,
+            etcd: crate::etcd::Etcd::default(),
         };
         (snapshot, malformed)
     }

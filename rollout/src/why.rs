@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// Every label [`label`] returns, for metrics that start at 0.
-pub const LABELS: [&str; 16] = [
+pub const LABELS: [&str; 18] = [
     "up_to_date",
     "not_requested",
     "policy_paused",
@@ -32,6 +32,8 @@ pub const LABELS: [&str; 16] = [
     "malformed",
     "conflict",
     "failed",
+    "control_plane",
+    "etcd",
 ];
 
 /// The metric label of a reason (one of [`LABELS`]).
@@ -53,6 +55,8 @@ pub fn label(skip: &Skip) -> &'static str {
         Skip::Malformed(_) => "malformed",
         Skip::Conflict(_) => "conflict",
         Skip::Failed(_) => "failed",
+        Skip::ControlPlane(_) => "control_plane",
+        Skip::Etcd(_) => "etcd",
     }
 }
 
@@ -62,6 +66,15 @@ pub fn is_waiting(skip: &Skip) -> bool {
     !matches!(
         skip,
         Skip::UpToDate | Skip::NotRequested(_) | Skip::Failed(_)
+    )
+}
+
+/// Whether a node given `action` waits on etcd itself (its members' health, a leader
+/// move, a rejoin), which nothing watches: the operator looks again soon.
+pub fn waits_on_etcd(action: &Action) -> bool {
+    matches!(
+        action,
+        Action::MoveLeader { .. } | Action::WaitForEtcd { .. } | Action::Skip(Skip::Etcd(_))
     )
 }
 
@@ -116,6 +129,8 @@ pub fn remedy(skip: &Skip) -> &'static str {
         Skip::Malformed(_) => "fixing its baton.dev/* annotations",
         Skip::Conflict(_) => "making the policies' nodeSelectors disjoint",
         Skip::Failed(_) => "fixing it, then kubectl baton retry --node <node>",
+        Skip::ControlPlane(_) => "the control-plane node or workers ahead of it finishing",
+        Skip::Etcd(_) => "every other etcd member healthy and caught up with its leader",
     }
 }
 
@@ -223,7 +238,24 @@ pub fn gates(
         .map(|n| n.zone(&rules.zone_label))
         .collect();
     let zone_passes = !rules.one_zone_at_a_time || busy.is_empty() || busy.contains(zone);
-    vec![
+    let control_plane = crate::control_plane::is_control_plane(node, &snapshot.etcd).then(|| {
+        let (passes, saw) = match plan.node(&node.name) {
+            Some(Action::Skip(skip @ (Skip::ControlPlane(_) | Skip::Etcd(_)))) => {
+                (false, skip.to_string())
+            }
+            _ => (
+                true,
+                format!(
+                    "one control-plane node at a time; {}",
+                    plan.etcd
+                        .as_ref()
+                        .map_or_else(|| snapshot.etcd.summary(), |g| g.summary.clone())
+                ),
+            ),
+        };
+        gate("control plane", passes, saw)
+    });
+    let mut gates = vec![
         gate(
             "halt",
             plan.halted.is_none(),
@@ -285,6 +317,9 @@ pub fn gates(
             plan.gate.clone().unwrap_or_else(|| "open".into()),
         ),
         window,
+    ];
+    gates.extend(control_plane);
+    gates.extend([
         gate("budget", free > 0, budget(plan)),
         gate(
             "zone",
@@ -295,7 +330,8 @@ pub fn gates(
                 "zones may overlap".into()
             },
         ),
-    ]
+    ]);
+    gates
 }
 
 #[cfg(test)]
