@@ -73,8 +73,13 @@ pub enum EtcdError {
 pub struct EtcdClient {
     http: reqwest::Client,
     endpoints: Vec<String>,
-    last: Mutex<Option<(Instant, Vec<Observed>)>>,
+    /// The last observation (or why there was none), so that the reconciles of one
+    /// moment share it and an unreachable etcd costs one timeout, not one per policy.
+    last: Mutex<Option<(Instant, Reading)>>,
 }
+
+/// One reading of every member, or why there was none.
+type Reading = Result<Vec<Observed>, String>;
 
 impl std::fmt::Debug for EtcdClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -155,17 +160,19 @@ impl EtcdClient {
             .map(|(_, m)| m.clone());
         let observed = match cached {
             Some(m) => m,
-            None => match self.read().await {
-                Ok(m) => {
-                    *self
-                        .last
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some((Instant::now(), m.clone()));
-                    m
-                }
-                Err(e) => return Etcd::Unreachable(e.to_string()),
-            },
+            None => {
+                let read = self.read().await;
+                *self
+                    .last
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some((Instant::now(), read.clone()));
+                read
+            }
+        };
+        let observed = match observed {
+            Ok(m) => m,
+            Err(why) => return Etcd::Unreachable(why),
         };
         let addresses: Vec<(&str, Vec<&str>)> = nodes
             .iter()
@@ -229,8 +236,8 @@ impl EtcdClient {
 
     /// The member list (from the first endpoint that answers), then each member's
     /// status and health, concurrently.
-    async fn read(&self) -> Result<Vec<Observed>, EtcdError> {
-        let mut last_error = None;
+    async fn read(&self) -> Result<Vec<Observed>, String> {
+        let mut errors = Vec::new();
         let mut list = None;
         for endpoint in &self.endpoints {
             match self
@@ -241,14 +248,11 @@ impl EtcdClient {
                     list = Some(l);
                     break;
                 }
-                Err(e) => last_error = Some(e),
+                Err(e) => errors.push(e.to_string()),
             }
         }
         let Some(list) = list else {
-            return Err(last_error.unwrap_or_else(|| EtcdError::Request {
-                url: String::new(),
-                error: "no endpoint".into(),
-            }));
+            return Err(errors.join("; "));
         };
         let reads = list.members.into_iter().map(|m| async move {
             let client_url = m.client_urls.first().cloned();

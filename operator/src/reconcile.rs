@@ -92,9 +92,14 @@ async fn roll_out<C: Cluster>(
     {
         snapshot.gate = c.alert_gate(gate, now).await;
     }
-    // etcd is read only while something could depend on it: a node asking for a reboot
-    // or one in flight.
-    if snapshot.nodes.iter().any(|n| n.requests_reboot()) || !snapshot.leases.is_empty() {
+    // etcd is read only while something could depend on it: the pool has a
+    // control-plane node, and a node asks for a reboot or is in flight.
+    let control_plane = snapshot
+        .nodes
+        .iter()
+        .any(|n| rules.selector.matches(&n.labels) && rollout::etcd::is_control_plane(&n.labels));
+    let active = snapshot.nodes.iter().any(|n| n.requests_reboot()) || !snapshot.leases.is_empty();
+    if control_plane && active {
         snapshot.etcd = c.etcd().await;
     }
     let plan = decide(&snapshot, rules, now);

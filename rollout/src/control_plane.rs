@@ -31,6 +31,9 @@ pub struct Guard<'a> {
     /// Nodes holding any lease.
     leased: BTreeSet<&'a str>,
     /// The pool's workers still to update (asking for a reboot, or in flight here).
+    /// Workers held back by an admin (paused, cordoned by someone else), failed or with
+    /// malformed annotations do not count: they would hold the control-plane nodes
+    /// until someone acts on them.
     workers_pending: usize,
     /// The pool's control-plane nodes still to update.
     control_plane_pending: usize,
@@ -67,7 +70,11 @@ impl<'a> Guard<'a> {
                     leases_by_node
                         .get(n.name.as_str())
                         .is_some_and(|l| l.policy == policy.name && l.failure.is_none())
-                        || (n.requests_reboot() && !n.paused && !n.failed())
+                        || (n.requests_reboot()
+                            && !n.paused
+                            && !n.failed()
+                            && (!n.unschedulable || n.cordoned_by_baton)
+                            && n.malformed.is_empty())
                 })
                 .count()
         };

@@ -91,6 +91,17 @@ fn control_plane_nodes_wait_for_the_workers_by_default() {
 }
 
 #[test]
+fn workers_held_by_an_admin_do_not_hold_the_control_plane_nodes() {
+    let mut w = world(5, 3);
+    w.node_mut("node-04").unwrap().paused = true;
+    let n5 = w.node_mut("node-05").unwrap();
+    n5.unschedulable = true;
+    // (node-05, cordoned, uses one of the two slots.)
+    let p = policy(serde_json::json!({"maxUnavailable": 2}));
+    assert_eq!(grants(&w, &p), ["node-01"]);
+}
+
+#[test]
 fn control_plane_first_takes_them_before_the_workers() {
     let w = world(6, 3);
     let p = policy(serde_json::json!({"maxUnavailable": 3, "ordering": {"controlPlane": "First"}}));
