@@ -11,6 +11,8 @@ use thiserror::Error;
 
 /// CEL rule on `maxUnavailable` (an int-or-string field).
 pub const RULE: &str = "type(self) == int ? self >= 1 : self.matches('^(100|[1-9][0-9]?)%$')";
+/// The message shown when [`RULE`] rejects a `maxUnavailablePerZone`.
+pub const PER_ZONE_MESSAGE: &str = "maxUnavailablePerZone must be a node count of at least 1 (such as 1) or a percentage from 1% to 100% of each zone's nodes (such as \"50%\")";
 /// The message shown when [`RULE`] rejects a value.
 pub const RULE_MESSAGE: &str = "maxUnavailable must be a node count of at least 1 (such as 2) or a percentage from 1% to 100% (such as \"25%\"); to stop updates set paused: true";
 

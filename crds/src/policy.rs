@@ -43,6 +43,14 @@ pub struct UpdatePolicySpec {
     #[x_kube(validation = Rule::new(crate::budget::RULE).message(crate::budget::RULE_MESSAGE))]
     pub max_unavailable: IntOrString,
 
+    /// At most this many nodes disrupted at once in any one zone (the `ordering.zoneLabel`
+    /// label), on top of `maxUnavailable`: a count (`1`) or a percentage of the zone's
+    /// selected nodes (`"50%"`, rounded down, minimum 1). Nodes without the label form
+    /// one zone. Unset: no per-zone cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(crate::budget::RULE).message(crate::budget::PER_ZONE_MESSAGE))]
+    pub max_unavailable_per_zone: Option<IntOrString>,
+
     /// When disruptions may start. Several windows combine; an empty list means always.
     #[serde(default)]
     #[schemars(length(max = 32))]

@@ -59,16 +59,7 @@ impl QuorumWatcher {
                         async move { (n.clone(), etcd.status(&n).await) }
                     }))
                     .await;
-                    let leased = leases
-                        .list(&crate::scenario::reboot_leases())
-                        .await
-                        .map(|l| {
-                            l.items
-                                .iter()
-                                .filter_map(|l| l.spec.as_ref()?.holder_identity.clone())
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let leased = crate::scenario::lease_holders(&leases).await;
                     let mut down = Vec::new();
                     let mut leader = 0;
                     for (name, status) in statuses {

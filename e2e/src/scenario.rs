@@ -588,6 +588,21 @@ pub fn replica_config(identity: &str, extra: &[String]) -> operator::config::Con
     .expect("valid operator flags")
 }
 
+/// The nodes holding a reboot Lease in `leases`' namespace now (none if the list
+/// fails: for samplers that poll).
+pub async fn lease_holders(leases: &Api<Lease>) -> Vec<String> {
+    leases
+        .list(&reboot_leases())
+        .await
+        .map(|l| {
+            l.items
+                .iter()
+                .filter_map(|l| l.spec.as_ref()?.holder_identity.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Only baton's reboot Leases (not the leader-election Lease beside them).
 pub fn reboot_leases() -> ListParams {
     ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1))

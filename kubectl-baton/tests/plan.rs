@@ -186,6 +186,28 @@ fn a_single_control_plane_node_goes_last_alone_and_plan_warns_that_the_api_is_do
 }
 
 #[test]
+fn a_per_zone_cap_shows_in_the_timeline() {
+    let mut policy: UpdatePolicy = serde_yaml_ng::from_str(POLICY).unwrap();
+    policy.spec.maintenance_windows.clear();
+    policy.spec.max_unavailable = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(4);
+    policy.spec.max_unavailable_per_zone =
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1));
+    policy.spec.ordering.one_zone_at_a_time = false;
+    let nodes: Vec<Node> = (1..=20).map(node).collect();
+    let out = render(&policy, &nodes, &opts()).unwrap();
+    println!("{out}");
+    // Two zones of ten, one node of each at a time: 10 rounds of 30 min, 2 per round.
+    let starts: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("2026-"))
+        .map(|l| l.get(..16).unwrap())
+        .collect();
+    let first = starts.iter().filter(|s| **s == "2026-11-27 12:00").count();
+    assert_eq!(first, 2, "{out}");
+    assert!(out.contains("Expected end: 2026-11-27 17:00"), "{out}");
+}
+
+#[test]
 fn an_invalid_policy_is_refused_with_every_problem() {
     let mut policy: UpdatePolicy = serde_yaml_ng::from_str(POLICY).unwrap();
     policy.spec.maintenance_windows[0].time_zone = "Nowhere/Land".into();

@@ -20,6 +20,7 @@ use crate::{
     policy::{Ending, HookRule, Policy},
     snapshot::{LeaseView, NodeView, Snapshot},
     window::WindowState,
+    zone::ZoneCaps,
 };
 
 /// Decides the next step for every node of `policy` at `now`.
@@ -172,22 +173,30 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     // The budget: this policy's leases, and everything else it selects that is not
     // plainly available. A node another policy also selects is left alone, but when
     // it is down it is down in this pool too.
-    let unavailable = own_held
-        + pool
-            .iter()
-            .chain(&contested)
-            .filter(|n| {
-                leases_by_node
-                    .get(n.name.as_str())
-                    .is_none_or(|l| l.policy != policy.name)
-            })
-            .filter(|n| {
-                leases_by_node.contains_key(n.name.as_str())
-                    || !n.ready
-                    || n.unschedulable
-                    || failed.contains(n.name.as_str())
-            })
-            .count();
+    let others_down: Vec<&NodeView> = pool
+        .iter()
+        .chain(&contested)
+        .copied()
+        .filter(|n| {
+            leases_by_node
+                .get(n.name.as_str())
+                .is_none_or(|l| l.policy != policy.name)
+        })
+        .filter(|n| {
+            leases_by_node.contains_key(n.name.as_str())
+                || !n.ready
+                || n.unschedulable
+                || failed.contains(n.name.as_str())
+        })
+        .collect();
+    let unavailable = own_held + others_down.len();
+    // The same count per zone, for maxUnavailablePerZone.
+    let held_here = snapshot
+        .leases
+        .iter()
+        .filter(|l| l.policy == policy.name)
+        .filter_map(|l| nodes_by_name.get(l.node.as_str()).copied());
+    let mut zones = ZoneCaps::new(policy, &pool, held_here.chain(others_down.iter().copied()));
     let limit = policy.budget.resolve(pool.len());
     let mut free = limit.saturating_sub(unavailable);
 
@@ -269,12 +278,14 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                     Room {
                         free,
                         active_zones: &active_zones,
+                        zones: &zones,
                     },
                     &guard,
                 ) {
                     Ok(boot_id) => {
                         free -= 1;
                         guard.granted(node.name.as_str());
+                        zones.granted(node);
                         if policy.one_zone_at_a_time {
                             active_zones.insert(node.zone(&policy.zone_label));
                         }
@@ -387,6 +398,8 @@ struct Room<'a, 'b> {
     free: usize,
     /// Zones in progress.
     active_zones: &'a BTreeSet<&'b str>,
+    /// Each zone's cap and use.
+    zones: &'a ZoneCaps<'b>,
 }
 
 /// Whether a node that asks for a reboot may be granted now. Checks run from the
@@ -400,7 +413,11 @@ fn candidate(
     room: Room,
     guard: &Guard,
 ) -> Result<crds::protocol::BootId, Skip> {
-    let Room { free, active_zones } = room;
+    let Room {
+        free,
+        active_zones,
+        zones,
+    } = room;
     if halted {
         return Err(Skip::Halted);
     }
@@ -432,6 +449,7 @@ fn candidate(
     if free == 0 {
         return Err(Skip::Budget);
     }
+    zones.check(node)?;
     let zone = node.zone(&policy.zone_label);
     if policy.one_zone_at_a_time && !active_zones.is_empty() && !active_zones.contains(zone) {
         let busy = active_zones.iter().next().copied().unwrap_or_default();

@@ -3,6 +3,7 @@
 //!
 //! - [`alert`]: the Prometheus alert gate's rules.
 //! - [`window`]: maintenance windows (cron or weekdays, IANA zones, DST).
+//! - [`zone`]: per-zone caps (`maxUnavailablePerZone`).
 //! - [`policy`]: a spec parsed and checked once.
 //! - [`snapshot`]: the observed cluster.
 //! - [`etcd`]: etcd's members and the quorum guard's checks.
@@ -32,6 +33,7 @@ pub mod simulate;
 pub mod snapshot;
 pub mod why;
 pub mod window;
+pub mod zone;
 
 pub use decide::decide;
 pub use plan::{Action, Plan, Skip};

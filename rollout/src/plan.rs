@@ -293,6 +293,8 @@ pub enum Skip {
     Budget,
     /// Another zone is in progress.
     OtherZone(String),
+    /// Its zone has `maxUnavailablePerZone` nodes disrupted.
+    ZoneBudget(String),
     /// Someone other than baton cordoned it; baton leaves it alone.
     CordonedByOthers,
     /// It is not Ready.
@@ -379,6 +381,7 @@ impl fmt::Display for Skip {
             ),
             Skip::Budget => write!(f, "maxUnavailable reached"),
             Skip::OtherZone(z) => write!(f, "zone {z:?} is in progress"),
+            Skip::ZoneBudget(z) => write!(f, "maxUnavailablePerZone reached in zone {z:?}"),
             Skip::CordonedByOthers => write!(f, "cordoned by someone else"),
             Skip::NotReady => write!(f, "not Ready"),
             Skip::Blocked(why) => write!(f, "blocked by {why}"),

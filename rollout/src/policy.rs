@@ -18,6 +18,8 @@ pub struct Policy {
     pub selector: Selector,
     /// `maxUnavailable`.
     pub budget: Budget,
+    /// `maxUnavailablePerZone`, if set.
+    pub zone_budget: Option<Budget>,
     /// Maintenance windows.
     pub windows: Windows,
     /// Whether the reboot must fit in the window.
@@ -177,6 +179,19 @@ impl Policy {
         let budget = Budget::parse(&spec.max_unavailable)
             .map_err(|e| err("spec.maxUnavailable", e.to_string()))
             .unwrap_or_default();
+        let zone_budget = spec.max_unavailable_per_zone.as_ref().and_then(|v| {
+            Budget::parse(v)
+                .map_err(|e| {
+                    err(
+                        "spec.maxUnavailablePerZone",
+                        format!(
+                            "{} is invalid: use a count of at least 1 or a percentage from 1% to 100%",
+                            e.value
+                        ),
+                    )
+                })
+                .ok()
+        });
         let windows = Windows::compile(&spec.maintenance_windows)
             .map_err(|list| {
                 for (i, e) in list {
@@ -245,6 +260,7 @@ impl Policy {
             name: name.to_string(),
             selector,
             budget,
+            zone_budget,
             windows,
             window_mode: spec.window_mode,
             reboot_timeout,

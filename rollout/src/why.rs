@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// Every label [`label`] returns, for metrics that start at 0.
-pub const LABELS: [&str; 18] = [
+pub const LABELS: [&str; 19] = [
     "up_to_date",
     "not_requested",
     "policy_paused",
@@ -34,6 +34,7 @@ pub const LABELS: [&str; 18] = [
     "failed",
     "control_plane",
     "etcd",
+    "zone_budget",
 ];
 
 /// The metric label of a reason (one of [`LABELS`]).
@@ -48,6 +49,7 @@ pub fn label(skip: &Skip) -> &'static str {
         Skip::WindowTooShort(_) => "window_too_short",
         Skip::Budget => "budget",
         Skip::OtherZone(_) => "other_zone",
+        Skip::ZoneBudget(_) => "zone_budget",
         Skip::CordonedByOthers => "cordoned_by_others",
         Skip::NotReady => "not_ready",
         Skip::Blocked(_) => "blocked",
@@ -122,6 +124,7 @@ pub fn remedy(skip: &Skip) -> &'static str {
         }
         Skip::Budget => "a node in flight finishing (or a larger maxUnavailable)",
         Skip::OtherZone(_) => "the zone in progress finishing",
+        Skip::ZoneBudget(_) => "a node of its zone finishing (or a larger maxUnavailablePerZone)",
         Skip::CordonedByOthers => "whoever cordoned it uncordoning it (baton never does)",
         Skip::NotReady => "the node becoming Ready",
         Skip::Blocked(_) => "the blocking pod finishing or moving",
@@ -319,18 +322,30 @@ pub fn gates(
         window,
     ];
     gates.extend(control_plane);
-    gates.extend([
-        gate("budget", free > 0, budget(plan)),
-        gate(
-            "zone",
-            zone_passes,
-            if rules.one_zone_at_a_time {
-                format!("one zone at a time; this node is in {zone:?}, in progress: {busy:?}")
-            } else {
-                "zones may overlap".into()
-            },
-        ),
-    ]);
+    let zone_cap = rules.zone_budget.map(|cap| {
+        let shown = crate::zone::display(zone);
+        match plan.node(&node.name) {
+            Some(Action::Skip(skip @ Skip::ZoneBudget(_))) => {
+                gate("zone cap", false, skip.to_string())
+            }
+            _ => gate(
+                "zone cap",
+                true,
+                format!("maxUnavailablePerZone {cap} not reached in zone {shown:?}"),
+            ),
+        }
+    });
+    gates.extend([gate("budget", free > 0, budget(plan))]);
+    gates.extend(zone_cap);
+    gates.extend([gate(
+        "zone",
+        zone_passes,
+        if rules.one_zone_at_a_time {
+            format!("one zone at a time; this node is in {zone:?}, in progress: {busy:?}")
+        } else {
+            "zones may overlap".into()
+        },
+    )]);
     gates
 }
 

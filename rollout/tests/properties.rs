@@ -3,7 +3,7 @@
 //! model's own state, not from the plan's bookkeeping.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::{SignedDuration, Timestamp};
 use proptest::prelude::*;
@@ -39,6 +39,11 @@ fn spec() -> impl Strategy<Value = serde_json::Value> {
             .prop_map(|(h, d, days)| serde_json::json!([{"weekdays": days, "start": format!("{h:02}:00"), "duration": format!("{d}h"), "timeZone": "Europe/Berlin"}])),
         (0u32..60, 1u32..4).prop_map(|(m, d)| serde_json::json!([{"schedule": format!("{m} */6 * * *"), "duration": format!("{d}h"), "timeZone": "America/New_York"}])),
     ];
+    let per_zone = prop_oneof![
+        Just(serde_json::Value::Null),
+        (1i64..3).prop_map(serde_json::Value::from),
+        (10u32..=100).prop_map(|p| serde_json::Value::from(format!("{p}%"))),
+    ];
     (
         budget,
         windows,
@@ -46,17 +51,21 @@ fn spec() -> impl Strategy<Value = serde_json::Value> {
         0u32..15,
         any::<bool>(),
         any::<bool>(),
+        per_zone,
     )
-        .prop_map(|(budget, windows, max_failed, settle, fit, zones)| {
-            serde_json::json!({
-                "maxUnavailable": budget,
-                "maintenanceWindows": windows,
-                "windowMode": if fit { "Fit" } else { "Start" },
-                "health": {"rebootTimeout": "45m", "settleTime": format!("{settle}m")},
-                "failurePolicy": {"maxFailedNodes": max_failed},
-                "ordering": {"oneZoneAtATime": zones},
-            })
-        })
+        .prop_map(
+            |(budget, windows, max_failed, settle, fit, zones, per_zone)| {
+                serde_json::json!({
+                    "maxUnavailable": budget,
+                    "maxUnavailablePerZone": per_zone,
+                    "maintenanceWindows": windows,
+                    "windowMode": if fit { "Fit" } else { "Start" },
+                    "health": {"rebootTimeout": "45m", "settleTime": format!("{settle}m")},
+                    "failurePolicy": {"maxFailedNodes": max_failed},
+                    "ordering": {"oneZoneAtATime": zones},
+                })
+            },
+        )
 }
 
 fn start() -> Timestamp {
@@ -136,6 +145,43 @@ fn check_run(
             "{} leases > budget {limit}",
             world.leases.len()
         );
+
+        // No zone beyond maxUnavailablePerZone, counting its nodes as the budget does.
+        if let Some(cap) = policy.zone_budget {
+            let mut size: BTreeMap<&str, usize> = BTreeMap::new();
+            let mut down: BTreeMap<&str, usize> = BTreeMap::new();
+            for n in &world.nodes {
+                let zone = n.zone(&policy.zone_label);
+                *size.entry(zone).or_default() += 1;
+                let disrupted = world.leases.iter().any(|l| l.node == n.name)
+                    || plan.node(&n.name).is_some_and(Action::is_grant)
+                    || !n.ready
+                    || n.unschedulable
+                    || n.failure.is_some()
+                    || n.agent.state.is_some_and(crds::AgentState::is_failure);
+                if disrupted {
+                    *down.entry(zone).or_default() += 1;
+                }
+            }
+            for (zone, down) in &down {
+                let granted_here = plan
+                    .grants()
+                    .filter(|g| {
+                        world
+                            .nodes
+                            .iter()
+                            .any(|n| n.name == *g && n.zone(&policy.zone_label) == *zone)
+                    })
+                    .count();
+                if granted_here > 0 {
+                    let limit = cap.resolve(size[zone]);
+                    prop_assert!(
+                        *down <= limit,
+                        "step {step}: zone {zone}: {down} disrupted after grants > cap {limit}"
+                    );
+                }
+            }
+        }
 
         // No grant outside a window (and, in Fit mode, only when the reboot fits).
         if grants > 0 {
