@@ -29,7 +29,7 @@ pub use policy::{
 };
 pub use protocol::{AgentState, ProtocolError};
 pub use release::Release;
-pub use window::{MaintenanceWindow, Weekday};
+pub use window::{Freeze, MaintenanceWindow, Weekday};
 
 /// The API group of every baton resource and the prefix of every protocol key.
 pub const GROUP: &str = "baton.dev";

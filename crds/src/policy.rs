@@ -56,6 +56,13 @@ pub struct UpdatePolicySpec {
     #[schemars(length(max = 32))]
     pub maintenance_windows: Vec<MaintenanceWindow>,
 
+    /// Freezes: absolute ranges of local time in which no new disruption starts, even in
+    /// an open window; a node already in flight finishes. Windows, `windowMode: Fit` and
+    /// the next window all account for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub freezes: Vec<crate::Freeze>,
+
     /// Whether a window gates only the start of a node's disruption (`Start`), or also
     /// requires `health.rebootTimeout` to fit before the window closes (`Fit`).
     #[serde(default)]
@@ -196,6 +203,10 @@ pub struct UpdatePolicyStatus {
     /// `2026-12-05 22:00 Europe/Berlin`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_window_local: Option<String>,
+    /// The freeze in force now (`active until …`), or else the next one (`next …`),
+    /// with its reason, in its own time zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<String>,
 }
 
 impl UpdatePolicyStatus {
@@ -211,6 +222,7 @@ impl UpdatePolicyStatus {
                 "window",
                 "nextWindow",
                 "nextWindowLocal",
+                "freeze",
             ] {
                 fields.entry(field).or_insert(serde_json::Value::Null);
             }

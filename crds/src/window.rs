@@ -82,3 +82,32 @@ impl Weekday {
         }
     }
 }
+
+/// A freeze: an absolute range of civil time in which no new disruption starts, even
+/// while a maintenance window is open. A node already in flight finishes.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.end > self.start").message("a freeze's end must come after its start"))]
+pub struct Freeze {
+    /// When it starts, in `timeZone`: `YYYY-MM-DDTHH:MM`, such as `2026-12-20T00:00`.
+    #[x_kube(validation = Rule::new(FREEZE_TIME_RULE).message("start must be a local date and time YYYY-MM-DDTHH:MM, such as 2026-12-20T00:00"))]
+    #[schemars(length(max = 32))]
+    pub start: String,
+    /// When it ends (exclusive), in `timeZone`: `YYYY-MM-DDTHH:MM`.
+    #[x_kube(validation = Rule::new(FREEZE_TIME_RULE).message("end must be a local date and time YYYY-MM-DDTHH:MM, such as 2027-01-06T00:00"))]
+    #[schemars(length(max = 32))]
+    pub end: String,
+    /// The IANA time zone of `start` and `end`, such as `Europe/Berlin`.
+    #[serde(default = "default_time_zone")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$')").message("timeZone must be an IANA time zone name such as UTC, Europe/Berlin or America/New_York"))]
+    #[schemars(length(max = 64))]
+    pub time_zone: String,
+    /// Why, shown in the status and in a waiting node's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub reason: Option<String>,
+}
+
+/// The CEL shape check for a freeze's local date and time (one fixed width, so that
+/// `end > start` compares them as strings correctly).
+pub const FREEZE_TIME_RULE: &str = "self.matches('^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]$')";

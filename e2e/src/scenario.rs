@@ -249,16 +249,7 @@ impl Scenario {
         let mut paused = spec.clone();
         paused["paused"] = true.into();
         self.policy(paused).await;
-        let nodes = self.nodes();
-        self.cluster
-            .wait_for("every agent to ask for a reboot", || async {
-                list(&nodes)
-                    .await
-                    .iter()
-                    .all(|n| state(n) == Some("RebootRequired"))
-            })
-            .await
-            .expect("every agent stages");
+        self.wait_requested().await;
         kubectl_baton::steer::set_policy_paused(self.client.clone(), POLICY, false)
             .await
             .expect("kubectl baton resume");
@@ -288,6 +279,20 @@ impl Scenario {
             now: jiff::Timestamp::now(),
         };
         kubectl_baton::why::render(node, &seen, None).expect("the node exists")
+    }
+
+    /// Waits until every agent has staged and asks for a reboot.
+    pub async fn wait_requested(&self) {
+        let nodes = self.nodes();
+        self.cluster
+            .wait_for("every agent to ask for a reboot", || async {
+                list(&nodes)
+                    .await
+                    .iter()
+                    .all(|n| state(n) == Some("RebootRequired"))
+            })
+            .await
+            .expect("every agent stages");
     }
 
     /// Every Node.

@@ -396,3 +396,51 @@ async fn a_per_zone_cap_holds_in_every_zone_while_zones_go_in_parallel() {
     assert!(at_once >= 2, "zones went in parallel");
     assert!(report.max_disrupted <= 3);
 }
+
+/// A freeze with real agents: while it is in force nothing is granted (the status names
+/// it, the nodes wait with its reason); lifting it (an admin edits the policy) lets the
+/// rollout run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_starts_during_a_freeze_and_the_rollout_runs_once_it_is_lifted() {
+    let s = Scenario::start(3, 1, &[]).await;
+    let _operator = s.operator("op-a");
+    let now = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::UTC);
+    let local = |z: jiff::Zoned| z.strftime("%Y-%m-%dT%H:%M").to_string();
+    let freeze = serde_json::json!([{
+        "start": local(now.checked_sub(jiff::SignedDuration::from_hours(1)).unwrap()),
+        "end": local(now.checked_add(jiff::SignedDuration::from_hours(24)).unwrap()),
+        "timeZone": "UTC",
+        "reason": "change freeze",
+    }]);
+    s.policy(serde_json::json!({"freezes": freeze, "health": {"rebootTimeout": "3m"}}))
+        .await;
+    s.wait_requested().await;
+    s.cluster
+        .wait_for("the status to name the freeze", || async {
+            s.status()
+                .await
+                .freeze
+                .is_some_and(|f| f.starts_with("active: change freeze"))
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        s.reboot_leases().await.is_empty(),
+        "nothing granted in the freeze"
+    );
+    let why = s.why(&s.names[0]).await;
+    assert!(why.contains("frozen: change freeze"), "{why}");
+    // An admin lifts it.
+    let patch = serde_json::json!({"spec": {"freezes": []}});
+    s.policies()
+        .patch(
+            POLICY,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    s.wait_done(&[]).await;
+    assert_eq!(s.status().await.freeze, None);
+}

@@ -123,6 +123,7 @@ async fn roll_out<C: Cluster>(
         now,
     );
     status.next_window_local = status::next_window_local(&plan, &rules.windows, now);
+    status.freeze = status::freeze(&rules.windows, now);
     // Before the status write: if it fails, the next reconcile announces again (at
     // least once) rather than never.
     crate::notify::announce(c, policy, &status, &plan, now).await;

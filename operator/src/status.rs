@@ -168,7 +168,18 @@ pub fn from_plan(
             _ => None,
         },
         next_window_local: None,
+        freeze: None,
     }
+}
+
+/// `status.freeze`: the freeze in force (`active until …`) or the next one (`next …`).
+pub fn freeze(windows: &Windows, now: Timestamp) -> Option<String> {
+    let f = windows.current_or_next_freeze(now)?;
+    Some(if f.contains(now) {
+        format!("active: {}", f.describe())
+    } else {
+        format!("next: {}", f.describe())
+    })
 }
 
 /// `status.nextWindowLocal`: while the windows are closed, when the next one opens, in

@@ -229,7 +229,10 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         .filter(|n| !leases_by_node.contains_key(n.name.as_str()))
         .collect();
     rest.sort_by_cached_key(|n| order_key(n, snapshot, policy));
-    let window_gate = window_gate(window, policy, now);
+    let window_gate = match policy.windows.freeze_at(now) {
+        Some(freeze) => Err(Skip::Frozen(freeze.describe())),
+        None => window_gate(window, policy, now),
+    };
     let mut guard = Guard::new(snapshot, policy, &pool, &leases_by_node);
     for node in rest {
         let action =

@@ -3,6 +3,7 @@
 //!
 //! - [`alert`]: the Prometheus alert gate's rules.
 //! - [`window`]: maintenance windows (cron or weekdays, IANA zones, DST).
+//! - [`freeze`]: freezes, absolute ranges of local time with no new disruption.
 //! - [`zone`]: per-zone caps (`maxUnavailablePerZone`).
 //! - [`policy`]: a spec parsed and checked once.
 //! - [`snapshot`]: the observed cluster.
@@ -23,6 +24,7 @@ pub mod control_plane;
 pub mod decide;
 pub mod etcd;
 pub mod expectations;
+pub mod freeze;
 pub mod notify;
 pub mod phase;
 pub mod plan;

@@ -284,6 +284,8 @@ pub enum Skip {
     NodePaused,
     /// The pool is halted.
     Halted,
+    /// A freeze is in force (described).
+    Frozen(String),
     /// No window is open; the next opens then.
     OutsideWindow(Option<Timestamp>),
     /// A window is open, but closes before the longest disruption would end
@@ -368,6 +370,7 @@ impl fmt::Display for Skip {
             Skip::PolicyPaused => write!(f, "policy paused"),
             Skip::NodePaused => write!(f, "node paused"),
             Skip::Halted => write!(f, "pool halted"),
+            Skip::Frozen(freeze) => write!(f, "frozen: {freeze}"),
             Skip::OutsideWindow(Some(t)) => {
                 write!(f, "outside the maintenance window; next opens {t}")
             }

@@ -179,6 +179,13 @@ impl Policy {
         let budget = Budget::parse(&spec.max_unavailable)
             .map_err(|e| err("spec.maxUnavailable", e.to_string()))
             .unwrap_or_default();
+        let mut freezes = Vec::new();
+        for (i, f) in spec.freezes.iter().enumerate() {
+            match crate::freeze::Freeze::compile(f) {
+                Ok(f) => freezes.push(f),
+                Err(e) => err(&format!("spec.freezes[{i}].{}", e.field()), e.to_string()),
+            }
+        }
         let zone_budget = spec.max_unavailable_per_zone.as_ref().and_then(|v| {
             Budget::parse(v)
                 .map_err(|e| {
@@ -201,7 +208,8 @@ impl Policy {
                     );
                 }
             })
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .with_freezes(freezes);
         let drain_pod_selector = spec.drain.pod_selector.as_ref().and_then(|s| {
             Selector::compile(s)
                 .map_err(|e| err("spec.drain.podSelector", e.to_string()))

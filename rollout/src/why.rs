@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// Every label [`label`] returns, for metrics that start at 0.
-pub const LABELS: [&str; 19] = [
+pub const LABELS: [&str; 20] = [
     "up_to_date",
     "not_requested",
     "policy_paused",
@@ -35,6 +35,7 @@ pub const LABELS: [&str; 19] = [
     "control_plane",
     "etcd",
     "zone_budget",
+    "frozen",
 ];
 
 /// The metric label of a reason (one of [`LABELS`]).
@@ -45,6 +46,7 @@ pub fn label(skip: &Skip) -> &'static str {
         Skip::PolicyPaused => "policy_paused",
         Skip::NodePaused => "node_paused",
         Skip::Halted => "halted",
+        Skip::Frozen(_) => "frozen",
         Skip::OutsideWindow(_) => "outside_window",
         Skip::WindowTooShort(_) => "window_too_short",
         Skip::Budget => "budget",
@@ -118,6 +120,7 @@ pub fn remedy(skip: &Skip) -> &'static str {
         Skip::PolicyPaused => "kubectl baton resume <policy>",
         Skip::NodePaused => "kubectl baton resume --node <node>",
         Skip::Halted => "fixing the failed node, then kubectl baton retry <policy>",
+        Skip::Frozen(_) => "the freeze ending (or spec.freezes edited)",
         Skip::OutsideWindow(_) => "the next window opening",
         Skip::WindowTooShort(_) => {
             "a window long enough for hooks, drain and reboot (or windowMode: Start)"

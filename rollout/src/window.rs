@@ -227,9 +227,12 @@ impl Window {
     }
 }
 
-/// The windows of one policy, combined.
+/// The windows of one policy, combined, with its freezes.
 #[derive(Debug, Clone, Default)]
-pub struct Windows(Vec<Window>);
+pub struct Windows {
+    windows: Vec<Window>,
+    freezes: Vec<crate::freeze::Freeze>,
+}
 
 impl Windows {
     /// Compiles every window, collecting each error with its index.
@@ -243,7 +246,10 @@ impl Windows {
             }
         }
         if errors.is_empty() {
-            Ok(Windows(windows))
+            Ok(Windows {
+                windows,
+                freezes: Vec::new(),
+            })
         } else {
             Err(errors)
         }
@@ -251,7 +257,27 @@ impl Windows {
 
     /// No windows: always open.
     pub fn always() -> Windows {
-        Windows(Vec::new())
+        Windows::default()
+    }
+
+    /// These windows, closed during `freezes`.
+    pub fn with_freezes(self, freezes: Vec<crate::freeze::Freeze>) -> Windows {
+        Windows { freezes, ..self }
+    }
+
+    /// The freeze in force at `now`, if any.
+    pub fn freeze_at(&self, now: Timestamp) -> Option<&crate::freeze::Freeze> {
+        self.freezes.iter().find(|f| f.contains(now))
+    }
+
+    /// The freeze in force at `now`, or else the next one to start.
+    pub fn current_or_next_freeze(&self, now: Timestamp) -> Option<&crate::freeze::Freeze> {
+        self.freeze_at(now).or_else(|| {
+            self.freezes
+                .iter()
+                .filter(|f| f.start > now)
+                .min_by_key(|f| f.start)
+        })
     }
 
     /// The stretches in which the windows are open between `from` and `to`, clipped to
@@ -282,33 +308,99 @@ impl Windows {
 
     /// The next start of any window after `now`, in the time zone of the window that
     /// starts then: what `kubectl get upol -o wide` shows as NEXT-WINDOW.
+    /// A window opening inside a freeze opens, in effect, when the freeze ends (shown in
+    /// the freeze's time zone).
     pub fn next_opening(&self, now: Timestamp) -> Option<jiff::Zoned> {
-        self.0
+        let at = match self.state(now) {
+            WindowState::Closed { opens } => opens?,
+            _ => {
+                let next = self
+                    .windows
+                    .iter()
+                    .filter_map(|w| w.next_start(now))
+                    .min()?;
+                self.opening_from(next)?
+            }
+        };
+        let zone = self
+            .freezes
             .iter()
-            .filter_map(|w| Some((w.next_start(now)?, w)))
-            .min_by_key(|(at, _)| *at)
-            .map(|(at, w)| at.to_zoned(w.zone.clone()))
+            .find(|f| f.end == at)
+            .map(|f| f.zone.clone())
+            .or_else(|| {
+                self.windows
+                    .iter()
+                    .find(|w| w.containing(at).next().is_some())
+                    .map(|w| w.zone.clone())
+            })
+            .unwrap_or(TimeZone::UTC);
+        Some(at.to_zoned(zone))
     }
 
-    /// Whether the pool's windows are open at `now`, and until or from when.
+    /// Whether a disruption may start at `now` (windows open, no freeze), and until or
+    /// from when.
     pub fn state(&self, now: Timestamp) -> WindowState {
-        if self.0.is_empty() {
+        if let Some(f) = self.freeze_at(now) {
+            return WindowState::Closed {
+                opens: self.opening_from(f.end),
+            };
+        }
+        let next_freeze = self
+            .freezes
+            .iter()
+            .map(|f| f.start)
+            .filter(|s| *s > now)
+            .min();
+        match self.window_state(now) {
+            WindowState::Always => match next_freeze {
+                Some(start) => WindowState::Open { closes: start },
+                None => WindowState::Always,
+            },
+            WindowState::Open { closes } => WindowState::Open {
+                closes: next_freeze.map_or(closes, |s| s.min(closes)),
+            },
+            WindowState::Closed { opens } => WindowState::Closed {
+                opens: opens.and_then(|o| self.opening_from(o)),
+            },
+        }
+    }
+
+    /// The first moment at or after `at` when a disruption may start.
+    fn opening_from(&self, at: Timestamp) -> Option<Timestamp> {
+        let mut at = at;
+        // Each step passes a freeze or a closed stretch; 1,000 bound a pathological list.
+        for _ in 0..1000 {
+            if let Some(f) = self.freeze_at(at) {
+                at = f.end;
+                continue;
+            }
+            match self.window_state(at) {
+                WindowState::Always | WindowState::Open { .. } => return Some(at),
+                WindowState::Closed { opens } => at = opens?,
+            }
+        }
+        None
+    }
+
+    /// The windows alone, without freezes.
+    fn window_state(&self, now: Timestamp) -> WindowState {
+        if self.windows.is_empty() {
             return WindowState::Always;
         }
         let Some(mut closes) = self
-            .0
+            .windows
             .iter()
             .flat_map(|w| w.containing(now))
             .map(|(_, e)| e)
             .max()
         else {
-            let opens = self.0.iter().filter_map(|w| w.next_start(now)).min();
+            let opens = self.windows.iter().filter_map(|w| w.next_start(now)).min();
             return WindowState::Closed { opens };
         };
         // Extend across windows that overlap or touch the current stretch.
         for _ in 0..1000 {
             let extended = self
-                .0
+                .windows
                 .iter()
                 .flat_map(|w| w.containing(closes))
                 .map(|(_, e)| e)

@@ -44,6 +44,17 @@ fn spec() -> impl Strategy<Value = serde_json::Value> {
         (1i64..3).prop_map(serde_json::Value::from),
         (10u32..=100).prop_map(|p| serde_json::Value::from(format!("{p}%"))),
     ];
+    // None, or a freeze over Berlin's spring-forward night (its end in the DST gap).
+    let freezes = prop_oneof![
+        Just(serde_json::json!([])),
+        Just(
+            serde_json::json!([{"start": "2026-03-27T06:00", "end": "2026-03-29T02:30", "timeZone": "Europe/Berlin"}])
+        ),
+        Just(
+            serde_json::json!([{"start": "2026-03-27T01:00", "end": "2026-03-27T05:00", "timeZone": "UTC"},
+                                {"start": "2026-03-28T20:00", "end": "2026-04-02T00:00", "timeZone": "America/New_York"}])
+        ),
+    ];
     (
         budget,
         windows,
@@ -51,13 +62,14 @@ fn spec() -> impl Strategy<Value = serde_json::Value> {
         0u32..15,
         any::<bool>(),
         any::<bool>(),
-        per_zone,
+        (per_zone, freezes),
     )
         .prop_map(
-            |(budget, windows, max_failed, settle, fit, zones, per_zone)| {
+            |(budget, windows, max_failed, settle, fit, zones, (per_zone, freezes))| {
                 serde_json::json!({
                     "maxUnavailable": budget,
                     "maxUnavailablePerZone": per_zone,
+                    "freezes": freezes,
                     "maintenanceWindows": windows,
                     "windowMode": if fit { "Fit" } else { "Start" },
                     "health": {"rebootTimeout": "45m", "settleTime": format!("{settle}m")},
