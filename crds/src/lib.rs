@@ -25,7 +25,7 @@ pub use health::{AlertmanagerSilence, HealthSpec, PrometheusGate};
 pub use hooks::{Hook, HooksSpec};
 pub use policy::{
     ControlPlaneOrder, FailurePolicy, OrderingSpec, UpdatePolicy, UpdatePolicySpec,
-    UpdatePolicyStatus, WindowMode,
+    UpdatePolicyStatus, Urgency, WindowMode,
 };
 pub use protocol::{AgentState, ProtocolError};
 pub use release::Release;

@@ -63,6 +63,13 @@ pub struct UpdatePolicySpec {
     #[schemars(length(max = 32))]
     pub freezes: Vec<crate::Freeze>,
 
+    /// An urgent release (a CVE fix): if it is not done on every node by `deadline`,
+    /// windows (and, with `overrideFreezes`, freezes) stop gating it. The budget,
+    /// PodDisruptionBudgets, blocking pods, the alert gate, halts and the etcd guard still
+    /// hold. `kubectl baton urgent <policy> --by <time>` sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub urgency: Option<Urgency>,
+
     /// Whether a window gates only the start of a node's disruption (`Start`), or also
     /// requires `health.rebootTimeout` to fit before the window closes (`Fit`).
     #[serde(default)]
@@ -116,6 +123,19 @@ pub enum WindowMode {
     /// A disruption may start only when `health.rebootTimeout` ends before the window
     /// closes.
     Fit,
+}
+
+/// An urgent release's deadline.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Urgency {
+    /// RFC 3339, such as `2026-12-05T00:00:00Z` or `2026-12-05T01:00:00+01:00`.
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\\\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$')").message("deadline must be an RFC 3339 time such as 2026-12-05T00:00:00Z"))]
+    #[schemars(length(max = 40))]
+    pub deadline: String,
+    /// Past the deadline, freezes stop gating too (off: freezes still hold).
+    #[serde(default)]
+    pub override_freezes: bool,
 }
 
 /// When a pool stops making new grants.
@@ -259,6 +279,9 @@ pub mod condition {
     /// message names the node and why. False says what the guard sees (etcd healthy,
     /// external, or not observed). Absent when the pool has no control-plane node.
     pub const ETCD_HELD: &str = "EtcdHeld";
+    /// `spec.urgency`'s deadline passed with nodes not yet updated: windows (and, if
+    /// asked, freezes) no longer gate them; the message says since when.
+    pub const URGENT: &str = "Urgent";
 }
 
 impl Default for FailurePolicy {

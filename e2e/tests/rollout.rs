@@ -444,3 +444,52 @@ async fn nothing_starts_during_a_freeze_and_the_rollout_runs_once_it_is_lifted()
     s.wait_done(&[]).await;
     assert_eq!(s.status().await.freeze, None);
 }
+
+/// An urgent release with real agents: the only window opens on 1 January, so nothing
+/// starts; `kubectl baton urgent --by` a deadline seconds away, and past it the rollout
+/// runs (one at a time: the budget still holds), with the `Urgent` condition and its
+/// Warning Event saying that urgency took over, and when.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_an_urgency_deadline_windows_stop_gating_and_the_status_says_since_when() {
+    let mut s = Scenario::start(3, 1, &[]).await;
+    let _operator = s.operator("op-a");
+    s.policy(serde_json::json!({
+        "maintenanceWindows": [{"schedule": "0 0 1 1 *", "duration": "1h"}],
+        "health": {"rebootTimeout": "3m"},
+    }))
+    .await;
+    s.wait_requested().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(s.reboot_leases().await.is_empty(), "outside the window");
+    let deadline = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(5))
+        .unwrap();
+    kubectl_baton::steer::set_policy_urgency(s.client.clone(), POLICY, Some(deadline), false)
+        .await
+        .unwrap();
+    s.wait_done(&[]).await;
+    let report = s.finish("urgent past the deadline");
+    assert_eq!(report.max_disrupted, 1, "the budget still held");
+    let urgent = s
+        .policies()
+        .get(POLICY)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == crds::policy::condition::URGENT)
+        .unwrap();
+    let events = s.events("Urgent").await;
+    eprintln!("[urgent] condition now {urgent:?}; events {events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("passed with 3 node(s) not updated")),
+        "{events:?}"
+    );
+    // Done: no longer urgent, since the last transition.
+    assert_eq!(urgent.status, "False");
+    assert!(urgent.last_transition_time.0 > deadline);
+}

@@ -66,6 +66,34 @@ enum Command {
     /// After fixing the cause: clear failed nodes (every failed node of a policy, or
     /// the --node ones) so that a halted pool resumes. See docs/operations.md.
     Retry(Target),
+    /// Make a policy's release urgent: if it is not done on every node by the
+    /// deadline, windows (and, with --override-freezes, freezes) stop gating it. The
+    /// budget, PDBs, blocking pods, alert gates and halts still hold.
+    Urgent {
+        /// The policy.
+        policy: String,
+        /// The deadline: RFC 3339 (2026-12-05T00:00:00Z) or a duration from now (6h).
+        #[arg(long, value_parser = parse_deadline, required_unless_present = "clear")]
+        by: Option<Timestamp>,
+        /// Past the deadline, freezes stop gating too.
+        #[arg(long)]
+        override_freezes: bool,
+        /// Remove the urgency instead.
+        #[arg(long, conflicts_with_all = ["by", "override_freezes"])]
+        clear: bool,
+    },
+}
+
+/// A deadline: RFC 3339, or a duration from now.
+fn parse_deadline(s: &str) -> Result<Timestamp, String> {
+    if let Ok(t) = s.parse::<Timestamp>() {
+        return Ok(t);
+    }
+    let d = crds::duration::parse(s).map_err(|_| {
+        format!("{s:?} is neither an RFC 3339 time (2026-12-05T00:00:00Z) nor a duration (6h)")
+    })?;
+    let d = SignedDuration::try_from(d).map_err(|e| e.to_string())?;
+    Timestamp::now().checked_add(d).map_err(|e| e.to_string())
 }
 
 /// A policy, or nodes.
@@ -392,6 +420,34 @@ async fn run_pause(session: &mut Session, target: Target, paused: bool) -> Resul
     Ok(format!("{}  {}\n", out.trim_end(), c.acted_on()))
 }
 
+async fn run_urgent(
+    session: &mut Session,
+    policy: &str,
+    deadline: Option<Timestamp>,
+    override_freezes: bool,
+) -> Result<String, Error> {
+    let c = session.cluster().await?;
+    c.bounded(steer::set_policy_urgency(
+        c.client.clone(),
+        policy,
+        deadline,
+        override_freezes,
+    ))
+    .await?;
+    let what = match deadline {
+        Some(d) => format!(
+            "urgent by {d}{}",
+            if override_freezes {
+                ", freezes included"
+            } else {
+                ""
+            }
+        ),
+        None => "no longer urgent".to_string(),
+    };
+    Ok(format!("updatepolicy/{policy} {what}  {}\n", c.acted_on()))
+}
+
 async fn run_retry(session: &mut Session, target: Target) -> Result<String, Error> {
     target.check()?;
     let c = session.cluster().await?;
@@ -429,6 +485,15 @@ async fn main() -> ExitCode {
         Command::Pause(t) => run_pause(&mut session, t, true).await,
         Command::Resume(t) => run_pause(&mut session, t, false).await,
         Command::Retry(t) => run_retry(&mut session, t).await,
+        Command::Urgent {
+            policy,
+            by,
+            override_freezes,
+            clear,
+        } => {
+            let deadline = by.filter(|_| !clear);
+            run_urgent(&mut session, &policy, deadline, override_freezes).await
+        }
     };
     match result.and_then(|out| output::print(&out)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -79,6 +79,22 @@ pub struct PlanReport {
     /// while a cluster's only control-plane node reboots).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// With `spec.urgency`: whether the windows alone would have updated every node
+    /// by its deadline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DeadlineReport>,
+}
+
+/// An urgency deadline against the windows alone.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadlineReport {
+    /// The deadline.
+    pub deadline: Timestamp,
+    /// Nodes the windows alone update by then.
+    pub updated_by_then: usize,
+    /// Whether that is every node.
+    pub met: bool,
 }
 
 /// One node of a [`PlanReport`].
@@ -123,18 +139,38 @@ pub fn simulate(
         .filter(|n| rules.selector.matches(&n.labels))
         .collect();
     let total = views.len();
-    let mut world = World::what_if(views, "what-if");
-    world.operator_node = opts.operator_node.clone();
-    let horizon = opts
-        .start
-        .checked_add(opts.horizon)
-        .map_err(|e| Error::Usage(format!("horizon: {e}")))?;
     let reboot = |node: &str| {
         opts.node_reboot_times
             .get(node)
             .copied()
             .unwrap_or(opts.reboot_time)
     };
+    let deadline = rules.urgency.map(|u| {
+        // The same rollout without the urgency: the windows alone.
+        let mut alone = World::what_if(views.clone(), "what-if");
+        alone.operator_node = opts.operator_node.clone();
+        let windows_only = Policy {
+            urgency: None,
+            ..rules.clone()
+        };
+        let timeline = simulate::run(&mut alone, &windows_only, opts.start, u.deadline, &reboot);
+        let updated_by_then = timeline
+            .events
+            .iter()
+            .filter(|e| matches!(e.what, EventKind::Released) && e.at <= u.deadline)
+            .count();
+        DeadlineReport {
+            deadline: u.deadline,
+            updated_by_then,
+            met: updated_by_then == total,
+        }
+    });
+    let mut world = World::what_if(views, "what-if");
+    world.operator_node = opts.operator_node.clone();
+    let horizon = opts
+        .start
+        .checked_add(opts.horizon)
+        .map_err(|e| Error::Usage(format!("horizon: {e}")))?;
     let timeline = simulate::run(&mut world, &rules, opts.start, horizon, &reboot);
 
     let mut rows: BTreeMap<String, Row> = world
@@ -223,6 +259,7 @@ pub fn simulate(
         updated,
         expected_end: last.filter(|_| updated == total),
         warnings,
+        deadline,
     })
 }
 
@@ -289,6 +326,23 @@ pub fn text(plan: &PlanReport, opts: &PlanOptions) -> String {
                 plan.horizon, plan.updated, plan.nodes
             );
         }
+    }
+    if let Some(d) = &plan.deadline {
+        let _ = if d.met {
+            writeln!(
+                out,
+                "Urgency deadline {}: met under the windows alone",
+                fmt(d.deadline)
+            )
+        } else {
+            writeln!(
+                out,
+                "Urgency deadline {}: NOT met under the windows alone ({} of {} nodes by then); past it, windows stop gating (the timeline above)",
+                fmt(d.deadline),
+                d.updated_by_then,
+                plan.nodes
+            )
+        };
     }
     for warning in &plan.warnings {
         let _ = writeln!(out, "warning: {warning}");

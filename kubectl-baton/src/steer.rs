@@ -9,6 +9,7 @@
 //!   by the node's resourceVersion; only then delete its reboot Lease, freeing its
 //!   disruption slot. A failed node that was deleted is retried by deleting its Lease.
 
+use jiff::Timestamp;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::{
     Api, Client, ResourceExt,
@@ -60,6 +61,34 @@ pub async fn set_policy_paused(client: Client, name: &str, paused: bool) -> Resu
             name,
             &PatchParams::default(),
             &Patch::Merge(policy_paused(paused)),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The merge patch that sets (or, with `None`, clears) a policy's urgency deadline.
+pub fn policy_urgency(deadline: Option<Timestamp>, override_freezes: bool) -> Value {
+    match deadline {
+        Some(d) => json!({"spec": {"urgency": {
+            "deadline": d.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            "overrideFreezes": override_freezes,
+        }}}),
+        None => json!({"spec": {"urgency": null}}),
+    }
+}
+
+/// Sets or clears a policy's urgency deadline.
+pub async fn set_policy_urgency(
+    client: Client,
+    name: &str,
+    deadline: Option<Timestamp>,
+    override_freezes: bool,
+) -> Result<(), Error> {
+    Api::<UpdatePolicy>::all(client)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(policy_urgency(deadline, override_freezes)),
         )
         .await?;
     Ok(())

@@ -208,6 +208,34 @@ fn a_per_zone_cap_shows_in_the_timeline() {
 }
 
 #[test]
+fn plan_says_whether_an_urgency_deadline_is_met_under_the_windows_alone() {
+    // Two windows (Sat and Sun 02:00-06:00, 2 at once, 30 min each): 20 nodes need both.
+    let mut policy: UpdatePolicy = serde_yaml_ng::from_str(POLICY).unwrap();
+    let nodes: Vec<Node> = (1..=20).map(node).collect();
+    policy.spec.urgency = Some(crds::Urgency {
+        deadline: "2026-11-28T04:00:00Z".into(),
+        override_freezes: false,
+    });
+    let out = render(&policy, &nodes, &opts()).unwrap();
+    println!("{out}");
+    assert!(
+        out.contains("Urgency deadline 2026-11-28 04:00 UTC: NOT met under the windows alone (8 of 20 nodes by then); past it, windows stop gating"),
+        "{out}"
+    );
+    // Past the deadline the rest go at once, window or not: done Saturday, not Sunday.
+    assert!(out.contains("Expected end: 2026-11-28 "), "{out}");
+    policy.spec.urgency = Some(crds::Urgency {
+        deadline: "2026-11-30T00:00:00Z".into(),
+        override_freezes: false,
+    });
+    let out = render(&policy, &nodes, &opts()).unwrap();
+    assert!(
+        out.contains("Urgency deadline 2026-11-30 00:00 UTC: met under the windows alone"),
+        "{out}"
+    );
+}
+
+#[test]
 fn an_invalid_policy_is_refused_with_every_problem() {
     let mut policy: UpdatePolicy = serde_yaml_ng::from_str(POLICY).unwrap();
     policy.spec.maintenance_windows[0].time_zone = "Nowhere/Land".into();

@@ -97,6 +97,21 @@ pub fn from_plan(
             .as_deref()
             .unwrap_or("no health gate holds grants back"),
     );
+    set(
+        &mut conditions,
+        old,
+        now,
+        condition::URGENT,
+        plan.urgent.is_some(),
+        if plan.urgent.is_some() {
+            "DeadlinePassed"
+        } else {
+            "NotUrgent"
+        },
+        plan.urgent
+            .as_deref()
+            .unwrap_or("no urgency deadline has passed with nodes left to update"),
+    );
     match &plan.etcd {
         Some(guard) => {
             let message = match &guard.hold {
@@ -207,7 +222,8 @@ pub fn raised<'a>(
                     || c.type_ == condition::INVALID_SPEC
                     || c.type_ == condition::OVERLAPPING
                     || c.type_ == condition::GATE_CLOSED
-                    || c.type_ == condition::ETCD_HELD)
+                    || c.type_ == condition::ETCD_HELD
+                    || c.type_ == condition::URGENT)
         })
         .filter(|c| {
             !old.is_some_and(|o| {

@@ -229,9 +229,13 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         .filter(|n| !leases_by_node.contains_key(n.name.as_str()))
         .collect();
     rest.sort_by_cached_key(|n| order_key(n, snapshot, policy));
-    let window_gate = match policy.windows.freeze_at(now) {
-        Some(freeze) => Err(Skip::Frozen(freeze.describe())),
-        None => window_gate(window, policy, now),
+    // Past an urgent release's deadline, windows (and, if asked, freezes) stop gating.
+    let urgency = policy.urgency.filter(|u| now >= u.deadline);
+    let window_gate = match (policy.windows.freeze_at(now), urgency) {
+        (Some(_), Some(u)) if u.override_freezes => Ok(()),
+        (Some(freeze), _) => Err(Skip::Frozen(freeze.describe())),
+        (None, Some(_)) => Ok(()),
+        (None, None) => window_gate(window, policy, now),
     };
     let mut guard = Guard::new(snapshot, policy, &pool, &leases_by_node);
     for node in rest {
@@ -352,9 +356,23 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     counts.waiting -= granted as u32;
     counts.in_progress += granted as u32;
     let waiting_on_window = counts.waiting > 0;
+    let behind = counts.waiting + counts.in_progress > 0;
+    let urgent = urgency.filter(|_| behind).map(|u| {
+        format!(
+            "the urgency deadline {} passed with {} node(s) not updated: windows{} no longer gate them",
+            u.deadline,
+            counts.waiting + counts.in_progress,
+            if u.override_freezes { " and freezes" } else { "" }
+        )
+    });
+    let deadline = policy
+        .urgency
+        .map(|u| u.deadline)
+        .filter(|_| waiting_on_window);
     let next_change = timers
         .into_iter()
         .chain(waiting_on_window.then(|| window.next_edge()).flatten())
+        .chain(deadline)
         .filter(|t| *t > now)
         .min();
 
@@ -370,6 +388,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         window,
         halted,
         gate: snapshot.gate.clone(),
+        urgent,
         etcd,
         conflicts,
         counts,
@@ -748,6 +767,7 @@ fn wind_down(snapshot: &Snapshot, policy: &Policy, ending: Ending, now: Timestam
         window: policy.windows.state(now),
         halted: None,
         gate: None,
+        urgent: None,
         etcd: None,
         conflicts: Vec::new(),
         counts,

@@ -173,6 +173,7 @@ mod tests {
             window: crate::window::WindowState::Always,
             halted: Some("1 failed node(s) reached maxFailedNodes=1: n2".into()),
             gate: None,
+            urgent: None,
             etcd: None,
             conflicts: Vec::new(),
             counts: Default::default(),

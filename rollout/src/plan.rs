@@ -40,6 +40,9 @@ pub struct Plan {
     pub halted: Option<String>,
     /// Why a cluster-wide health gate holds new grants back, if one does.
     pub gate: Option<String>,
+    /// Set when `spec.urgency`'s deadline has passed with nodes not yet updated: what
+    /// no longer gates them.
+    pub urgent: Option<String>,
     /// For a pool with control-plane nodes: what the etcd quorum guard sees, and the
     /// first hold it puts on one of them, if any.
     pub etcd: Option<EtcdGuard>,

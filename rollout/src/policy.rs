@@ -18,6 +18,8 @@ pub struct Policy {
     pub selector: Selector,
     /// `maxUnavailable`.
     pub budget: Budget,
+    /// `spec.urgency`, if set.
+    pub urgency: Option<UrgencyRule>,
     /// `maxUnavailablePerZone`, if set.
     pub zone_budget: Option<Budget>,
     /// Maintenance windows.
@@ -81,6 +83,15 @@ pub enum Ending {
     /// The policy is being deleted: every grant ends (a reboot under way finishes
     /// first), then the policy goes.
     Deleted,
+}
+
+/// An urgent release's deadline, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UrgencyRule {
+    /// Past it, windows stop gating nodes not yet updated.
+    pub deadline: jiff::Timestamp,
+    /// Past it, freezes stop gating too.
+    pub override_freezes: bool,
 }
 
 /// A hook: the annotations to wait for, and for how long.
@@ -179,6 +190,21 @@ impl Policy {
         let budget = Budget::parse(&spec.max_unavailable)
             .map_err(|e| err("spec.maxUnavailable", e.to_string()))
             .unwrap_or_default();
+        let urgency = spec.urgency.as_ref().and_then(|u| {
+            u.deadline
+                .parse::<jiff::Timestamp>()
+                .map(|deadline| UrgencyRule {
+                    deadline,
+                    override_freezes: u.override_freezes,
+                })
+                .map_err(|e| {
+                    err(
+                        "spec.urgency.deadline",
+                        format!("{:?} is not an RFC 3339 time: {e}", u.deadline),
+                    )
+                })
+                .ok()
+        });
         let mut freezes = Vec::new();
         for (i, f) in spec.freezes.iter().enumerate() {
             match crate::freeze::Freeze::compile(f) {
@@ -269,6 +295,7 @@ impl Policy {
             selector,
             budget,
             zone_budget,
+            urgency,
             windows,
             window_mode: spec.window_mode,
             reboot_timeout,
