@@ -24,8 +24,8 @@ pub use drain::{DrainSpec, OnTimeout};
 pub use health::{AlertmanagerSilence, HealthSpec, PrometheusGate};
 pub use hooks::{Hook, HooksSpec};
 pub use policy::{
-    ControlPlaneOrder, FailurePolicy, OrderingSpec, UpdatePolicy, UpdatePolicySpec,
-    UpdatePolicyStatus, Urgency, WindowMode,
+    Completion, ControlPlaneOrder, FailurePolicy, OrderingSpec, Promotion, UpdatePolicy,
+    UpdatePolicySpec, UpdatePolicyStatus, Urgency, WindowMode,
 };
 pub use protocol::{AgentState, ProtocolError};
 pub use release::Release;

@@ -63,6 +63,12 @@ pub struct UpdatePolicySpec {
     #[schemars(length(max = 32))]
     pub freezes: Vec<crate::Freeze>,
 
+    /// Canary promotion: this pool reboots into a release version only once every node of
+    /// the `after` policy's pool has run that same version, done, for `soak`. Chains
+    /// (dev → stage → prod) work; a cycle is an invalid spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<Promotion>,
+
     /// An urgent release (a CVE fix): if it is not done on every node by `deadline`,
     /// windows (and, with `overrideFreezes`, freezes) stop gating it. The budget,
     /// PodDisruptionBudgets, blocking pods, the alert gate, halts and the etcd guard still
@@ -123,6 +129,35 @@ pub enum WindowMode {
     /// A disruption may start only when `health.rebootTimeout` ends before the window
     /// closes.
     Fit,
+}
+
+/// Where a release must have soaked first.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Promotion {
+    /// The UpdatePolicy whose pool goes first.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("after must name an UpdatePolicy (a DNS subdomain name such as canary)"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub after: String,
+    /// How long every node of that pool must have been done on the version.
+    #[serde(default = "default_soak")]
+    #[x_kube(validation = Rule::new(crate::duration::NON_NEGATIVE_RULE).message("soak must be a duration such as 24h or 90m"))]
+    #[schemars(length(max = 32))]
+    pub soak: String,
+}
+
+fn default_soak() -> String {
+    "24h".into()
+}
+
+/// A pool done on one release version, and since when (for the pools promoted after it).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Completion {
+    /// The release version every node of the pool runs, done.
+    pub version: String,
+    /// Since when.
+    pub since: Time,
 }
 
 /// An urgent release's deadline.
@@ -227,6 +262,10 @@ pub struct UpdatePolicyStatus {
     /// with its reason, in its own time zone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze: Option<String>,
+    /// Every node of the pool runs `spec.release.version`, done, since then: what a
+    /// pool promoted after this one waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed: Option<Completion>,
 }
 
 impl UpdatePolicyStatus {
@@ -243,6 +282,7 @@ impl UpdatePolicyStatus {
                 "nextWindow",
                 "nextWindowLocal",
                 "freeze",
+                "completed",
             ] {
                 fields.entry(field).or_insert(serde_json::Value::Null);
             }

@@ -1082,3 +1082,49 @@ async fn webhooks_hear_the_rollout_in_order_and_a_failing_one_holds_nothing_back
     );
     s.finish("webhooks (fake agents)");
 }
+
+/// A promotion cycle (a after b, b after a) is an invalid spec on both policies, naming
+/// the chain; a missing upstream is only a wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_cycle_is_an_invalid_spec_naming_the_chain() {
+    let s = Scenario::bare(1, Limits::budget(1)).await;
+    let _operator = s.operator("op-a");
+    for (name, after) in [("a", "b"), ("b", "a")] {
+        let spec = serde_json::json!({
+            "nodeSelector": {"matchLabels": {"pool": name}},
+            "promotion": {"after": after},
+        });
+        let policy = UpdatePolicy::new(name, serde_json::from_value(spec).unwrap());
+        s.policies()
+            .create(&kube::api::PostParams::default(), &policy)
+            .await
+            .unwrap();
+    }
+    let invalid = |name: &'static str| {
+        let policies = s.policies();
+        async move {
+            policies
+                .get(name)
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .and_then(|st| {
+                    st.conditions
+                        .into_iter()
+                        .find(|c| c.type_ == "InvalidSpec" && c.status == "True")
+                })
+                .map(|c| c.message)
+        }
+    };
+    s.cluster
+        .wait_for("both policies InvalidSpec", || async {
+            invalid("a").await.is_some() && invalid("b").await.is_some()
+        })
+        .await
+        .unwrap();
+    let message = invalid("a").await.unwrap();
+    assert!(
+        message.contains("spec.promotion.after: promotion cycle a → b → a"),
+        "{message}"
+    );
+}

@@ -493,3 +493,90 @@ async fn past_an_urgency_deadline_windows_stop_gating_and_the_status_says_since_
     assert_eq!(urgent.status, "False");
     assert!(urgent.last_transition_time.0 > deadline);
 }
+
+/// Canary promotion with real agents: `prod` (two nodes) goes only once `canary` (one
+/// node) has completed the release and soaked 5 s; a sampler of the reboot Leases sees
+/// prod's first grant after canary's completion plus the soak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_pool_starts_only_after_its_upstream_completed_and_soaked() {
+    let mut s = Scenario::bare(3, Limits::budget(2)).await;
+    let nodes = s.nodes();
+    for (i, name) in s.names.iter().enumerate() {
+        let pool = if i == 0 { "canary" } else { "prod" };
+        let patch = serde_json::json!({"metadata": {"labels": {"pool": pool}}});
+        nodes
+            .patch(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .unwrap();
+    }
+    let options = s.fleet_options(Duration::from_secs(1), &[]);
+    s.start_fleet(&options);
+    let _operator = s.operator("op-a");
+    let release = serde_json::json!({
+        "version": NEW, "url": "https://images.invalid/os-2.0.0.img",
+        "sha256": "c".repeat(64), "signature": format!("{}==", "A".repeat(86)),
+    });
+    let first_seen = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<
+        String,
+        std::time::SystemTime,
+    >::new()));
+    let sampler = {
+        let (leases, first_seen) = (s.leases(), first_seen.clone());
+        tokio::spawn(async move {
+            loop {
+                for node in e2e::scenario::lease_holders(&leases).await {
+                    first_seen
+                        .lock()
+                        .unwrap()
+                        .entry(node)
+                        .or_insert_with(std::time::SystemTime::now);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    for (name, spec) in [
+        (
+            "prod",
+            serde_json::json!({"nodeSelector": {"matchLabels": {"pool": "prod"}},
+            "promotion": {"after": "canary", "soak": "5s"}, "release": release,
+            "health": {"rebootTimeout": "3m"}}),
+        ),
+        (
+            "canary",
+            serde_json::json!({"nodeSelector": {"matchLabels": {"pool": "canary"}},
+            "release": release, "health": {"rebootTimeout": "3m"}}),
+        ),
+    ] {
+        let policy = crds::UpdatePolicy::new(name, serde_json::from_value(spec).unwrap());
+        s.policies()
+            .create(&kube::api::PostParams::default(), &policy)
+            .await
+            .unwrap();
+    }
+    s.wait_done(&[]).await;
+    sampler.abort();
+    let canary = s.policies().get("canary").await.unwrap().status.unwrap();
+    let completed = canary.completed.expect("canary completed");
+    assert_eq!(completed.version, NEW);
+    let since = std::time::SystemTime::from(completed.since.0);
+    let seen = first_seen.lock().unwrap().clone();
+    let prod_first = s.names[1..].iter().map(|n| seen[n]).min().unwrap();
+    let waited = prod_first.duration_since(since).unwrap_or_default();
+    eprintln!(
+        "[promotion] canary completed {NEW} at {}; prod's first grant {waited:?} later (soak 5s)",
+        completed.since.0
+    );
+    assert!(
+        waited >= Duration::from_secs(5),
+        "prod waited out the soak: {waited:?}"
+    );
+    assert!(seen[&s.names[0]] < since, "canary went first");
+    let prod = s.policies().get("prod").await.unwrap().status.unwrap();
+    assert_eq!(prod.completed.map(|c| c.version), Some(NEW.to_string()));
+    s.finish("canary then prod");
+}

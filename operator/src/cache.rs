@@ -39,6 +39,22 @@ impl Fingerprint for UpdatePolicy {
         let mut hasher = DefaultHasher::new();
         self.metadata.generation.hash(&mut hasher);
         self.metadata.deletion_timestamp.is_some().hash(&mut hasher);
+        // What pools promoted after this one read of its status: its completion and
+        // whether it is halted or invalid (rare changes; any other status write wakes
+        // nothing).
+        if let Some(status) = &self.status {
+            status
+                .completed
+                .as_ref()
+                .map(|c| (&c.version, c.since.0))
+                .hash(&mut hasher);
+            for c in status.conditions.iter().filter(|c| {
+                c.type_ == crds::policy::condition::HALTED
+                    || c.type_ == crds::policy::condition::INVALID_SPEC
+            }) {
+                (&c.type_, &c.status).hash(&mut hasher);
+            }
+        }
         hasher.finish()
     }
 }

@@ -126,7 +126,8 @@ pub async fn run_with_clock(
     let for_policy = every_policy.clone();
     // A policy's spec change or deletion reconciles every policy: each judges overlap
     // with the others' selectors, so both sides of an overlap learn of it (and of its
-    // end) at once. Status writes wake nothing (`cache::Changes`).
+    // end) at once. So does a pool completing a release or halting (what the pools
+    // promoted after it wait for); other status writes wake nothing (`cache::Changes`).
     let mut spec_changes = crate::cache::Changes::<UpdatePolicy>::default();
     let policy_stream = watcher(
         Api::<UpdatePolicy>::all(client.clone()),

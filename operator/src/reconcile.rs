@@ -61,7 +61,14 @@ pub async fn policy<C: Cluster>(c: &C, policy: &UpdatePolicy) -> Result<Option<D
     }
     ensure_finalizer(c, policy).await?;
     let rules = Policy::from_spec(&name, &policy.spec).and_then(|rules| {
-        let refused = c.config().refuses(&rules);
+        let mut refused = c.config().refuses(&rules);
+        let policies = c.policies();
+        if let Some(chain) = rollout::promotion::cycle(&name, policies.iter().map(|p| p.as_ref())) {
+            refused.push(rollout::policy::SpecError {
+                field: "spec.promotion.after".into(),
+                message: format!("promotion cycle {chain}: one pool of the chain must go first"),
+            });
+        }
         if refused.is_empty() {
             Ok(rules)
         } else {
@@ -124,6 +131,12 @@ async fn roll_out<C: Cluster>(
     );
     status.next_window_local = status::next_window_local(&plan, &rules.windows, now);
     status.freeze = status::freeze(&rules.windows, now);
+    status.completed = status::completed(
+        &plan,
+        rules.target_version.as_ref(),
+        policy.status.as_ref(),
+        now,
+    );
     // Before the status write: if it fails, the next reconcile announces again (at
     // least once) rather than never.
     crate::notify::announce(c, policy, &status, &plan, now).await;

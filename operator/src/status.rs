@@ -184,7 +184,29 @@ pub fn from_plan(
         },
         next_window_local: None,
         freeze: None,
+        completed: None,
     }
+}
+
+/// `status.completed`: every node of the pool on the policy's release version, done,
+/// none failed; since when it was first seen so (kept across reconciles).
+pub fn completed(
+    plan: &Plan,
+    target: Option<&crds::protocol::Version>,
+    old: Option<&UpdatePolicyStatus>,
+    now: Timestamp,
+) -> Option<crds::Completion> {
+    let version = target?.to_string();
+    let c = &plan.counts;
+    let done = c.nodes > 0 && c.up_to_date == c.nodes && c.failed == 0 && plan.halted.is_none();
+    if !done {
+        return None;
+    }
+    let since = old
+        .and_then(|o| o.completed.as_ref())
+        .filter(|p| p.version == version)
+        .map_or(Time(now), |p| p.since.clone());
+    Some(crds::Completion { version, since })
 }
 
 /// `status.freeze`: the freeze in force (`active until …`) or the next one (`next …`).

@@ -276,6 +276,20 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                 }
             } else {
                 counts.waiting += 1;
+                let promoted = match &policy.promotion {
+                    None => Ok(()),
+                    Some(rule) => {
+                        let version = policy
+                            .target_version
+                            .as_ref()
+                            .or(node.agent.target_version.as_ref());
+                        crate::promotion::check(rule, snapshot.upstream.as_ref(), version, now)
+                            .map_err(|(why, soaked)| {
+                                timers.extend(soaked);
+                                Skip::Promotion(why)
+                            })
+                    }
+                };
                 match candidate(
                     node,
                     snapshot,
@@ -286,6 +300,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                         free,
                         active_zones: &active_zones,
                         zones: &zones,
+                        promoted,
                     },
                     &guard,
                 ) {
@@ -422,6 +437,8 @@ struct Room<'a, 'b> {
     active_zones: &'a BTreeSet<&'b str>,
     /// Each zone's cap and use.
     zones: &'a ZoneCaps<'b>,
+    /// Whether the node's version is promoted to this pool (`spec.promotion`).
+    promoted: Result<(), Skip>,
 }
 
 /// Whether a node that asks for a reboot may be granted now. Checks run from the
@@ -439,6 +456,7 @@ fn candidate(
         free,
         active_zones,
         zones,
+        promoted,
     } = room;
     if halted {
         return Err(Skip::Halted);
@@ -467,6 +485,7 @@ fn candidate(
         return Err(Skip::Gate(gate.clone()));
     }
     window.clone()?;
+    promoted?;
     guard.check(&node.name)?;
     if free == 0 {
         return Err(Skip::Budget);

@@ -6,6 +6,7 @@
 //! - [`freeze`]: freezes, absolute ranges of local time with no new disruption.
 //! - [`zone`]: per-zone caps (`maxUnavailablePerZone`).
 //! - [`policy`]: a spec parsed and checked once.
+//! - [`promotion`]: canary promotion between pools.
 //! - [`snapshot`]: the observed cluster.
 //! - [`etcd`]: etcd's members and the quorum guard's checks.
 //! - [`control_plane`]: control-plane nodes: one at a time, in their place, alone when
@@ -29,6 +30,7 @@ pub mod notify;
 pub mod phase;
 pub mod plan;
 pub mod policy;
+pub mod promotion;
 pub mod selector;
 pub mod silence;
 pub mod simulate;

@@ -319,6 +319,8 @@ pub enum Skip {
     ControlPlane(String),
     /// The etcd quorum guard holds it.
     Etcd(crate::etcd::Hold),
+    /// Its upstream pool has not completed and soaked the version (`spec.promotion`).
+    Promotion(String),
 }
 
 impl fmt::Display for Action {
@@ -397,6 +399,7 @@ impl fmt::Display for Skip {
             Skip::Failed(why) => write!(f, "failed: {why}"),
             Skip::ControlPlane(why) => write!(f, "{why}"),
             Skip::Etcd(hold) => write!(f, "etcd quorum guard: {hold}"),
+            Skip::Promotion(why) => write!(f, "{why}"),
         }
     }
 }

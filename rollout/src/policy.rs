@@ -18,6 +18,8 @@ pub struct Policy {
     pub selector: Selector,
     /// `maxUnavailable`.
     pub budget: Budget,
+    /// `spec.promotion`, if set.
+    pub promotion: Option<crate::promotion::PromotionRule>,
     /// `spec.urgency`, if set.
     pub urgency: Option<UrgencyRule>,
     /// `maxUnavailablePerZone`, if set.
@@ -190,6 +192,22 @@ impl Policy {
         let budget = Budget::parse(&spec.max_unavailable)
             .map_err(|e| err("spec.maxUnavailable", e.to_string()))
             .unwrap_or_default();
+        let promotion = spec.promotion.as_ref().and_then(|p| {
+            crds::duration::parse(&p.soak)
+                .ok()
+                .and_then(|d| SignedDuration::try_from(d).ok())
+                .map(|soak| crate::promotion::PromotionRule {
+                    after: p.after.clone(),
+                    soak,
+                })
+                .or_else(|| {
+                    err(
+                        "spec.promotion.soak",
+                        format!("{:?} is not a duration such as 24h", p.soak),
+                    );
+                    None
+                })
+        });
         let urgency = spec.urgency.as_ref().and_then(|u| {
             u.deadline
                 .parse::<jiff::Timestamp>()
@@ -295,6 +313,7 @@ impl Policy {
             selector,
             budget,
             zone_budget,
+            promotion,
             urgency,
             windows,
             window_mode: spec.window_mode,

@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub gate: Option<String>,
     /// The etcd members, for the quorum guard.
     pub etcd: crate::etcd::Etcd,
+    /// The upstream pool, when the policy is promoted after another.
+    pub upstream: Option<crate::promotion::Upstream>,
 }
 
 /// One node.
@@ -141,6 +143,8 @@ impl Snapshot {
             malformed.extend(errors.into_iter().map(|e| (name.clone(), e)));
             views.extend(view);
         }
+        let policies: Vec<&crds::UpdatePolicy> = policies.into_iter().collect();
+        let upstream = crate::promotion::upstream(own, policies.iter().copied());
         // A policy being deleted claims no node any more (its Leases still hold theirs).
         let other_policies = policies
             .into_iter()
@@ -161,6 +165,7 @@ impl Snapshot {
             other_policies,
             gate: None,
             etcd: crate::etcd::Etcd::default(),
+            upstream,
         };
         (snapshot, malformed)
     }

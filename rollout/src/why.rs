@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// Every label [`label`] returns, for metrics that start at 0.
-pub const LABELS: [&str; 20] = [
+pub const LABELS: [&str; 21] = [
     "up_to_date",
     "not_requested",
     "policy_paused",
@@ -36,6 +36,7 @@ pub const LABELS: [&str; 20] = [
     "etcd",
     "zone_budget",
     "frozen",
+    "promotion",
 ];
 
 /// The metric label of a reason (one of [`LABELS`]).
@@ -61,6 +62,7 @@ pub fn label(skip: &Skip) -> &'static str {
         Skip::Failed(_) => "failed",
         Skip::ControlPlane(_) => "control_plane",
         Skip::Etcd(_) => "etcd",
+        Skip::Promotion(_) => "promotion",
     }
 }
 
@@ -137,6 +139,7 @@ pub fn remedy(skip: &Skip) -> &'static str {
         Skip::Failed(_) => "fixing it, then kubectl baton retry --node <node>",
         Skip::ControlPlane(_) => "the control-plane node or workers ahead of it finishing",
         Skip::Etcd(_) => "every other etcd member healthy and caught up with its leader",
+        Skip::Promotion(_) => "the upstream pool completing the version and its soak passing",
     }
 }
 
