@@ -251,7 +251,21 @@ async fn run_plan(session: &mut Session, args: PlanArgs) -> Result<String, Error
         time_zone,
         operator_node: args.operator_node,
     };
-    let report = plan::simulate(&policy, &nodes, &opts)?;
+    let report = match (&policy.spec.promotion, args.file) {
+        (Some(_), false) => {
+            let c = session.cluster().await?;
+            let policies = c
+                .bounded(async {
+                    Ok(Api::<UpdatePolicy>::all(c.client.clone())
+                        .list(&ListParams::default())
+                        .await?
+                        .items)
+                })
+                .await?;
+            plan::simulate_chain(&policies, &policy, &nodes, &opts)?
+        }
+        _ => plan::simulate(&policy, &nodes, &opts)?,
+    };
     if let Some(path) = &args.svg {
         let rules = rollout::Policy::from_spec(&report.policy, &policy.spec).map_err(|errors| {
             Error::InvalidPolicy {

@@ -83,6 +83,26 @@ pub struct PlanReport {
     /// by its deadline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deadline: Option<DeadlineReport>,
+    /// With `spec.promotion`: every pool of the chain, upstream first, when it starts
+    /// and ends under its own windows (this policy last).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub promotion_chain: Vec<ChainLink>,
+}
+
+/// One pool of a promotion chain, as planned.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChainLink {
+    /// The UpdatePolicy.
+    pub policy: String,
+    /// Its nodes.
+    pub nodes: usize,
+    /// The soak after its upstream (none for the first pool).
+    pub soak: Option<String>,
+    /// When its first node starts (none: not within the horizon).
+    pub start: Option<Timestamp>,
+    /// When its last node is done (none: not within the horizon).
+    pub end: Option<Timestamp>,
 }
 
 /// An urgency deadline against the windows alone.
@@ -139,6 +159,12 @@ pub fn simulate(
         .filter(|n| rules.selector.matches(&n.labels))
         .collect();
     let total = views.len();
+    // Promotion is planned by the chain's start times (`simulate_chain`), not gated
+    // here: the model has no upstream pool.
+    let rules = Policy {
+        promotion: None,
+        ..rules
+    };
     let reboot = |node: &str| {
         opts.node_reboot_times
             .get(node)
@@ -260,7 +286,99 @@ pub fn simulate(
         expected_end: last.filter(|_| updated == total),
         warnings,
         deadline,
+        promotion_chain: Vec::new(),
     })
+}
+
+/// Simulates `policy` after the pools it is promoted after: each pool of the chain
+/// starts once the one before it is done (or, if its status says it completed the
+/// version already, from then) plus its soak, under its own windows.
+pub fn simulate_chain(
+    policies: &[UpdatePolicy],
+    policy: &UpdatePolicy,
+    nodes: &[Node],
+    opts: &PlanOptions,
+) -> Result<PlanReport, Error> {
+    // The chain, upstream first; it stops at a missing policy or a cycle.
+    let mut chain = vec![policy.clone()];
+    while let Some(after) = chain
+        .last()
+        .and_then(|p| p.spec.promotion.as_ref())
+        .map(|p| p.after.clone())
+    {
+        let Some(up) = policies
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(after.as_str()))
+        else {
+            break;
+        };
+        if chain.iter().any(|p| p.metadata.name == up.metadata.name) {
+            break;
+        }
+        chain.push(up.clone());
+    }
+    chain.reverse();
+    let mut links = Vec::new();
+    let mut ready = Some(opts.start);
+    let mut report = None;
+    for (i, p) in chain.iter().enumerate() {
+        let soak = p
+            .spec
+            .promotion
+            .as_ref()
+            .filter(|_| i > 0)
+            .map(|pr| pr.soak.clone());
+        let soak_for = soak
+            .as_deref()
+            .and_then(|s| crds::duration::parse(s).ok())
+            .and_then(|d| SignedDuration::try_from(d).ok())
+            .unwrap_or(SignedDuration::ZERO);
+        let start = ready
+            .and_then(|t| t.checked_add(soak_for).ok())
+            .map(|t| t.max(opts.start));
+        let this = match start {
+            Some(start) => Some(simulate(
+                p,
+                nodes,
+                &PlanOptions {
+                    start,
+                    ..opts.clone()
+                },
+            )?),
+            None => None,
+        };
+        let first = this
+            .as_ref()
+            .and_then(|r| r.rows.iter().filter_map(|row| row.start).min());
+        // Already done on its release (its status says so): the next pool counts from then.
+        let done_since = p
+            .status
+            .as_ref()
+            .and_then(|s| s.completed.as_ref())
+            .filter(|c| {
+                p.spec
+                    .release
+                    .as_ref()
+                    .is_some_and(|r| r.version == c.version)
+            })
+            .map(|c| c.since.0);
+        let end = done_since.or_else(|| this.as_ref().and_then(|r| r.expected_end));
+        links.push(ChainLink {
+            policy: p.metadata.name.clone().unwrap_or_default(),
+            nodes: this.as_ref().map_or(0, |r| r.nodes),
+            soak,
+            start: if done_since.is_some() { None } else { first },
+            end,
+        });
+        ready = end;
+        report = this;
+    }
+    let mut report = match report {
+        Some(r) => r,
+        None => simulate(policy, nodes, opts)?,
+    };
+    report.promotion_chain = links;
+    Ok(report)
 }
 
 /// The plan as text for humans, times in `opts.time_zone`.
@@ -281,6 +399,33 @@ pub fn text(plan: &PlanReport, opts: &PlanOptions) -> String {
         "Plan for UpdatePolicy {}: {} nodes, maxUnavailable {} ({} at once), {windows_desc}, reboot time {}",
         plan.policy, plan.nodes, plan.max_unavailable, plan.at_once, plan.reboot_time,
     );
+    if !plan.promotion_chain.is_empty() {
+        let names: Vec<&str> = plan
+            .promotion_chain
+            .iter()
+            .map(|l| l.policy.as_str())
+            .collect();
+        let _ = writeln!(out, "Promotion chain: {}", names.join(" → "));
+        for link in &plan.promotion_chain {
+            let soak = link
+                .soak
+                .as_ref()
+                .map_or(String::new(), |s| format!("after a {s} soak, "));
+            let when = match (link.start, link.end) {
+                (None, Some(end)) => format!("done on its release since {}", fmt(end)),
+                (Some(start), Some(end)) => format!("{soak}{} → {}", fmt(start), fmt(end)),
+                (Some(start), None) => {
+                    format!("{soak}{} → not done within the horizon", fmt(start))
+                }
+                (None, None) => "not started within the horizon".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<16}  {:>3} nodes  {when}",
+                link.policy, link.nodes
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "{:<22}  {:<16}  {:<10}  {:<28}  END",

@@ -236,6 +236,82 @@ fn plan_says_whether_an_urgency_deadline_is_met_under_the_windows_alone() {
 }
 
 #[test]
+fn a_promotion_chain_plans_each_pool_after_the_one_before_under_its_own_windows() {
+    // dev (nodes 1-2) always open; stage (3-4) 1h soak, always open; prod (5-8) 1h soak,
+    // only on Saturdays 02:00-06:00. 30 min reboots, one at a time.
+    let policy = |name: &str, pool: &str, extra: serde_json::Value| {
+        let mut spec = serde_json::json!({
+            "nodeSelector": {"matchLabels": {"tier": pool}},
+            "release": {"version": "2.0.0", "url": "https://images.example/2.img",
+                "sha256": "c".repeat(64), "signature": format!("{}==", "A".repeat(86))},
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        UpdatePolicy::new(name, serde_json::from_value(spec).unwrap())
+    };
+    let dev = policy("dev", "dev", serde_json::json!({}));
+    let stage = policy(
+        "stage",
+        "stage",
+        serde_json::json!({"promotion": {"after": "dev", "soak": "1h"}}),
+    );
+    let prod = policy(
+        "prod",
+        "prod",
+        serde_json::json!({
+            "promotion": {"after": "stage", "soak": "1h"},
+            "maintenanceWindows": [{"weekdays": ["Sat"], "start": "02:00", "duration": "4h", "timeZone": "UTC"}],
+        }),
+    );
+    let mut nodes: Vec<Node> = (1..=8).map(node).collect();
+    for (i, n) in nodes.iter_mut().enumerate() {
+        let tier = match i {
+            0 | 1 => "dev",
+            2 | 3 => "stage",
+            _ => "prod",
+        };
+        n.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("tier".into(), tier.into());
+    }
+    let all = [dev, stage, prod.clone()];
+    let report = kubectl_baton::plan::simulate_chain(&all, &prod, &nodes, &opts()).unwrap();
+    let out = kubectl_baton::plan::text(&report, &opts());
+    println!("{out}");
+    // dev: Fri 12:00 to 13:00; stage after 1 h: 14:00 to 15:00; prod after 1 h soak would
+    // be 16:00, but its window opens Saturday 02:00: 02:00 to 04:00.
+    assert!(out.contains("Promotion chain: dev → stage → prod"), "{out}");
+    let line = |p: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(p))
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        line("dev").ends_with("2026-11-27 12:00 UTC → 2026-11-27 13:00 UTC"),
+        "{}",
+        line("dev")
+    );
+    assert!(
+        line("stage").ends_with("after a 1h soak, 2026-11-27 14:00 UTC → 2026-11-27 15:00 UTC"),
+        "{}",
+        line("stage")
+    );
+    assert!(
+        line("prod ").ends_with("after a 1h soak, 2026-11-28 02:00 UTC → 2026-11-28 04:00 UTC"),
+        "{}",
+        line("prod ")
+    );
+    assert!(
+        out.contains("Expected end: 2026-11-28 04:00 UTC (4 of 4 nodes updated)"),
+        "{out}"
+    );
+}
+
+#[test]
 fn an_invalid_policy_is_refused_with_every_problem() {
     let mut policy: UpdatePolicy = serde_yaml_ng::from_str(POLICY).unwrap();
     policy.spec.maintenance_windows[0].time_zone = "Nowhere/Land".into();

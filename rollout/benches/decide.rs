@@ -45,7 +45,64 @@ fn bench(c: &mut Criterion) {
     group.bench_function("decide", |b| {
         b.iter(|| decide(black_box(&snapshot), &policy, now))
     });
+
+    // The same pool with the fleet rules in force: promoted after `stage` in a chain of
+    // three pools (stage done and soaked), a per-zone cap, a freeze (next month) and an
+    // urgency deadline (passed).
+    let mut fleet = spec_with_fleet_rules();
+    let fleet_policy =
+        Policy::from_spec("prod", &serde_json::from_value(fleet.take()).unwrap()).unwrap();
+    let chain: Vec<crds::UpdatePolicy> = [
+        ("dev", None),
+        ("stage", Some("dev")),
+        ("prod", Some("stage")),
+    ]
+    .into_iter()
+    .map(|(name, after)| {
+        let mut p = crds::UpdatePolicy::new(
+            name,
+            serde_json::from_value(serde_json::json!({
+                "promotion": after.map(|a| serde_json::json!({"after": a, "soak": "24h"})),
+            }))
+            .unwrap(),
+        );
+        p.status = Some(crds::UpdatePolicyStatus {
+            completed: Some(crds::Completion {
+                version: "2.0.0".into(),
+                since: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    "2026-11-20T00:00:00Z".parse().unwrap(),
+                ),
+            }),
+            ..Default::default()
+        });
+        p
+    })
+    .collect();
+    let mut fleet_snapshot = snapshot.clone();
+    fleet_snapshot.upstream = rollout::promotion::upstream("prod", &chain);
+    group.bench_function("decide_with_fleet_rules", |b| {
+        b.iter(|| decide(black_box(&fleet_snapshot), &fleet_policy, now))
+    });
     group.finish();
+}
+
+/// The benchmark's spec plus a promotion, a per-zone cap, a freeze and an urgency.
+fn spec_with_fleet_rules() -> serde_json::Value {
+    serde_json::json!({
+        "maxUnavailable": "5%",
+        "maxUnavailablePerZone": "2%",
+        "nodeSelector": {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "Exists"}]},
+        "maintenanceWindows": [
+            {"weekdays": ["Sat", "Sun"], "start": "01:00", "duration": "5h", "timeZone": "Europe/Berlin"},
+            {"schedule": "0 22 * * 1-5", "duration": "2h", "timeZone": "America/New_York"}
+        ],
+        "freezes": [{"start": "2026-12-20T00:00", "end": "2027-01-06T00:00", "timeZone": "Europe/Berlin"}],
+        "urgency": {"deadline": "2026-11-27T00:00:00Z"},
+        "promotion": {"after": "stage", "soak": "24h"},
+        "release": {"version": "2.0.0", "url": "https://images.example/2.img",
+            "sha256": "c".repeat(64), "signature": format!("{}==", "A".repeat(86))},
+        "hooks": {"beforeReboot": {"annotations": ["example.com/ok"]}},
+    })
 }
 
 criterion_group!(benches, bench);
