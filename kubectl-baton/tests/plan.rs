@@ -312,6 +312,23 @@ fn a_promotion_chain_plans_each_pool_after_the_one_before_under_its_own_windows(
 }
 
 #[test]
+fn plan_waits_out_a_freeze_that_covers_a_window() {
+    // The Saturday window falls inside a freeze: the rollout starts on Sunday's.
+    let mut policy: UpdatePolicy = serde_yaml_ng::from_str(POLICY).unwrap();
+    policy.spec.freezes = vec![
+        serde_json::from_value(serde_json::json!(
+            {"start": "2026-11-28T00:00", "end": "2026-11-29T00:00", "reason": "migration"}
+        ))
+        .unwrap(),
+    ];
+    let nodes: Vec<Node> = (1..=2).map(node).collect();
+    let out = render(&policy, &nodes, &opts()).unwrap();
+    println!("{out}");
+    let first = out.lines().find(|l| l.starts_with("2026-")).unwrap();
+    assert!(first.starts_with("2026-11-29 02:00"), "{out}");
+}
+
+#[test]
 fn an_invalid_policy_is_refused_with_every_problem() {
     let mut policy: UpdatePolicy = serde_yaml_ng::from_str(POLICY).unwrap();
     policy.spec.maintenance_windows[0].time_zone = "Nowhere/Land".into();
