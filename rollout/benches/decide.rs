@@ -46,9 +46,11 @@ fn bench(c: &mut Criterion) {
         b.iter(|| decide(black_box(&snapshot), &policy, now))
     });
 
-    // The same pool with the fleet rules in force: promoted after `stage` in a chain of
-    // three pools (stage done and soaked), a per-zone cap, a freeze (next month) and an
-    // urgency deadline (passed).
+    // The same pool with the fleet rules in force and room to grant (a 10% budget, 10%
+    // per zone with zones in parallel, so that the zone caps are checked; its release
+    // is published to every node): promoted after `stage` in a chain of
+    // three pools (stage done and soaked), a freeze (next month) and an urgency
+    // deadline (passed, so the closed window does not stop the pass).
     let mut fleet = spec_with_fleet_rules();
     let fleet_policy =
         Policy::from_spec("prod", &serde_json::from_value(fleet.take()).unwrap()).unwrap();
@@ -63,6 +65,7 @@ fn bench(c: &mut Criterion) {
             name,
             serde_json::from_value(serde_json::json!({
                 "promotion": after.map(|a| serde_json::json!({"after": a, "soak": "24h"})),
+                "release": spec_with_fleet_rules()["release"],
             }))
             .unwrap(),
         );
@@ -80,6 +83,17 @@ fn bench(c: &mut Criterion) {
     .collect();
     let mut fleet_snapshot = snapshot.clone();
     fleet_snapshot.upstream = rollout::promotion::upstream("prod", &chain);
+    // The rules let this pass grant (promoted, urgent), within the zone caps.
+    let fleet_plan = decide(&fleet_snapshot, &fleet_policy, now);
+    assert!(
+        fleet_plan.grants().count() > 0,
+        "the fleet rules pass grants nothing: {:?}",
+        fleet_plan
+            .nodes
+            .iter()
+            .map(|n| n.action.to_string().chars().take(90).collect::<String>())
+            .collect::<std::collections::BTreeSet<_>>()
+    );
     group.bench_function("decide_with_fleet_rules", |b| {
         b.iter(|| decide(black_box(&fleet_snapshot), &fleet_policy, now))
     });
@@ -89,8 +103,9 @@ fn bench(c: &mut Criterion) {
 /// The benchmark's spec plus a promotion, a per-zone cap, a freeze and an urgency.
 fn spec_with_fleet_rules() -> serde_json::Value {
     serde_json::json!({
-        "maxUnavailable": "5%",
-        "maxUnavailablePerZone": "2%",
+        "maxUnavailable": "10%",
+        "maxUnavailablePerZone": "10%",
+        "ordering": {"oneZoneAtATime": false},
         "nodeSelector": {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "Exists"}]},
         "maintenanceWindows": [
             {"weekdays": ["Sat", "Sun"], "start": "01:00", "duration": "5h", "timeZone": "Europe/Berlin"},

@@ -5,7 +5,7 @@
 //! It must never let a control-plane node go down while another member is unhealthy,
 //! missing or behind, nor call a member back that has not caught up with its leader.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// The label that makes a node a control-plane node (and its pre-1.24 spelling).
 pub const CONTROL_PLANE_LABELS: [&str; 2] = [
@@ -267,14 +267,6 @@ impl Etcd {
                 problem: "reported no raft index".into(),
             }),
         }
-    }
-
-    /// The nodes that run a member.
-    pub fn member_nodes(&self) -> BTreeSet<&str> {
-        self.members()
-            .iter()
-            .filter_map(|m| m.node.as_deref())
-            .collect()
     }
 }
 

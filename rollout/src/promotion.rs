@@ -60,15 +60,22 @@ pub fn upstream<'a>(
     let completed = status
         .and_then(|s| s.completed.as_ref())
         .and_then(|c| Some((Version::new(&c.version).ok()?, c.since.0)));
-    let blocked = status.and_then(|s| {
-        s.conditions
-            .iter()
-            .find(|c| {
-                c.status == "True"
-                    && (c.type_ == condition::HALTED || c.type_ == condition::INVALID_SPEC)
+    let blocked = status
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| {
+                    c.status == "True"
+                        && (c.type_ == condition::HALTED || c.type_ == condition::INVALID_SPEC)
+                })
+                .map(|c| format!("{}: {}", c.type_, c.message))
+        })
+        .or_else(|| {
+            // Completion is recorded against a release version: without one it never is.
+            up.spec.release.is_none().then(|| {
+                "it has no spec.release, and promotion compares release versions".to_string()
             })
-            .map(|c| format!("{}: {}", c.type_, c.message))
-    });
+        });
     Some(Upstream::Found {
         name: after,
         completed,

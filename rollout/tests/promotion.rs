@@ -111,6 +111,17 @@ fn a_halted_upstream_blocks_with_its_reason() {
 }
 
 #[test]
+fn an_upstream_without_a_release_is_said_to_never_complete() {
+    let mut canary = object("canary", serde_json::json!({}));
+    canary.spec.release = None;
+    let plan = prod_plan(Some(canary), "2026-12-01T00:00:00Z");
+    assert_eq!(
+        skip(&plan),
+        "promotion: upstream pool canary is blocked (it has no spec.release, and promotion compares release versions)"
+    );
+}
+
+#[test]
 fn cycles_are_found_and_chains_are_not_cycles() {
     let p = |name: &str, after: Option<&str>| {
         object(
