@@ -27,7 +27,10 @@ use std::{
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
-use kube::{Api, Client, ResourceExt, runtime::watcher};
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{WatchStreamExt, watcher},
+};
 
 use crds::{grant::MANAGED_BY, node::EXCLUDE_FROM_LB, protocol};
 
@@ -170,7 +173,11 @@ impl Watcher {
             let api: Api<Node> = Api::all(client.clone());
             tokio::spawn(async move {
                 let mut cordoned: BTreeSet<String> = BTreeSet::new();
-                let mut events = watcher(api, watcher::Config::default()).boxed();
+                // Backoff: a watch error must wait (and so yield), or a dead API server would
+                // spin this task and no abort could ever stop it.
+                let mut events = watcher(api, watcher::Config::default())
+                    .default_backoff()
+                    .boxed();
                 while let Some(event) = events.next().await {
                     let Ok(event) = event else { continue };
                     let mut r = lock(&recorded);
@@ -210,7 +217,7 @@ impl Watcher {
                 let mut known: BTreeSet<String> = BTreeSet::new();
                 let config = watcher::Config::default()
                     .labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
-                let mut events = watcher(api, config).boxed();
+                let mut events = watcher(api, config).default_backoff().boxed();
                 while let Some(event) = events.next().await {
                     let Ok(event) = event else { continue };
                     let mut r = lock(&recorded);

@@ -534,6 +534,8 @@ impl Drop for Scenario {
         for task in &self.tasks {
             task.abort();
         }
+        // The watcher's tasks stop while the control plane still answers them.
+        self.watcher.take();
     }
 }
 
