@@ -13,6 +13,11 @@
 //! alone (bytes discarded) and the SHA-256 of the payload alone (in memory). Staging
 //! cannot finish before either, so `dd direct / max(floors)` is the highest ratio any
 //! staging that downloads and checks the payload could reach on this machine.
+//!
+//! Then, on the same disk, a workload's read latency: `fio` random 4 KiB reads with
+//! direct I/O at queue depth 1 from a 1 GiB file, alone and beside each disturbance
+//! (baton staging with its defaults, unpaced, and rate-limited; `dd` with direct I/O and
+//! through the page cache). `BATON_BENCH_PART=stage|workload` runs one part only.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::{
@@ -131,6 +136,13 @@ async fn main() {
         .filter_map(|v| v.trim().parse().ok())
         .collect();
 
+    let part = std::env::var("BATON_BENCH_PART").unwrap_or_default();
+    if part != "stage" {
+        bench.workload(dir.path()).await;
+    }
+    if part == "workload" {
+        return;
+    }
     let unthrottled = bench.run(true).await;
     let floors = bench.floors().await;
     let mut rows = vec![("this machine's disk, as is".to_string(), unthrottled)];
@@ -294,6 +306,222 @@ impl Bench {
             stage: median(stage),
             peak_kib: peak,
         }
+    }
+}
+
+/// A workload's read latency over one measurement, in microseconds.
+#[derive(Debug, Clone, Copy)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    iops: f64,
+}
+
+/// What runs beside the workload.
+#[derive(Debug, Clone, Copy)]
+enum Disturbance {
+    Nothing,
+    Staging(agent::pace::Pace),
+    Dd(&'static str),
+}
+
+impl Disturbance {
+    fn label(&self) -> String {
+        use agent::pace::{IoClass, Pace};
+        match self {
+            Disturbance::Nothing => "the workload alone (baseline)".into(),
+            Disturbance::Staging(p) if *p == Pace::gentle() => {
+                "baton staging, defaults (idle I/O class, nice 19)".into()
+            }
+            Disturbance::Staging(p) if *p == Pace::unpaced() => {
+                "baton staging, unpaced (the agent's own priority)".into()
+            }
+            Disturbance::Staging(p) => format!(
+                "baton staging, {}, nice {}, `--stage-rate-limit {}`",
+                match p.io {
+                    IoClass::Idle => "idle I/O class",
+                    IoClass::BestEffort => "best-effort I/O class",
+                    IoClass::Inherit => "own I/O class",
+                },
+                p.nice,
+                p.rate.unwrap_or(0) >> 20
+            ),
+            Disturbance::Dd(flag) if flag.contains("direct") => {
+                "`dd oflag=direct conv=fsync`".into()
+            }
+            Disturbance::Dd(_) => "`dd conv=fsync` (through the page cache)".into(),
+        }
+    }
+}
+
+/// The workload: `fio` random 4 KiB reads, direct I/O, queue depth 1, from a 1 GiB
+/// file on the bench's disk, until it is told to stop.
+struct Workload {
+    file: PathBuf,
+    out: PathBuf,
+}
+
+impl Workload {
+    /// Lays the file out (so the measured runs only read).
+    fn prepare(dir: &Path) -> Workload {
+        let w = Workload {
+            file: dir.join("workload.dat"),
+            out: dir.join("fio.json"),
+        };
+        let status = Command::new("fio")
+            .args(w.args())
+            .arg("--create_only=1")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("fio is installed (Debian's fio; the test command installs it)");
+        assert!(status.success());
+        w
+    }
+
+    fn args(&self) -> Vec<String> {
+        [
+            "--name=workload",
+            "--rw=randread",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=psync",
+            "--iodepth=1",
+            "--size=1G",
+            "--time_based",
+            "--runtime=600",
+            "--percentile_list=50:99:99.9",
+            "--output-format=json",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([
+            format!("--filename={}", self.file.display()),
+            format!("--output={}", self.out.display()),
+        ])
+        .collect()
+    }
+
+    fn start(&self) -> std::process::Child {
+        let _ = std::fs::remove_file(&self.out);
+        Command::new("fio")
+            .args(self.args())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Stops it (SIGINT: fio ends its jobs and writes its report) and reads the report.
+    fn stop(&self, mut child: std::process::Child) -> Latency {
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+        // fio exits non-zero when interrupted; its report is complete all the same.
+        child.wait().unwrap();
+        let text = std::fs::read_to_string(&self.out).unwrap();
+        let report: serde_json::Value =
+            serde_json::from_str(&text[text.find('{').unwrap()..]).expect("fio's JSON report");
+        let read = &report["jobs"][0]["read"];
+        let pct = |p: &str| read["clat_ns"]["percentile"][p].as_f64().unwrap() / 1000.0;
+        Latency {
+            p50: pct("50.000000"),
+            p99: pct("99.000000"),
+            p999: pct("99.900000"),
+            iops: read["iops"].as_f64().unwrap(),
+        }
+    }
+}
+
+impl Bench {
+    /// The workload's latency alone and beside each disturbance, `rounds` times in turn;
+    /// medians. The workload runs 0.5 s before each disturbance and stops as it ends.
+    async fn workload(&self, dir: &Path) {
+        use agent::pace::Pace;
+        let workload = Workload::prepare(dir);
+        let gentle = Pace {
+            piece: std::env::var("BATON_BENCH_PIECE_KIB")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(Pace::gentle().piece, |k| (k > 0).then_some(k << 10)),
+            ..Pace::gentle()
+        };
+        let rows = [
+            Disturbance::Nothing,
+            Disturbance::Staging(gentle),
+            Disturbance::Staging(Pace::unpaced()),
+            Disturbance::Staging(Pace {
+                rate: Some(100 << 20),
+                ..gentle
+            }),
+            Disturbance::Dd("seek_bytes,direct"),
+            Disturbance::Dd("seek_bytes"),
+        ];
+        let mut measured: Vec<Vec<(Latency, Duration)>> = vec![Vec::new(); rows.len()];
+        for round in 0..self.rounds {
+            for (i, row) in rows.iter().enumerate() {
+                let fio = workload.start();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let t = Instant::now();
+                match row {
+                    Disturbance::Nothing => tokio::time::sleep(Duration::from_secs(10)).await,
+                    Disturbance::Staging(pace) => {
+                        let stager = Stager {
+                            pace: *pace,
+                            ..self.stager.clone()
+                        };
+                        stager.forget();
+                        stager
+                            .stage(&self.release, &self.image, &self.slot)
+                            .await
+                            .unwrap();
+                    }
+                    Disturbance::Dd(flag) => {
+                        self.dd(flag);
+                    }
+                }
+                let took = t.elapsed();
+                let latency = workload.stop(fio);
+                eprintln!(
+                    "workload round {}: {}: {took:.2?}, {latency:?}",
+                    round + 1,
+                    row.label()
+                );
+                measured[i].push((latency, took));
+            }
+        }
+        let med = |v: &[(Latency, Duration)], f: fn(&Latency) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(|(l, _)| f(l)).collect();
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
+        };
+        let alone = med(&measured[0], |l| l.p99);
+        println!(
+            "A workload's random 4 KiB reads (fio, direct I/O, queue depth 1) beside each writer of {} MiB, {} rounds, medians:\n",
+            self.mib, self.rounds
+        );
+        println!(
+            "| beside the workload | its duration | read p50 | read p99 | read p99.9 | reads/s | p99 / alone (target ≤ 1.5 for baton) |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for (row, m) in rows.iter().zip(&measured) {
+            let took = median(m.iter().map(|(_, d)| *d).collect());
+            let p99 = med(m, |l| l.p99);
+            println!(
+                "| {} | {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} | **{:.2}** |",
+                row.label(),
+                if matches!(row, Disturbance::Nothing) {
+                    "—".to_string()
+                } else {
+                    format!("{:.2} s", took.as_secs_f64())
+                },
+                med(m, |l| l.p50),
+                p99,
+                med(m, |l| l.p999),
+                med(m, |l| l.iops),
+                p99 / alone
+            );
+        }
+        println!();
     }
 }
 

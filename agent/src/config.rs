@@ -99,15 +99,33 @@ pub struct Config {
     #[arg(long, env = "BATON_AB_DEVICE", required_if_eq("backend", "ab"))]
     pub ab_device: Option<PathBuf>,
 
-    /// ab: the two slots' partition labels.
+    /// ab: the two slots' partition labels, comma-separated (exactly two).
     #[arg(
         long,
         env = "BATON_AB_LABELS",
         value_delimiter = ',',
-        num_args = 2,
         default_value = "USR-A,USR-B"
     )]
     pub ab_labels: Vec<String>,
+
+    /// ab: the I/O class of the staging threads (idle: the disk serves them only while
+    /// no other I/O waits).
+    #[arg(long, env = "BATON_STAGE_IO_CLASS", value_enum, default_value = "idle")]
+    pub stage_io_class: crate::pace::IoClass,
+
+    /// ab: the nice value of the staging threads (0 keeps the agent's).
+    #[arg(long, env = "BATON_STAGE_NICE", default_value_t = 19, value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub stage_nice: u8,
+
+    /// ab: the largest single read or write of staging, in KiB (a workload's read
+    /// waits behind at most one; 0: whole 2 MiB buffers).
+    #[arg(long, env = "BATON_STAGE_REQUEST_KIB", default_value_t = 64)]
+    pub stage_request_kib: usize,
+
+    /// ab: the most MiB per second staging reads and writes on the device, writes and
+    /// read-back together (0: no limit).
+    #[arg(long, env = "BATON_STAGE_RATE_LIMIT", default_value_t = 0)]
+    pub stage_rate_limit: u64,
 
     /// ab: the booted slot's label; default: from the kernel command line.
     #[arg(long, env = "BATON_AB_BOOTED_SLOT")]
@@ -226,6 +244,20 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("--verify-timeout"), "{err}");
+    }
+
+    #[test]
+    fn ab_labels_take_the_charts_spelling() {
+        // The chart renders `--ab-labels=A,B`: one argument, two labels.
+        let ok = Config::try_parse_from([
+            "baton-agent",
+            "--node-name=n1",
+            "--backend=ab",
+            "--ab-device=/dev/sda",
+            "--ab-labels=ROOT-A,ROOT-B",
+        ])
+        .unwrap();
+        assert_eq!(ok.ab_labels, ["ROOT-A", "ROOT-B"]);
     }
 
     #[test]

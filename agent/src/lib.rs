@@ -21,6 +21,7 @@ pub mod gptprio;
 pub mod lifecycle;
 pub mod node;
 pub mod os_release;
+pub mod pace;
 pub mod partition_table;
 pub mod payload;
 pub mod reboot;
@@ -49,13 +50,13 @@ pub async fn run(config: &Config, client: kube::Client) -> Result<daemon::Exit, 
             let device = ab_device(config)?;
             if !dir.join(backend::ab::BOOTED_FILE).exists() {
                 // The simulated machine's first power-on.
-                backend::ab::simulated_reboot(dir, &device, ab_labels(config))?;
+                backend::ab::simulated_reboot(dir, &device, ab_labels(config)?)?;
             }
             let boot = backend::sim::boot_id(dir)?;
             let rebooter = reboot::Rebooter::SimAb {
                 state_dir: dir.clone(),
                 device,
-                labels: ab_labels(config).map(String::from),
+                labels: ab_labels(config)?.map(String::from),
             };
             daemon::run(client, ab(config)?, settings(config, boot, rebooter)?).await
         }
@@ -145,10 +146,13 @@ fn ab_device(config: &Config) -> Result<PathBuf, AgentError> {
     })
 }
 
-fn ab_labels(config: &Config) -> [&str; 2] {
+fn ab_labels(config: &Config) -> Result<[&str; 2], AgentError> {
     match config.ab_labels.as_slice() {
-        [a, b] => [a.as_str(), b.as_str()],
-        _ => ["USR-A", "USR-B"],
+        [a, b] if a != b => Ok([a.as_str(), b.as_str()]),
+        labels => Err(AgentError::Config {
+            flag: "--ab-labels",
+            reason: format!("needs two different partition labels, not {labels:?}"),
+        }),
     }
 }
 
@@ -169,10 +173,18 @@ fn ab(config: &Config) -> Result<backend::ab::Ab, AgentError> {
     };
     Ok(backend::ab::Ab {
         device: ab_device(config)?,
-        labels: ab_labels(config).map(String::from),
+        labels: ab_labels(config)?.map(String::from),
         booted,
         keys,
-        stager: payload::Stager::new(&config.state_dir, config.release_ca_file.as_deref())?,
+        stager: payload::Stager {
+            pace: pace::Pace {
+                io: config.stage_io_class,
+                nice: config.stage_nice,
+                rate: (config.stage_rate_limit > 0).then_some(config.stage_rate_limit << 20),
+                piece: (config.stage_request_kib > 0).then_some(config.stage_request_kib << 10),
+            },
+            ..payload::Stager::new(&config.state_dir, config.release_ca_file.as_deref())?
+        },
         versions_file: config.state_dir.join("ab-versions.json"),
         os_release: config.os_release.clone(),
     })

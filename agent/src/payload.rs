@@ -146,6 +146,8 @@ pub struct Stager {
     /// Synced and recorded every this many bytes (a multiple of the write size, at
     /// most [`BLOCK`], is used for the writes themselves).
     pub checkpoint: u64,
+    /// How gently its threads run beside the node's workloads.
+    pub pace: crate::pace::Pace,
 }
 
 /// The most bytes per write to the slot, and per read when hashing it back.
@@ -177,6 +179,7 @@ impl Stager {
                 .map_err(|e| PayloadError::Client(e.to_string()))?,
             progress_file: state_dir.join("ab-staging.json"),
             checkpoint: 32 << 20,
+            pace: crate::pace::Pace::gentle(),
         })
     }
 
@@ -220,7 +223,8 @@ impl Stager {
     /// staging an OS image then does not push the node's workloads out of the page
     /// cache, and the read-back hashes what the device holds, not what the cache does.
     /// The download, the writes and the read-back run on three threads, so the network,
-    /// the disk and the hash overlap.
+    /// the disk and the hash overlap; the writer, the read-back and the hash run at
+    /// [`Stager::pace`] (idle I/O class, nice 19, an optional byte rate they share).
     pub async fn stage(
         &self,
         release: &ReleaseRef,
@@ -271,7 +275,14 @@ impl Stager {
         let (file, direct) = open_slot(device, true)?;
         // The read-back runs beside the download: each range is read back and hashed
         // once it has been synced, in order, so the check overlaps the writing.
-        let verifier = ReadBack::start(device.to_path_buf(), slot.offset, block);
+        let limiter = std::sync::Arc::new(self.pace.limiter());
+        let verifier = ReadBack::start(
+            device.to_path_buf(),
+            slot.offset,
+            block,
+            self.pace,
+            std::sync::Arc::clone(&limiter),
+        )?;
         verifier.synced(written);
         let (full_tx, full_rx) = tokio::sync::mpsc::channel::<Aligned>(BUFFERS);
         let (empty_tx, mut empty_rx) = tokio::sync::mpsc::channel::<Aligned>(BUFFERS);
@@ -286,8 +297,13 @@ impl Stager {
             offset: slot.offset,
             progress,
             marks: verifier.marks.clone(),
+            pace: self.pace,
+            limiter,
         };
-        let writing = tokio::task::spawn_blocking(move || writer.run(full_rx, empty_tx));
+        let writing = self
+            .pace
+            .spawn("baton-write", move || writer.run(full_rx, empty_tx))
+            .map_err(io_err("starting the slot writer"))?;
         let received = Self::receive(
             &release.url,
             response,
@@ -300,9 +316,9 @@ impl Stager {
         // Whatever happened, let the writer finish what it has (synced and recorded,
         // so an interrupted download resumes from there) before returning.
         drop(full_tx);
-        let wrote = writing.await.map_err(|e| PayloadError::Io {
+        let wrote = writing.await.map_err(|_| PayloadError::Io {
             what: "writing the slot".into(),
-            source: std::io::Error::other(e.to_string()),
+            source: std::io::Error::other("the writer thread panicked"),
         })?;
         received?;
         let written = wrote?;
@@ -439,6 +455,8 @@ struct SlotWriter {
     offset: u64,
     progress: Progress,
     marks: std::sync::mpsc::Sender<u64>,
+    pace: crate::pace::Pace,
+    limiter: std::sync::Arc<crate::pace::Limiter>,
 }
 
 impl SlotWriter {
@@ -461,9 +479,12 @@ impl SlotWriter {
             } else {
                 data.len()
             };
-            self.file
-                .write_all_at(&data[..aligned], at)
-                .map_err(io_err("writing the slot"))?;
+            for (from, len) in self.pace.pieces(aligned) {
+                self.limiter.wait(len as u64);
+                self.file
+                    .write_all_at(&data[from..from + len], at + from as u64)
+                    .map_err(io_err("writing the slot"))?;
+            }
             if aligned < data.len() {
                 let tail = std::fs::OpenOptions::new()
                     .write(true)
@@ -498,47 +519,56 @@ impl SlotWriter {
     }
 }
 
-/// The read-back: a blocking task that reads the slot from its start up to each
-/// synced mark, and a thread beside it that hashes each block while the next one is
-/// read, so the device's reads and the hash overlap.
+/// The read-back: a thread that reads the slot from its start up to each synced mark,
+/// and a thread beside it that hashes each block while the next one is read, so the
+/// device's reads and the hash overlap. Both run at the staging's pace.
 struct ReadBack {
     marks: std::sync::mpsc::Sender<u64>,
-    task: tokio::task::JoinHandle<Result<String, PayloadError>>,
+    task: tokio::sync::oneshot::Receiver<Result<String, PayloadError>>,
 }
 
 impl ReadBack {
-    fn start(device: PathBuf, offset: u64, block: usize) -> ReadBack {
+    fn start(
+        device: PathBuf,
+        offset: u64,
+        block: usize,
+        pace: crate::pace::Pace,
+        limiter: std::sync::Arc<crate::pace::Limiter>,
+    ) -> Result<ReadBack, PayloadError> {
         let (marks, rx) = std::sync::mpsc::channel::<u64>();
-        let task = tokio::task::spawn_blocking(move || {
-            let (file, _) = open_slot(&device, false)?;
-            let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Aligned, usize)>(BUFFERS);
-            let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Aligned>(BUFFERS);
-            for _ in 0..BUFFERS {
-                let _ = empty_tx.send(Aligned::new(block));
-            }
-            std::thread::scope(|scope| {
-                let hashing = std::thread::Builder::new()
-                    .name("baton-hash".into())
-                    .spawn_scoped(scope, move || {
-                        let mut hasher = Sha256::new();
-                        for (mut buf, len) in full_rx {
-                            hasher.update(&buf.space()[..len]);
-                            let _ = empty_tx.send(buf);
-                        }
-                        hex::encode(hasher.finalize())
-                    })
-                    .map_err(io_err("starting the read-back's hash thread"))?;
-                let read = Self::read(&file, offset, block, &rx, &full_tx, &empty_rx);
-                drop(full_tx);
-                let digest = hashing.join().map_err(|_| PayloadError::Io {
-                    what: "hashing the slot".into(),
-                    source: std::io::Error::other("the hash thread panicked"),
-                });
-                read?;
-                digest
+        let task = pace
+            .spawn("baton-read", move || {
+                let (file, _) = open_slot(&device, false)?;
+                let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Aligned, usize)>(BUFFERS);
+                let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Aligned>(BUFFERS);
+                for _ in 0..BUFFERS {
+                    let _ = empty_tx.send(Aligned::new(block));
+                }
+                std::thread::scope(|scope| {
+                    let hashing = std::thread::Builder::new()
+                        .name("baton-hash".into())
+                        .spawn_scoped(scope, move || {
+                            pace.enter();
+                            let mut hasher = Sha256::new();
+                            for (mut buf, len) in full_rx {
+                                hasher.update(&buf.space()[..len]);
+                                let _ = empty_tx.send(buf);
+                            }
+                            hex::encode(hasher.finalize())
+                        })
+                        .map_err(io_err("starting the read-back's hash thread"))?;
+                    let read = Self::read(&file, offset, block, &rx, &full_tx, &empty_rx, &limiter);
+                    drop(full_tx);
+                    let digest = hashing.join().map_err(|_| PayloadError::Io {
+                        what: "hashing the slot".into(),
+                        source: std::io::Error::other("the hash thread panicked"),
+                    });
+                    read?;
+                    digest
+                })
             })
-        });
-        ReadBack { marks, task }
+            .map_err(io_err("starting the read-back"))?;
+        Ok(ReadBack { marks, task })
     }
 
     /// Reads each range up to the next synced mark, in blocks, handing each block to
@@ -550,6 +580,7 @@ impl ReadBack {
         marks: &std::sync::mpsc::Receiver<u64>,
         full: &std::sync::mpsc::SyncSender<(Aligned, usize)>,
         empty: &std::sync::mpsc::Receiver<Aligned>,
+        limiter: &crate::pace::Limiter,
     ) -> Result<(), PayloadError> {
         use std::os::unix::fs::FileExt;
         let stopped = || PayloadError::Io {
@@ -568,8 +599,10 @@ impl ReadBack {
                 let space = &mut buf.space()[..len];
                 let mut got = 0;
                 while got < want {
+                    let piece = limiter.pace().request(len - got);
+                    limiter.wait(piece as u64);
                     let n = file
-                        .read_at(&mut space[got..], offset + hashed + got as u64)
+                        .read_at(&mut space[got..got + piece], offset + hashed + got as u64)
                         .map_err(io_err("reading the slot back"))?;
                     if n == 0 {
                         return Err(PayloadError::Io {
@@ -592,9 +625,9 @@ impl ReadBack {
 
     async fn finish(self) -> Result<String, PayloadError> {
         drop(self.marks);
-        self.task.await.map_err(|e| PayloadError::Io {
+        self.task.await.map_err(|_| PayloadError::Io {
             what: "reading the slot back".into(),
-            source: std::io::Error::other(e.to_string()),
+            source: std::io::Error::other("the read-back thread panicked"),
         })?
     }
 }

@@ -668,3 +668,78 @@ fn states_that_cgpt_writes_are_read_as_grub_would_read_them() {
         }
     }
 }
+
+/// The staging threads seen from outside while a rate-limited staging runs: each one's
+/// name, I/O priority class (3: idle) and nice value, from `ioprio_get` and
+/// `/proc/self/task/<tid>/stat`.
+fn staging_threads() -> Vec<(String, u16, i64)> {
+    let mut seen = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let name = comm.trim().to_string();
+        if !name.starts_with("baton-") {
+            continue;
+        }
+        let tid: i32 = task.file_name().to_string_lossy().parse().unwrap();
+        let Ok(prio) = ioprio::get_priority(ioprio::Target::Process(ioprio::Pid::from_raw(tid)))
+        else {
+            continue; // it just ended
+        };
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Field 19 is the nice value; the fields after the ")" that ends comm start at 3.
+        let Some(nice) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        seen.push((name, prio.inner() >> 13, nice));
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_runs_in_the_idle_io_class_at_nice_19_and_within_its_rate() {
+    let mib = 12u64;
+    let (mut m, release) = Machine::new((mib << 20) as usize).await;
+    let rate = 4u64 << 20;
+    m.ab.stager.pace.rate = Some(rate);
+    let d = wanted(&release);
+    let started = std::time::Instant::now();
+    let watch = tokio::spawn(async {
+        let mut seen = std::collections::BTreeMap::new();
+        loop {
+            for (name, class, nice) in staging_threads() {
+                seen.insert(name, (class, nice));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            if seen.len() >= 3 {
+                return seen;
+            }
+        }
+    });
+    m.ab.stage(&d).await.unwrap();
+    let took = started.elapsed();
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(1), watch)
+        .await
+        .expect("the writer, the read-back and the hash thread were all seen while staging")
+        .unwrap();
+    for name in ["baton-write", "baton-read", "baton-hash"] {
+        assert_eq!(seen.get(name), Some(&(3, 19)), "{name}: {seen:?}");
+    }
+    // Writes and read-back share the rate: 2 × 12 MiB at 4 MiB/s with one second's
+    // burst cannot take less than 5 s.
+    let floor = (2 * (mib << 20) - rate) as f64 / rate as f64;
+    assert!(
+        took.as_secs_f64() >= floor,
+        "{took:?} for {} MiB at {} MiB/s",
+        2 * mib,
+        rate >> 20
+    );
+    let b = m.slots().slots[1].clone();
+    assert_eq!(
+        hash_back(&m.image, b.offset, mib << 20).unwrap(),
+        release.sha256
+    );
+}

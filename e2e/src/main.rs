@@ -110,9 +110,10 @@ enum Cmd {
         /// kwok nodes (one agent each).
         #[arg(long, default_value_t = 50)]
         nodes: usize,
-        /// The budgets to roll with, one rollout each.
+        /// The budgets to roll with, one rollout each: node counts or percentages
+        /// (`10%`), as maxUnavailable takes them.
         #[arg(long, value_delimiter = ',', default_value = "1,5")]
-        k: Vec<usize>,
+        k: Vec<String>,
         /// How long a simulated machine is down (T), in seconds.
         #[arg(long, default_value_t = 10)]
         reboot_secs: u64,
@@ -344,7 +345,7 @@ async fn operator_footprint(nodes: &[usize], window_secs: u64, leader_elect: boo
 }
 
 #[tokio::main]
-async fn rollout_bench(nodes: usize, k: &[usize], reboot_secs: u64, poll_secs: u64) -> Result<()> {
+async fn rollout_bench(nodes: usize, k: &[String], reboot_secs: u64, poll_secs: u64) -> Result<()> {
     let (reboot, poll) = (
         Duration::from_secs(reboot_secs),
         Duration::from_secs(poll_secs),

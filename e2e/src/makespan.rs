@@ -32,7 +32,9 @@ use harness::{
 /// One rollout's figures.
 #[derive(Debug, Clone)]
 pub struct Rollout {
-    /// The budget.
+    /// The budget as the policy says it (`5`, `10%`).
+    pub budget: String,
+    /// The budget in nodes.
     pub k: usize,
     /// First grant to last release.
     pub makespan: SignedDuration,
@@ -47,6 +49,14 @@ pub struct Rollout {
     pub operator_requests: BTreeMap<String, f64>,
     /// Agent requests per node, by verb, during the rollout.
     pub agent_requests: BTreeMap<String, f64>,
+    /// Each node's hold of its grant (grant to release), sorted.
+    pub holds: Vec<SignedDuration>,
+    /// First grant to the k-th: how long the budget took to fill at the start.
+    pub ramp: SignedDuration,
+    /// The operator's CPU time during the rollout (scheduler accounting).
+    pub operator_cpu: Duration,
+    /// The operator's peak RSS during the rollout, in KiB.
+    pub operator_peak_kib: u64,
 }
 
 fn percentile(sorted: &[SignedDuration], p: f64) -> SignedDuration {
@@ -60,10 +70,11 @@ fn percentile(sorted: &[SignedDuration], p: f64) -> SignedDuration {
 /// The lease events seen: (time, holder, granted or released).
 type Events = Arc<Mutex<Vec<(Timestamp, String, bool)>>>;
 
-/// Runs one rollout per budget in `ks` on `nodes` nodes, machines down for `reboot`.
+/// Runs one rollout per budget in `ks` (`5`, `10%`) on `nodes` nodes, machines down
+/// for `reboot`.
 pub async fn run(
     nodes: usize,
-    ks: &[usize],
+    ks: &[String],
     reboot: Duration,
     poll: Duration,
 ) -> Result<Vec<Rollout>> {
@@ -139,11 +150,20 @@ pub async fn run(
     let nodes_api: Api<Node> = Api::all(cluster.client());
     let policies: Api<crds::UpdatePolicy> = Api::all(cluster.client());
     let mut out = Vec::new();
-    for (round, k) in ks.iter().enumerate() {
+    for (round, budget) in ks.iter().enumerate() {
+        let value = match budget.parse::<i32>() {
+            Ok(n) => k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n),
+            Err(_) => {
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(budget.clone())
+            }
+        };
+        let k = &crds::budget::Budget::parse(&value)
+            .map_err(|e| Error::Other(format!("--k {budget}: {e}")))?
+            .resolve(nodes);
         let version = format!("{}.0.0", round + 2);
         // One zone at a time (the default) leaves budget unused when a zone has fewer
         // nodes left than k; the benchmark measures coordination, so it is off.
-        let spec = serde_json::json!({"maxUnavailable": k, "ordering": {"oneZoneAtATime": false}, "health": {"rebootTimeout": "10m"}, "release": {
+        let spec = serde_json::json!({"maxUnavailable": value, "ordering": {"oneZoneAtATime": false}, "health": {"rebootTimeout": "10m"}, "release": {
             "version": version, "url": "https://images.invalid/os.img",
             "sha256": "d".repeat(64), "signature": format!("{}==", "A".repeat(86)),
         }});
@@ -164,6 +184,13 @@ pub async fn run(
             "[rollout-bench] {nodes} nodes, maxUnavailable {k}, machines down {reboot:?}: rolling to {version}"
         );
         let from = Timestamp::now();
+        // The operator's CPU from here, and its peak RSS from here (clear_refs 5 resets
+        // VmHWM to the current RSS).
+        let operator_pid = _operator
+            .component_pid()
+            .ok_or_else(|| Error::Other("the operator is not running".into()))?;
+        let cpu_before = harness::process::cpu_ns(operator_pid).unwrap_or(0);
+        let _ = std::fs::write(format!("/proc/{operator_pid}/clear_refs"), "5");
         let deadline = std::time::Instant::now() + Duration::from_secs(3600);
         loop {
             let done = nodes_api
@@ -194,6 +221,13 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let to = Timestamp::now();
+        let operator_cpu = Duration::from_nanos(
+            harness::process::cpu_ns(operator_pid)
+                .unwrap_or(0)
+                .saturating_sub(cpu_before),
+        );
+        let operator_peak_kib =
+            harness::process::proc_status_kib(operator_pid, "VmHWM:").unwrap_or(0);
         let seen: Vec<(Timestamp, String, bool)> = events
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -201,7 +235,11 @@ pub async fn run(
             .filter(|(t, _, _)| *t >= from)
             .cloned()
             .collect();
-        out.push(figures(&cluster, nodes, *k, reboot, poll, &seen, from, to)?);
+        let mut rollout = figures(&cluster, nodes, *k, reboot, poll, &seen, from, to)?;
+        rollout.budget = budget.clone();
+        rollout.operator_cpu = operator_cpu;
+        rollout.operator_peak_kib = operator_peak_kib;
+        out.push(rollout);
     }
     recorder.abort();
     Ok(out)
@@ -250,6 +288,23 @@ fn figures(
     }
     gaps.sort();
     polled.sort();
+    // Each node's hold: its grant to its release. Minus T, the node's own protocol
+    // (grant, cordon, drain, reboot request, boot, verification, uncordon, release).
+    let mut granted_at = BTreeMap::new();
+    let mut holds = Vec::new();
+    for (t, holder, granted) in seen {
+        if *granted {
+            granted_at.insert(holder.clone(), *t);
+        } else if let Some(at) = granted_at.remove(holder) {
+            holds.push(t.duration_since(at));
+        }
+    }
+    holds.sort();
+    let ramp = seen
+        .iter()
+        .filter(|e| e.2)
+        .nth(k.saturating_sub(1))
+        .map_or(SignedDuration::ZERO, |e| e.0.duration_since(first));
     let hours_nodes = nodes as f64;
     let mut operator_requests = BTreeMap::new();
     let mut agent_requests = BTreeMap::new();
@@ -271,7 +326,12 @@ fn figures(
         *map.entry(r.verb.clone()).or_insert(0.0) += 1.0 / hours_nodes;
     }
     Ok(Rollout {
+        budget: k.to_string(),
         k,
+        holds,
+        ramp,
+        operator_cpu: Duration::ZERO,
+        operator_peak_kib: 0,
         makespan: last.duration_since(first),
         ideal,
         gaps,
@@ -288,15 +348,41 @@ pub fn print(nodes: usize, reboot: Duration, poll: Duration, rollouts: &[Rollout
         "{nodes} nodes, machines down T = {:.0} s:\n",
         reboot.as_secs_f64()
     );
-    println!("| maxUnavailable k | makespan | ideal ceil(N/k)·T | ratio (target ≤ 1.05) |");
-    println!("|---|---|---|---|");
+    println!(
+        "| maxUnavailable (k) | makespan | ideal ceil(N/k)·T | ratio (target ≤ 1.05) | operator CPU | operator peak RSS |"
+    );
+    println!("|---|---|---|---|---|---|");
     for r in rollouts {
         println!(
-            "| {} | {:.1} s | {:.1} s | {:.3} |",
+            "| {} ({}) | {:.1} s | {:.1} s | {:.3} | {:.1} s | {:.1} MiB |",
+            r.budget,
             r.k,
             secs(r.makespan),
             secs(r.ideal),
-            secs(r.makespan) / secs(r.ideal).max(f64::MIN_POSITIVE)
+            secs(r.makespan) / secs(r.ideal).max(f64::MIN_POSITIVE),
+            r.operator_cpu.as_secs_f64(),
+            r.operator_peak_kib as f64 / 1024.0
+        );
+    }
+    println!(
+        "\nWhere the time goes: each node's hold (its grant to its release) against T, and how long the budget took to fill:\n"
+    );
+    println!(
+        "| k | holds | hold p50 | hold p99 | mean hold − T (a node's own protocol) | slots busy (Σ holds / k·makespan) | budget filled after |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for r in rollouts {
+        let sum: f64 = r.holds.iter().map(|h| secs(*h)).sum();
+        let mean = sum / r.holds.len().max(1) as f64;
+        println!(
+            "| {} | {} | {:.1} s | {:.1} s | {:.1} s | {:.3} | {:.1} s |",
+            r.k,
+            r.holds.len(),
+            secs(percentile(&r.holds, 0.5)),
+            secs(percentile(&r.holds, 0.99)),
+            mean - reboot.as_secs_f64(),
+            sum / (r.k as f64 * secs(r.makespan)).max(f64::MIN_POSITIVE),
+            secs(r.ramp)
         );
     }
     println!("\nCoordination gap (a release to the next grant):\n");

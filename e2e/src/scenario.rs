@@ -369,22 +369,28 @@ impl Scenario {
             .collect()
     }
 
-    /// Waits until every node but those in `except` is Done on [`NEW`], uncordoned
-    /// and without baton's marks, and no reboot Lease is left.
+    /// Waits (up to four minutes: fault scenarios slow a rollout down on purpose)
+    /// until every node but those in `except` is Done on [`NEW`], uncordoned and
+    /// without baton's marks, and no reboot Lease is left.
     pub async fn wait_done(&self, except: &[String]) {
         let nodes = self.nodes();
         let waited = self
             .cluster
-            .wait_for("every node Done on 2.0.0 with no lease left", || async {
-                self.reboot_leases().await.is_empty()
-                    && list(&nodes).await.iter().all(|n| {
-                        except.contains(&n.name_any())
-                            || (state(n) == Some("Done")
-                                && version(n) == Some(NEW)
-                                && !unschedulable(n)
-                                && annotation(n, protocol::CORDONED.name).is_none())
-                    })
-            })
+            .wait_for_within(
+                "every node Done on 2.0.0 with no lease left",
+                Duration::from_secs(240),
+                Duration::from_millis(200),
+                || async {
+                    self.reboot_leases().await.is_empty()
+                        && list(&nodes).await.iter().all(|n| {
+                            except.contains(&n.name_any())
+                                || (state(n) == Some("Done")
+                                    && version(n) == Some(NEW)
+                                    && !unschedulable(n)
+                                    && annotation(n, protocol::CORDONED.name).is_none())
+                        })
+                },
+            )
             .await;
         self.or_dump(waited).await;
     }

@@ -281,6 +281,25 @@ fn every_backend_renders_with_only_the_privileges_its_table_lists() {
                 .unwrap();
             assert_eq!(device["hostPath"]["type"], "BlockDevice", "{row}");
             assert_eq!(device["hostPath"]["path"], "/dev/sda", "{row}");
+            // Staging is gentle by default: the agent parses what the chart renders.
+            let args = pod["containers"][0]["args"].as_array().unwrap().iter();
+            let config = agent::config::Config::try_parse_from(
+                ["baton-agent", "--node-name=n"]
+                    .into_iter()
+                    .map(String::from)
+                    .chain(args.map(|a| a.as_str().unwrap().to_string())),
+            )
+            .unwrap();
+            assert_eq!(
+                (
+                    config.stage_io_class,
+                    config.stage_nice,
+                    config.stage_rate_limit,
+                    config.stage_request_kib
+                ),
+                (agent::pace::IoClass::Idle, 19, 0, 64),
+                "{row}"
+            );
             if !root {
                 assert_eq!(
                     pod["securityContext"]["supplementalGroups"],
@@ -325,6 +344,10 @@ fn every_backend_renders_with_only_the_privileges_its_table_lists() {
         "/agent/sentinel/file",
     );
     refused(&["agent.bootIdFile=/etc/x"], "/agent/bootIdFile");
+    refused(
+        &["agent.ab.staging.ioClass=realtime"],
+        "/agent/ab/staging/ioClass",
+    );
     refused(
         &[
             "defaultPolicy.enabled=true",

@@ -400,8 +400,12 @@ impl TestCluster {
         for r in results {
             r?;
         }
-        let wanted = names.clone();
-        self.wait_for(&format!("{n} kwok nodes to be Ready"), || {
+        let wanted: std::collections::HashSet<String> = names.iter().cloned().collect();
+        // kwok marks nodes Ready at its own pace: allow 60 ms a node beyond the usual
+        // bound, and list less often when the list is long.
+        let bound = READY_TIMEOUT.max(Duration::from_millis(60) * n as u32);
+        let every = Duration::from_millis(200).max(Duration::from_millis(n as u64 / 5));
+        self.wait_for_within(&format!("{n} kwok nodes to be Ready"), bound, every, || {
             let api = api.clone();
             let wanted = wanted.clone();
             async move {
@@ -486,21 +490,37 @@ impl TestCluster {
     }
 
     /// Polls `check` every 200 ms until it holds, for at most two minutes.
-    pub async fn wait_for<F, Fut>(&self, what: &str, mut check: F) -> Result<()>
+    pub async fn wait_for<F, Fut>(&self, what: &str, check: F) -> Result<()>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        self.wait_for_within(what, READY_TIMEOUT, Duration::from_millis(200), check)
+            .await
+    }
+
+    /// [`TestCluster::wait_for`] with its own bound, checking every `every`.
+    pub async fn wait_for_within<F, Fut>(
+        &self,
+        what: &str,
+        bound: Duration,
+        every: Duration,
+        mut check: F,
+    ) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + bound;
         while Instant::now() < deadline {
             if check().await {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(every).await;
         }
         Err(Error::Other(format!(
             "timed out after {}s waiting for {what}",
-            READY_TIMEOUT.as_secs()
+            bound.as_secs()
         )))
     }
 

@@ -2,7 +2,8 @@
 //! (silences for disrupted nodes), Chromium
 //! (renders `kubectl baton plan --svg` headless),
 //! dbus-daemon (the agent's update_engine and logind clients), and cgpt and sgdisk (the
-//! A/B backend's reference for GPT attribute bits, and Flatcar's real disk layout). `ensure` installs the
+//! A/B backend's reference for GPT attribute bits, and Flatcar's real disk layout), and fio
+//! (the workload whose read latency the staging benchmark measures). `ensure` installs the
 //! missing ones with apt-get when it can, and otherwise says how.
 
 use std::{path::PathBuf, process::Command};
@@ -20,7 +21,11 @@ pub struct Package {
 }
 
 /// Everything the tests need from the system.
-pub const PACKAGES: [Package; 8] = [
+pub const PACKAGES: [Package; 9] = [
+    Package {
+        program: "fio",
+        package: "fio",
+    },
     Package {
         program: "prometheus",
         package: "prometheus",
