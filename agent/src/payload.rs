@@ -297,7 +297,6 @@ impl Stager {
             offset: slot.offset,
             progress,
             marks: verifier.marks.clone(),
-            pace: self.pace,
             limiter,
         };
         let writing = self
@@ -455,7 +454,6 @@ struct SlotWriter {
     offset: u64,
     progress: Progress,
     marks: std::sync::mpsc::Sender<u64>,
-    pace: crate::pace::Pace,
     limiter: std::sync::Arc<crate::pace::Limiter>,
 }
 
@@ -479,7 +477,7 @@ impl SlotWriter {
             } else {
                 data.len()
             };
-            for (from, len) in self.pace.pieces(aligned) {
+            for (from, len) in self.limiter.pace().pieces(aligned) {
                 self.limiter.wait(len as u64);
                 self.file
                     .write_all_at(&data[from..from + len], at + from as u64)
