@@ -57,6 +57,121 @@ pub struct Rollout {
     pub operator_cpu: Duration,
     /// The operator's peak RSS during the rollout, in KiB.
     pub operator_peak_kib: u64,
+    /// Each hold split into its steps (from the audit log), one sorted list per step.
+    pub steps: Steps,
+}
+
+/// A hold's steps, each measured on the API server's clock from the audit log.
+#[derive(Debug, Clone, Default)]
+pub struct Steps {
+    /// The grant to the operator's first write to the node (its cordon).
+    pub to_cordon: Vec<SignedDuration>,
+    /// The cordon to the agent's last request before its reboot (drain, the agent
+    /// seeing the grant, its fresh reads).
+    pub to_reboot: Vec<SignedDuration>,
+    /// The agent's silence across the reboot, less T (its exit, the new process's
+    /// start up to its first request).
+    pub restart: Vec<SignedDuration>,
+    /// The new agent's first request to its last (its watch, verification, commit,
+    /// report).
+    pub boot: Vec<SignedDuration>,
+    /// The agent's last report to the release (the operator seeing it, the uncordon,
+    /// the Lease's deletion).
+    pub to_release: Vec<SignedDuration>,
+}
+
+/// A request about a node, as the steps are told apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum About {
+    /// The operator creates its reboot Lease: the grant.
+    Grant,
+    /// The operator writes the Node (cordon, uncordon, marks).
+    Write,
+    /// The node's agent, any request.
+    Agent,
+    /// The operator deletes the Lease: the release.
+    Release,
+}
+
+impl Steps {
+    /// Splits each of a node's holds by the requests about it (`requests`, sorted).
+    fn split(&mut self, requests: &[(Timestamp, About)], t: SignedDuration) {
+        let mut rest = requests;
+        while let Some(start) = rest.iter().position(|r| r.1 == About::Grant) {
+            let Some(len) = rest[start..].iter().position(|r| r.1 == About::Release) else {
+                return;
+            };
+            let hold = &rest[start..=start + len];
+            rest = &rest[start + len + 1..];
+            let (grant, release) = (hold[0].0, hold[hold.len() - 1].0);
+            let agent: Vec<Timestamp> = hold
+                .iter()
+                .filter(|r| r.1 == About::Agent)
+                .map(|r| r.0)
+                .collect();
+            let Some(cordon) = hold.iter().find(|r| r.1 == About::Write).map(|r| r.0) else {
+                continue;
+            };
+            // The reboot is the agent's longest silence within the hold.
+            let Some((down, up)) = agent
+                .windows(2)
+                .map(|w| (w[0], w[1]))
+                .max_by_key(|(a, b)| b.duration_since(*a))
+            else {
+                continue;
+            };
+            let Some(last) = agent.last().copied() else {
+                continue;
+            };
+            self.to_cordon.push(cordon.duration_since(grant));
+            self.to_reboot.push(down.duration_since(cordon));
+            self.restart.push(up.duration_since(down) - t);
+            self.boot.push(last.duration_since(up));
+            self.to_release.push(release.duration_since(last));
+        }
+    }
+
+    fn sort(&mut self) {
+        for step in self.all_mut() {
+            step.sort();
+        }
+    }
+
+    fn all_mut(&mut self) -> [&mut Vec<SignedDuration>; 5] {
+        [
+            &mut self.to_cordon,
+            &mut self.to_reboot,
+            &mut self.restart,
+            &mut self.boot,
+            &mut self.to_release,
+        ]
+    }
+
+    /// The steps with their names, in order.
+    pub fn named(&self) -> [(&'static str, &[SignedDuration]); 5] {
+        [
+            (
+                "grant → the operator's first write to the node (cordon)",
+                &self.to_cordon,
+            ),
+            (
+                "cordon → the agent's last request before its reboot (drain, the agent sees the grant, its fresh reads)",
+                &self.to_reboot,
+            ),
+            (
+                "the agent's silence across the reboot − T (exit, the new process starts, its first request)",
+                &self.restart,
+            ),
+            (
+                "the new agent's first request → its last (watch, verification, commit, report)",
+                &self.boot,
+            ),
+            (
+                "the agent's last report → the release (the operator sees it, uncordons, deletes the Lease)",
+                &self.to_release,
+            ),
+        ]
+    }
 }
 
 fn percentile(sorted: &[SignedDuration], p: f64) -> SignedDuration {
@@ -242,6 +357,12 @@ pub async fn run(
         out.push(rollout);
     }
     recorder.abort();
+    // The operator's log outlives the cluster, to see what a slow step waited on.
+    let log = cluster.kubeconfig().with_file_name("operator.log");
+    let kept = std::env::temp_dir().join("baton-rollout-bench-operator.log");
+    if std::fs::copy(&log, &kept).is_ok() {
+        eprintln!("[rollout-bench] the operator's log: {}", kept.display());
+    }
     Ok(out)
 }
 
@@ -312,11 +433,15 @@ fn figures(
         audit::service_account("baton-system", "baton-operator"),
         audit::service_account("baton-system", "baton-agent"),
     );
+    // Requests about each node: the operator's Lease creations and deletions and its
+    // writes to the Node, and every agent request about its Node or Lease.
+    let mut about: BTreeMap<String, Vec<(Timestamp, About)>> = BTreeMap::new();
     for r in audit::read(&cluster.audit_log())?
         .iter()
         .filter(|r| r.request_received_timestamp >= from && r.request_received_timestamp <= to)
     {
-        let map = if r.user.username == op {
+        let by_operator = r.user.username == op;
+        let map = if by_operator {
             &mut operator_requests
         } else if r.user.username == ag {
             &mut agent_requests
@@ -324,7 +449,29 @@ fn figures(
             continue;
         };
         *map.entry(r.verb.clone()).or_insert(0.0) += 1.0 / hours_nodes;
+        let lease = r
+            .names("leases")
+            .and_then(|l| l.strip_prefix(crds::grant::LEASE_PREFIX));
+        let step = match (by_operator, r.verb.as_str(), r.names("nodes"), lease) {
+            (true, "create", _, Some(node)) => Some((node, About::Grant)),
+            (true, "delete", _, Some(node)) => Some((node, About::Release)),
+            (true, "patch", Some(node), _) => Some((node, About::Write)),
+            (false, _, Some(node), _) | (false, _, _, Some(node)) => Some((node, About::Agent)),
+            _ => None,
+        };
+        if let Some((node, step)) = step {
+            about
+                .entry(node.to_string())
+                .or_default()
+                .push((r.request_received_timestamp, step));
+        }
     }
+    let mut steps = Steps::default();
+    for requests in about.values_mut() {
+        requests.sort();
+        steps.split(requests, t);
+    }
+    steps.sort();
     Ok(Rollout {
         budget: k.to_string(),
         k,
@@ -332,6 +479,7 @@ fn figures(
         ramp,
         operator_cpu: Duration::ZERO,
         operator_peak_kib: 0,
+        steps,
         makespan: last.duration_since(first),
         ideal,
         gaps,
@@ -384,6 +532,22 @@ pub fn print(nodes: usize, reboot: Duration, poll: Duration, rollouts: &[Rollout
             sum / (r.k as f64 * secs(r.makespan)).max(f64::MIN_POSITIVE),
             secs(r.ramp)
         );
+    }
+    println!(
+        "\nEach hold step by step (the audit log's times; the mean of the steps is the mean hold − T):\n"
+    );
+    println!("| k | step | p50 | p99 | mean |");
+    println!("|---|---|---|---|---|");
+    for r in rollouts {
+        for (name, step) in r.steps.named() {
+            let mean = step.iter().map(|d| secs(*d)).sum::<f64>() / step.len().max(1) as f64;
+            println!(
+                "| {} | {name} | {:.2} s | {:.2} s | {mean:.2} s |",
+                r.k,
+                secs(percentile(step, 0.5)),
+                secs(percentile(step, 0.99)),
+            );
+        }
     }
     println!("\nCoordination gap (a release to the next grant):\n");
     println!(

@@ -214,7 +214,10 @@ async fn a_slow_etcd_rejoin_holds_the_next_control_plane_grant_until_the_member_
 /// stopped member and a client without a certificate look, and a leader move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operators_etcd_client_reads_members_moves_the_leader_and_reports_failures() {
-    use operator::etcd::{EtcdAccess, EtcdClient};
+    use operator::{
+        cache::CachedNode,
+        etcd::{EtcdAccess, EtcdClient},
+    };
     use rollout::etcd::Etcd;
 
     let names: Vec<String> = ["cp-a", "cp-b", "cp-c"].map(String::from).to_vec();
@@ -226,12 +229,12 @@ async fn the_operators_etcd_client_reads_members_moves_the_leader_and_reports_fa
         key: Some(etcd.pki.client.1.clone()),
     };
     let client = EtcdClient::new(&access).unwrap().unwrap();
-    let nodes: Vec<Arc<Node>> = names
+    let nodes: Vec<Arc<CachedNode>> = names
         .iter()
         .map(|n| {
             let mut node = Node::default();
             node.metadata.name = Some(n.clone());
-            Arc::new(node)
+            Arc::new(CachedNode::from_node(&node))
         })
         .collect();
     let seen = client.observe(&nodes).await;

@@ -22,6 +22,31 @@ pub struct Request {
     /// The HTTP status code, when the request completed.
     #[serde(default)]
     pub response_status: Option<Status>,
+    /// The object the request is about (for a list or watch by `metadata.name`, that
+    /// name).
+    #[serde(default)]
+    pub object_ref: Option<ObjectRef>,
+}
+
+/// The object a request is about.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ObjectRef {
+    /// `nodes`, `leases`, …
+    #[serde(default)]
+    pub resource: String,
+    /// The object's name, when the request names one.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl Request {
+    /// The name of the `resource` object this request is about, if it names one.
+    pub fn names(&self, resource: &str) -> Option<&str> {
+        self.object_ref
+            .as_ref()
+            .filter(|o| o.resource == resource)
+            .and_then(|o| o.name.as_deref())
+    }
 }
 
 /// The caller of a request.

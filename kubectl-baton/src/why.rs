@@ -86,7 +86,7 @@ pub fn render(node: &str, seen: &Observed, predicted: Option<Timestamp>) -> Resu
         .iter()
         .find(|v| v.name == node)
         .cloned()
-        .unwrap_or_else(|| NodeView::from_node(n));
+        .unwrap_or_else(|| NodeView::from_node(n).into());
     let held = plan.holders.iter().any(|h| h == node);
     let phase = Phase::of(&view, held);
     let agent = &view.agent;

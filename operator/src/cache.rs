@@ -3,9 +3,10 @@
 //!
 //! On a big cluster the Node watch is the operator's whole cost: Nodes are large and
 //! kubelets rewrite their status every few seconds to minutes (heartbeats, images,
-//! resource figures). baton reads little of a Node, so the cache keeps only that
-//! (`slim`), and only changes to it trigger a reconcile (`Changes`). The cache itself is
-//! updated by every event, so patches always carry the latest resourceVersion.
+//! resource figures). baton reads little of a Node, so [`Nodes`] keeps only baton's
+//! view of each ([`NodeView`], read once per change, shared with every reconcile) and
+//! only changes to that view trigger a reconcile. The cache is updated by every event,
+//! so patches always carry the latest resourceVersion.
 //!
 //! Every policy's view of the others (which nodes they select, so where selectors
 //! overlap) changes with any policy's spec: a new generation or a deletion of one wakes
@@ -14,23 +15,19 @@
 use std::{
     collections::HashMap,
     hash::{DefaultHasher, Hash, Hasher},
+    sync::{Arc, RwLock},
 };
 
 use crds::UpdatePolicy;
-use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus};
+use k8s_openapi::api::core::v1::Node;
 use kube::{ResourceExt, runtime::watcher::Event};
+use rollout::NodeView;
 
 /// What of an object its watch events are judged by: changes to anything else wake
 /// nothing.
 pub trait Fingerprint {
     /// A digest of what matters.
     fn fingerprint(&self) -> u64;
-}
-
-impl Fingerprint for Node {
-    fn fingerprint(&self) -> u64 {
-        fingerprint(self)
-    }
 }
 
 /// A policy's spec (its generation) and whether it is being deleted; not its status.
@@ -59,70 +56,159 @@ impl Fingerprint for UpdatePolicy {
     }
 }
 
-/// Strips a Node to what baton reads: metadata without managed fields, the spec's
-/// `unschedulable`, the `Ready` condition, and a control-plane node's internal
-/// addresses (to find its etcd member by peer address). Images, the other addresses,
-/// capacity, node info and the other conditions dominate a Node's size and baton reads
-/// none of them.
-pub fn slim(node: &mut Node) {
-    let control_plane = rollout::etcd::is_control_plane(node.labels());
-    node.managed_fields_mut().clear();
-    if let Some(spec) = node.spec.as_mut() {
-        *spec = NodeSpec {
-            unschedulable: spec.unschedulable,
-            ..Default::default()
+/// What the operator keeps of one Node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedNode {
+    /// Its uid (the read-back of the operator's writes compares it).
+    pub uid: Option<String>,
+    /// baton's view of it, shared with every snapshot until the node changes.
+    pub view: Arc<NodeView>,
+    /// A control-plane node's InternalIP addresses (to find its etcd member by peer
+    /// address); empty on other nodes.
+    pub internal_ips: Vec<String>,
+}
+
+impl CachedNode {
+    /// Reads what baton keeps of `node`.
+    pub fn from_node(node: &Node) -> CachedNode {
+        let internal_ips = if rollout::etcd::is_control_plane(node.labels()) {
+            node.status
+                .iter()
+                .flat_map(|s| s.addresses.iter().flatten())
+                .filter(|a| a.type_ == "InternalIP")
+                .map(|a| a.address.clone())
+                .collect()
+        } else {
+            Vec::new()
         };
+        CachedNode {
+            uid: node.metadata.uid.clone(),
+            view: Arc::new(NodeView::from_node(node)),
+            internal_ips,
+        }
     }
-    if let Some(status) = node.status.as_mut() {
-        let ready = status
-            .conditions
-            .take()
-            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect());
-        let addresses = status
-            .addresses
-            .take()
-            .filter(|_| control_plane)
-            .map(|a| a.into_iter().filter(|a| a.type_ == "InternalIP").collect());
-        *status = NodeStatus {
-            conditions: ready,
-            addresses,
-            ..Default::default()
-        };
+
+    /// Whether `other` differs in anything baton reads (its resourceVersion aside).
+    fn differs(&self, other: &CachedNode) -> bool {
+        if self.uid != other.uid || self.internal_ips != other.internal_ips {
+            return true;
+        }
+        let (a, b) = (&*self.view, &*other.view);
+        if a.resource_version == b.resource_version {
+            return a != b;
+        }
+        let mut a = a.clone();
+        a.resource_version.clone_from(&b.resource_version);
+        a != *b
     }
 }
 
-/// A digest of everything baton's decisions read from a Node: labels, annotations,
-/// creation, deletion, `unschedulable` and whether it is Ready. Heartbeat timestamps
-/// and the resourceVersion are left out on purpose.
-pub fn fingerprint(node: &Node) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    node.metadata.labels.hash(&mut hasher);
-    node.metadata.annotations.hash(&mut hasher);
-    node.metadata
-        .creation_timestamp
-        .as_ref()
-        .map(|t| t.0)
-        .hash(&mut hasher);
-    node.metadata.deletion_timestamp.is_some().hash(&mut hasher);
-    node.spec
-        .as_ref()
-        .and_then(|s| s.unschedulable)
-        .hash(&mut hasher);
-    let ready = node
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-        .map(|c| c.status.as_str());
-    ready.hash(&mut hasher);
-    hasher.finish()
+/// The operator's Node cache, filled by the Node watch ([`Nodes::apply`]) and read by
+/// every reconcile. Cloning it shares it.
+#[derive(Debug, Clone)]
+pub struct Nodes {
+    inner: Arc<RwLock<Known>>,
+    ready: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    nodes: HashMap<String, Arc<CachedNode>>,
+    /// A relist in progress: the nodes listed so far.
+    relisted: Option<HashMap<String, Arc<CachedNode>>>,
+}
+
+impl Default for Nodes {
+    fn default() -> Self {
+        Nodes {
+            inner: Arc::default(),
+            ready: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+}
+
+impl Nodes {
+    /// Records what `event` shows and returns whether it should trigger a reconcile: a
+    /// new node, a change to what baton reads of one, a deletion, and every event of a
+    /// relist (which also forgets the nodes deleted while the watch was down).
+    /// Heartbeats and other changes baton does not read update the cache (its
+    /// resourceVersion) and wake nothing.
+    pub fn apply(&self, event: &Event<Node>) -> bool {
+        let mut known = self
+            .inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match event {
+            Event::Apply(node) => {
+                let new = Arc::new(CachedNode::from_node(node));
+                known
+                    .nodes
+                    .insert(node.name_any(), Arc::clone(&new))
+                    .is_none_or(|old| old.differs(&new))
+            }
+            Event::Delete(node) => {
+                known.nodes.remove(&node.name_any());
+                true
+            }
+            Event::Init => {
+                known.relisted = Some(HashMap::new());
+                true
+            }
+            Event::InitApply(node) => {
+                if let Some(relisted) = known.relisted.as_mut() {
+                    relisted.insert(node.name_any(), Arc::new(CachedNode::from_node(node)));
+                }
+                true
+            }
+            Event::InitDone => {
+                if let Some(relisted) = known.relisted.take() {
+                    known.nodes = relisted;
+                }
+                self.ready.send_replace(true);
+                true
+            }
+        }
+    }
+
+    /// Every node.
+    pub fn state(&self) -> Vec<Arc<CachedNode>> {
+        self.read().nodes.values().cloned().collect()
+    }
+
+    /// One node by name.
+    pub fn get(&self, name: &str) -> Option<Arc<CachedNode>> {
+        self.read().nodes.get(name).cloned()
+    }
+
+    /// How many nodes are known.
+    pub fn len(&self) -> usize {
+        self.read().nodes.len()
+    }
+
+    /// Whether no node is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Returns once the first list is complete.
+    pub async fn wait_until_ready(&self) {
+        let mut ready = self.ready.subscribe();
+        // The sender lives as long as `self`: this cannot fail while waiting.
+        let _ = ready.wait_for(|r| *r).await;
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Known> {
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Remembers each object's fingerprint and admits only the watch events that matter:
 /// a new object, a change of its fingerprint, a deletion, and every event of a relist
 /// (which also forgets objects deleted while the watch was down).
 #[derive(Debug)]
-pub struct Changes<K = Node> {
+pub struct Changes<K> {
     seen: HashMap<String, u64>,
     relisted: Option<HashMap<String, u64>>,
     kind: std::marker::PhantomData<fn(&K)>,
@@ -183,7 +269,7 @@ impl<K: Fingerprint + kube::Resource> Changes<K> {
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{
-        api::core::v1::NodeCondition,
+        api::core::v1::{NodeAddress, NodeCondition, NodeSpec, NodeStatus},
         apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
     };
 
@@ -209,38 +295,55 @@ mod tests {
         }
     }
 
-    fn relist(changes: &mut Changes, nodes: &[Node]) {
-        assert!(changes.admit(&Event::Init));
-        for n in nodes {
-            assert!(changes.admit(&Event::InitApply(n.clone())));
+    fn relist(nodes: &Nodes, listed: &[Node]) {
+        assert!(nodes.apply(&Event::Init));
+        for n in listed {
+            assert!(nodes.apply(&Event::InitApply(n.clone())));
         }
-        assert!(changes.admit(&Event::InitDone));
+        assert!(nodes.apply(&Event::InitDone));
     }
 
     #[test]
     fn heartbeats_are_not_admitted_but_what_baton_reads_is() {
-        let mut changes = Changes::default();
+        let nodes = Nodes::default();
         let a = node("a", "True", "2026-01-01T00:00:00Z", "1");
-        relist(&mut changes, std::slice::from_ref(&a));
+        relist(&nodes, std::slice::from_ref(&a));
         let beat = node("a", "True", "2026-01-01T00:00:40Z", "2");
-        assert!(!changes.admit(&Event::Apply(beat.clone())), "a heartbeat");
+        assert!(!nodes.apply(&Event::Apply(beat.clone())), "a heartbeat");
+        assert_eq!(
+            nodes.get("a").unwrap().view.resource_version.as_deref(),
+            Some("2"),
+            "the cache still has the latest resourceVersion"
+        );
+        let mut foreign = beat.clone();
+        foreign
+            .annotations_mut()
+            .insert("node.alpha.kubernetes.io/ttl".into(), "0".into());
+        assert!(
+            !nodes.apply(&Event::Apply(foreign)),
+            "an annotation baton does not read"
+        );
         let mut annotated = beat.clone();
         annotated
             .annotations_mut()
             .insert(crds::protocol::STATE.name.into(), "Idle".into());
         assert!(
-            changes.admit(&Event::Apply(annotated.clone())),
-            "an annotation"
+            nodes.apply(&Event::Apply(annotated.clone())),
+            "a baton annotation"
         );
         assert!(
-            !changes.admit(&Event::Apply(annotated.clone())),
+            !nodes.apply(&Event::Apply(annotated.clone())),
             "the same again"
         );
+        let mut hook = annotated.clone();
+        hook.annotations_mut()
+            .insert("example.com/ok".into(), "true".into());
+        assert!(nodes.apply(&Event::Apply(hook)), "a hook's answer");
         let mut cordoned = annotated.clone();
         cordoned.spec.as_mut().unwrap().unschedulable = Some(true);
-        assert!(changes.admit(&Event::Apply(cordoned)), "a cordon");
+        assert!(nodes.apply(&Event::Apply(cordoned)), "a cordon");
         assert!(
-            changes.admit(&Event::Apply(node(
+            nodes.apply(&Event::Apply(node(
                 "a",
                 "False",
                 "2026-01-01T00:01:20Z",
@@ -250,44 +353,39 @@ mod tests {
         );
         let mut labelled = node("a", "False", "2026-01-01T00:01:20Z", "4");
         labelled.labels_mut().insert("pool".into(), "web".into());
-        assert!(changes.admit(&Event::Apply(labelled)), "a label");
+        assert!(nodes.apply(&Event::Apply(labelled)), "a label");
     }
 
     #[test]
     fn new_and_deleted_nodes_are_admitted_and_a_relist_forgets_the_gone() {
-        let mut changes = Changes::default();
-        relist(
-            &mut changes,
-            &[node("a", "True", "2026-01-01T00:00:00Z", "1")],
-        );
-        assert!(changes.admit(&Event::Apply(node(
+        let nodes = Nodes::default();
+        relist(&nodes, &[node("a", "True", "2026-01-01T00:00:00Z", "1")]);
+        assert!(nodes.apply(&Event::Apply(node(
             "b",
             "True",
             "2026-01-01T00:00:00Z",
             "2"
         ))));
-        assert_eq!(changes.len(), 2);
+        assert_eq!(nodes.len(), 2);
         // Deletion: the last state of the object, unchanged, must still count.
-        assert!(changes.admit(&Event::Delete(node(
+        assert!(nodes.apply(&Event::Delete(node(
             "b",
             "True",
             "2026-01-01T00:00:00Z",
             "2"
         ))));
-        assert_eq!(changes.len(), 1);
-        assert!(changes.admit(&Event::Apply(node(
+        assert_eq!(nodes.len(), 1);
+        assert!(nodes.apply(&Event::Apply(node(
             "c",
             "True",
             "2026-01-01T00:00:00Z",
             "3"
         ))));
         // "a" was deleted while the watch was down: the relist shows only "c".
-        relist(
-            &mut changes,
-            &[node("c", "True", "2026-01-01T00:00:00Z", "3")],
-        );
-        assert_eq!(changes.len(), 1);
-        assert!(!changes.admit(&Event::Apply(node(
+        relist(&nodes, &[node("c", "True", "2026-01-01T00:00:00Z", "3")]);
+        assert_eq!(nodes.len(), 1);
+        assert!(nodes.get("a").is_none());
+        assert!(!nodes.apply(&Event::Apply(node(
             "c",
             "True",
             "2026-01-01T00:09:00Z",
@@ -296,15 +394,48 @@ mod tests {
     }
 
     #[test]
-    fn slimming_keeps_what_the_fingerprint_reads() {
-        let mut n = node("a", "True", "2026-01-01T00:00:00Z", "1");
-        n.labels_mut().insert("pool".into(), "web".into());
+    fn the_cache_keeps_the_view_and_a_control_plane_nodes_internal_addresses() {
+        let mut n = node("cp", "True", "2026-01-01T00:00:00Z", "1");
+        n.metadata.uid = Some("u1".into());
+        n.labels_mut().insert(
+            "node-role.kubernetes.io/control-plane".into(),
+            String::new(),
+        );
         n.spec.as_mut().unwrap().unschedulable = Some(true);
-        n.spec.as_mut().unwrap().provider_id = Some("kwok://a".into());
-        let before = fingerprint(&n);
-        slim(&mut n);
-        assert_eq!(fingerprint(&n), before);
-        assert_eq!(n.spec.as_ref().unwrap().provider_id, None);
+        n.status.as_mut().unwrap().addresses = Some(vec![
+            NodeAddress {
+                type_: "InternalIP".into(),
+                address: "10.0.0.1".into(),
+            },
+            NodeAddress {
+                type_: "Hostname".into(),
+                address: "cp".into(),
+            },
+        ]);
+        let cached = CachedNode::from_node(&n);
+        assert_eq!(cached.uid.as_deref(), Some("u1"));
+        assert_eq!(cached.internal_ips, ["10.0.0.1"]);
+        assert!(cached.view.ready && cached.view.unschedulable);
+        assert_eq!(*cached.view, NodeView::from_node(&n));
+        n.labels_mut().clear();
+        assert!(CachedNode::from_node(&n).internal_ips.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_cache_is_ready_once_the_first_list_is_complete() {
+        let nodes = Nodes::default();
+        let waiting = {
+            let nodes = nodes.clone();
+            tokio::spawn(async move { nodes.wait_until_ready().await })
+        };
+        assert!(nodes.apply(&Event::Init));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        relist(&nodes, &[]);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[test]

@@ -25,7 +25,7 @@ use kube::{
     runtime::{events::EventType, reflector::ObjectRef},
 };
 use serde_json::Value;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, info_span};
 
 use crds::{UpdatePolicy, UpdatePolicyStatus, node::NodePatch};
 use rollout::{
@@ -35,6 +35,7 @@ use rollout::{
 };
 
 use crate::{
+    cache::CachedNode,
     config::Config,
     context::Context,
     drain::{self, DrainRules},
@@ -122,7 +123,7 @@ pub trait Cluster: Send + Sync {
     /// Its metrics.
     fn metrics(&self) -> &Metrics;
     /// Every Node, as cached.
-    fn nodes(&self) -> Vec<Arc<Node>>;
+    fn nodes(&self) -> Vec<Arc<CachedNode>>;
     /// Every reboot Lease, as cached.
     fn leases(&self) -> Vec<Arc<Lease>>;
     /// Every UpdatePolicy, as cached.
@@ -137,8 +138,12 @@ pub trait Cluster: Send + Sync {
     fn read(&self, key: &ObjectKey) -> impl Future<Output = Result<Option<Seen>, Refusal>> + Send;
     /// The running pods a label selector (query syntax) names.
     fn running_pods(&self, selector: &str) -> impl Future<Output = Result<Vec<Pod>>> + Send;
-    /// Sends one write.
-    fn send(&self, write: Write<'_>) -> impl Future<Output = Result<(), Refusal>> + Send;
+    /// Sends one write. Returns the written object's resourceVersion when the answer
+    /// carries one.
+    fn send(
+        &self,
+        write: Write<'_>,
+    ) -> impl Future<Output = Result<Option<String>, Refusal>> + Send;
     /// Records an Event on a Node (best effort).
     fn event(
         &self,
@@ -244,8 +249,10 @@ pub trait Cluster: Send + Sync {
             );
             let json = patch.to_json(seen.resource_version.clone());
             let result = self.send(Write::PatchNode { node, patch: &json }).await;
-            readback::settle_write(self, &key, result.as_ref().err());
-            result.map_err(|e| Error::api(&format!("node {node}"), e))
+            readback::settle_write(self, &key, seen.resource_version.as_deref(), &result);
+            result
+                .map(drop)
+                .map_err(|e| Error::api(&format!("node {node}"), e))
         }
     }
 
@@ -255,12 +262,15 @@ pub trait Cluster: Send + Sync {
             let key = ObjectKey::lease(&lease.name_any());
             readback::note(self, key.clone(), Expected::Changed { from: None });
             match self.send(Write::CreateLease(lease)).await {
-                Ok(()) => Ok(true),
+                Ok(_) => Ok(true),
                 // It exists: the cache will show it, as the note expects.
                 Err(r) if r.code == Some(409) => Ok(false),
                 Err(r) => {
-                    readback::settle_write(self, &key, Some(&r));
-                    Err(Error::api(&format!("lease {}", lease.name_any()), r))
+                    let refused = Err(r);
+                    readback::settle_write(self, &key, None, &refused);
+                    refused
+                        .map(|_| false)
+                        .map_err(|r| Error::api(&format!("lease {}", lease.name_any()), r))
                 }
             }
         }
@@ -292,8 +302,10 @@ pub trait Cluster: Send + Sync {
                     patch: &patch,
                 })
                 .await;
-            readback::settle_write(self, &key, result.as_ref().err());
-            result.map_err(|e| Error::api(&format!("lease {}", seen.name), e))
+            readback::settle_write(self, &key, seen.resource_version.as_deref(), &result);
+            result
+                .map(drop)
+                .map_err(|e| Error::api(&format!("lease {}", seen.name), e))
         }
     }
 
@@ -314,11 +326,14 @@ pub trait Cluster: Send + Sync {
                 resource_version: seen.resource_version.clone(),
             };
             match self.send(delete).await {
-                Ok(()) => Ok(()),
+                Ok(_) => Ok(()),
                 Err(r) if r.code == Some(404) => Ok(()),
                 Err(r) => {
-                    readback::settle_write(self, &key, Some(&r));
-                    Err(Error::api(&format!("lease {}", seen.name), r))
+                    let refused = Err(r);
+                    readback::settle_write(self, &key, None, &refused);
+                    refused
+                        .map(drop)
+                        .map_err(|r| Error::api(&format!("lease {}", seen.name), r))
                 }
             }
         }
@@ -337,6 +352,7 @@ pub trait Cluster: Send + Sync {
                 patch: &patch,
             })
             .await
+            .map(drop)
             .map_err(|e| Error::api(&format!("status of {name}"), e))
         }
     }
@@ -355,6 +371,7 @@ pub trait Cluster: Send + Sync {
                 patch: &patch,
             })
             .await
+            .map(drop)
             .map_err(|e| Error::api(&format!("finalizers of {name}"), e))
         }
     }
@@ -411,7 +428,7 @@ impl Cluster for Kube {
         &self.0.metrics
     }
 
-    fn nodes(&self) -> Vec<Arc<Node>> {
+    fn nodes(&self) -> Vec<Arc<CachedNode>> {
         self.0.nodes.state()
     }
 
@@ -430,7 +447,10 @@ impl Cluster for Kube {
 
     fn cached(&self, key: &ObjectKey) -> Option<Seen> {
         match key.kind {
-            "Node" => seen(self.0.nodes.get(&ObjectRef::new(&key.name))),
+            "Node" => self.0.nodes.get(&key.name).map(|n| Seen {
+                uid: n.uid.clone(),
+                resource_version: n.view.resource_version.clone(),
+            }),
             _ => seen(
                 self.0
                     .leases
@@ -475,24 +495,24 @@ impl Cluster for Kube {
         Ok(pods.list(&params).await?.items)
     }
 
-    async fn send(&self, write: Write<'_>) -> Result<(), Refusal> {
+    async fn send(&self, write: Write<'_>) -> Result<Option<String>, Refusal> {
         let client = self.0.client.clone();
         let params = PatchParams::default();
         let result = match write {
             Write::PatchNode { node, patch } => Api::<Node>::all(client)
                 .patch(node, &params, &merge(patch))
                 .await
-                .map(drop),
+                .map(|o| o.resource_version()),
             Write::CreateLease(lease) => self
                 .leases_api()
                 .create(&PostParams::default(), lease)
                 .await
-                .map(drop),
+                .map(|o| o.resource_version()),
             Write::PatchLease { name, patch } => self
                 .leases_api()
                 .patch(name, &params, &merge(patch))
                 .await
-                .map(drop),
+                .map(|o| o.resource_version()),
             Write::DeleteLease {
                 name,
                 uid,
@@ -505,23 +525,30 @@ impl Cluster for Kube {
                     }),
                     ..Default::default()
                 };
-                self.leases_api().delete(name, &params).await.map(drop)
+                self.leases_api().delete(name, &params).await.map(|_| None)
             }
             Write::PatchPolicy { name, patch } => Api::<UpdatePolicy>::all(client)
                 .patch(name, &params, &merge(patch))
                 .await
-                .map(drop),
+                .map(|o| o.resource_version()),
             Write::PatchPolicyStatus { name, patch } => Api::<UpdatePolicy>::all(client)
                 .patch_status(name, &params, &merge(patch))
                 .await
-                .map(drop),
+                .map(|o| o.resource_version()),
         };
         result.map_err(|e| Refusal::from_kube(&e))
     }
 
     async fn event(&self, node: &str, type_: EventType, reason: &str, note: &str) {
-        if let Some(n) = self.0.nodes.get(&ObjectRef::new(node)) {
-            publish(&self.0, &n.object_ref(&()), type_, reason, note).await;
+        if let Some(n) = self.0.nodes.get(node) {
+            let reference = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(node.into()),
+                uid: n.uid.clone(),
+                ..Default::default()
+            };
+            publish(&self.0, &reference, type_, reason, note);
         }
     }
 
@@ -532,7 +559,7 @@ impl Cluster for Kube {
         reason: &str,
         note: &str,
     ) {
-        publish(&self.0, &policy.object_ref(&()), type_, reason, note).await;
+        publish(&self.0, &policy.object_ref(&()), type_, reason, note);
     }
 
     async fn alert_gate(&self, gate: &AlertGate, now: Timestamp) -> Option<String> {
@@ -616,20 +643,15 @@ impl Cluster for Kube {
     }
 }
 
-/// Records an Event (best effort: a failure is logged).
-pub(crate) async fn publish(
+/// Records an Event (best effort: queued, written by the Event writer, a failure
+/// logged).
+pub(crate) fn publish(
     ctx: &Context,
     reference: &k8s_openapi::api::core::v1::ObjectReference,
     type_: EventType,
     reason: &str,
     note: &str,
 ) {
-    let now = ctx.clock.now();
-    if let Err(e) = ctx
-        .recorder
-        .publish(reference, type_, reason, note, now)
-        .await
-    {
-        warn!(error = %e, reason, "could not publish an event");
-    }
+    ctx.events
+        .send(reference, type_, reason, note, ctx.clock.now());
 }

@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Client, runtime::reflector::Store};
 
 use crds::UpdatePolicy;
@@ -15,10 +15,12 @@ use crate::{config::Config, metrics::Metrics};
 pub struct Context {
     pub(crate) client: Client,
     pub(crate) config: Config,
-    pub(crate) nodes: Store<Node>,
+    pub(crate) nodes: crate::cache::Nodes,
     pub(crate) leases: Store<Lease>,
     pub(crate) policies: Store<UpdatePolicy>,
-    pub(crate) recorder: crate::event::Recorder,
+    pub(crate) events: crate::event::Queue,
+    /// The task writing the queued Events.
+    pub(crate) event_writer: tokio::task::JoinHandle<()>,
     pub(crate) drains: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) alerts: crate::alert::Alerts,
@@ -42,14 +44,16 @@ impl Context {
     }
 }
 
-/// Aborts every running drain when dropped: drains must not outlive the controller
-/// run that started them (a replica that stops leading stops evicting at once).
-pub(crate) struct AbortDrains(pub(crate) Arc<Context>);
+/// Aborts the run's own tasks when dropped, every running drain and the Event writer:
+/// they must not outlive the controller run that started them (a replica that stops
+/// leading stops evicting, and reporting, at once).
+pub(crate) struct AbortTasks(pub(crate) Arc<Context>);
 
-impl Drop for AbortDrains {
+impl Drop for AbortTasks {
     fn drop(&mut self) {
         for handle in self.0.drains().values() {
             handle.abort();
         }
+        self.0.event_writer.abort();
     }
 }

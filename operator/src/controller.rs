@@ -24,7 +24,7 @@ use crds::UpdatePolicy;
 use crate::{
     cluster::Kube,
     config::Config,
-    context::{AbortDrains, Context},
+    context::{AbortTasks, Context},
     error::{Error, Result},
     lease,
     metrics::{ErrorLabels, Metrics},
@@ -79,20 +79,18 @@ pub async fn run_with_clock(
     };
     let nodes_api: Api<Node> = Api::all(client.clone());
     let leases_api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
-    let (nodes, node_writer) = reflector::store();
+    let nodes = crate::cache::Nodes::default();
     let (leases, lease_writer) = reflector::store();
-    // Nodes are cached slimmed (`cache::slim`): on big clusters their images, addresses
-    // and conditions dominate the operator's memory and baton never reads them. Deletions
-    // count as changes (touched, not only applied): a deleted node frees its lease at once.
-    // Heartbeats and other changes baton does not read update the cache but wake
-    // nothing (`cache::Changes`).
-    let mut changes = crate::cache::Changes::default();
+    // Nodes are cached as baton's view of them (`cache::Nodes`): on big clusters their
+    // images, addresses and conditions would dominate the operator's memory, and each
+    // view is read once per change, not once per reconcile. Deletions count as changes
+    // (touched, not only applied): a deleted node frees its lease at once. Heartbeats
+    // and other changes baton does not read update the cache but wake nothing.
     let counted = Arc::clone(&metrics);
+    let node_cache = nodes.clone();
     let node_stream = watcher(nodes_api, watcher::Config::default())
-        .modify(crate::cache::slim)
-        .reflect(node_writer)
         .filter(move |event| {
-            let admitted = event.as_ref().map_or(true, |e| changes.admit(e));
+            let admitted = event.as_ref().map_or(true, |e| node_cache.apply(e));
             counted.node_event(admitted);
             std::future::ready(admitted)
         })
@@ -136,8 +134,14 @@ pub async fn run_with_clock(
     .filter(move |event| std::future::ready(event.as_ref().map_or(true, |e| spec_changes.admit(e))))
     .touched_objects()
     .default_backoff();
+    let (events, event_writer) = crate::event::Queue::start(crate::event::Recorder::new(
+        client.clone(),
+        "baton-operator",
+        &config.identity,
+    ));
     let ctx = Arc::new(Context {
-        recorder: crate::event::Recorder::new(client.clone(), "baton-operator", &config.identity),
+        events,
+        event_writer,
         client,
         config,
         nodes,
@@ -152,9 +156,9 @@ pub async fn run_with_clock(
         clock,
         expectations: std::sync::Mutex::default(),
     });
-    // Drains run as their own tasks; they must not outlive this controller (a replica
-    // that stops leading must stop evicting at once).
-    let _drains = AbortDrains(Arc::clone(&ctx));
+    // Drains and the Event writer run as their own tasks; they must not outlive this
+    // controller (a replica that stops leading must stop evicting at once).
+    let _tasks = AbortTasks(Arc::clone(&ctx));
     controller
         .watches_stream(node_stream, move |_| for_node())
         .watches_stream(lease_stream, move |_| every_policy())
@@ -188,7 +192,7 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
     let started = std::time::Instant::now();
     let metrics = Arc::clone(&ctx.metrics);
     let result = async move {
-        ctx.nodes.wait_until_ready().await.ok();
+        ctx.nodes.wait_until_ready().await;
         ctx.leases.wait_until_ready().await.ok();
         let next = reconcile::policy(&Kube(Arc::clone(&ctx)), &policy).await?;
         Ok(next.map_or_else(Requeue::await_change, Requeue::requeue))

@@ -277,28 +277,49 @@ pub async fn run<C: Cluster, P: Pods>(
         .drain_seconds
         .observe(c.now().duration_since(started).as_secs_f64().max(0.0));
     match outcome {
-        Ok(Outcome::Drained) => {
-            let name = crate::lease::name(node);
-            let lease = c.leases().into_iter().find(|l| l.name_any() == name);
-            if let Some(l) = lease {
-                let seen = LeaseFacts {
-                    name: l.name_any(),
-                    uid: l.uid(),
-                    resource_version: l.resource_version(),
-                };
-                let at = protocol::lease::DRAINED_AT.format(&c.now());
-                let drained = [(protocol::lease::DRAINED_AT.name, at)];
-                if let Err(e) = c.annotate_lease(&seen, &drained).await {
-                    warn!(error = %e, "recording the drain failed; it will be redone");
-                }
-            }
-        }
+        Ok(Outcome::Drained) => record_drained(c, pods, node).await,
         Ok(Outcome::TimedOut(remaining)) => {
             let note = format!("still on the node: {}", remaining.join(", "));
             c.event(node, EventType::Warning, "DrainTimedOut", &note)
                 .await;
         }
         Err(e) => warn!(error = %e, "drain failed; it will be retried"),
+    }
+}
+
+/// How often the end of a drain is tried while the cache lags the write of its start.
+const RECORD_TRIES: u32 = 10;
+/// The pause between those tries.
+const RECORD_PAUSE: Duration = Duration::from_millis(100);
+
+/// Records the end of the drain on the node's Lease, as the cache shows it. The drain's
+/// start was written to the Lease just before the drain began, and a drain of a node
+/// without pods ends before the cache has seen that write: a conflict then means "not
+/// yet", so the record is tried again a few times (at most RECORD_TRIES, one second)
+/// rather than left to the next reconcile.
+async fn record_drained<C: Cluster, P: Pods>(c: &C, pods: &P, node: &str) {
+    let name = crate::lease::name(node);
+    for attempt in 1..=RECORD_TRIES {
+        let Some(l) = c.leases().into_iter().find(|l| l.name_any() == name) else {
+            return;
+        };
+        let seen = LeaseFacts {
+            name: l.name_any(),
+            uid: l.uid(),
+            resource_version: l.resource_version(),
+        };
+        let at = protocol::lease::DRAINED_AT.format(&c.now());
+        let drained = [(protocol::lease::DRAINED_AT.name, at)];
+        match c.annotate_lease(&seen, &drained).await {
+            Ok(()) => return,
+            Err(crate::error::Error::Conflict(_)) if attempt < RECORD_TRIES => {
+                pods.pause(RECORD_PAUSE).await;
+            }
+            Err(e) => {
+                warn!(error = %e, "recording the drain failed; it will be redone");
+                return;
+            }
+        }
     }
 }
 

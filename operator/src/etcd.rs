@@ -10,7 +10,6 @@ use std::{
 };
 
 use futures::future::join_all;
-use k8s_openapi::api::core::v1::Node;
 use rollout::etcd::{Etcd, Member};
 use serde::Deserialize;
 use thiserror::Error;
@@ -150,7 +149,7 @@ impl EtcdClient {
     }
 
     /// etcd as it is now (or within the last second), its members matched to `nodes`.
-    pub async fn observe(&self, nodes: &[std::sync::Arc<Node>]) -> Etcd {
+    pub async fn observe(&self, nodes: &[std::sync::Arc<crate::cache::CachedNode>]) -> Etcd {
         let cached = self
             .last
             .lock()
@@ -177,13 +176,8 @@ impl EtcdClient {
         let addresses: Vec<(&str, Vec<&str>)> = nodes
             .iter()
             .map(|n| {
-                let addrs = n
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.addresses.as_ref())
-                    .map(|a| a.iter().map(|a| a.address.as_str()).collect())
-                    .unwrap_or_default();
-                (n.metadata.name.as_deref().unwrap_or_default(), addrs)
+                let addrs = n.internal_ips.iter().map(String::as_str).collect();
+                (n.view.name.as_str(), addrs)
             })
             .collect();
         let leader = observed

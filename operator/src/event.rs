@@ -7,6 +7,9 @@
 //! `DrainStarted` kept the first drain's deadline in its note, and "granted by
 //! UpdatePolicy demo" stood for a grant by another policy. This keeps its Event shape
 //! (name, reporting controller and instance, the namespace of cluster-scoped objects).
+//!
+//! Events are written by one task of their own ([`Queue`]), in order, off the path of
+//! the steps that report them: a step waits for its own writes, never for an Event.
 
 use std::{
     collections::HashMap,
@@ -25,6 +28,8 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
     runtime::events::EventType,
 };
+use tokio::sync::mpsc;
+use tracing::warn;
 
 /// How long an Event may still grow a series (kube-runtime's and client-go's value).
 pub const SERIES_TTL: Duration = Duration::from_secs(6 * 60);
@@ -161,5 +166,65 @@ impl Recorder {
             },
         );
         Ok(())
+    }
+}
+
+/// How many Events may wait to be written; past it new ones are dropped with a
+/// warning (Events are best effort, and a step must never wait for one).
+pub const QUEUE: usize = 1024;
+
+/// One Event waiting to be written.
+#[derive(Debug)]
+struct Pending {
+    regarding: ObjectReference,
+    type_: EventType,
+    reason: String,
+    note: String,
+    at: jiff::Timestamp,
+}
+
+/// The queue of Events to write; cloning it shares it.
+#[derive(Clone, Debug)]
+pub struct Queue {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Queue {
+    /// Starts the task that writes queued Events through `recorder`, one at a time.
+    /// It ends when every clone of the queue is dropped, or when its handle is aborted.
+    pub fn start(recorder: Recorder) -> (Queue, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<Pending>(QUEUE);
+        let writer = tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                if let Err(e) = recorder
+                    .publish(&p.regarding, p.type_, &p.reason, &p.note, p.at)
+                    .await
+                {
+                    warn!(error = %e, reason = %p.reason, "could not publish an event");
+                }
+            }
+        });
+        (Queue { tx }, writer)
+    }
+
+    /// Queues an Event: `reason` happened to `regarding` at `at`, described by `note`.
+    pub fn send(
+        &self,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: &str,
+        at: jiff::Timestamp,
+    ) {
+        let pending = Pending {
+            regarding: regarding.clone(),
+            type_,
+            reason: reason.into(),
+            note: note.into(),
+            at,
+        };
+        if let Err(e) = self.tx.try_send(pending) {
+            warn!(reason, error = %e, "an event was not queued");
+        }
     }
 }

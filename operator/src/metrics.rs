@@ -275,7 +275,12 @@ impl Metrics {
 
     /// Records how many of a policy's nodes are in each phase (every phase, 0 included,
     /// so that a phase emptied is seen as 0 and not as a stale count).
-    pub fn observe_phases(&self, policy: &str, nodes: &[rollout::NodeView], holders: &[String]) {
+    pub fn observe_phases(
+        &self,
+        policy: &str,
+        nodes: &[std::sync::Arc<rollout::NodeView>],
+        holders: &[String],
+    ) {
         let mut counts = std::collections::BTreeMap::new();
         for node in nodes {
             let phase = Phase::of(node, holders.contains(&node.name));

@@ -16,8 +16,11 @@ use crate::{cluster::Cluster, error::Result};
 /// on `operator_node`.
 pub fn snapshot<C: Cluster>(c: &C, rules: &Policy, operator_node: Option<String>) -> Snapshot {
     let (nodes, leases, policies) = (c.nodes(), c.leases(), c.policies());
-    let (snapshot, malformed) = Snapshot::from_objects(
-        nodes.iter().map(|n| n.as_ref()),
+    let (snapshot, malformed) = Snapshot::from_views(
+        nodes
+            .iter()
+            .map(|n| std::sync::Arc::clone(&n.view))
+            .collect(),
         leases.iter().map(|l| l.as_ref()),
         policies.iter().map(|p| p.as_ref()),
         &rules.name,

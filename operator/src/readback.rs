@@ -17,11 +17,27 @@ pub(crate) fn note<C: Cluster + ?Sized>(c: &C, key: ObjectKey, expected: Expecte
     c.expectations().expect(key, expected, now);
 }
 
-/// After a write: an answer from the API server refusing it means nothing was written.
-/// (A request that got no answer stays noted: it may have been applied.)
-pub(crate) fn settle_write<C: Cluster + ?Sized>(c: &C, key: &ObjectKey, error: Option<&Refusal>) {
-    if error.is_some_and(|r| r.code.is_some()) {
+/// After a write of the object as it was at `from`: an answer from the API server
+/// refusing it means nothing was written, and an answer with the same resourceVersion
+/// means the write changed nothing (it set values already there), so no cache will
+/// ever show a change: either way it is no longer awaited. (A request that got no
+/// answer stays noted: it may have been applied.)
+pub(crate) fn settle_write<C: Cluster + ?Sized>(
+    c: &C,
+    key: &ObjectKey,
+    from: Option<&str>,
+    result: &Result<Option<String>, Refusal>,
+) {
+    if nothing_written(from, result) {
         c.expectations().refused(key);
+    }
+}
+
+/// Whether a write of the object at `from` that got `result` certainly changed nothing.
+fn nothing_written(from: Option<&str>, result: &Result<Option<String>, Refusal>) -> bool {
+    match result {
+        Err(r) => r.code.is_some(),
+        Ok(written) => from.is_some() && written.as_deref() == from,
     }
 }
 
@@ -50,4 +66,35 @@ pub async fn caught_up<C: Cluster>(c: &C) -> bool {
         }
     }
     c.expectations().settle(|key| c.cached(key)).is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(code: Option<u16>) -> Result<Option<String>, Refusal> {
+        Err(Refusal {
+            code,
+            message: "x".into(),
+        })
+    }
+
+    #[test]
+    fn a_refused_or_no_op_write_is_not_awaited_and_an_unanswered_one_is() {
+        assert!(nothing_written(Some("7"), &refusal(Some(409))), "refused");
+        assert!(!nothing_written(Some("7"), &refusal(None)), "no answer");
+        assert!(
+            nothing_written(Some("7"), &Ok(Some("7".into()))),
+            "a patch that set values already there"
+        );
+        assert!(
+            !nothing_written(Some("7"), &Ok(Some("8".into()))),
+            "written"
+        );
+        assert!(
+            !nothing_written(Some("7"), &Ok(None)),
+            "no version in the answer"
+        );
+        assert!(!nothing_written(None, &Ok(Some("8".into()))), "a create");
+    }
 }

@@ -240,6 +240,7 @@ async fn perform<C: Cluster>(
     let steps: Vec<_> = plan
         .nodes
         .iter()
+        .filter(|step| step.action.acts())
         .map(|step| {
             let span = info_span!("node", node = %step.node);
             step::perform(c, rules, step, now)

@@ -39,7 +39,17 @@ pub async fn perform<C: Cluster>(
         Action::Grant {
             boot_id,
             target_version,
-        } => grant(c, rules, node, boot_id, target_version.as_ref(), now).await,
+        } => {
+            // A node this step granted is cordoned next, whatever else holds (it was
+            // Ready and schedulable to be granted): at once, on the Node the grant was
+            // decided on (the Lease's creation did not change it). A Lease that existed
+            // already is left to the next decision.
+            let created = grant(c, rules, node, boot_id, target_version.as_ref(), now).await?;
+            match seen.filter(|_| created) {
+                Some(n) => cordon(c, rules, node, n).await,
+                None => Ok(()),
+            }
+        }
         Action::Cordon => match seen {
             Some(n) => cordon(c, rules, node, n).await,
             None => Ok(()),
@@ -47,10 +57,17 @@ pub async fn perform<C: Cluster>(
         Action::RunBeforeHooks { missing, .. } => hooks(c, node, seen, true, missing).await,
         Action::RunAfterHooks { missing, .. } => hooks(c, node, seen, false, missing).await,
         Action::Drain { deadline } => match (deadline, held) {
+            // The start is recorded first (the deadline counts from it), then the
+            // drain starts at once, on the deadline the next decision will read back.
             (None, Some(l)) => {
                 let at = protocol::lease::DRAIN_STARTED_AT.format(&now);
                 c.annotate_lease(l, &[(protocol::lease::DRAIN_STARTED_AT.name, at)])
-                    .await
+                    .await?;
+                if let Some(deadline) = rules.drain_deadline(now) {
+                    c.start_drain(node, DrainRules::from_policy(rules), deadline)
+                        .await;
+                }
+                Ok(())
             }
             (Some(deadline), Some(_)) => {
                 c.start_drain(node, DrainRules::from_policy(rules), *deadline)
@@ -77,12 +94,8 @@ pub async fn perform<C: Cluster>(
             to,
             to_id,
         } => move_leader(c, node, from, leader_url, to, *to_id).await,
-        Action::Uncordon => match seen {
-            Some(n) => uncordon(c, node, n).await,
-            None => Ok(()),
-        },
-        Action::MarkDone => match (seen, held) {
-            (Some(n), Some(l)) => mark_done(c, node, n, l, now).await,
+        Action::Finish { uncordon, release } => match (seen, held) {
+            (Some(n), Some(l)) => finish(c, node, n, l, *uncordon, *release, now).await,
             _ => Ok(()),
         },
         Action::Release(_) => release(c, node, seen, held).await,
@@ -138,14 +151,15 @@ async fn grant<C: Cluster>(
     boot_id: &BootId,
     target: Option<&Version>,
     now: Timestamp,
-) -> Result<()> {
+) -> Result<bool> {
     let lease = lease::grant(node, c.namespace(), rules, boot_id, target, now);
-    if c.create_lease(&lease).await? {
+    let created = c.create_lease(&lease).await?;
+    if created {
         info!("granted");
         let note = format!("reboot lease granted by UpdatePolicy {}", rules.name);
         c.event(node, EventType::Normal, "Granted", &note).await;
     }
-    Ok(())
+    Ok(created)
 }
 
 async fn cordon<C: Cluster>(c: &C, rules: &Policy, node: &str, seen: &NodeFacts) -> Result<()> {
@@ -257,31 +271,43 @@ async fn allow_reboot<C: Cluster>(
     Ok(())
 }
 
-async fn uncordon<C: Cluster>(c: &C, node: &str, seen: &NodeFacts) -> Result<()> {
-    c.patch_node(node, seen, &NodePatch::uncordon(seen.lb_excluded))
-        .await?;
-    c.event(
-        node,
-        EventType::Normal,
-        "Uncordoned",
-        "back on the new version: uncordoned",
-    )
-    .await;
-    Ok(())
-}
-
-async fn mark_done<C: Cluster>(
+/// Finishes a node that is back, verified: one write takes baton's marks off the node
+/// (with baton's cordon when `uncordon`), then its lease is deleted (`release`: no
+/// settle time) or marked done (the settle time starts).
+async fn finish<C: Cluster>(
     c: &C,
     node: &str,
     seen: &NodeFacts,
     held: &LeaseFacts,
+    uncordon: bool,
+    release: bool,
     now: Timestamp,
 ) -> Result<()> {
-    c.patch_node(node, seen, &NodePatch::clear_rollout_marks())
-        .await?;
-    let at = protocol::lease::DONE_AT.format(&now);
-    c.annotate_lease(held, &[(protocol::lease::DONE_AT.name, at)])
-        .await?;
+    let marks = NodePatch::clear_rollout_marks();
+    let patch = if uncordon {
+        NodePatch::uncordon(seen.lb_excluded).and(marks)
+    } else {
+        marks
+    };
+    c.patch_node(node, seen, &patch).await?;
+    if uncordon {
+        c.event(
+            node,
+            EventType::Normal,
+            "Uncordoned",
+            "back on the new version: uncordoned",
+        )
+        .await;
+    }
+    if release {
+        c.stop_drain(node);
+        c.delete_lease(held).await?;
+        info!("released");
+    } else {
+        let at = protocol::lease::DONE_AT.format(&now);
+        c.annotate_lease(held, &[(protocol::lease::DONE_AT.name, at)])
+            .await?;
+    }
     c.event(
         node,
         EventType::Normal,
@@ -380,10 +406,7 @@ async fn clear_stale_grant<C: Cluster>(c: &C, node: &str, seen: &NodeFacts) -> R
 mod tests {
     use std::sync::{Arc, Mutex, MutexGuard};
 
-    use k8s_openapi::api::{
-        coordination::v1::Lease,
-        core::v1::{Node, Pod},
-    };
+    use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
     use kube::ResourceExt;
     use rollout::plan::Seen;
 
@@ -445,7 +468,7 @@ mod tests {
         fn metrics(&self) -> &Metrics {
             &self.metrics
         }
-        fn nodes(&self) -> Vec<Arc<Node>> {
+        fn nodes(&self) -> Vec<Arc<crate::cache::CachedNode>> {
             Vec::new()
         }
         fn leases(&self) -> Vec<Arc<Lease>> {
@@ -472,7 +495,7 @@ mod tests {
         async fn running_pods(&self, _selector: &str) -> Result<Vec<Pod>> {
             Ok(Vec::new())
         }
-        async fn send(&self, write: Write<'_>) -> Result<(), Refusal> {
+        async fn send(&self, write: Write<'_>) -> Result<Option<String>, Refusal> {
             match write {
                 Write::PatchNode { node, patch } => {
                     self.push(&format!("node/{node}"), patch.to_string())
@@ -494,7 +517,7 @@ mod tests {
                     self.push(&format!("policy/{name}"), patch.to_string())
                 }
             }
-            Ok(())
+            Ok(None)
         }
         async fn event(&self, node: &str, _type_: EventType, reason: &str, _note: &str) {
             self.push(&format!("event/{node}"), reason.into());

@@ -32,7 +32,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     let nodes_by_name: HashMap<&str, &NodeView> = snapshot
         .nodes
         .iter()
-        .map(|n| (n.name.as_str(), n))
+        .map(|n| (n.name.as_str(), &**n))
         .collect();
     let leases_by_node: HashMap<&str, &LeaseView> = snapshot
         .leases
@@ -41,10 +41,10 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         .collect();
 
     // The pool: selected nodes that no other policy also selects.
-    let mut pool = Vec::new();
-    let mut contested = Vec::new();
+    let mut pool: Vec<&NodeView> = Vec::new();
+    let mut contested: Vec<&NodeView> = Vec::new();
     let mut conflicts = Vec::new();
-    for node in &snapshot.nodes {
+    for node in snapshot.nodes.iter().map(|n| &**n) {
         if !policy.selector.matches(&node.labels) {
             continue;
         }
@@ -106,7 +106,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                 failed.insert(lease.node.as_str());
                 own_held += 1;
             }
-            Action::Release(ReleaseReason::Done) => {
+            action if action.completes() => {
                 released_done += 1;
                 own_held += 1;
             }
@@ -353,6 +353,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
             !matches!(
                 p.action,
                 Action::Release(_)
+                    | Action::Finish { release: true, .. }
                     | Action::Abort { .. }
                     | Action::ClearStaleGrant
                     | Action::Publish { .. }
@@ -663,10 +664,10 @@ fn step(
             return Action::RunAfterHooks { missing, deadline };
         }
     }
-    if node.unschedulable && node.cordoned_by_baton {
-        return Action::Uncordon;
+    Action::Finish {
+        uncordon: node.unschedulable && node.cordoned_by_baton,
+        release: policy.settle_time.is_zero(),
     }
-    Action::MarkDone
 }
 
 /// The last gate before a drained control-plane node may reboot: etcd keeps quorum
@@ -729,9 +730,7 @@ fn before_reboot(node: &NodeView, lease: &LeaseView, policy: &Policy, now: Times
             return Action::RunBeforeHooks { missing, deadline };
         }
     }
-    let deadline = lease
-        .drain_started
-        .and_then(|s| s.checked_add(policy.drain_timeout).ok());
+    let deadline = lease.drain_started.and_then(|s| policy.drain_deadline(s));
     match deadline {
         Some(d) if now >= d => Action::DrainTimedOut(policy.on_timeout),
         _ => Action::Drain { deadline },
@@ -752,7 +751,7 @@ fn wind_down(snapshot: &Snapshot, policy: &Policy, ending: Ending, now: Timestam
     let nodes_by_name: HashMap<&str, &NodeView> = snapshot
         .nodes
         .iter()
-        .map(|n| (n.name.as_str(), n))
+        .map(|n| (n.name.as_str(), &**n))
         .collect();
     for lease in snapshot.leases.iter().filter(|l| l.policy == policy.name) {
         let node = nodes_by_name.get(lease.node.as_str()).copied();
@@ -760,7 +759,7 @@ fn wind_down(snapshot: &Snapshot, policy: &Policy, ending: Ending, now: Timestam
         timers.extend(action.timer());
         match &action {
             Action::Skip(Skip::Failed(_)) | Action::Fail { .. } => counts.failed += 1,
-            Action::Release(_) | Action::Abort { .. } => {}
+            Action::Release(_) | Action::Finish { release: true, .. } | Action::Abort { .. } => {}
             _ => counts.in_progress += 1,
         }
         plans.push(NodePlan {
@@ -771,7 +770,7 @@ fn wind_down(snapshot: &Snapshot, policy: &Policy, ending: Ending, now: Timestam
     }
     let holders = plans
         .iter()
-        .filter(|p| !matches!(p.action, Action::Release(_) | Action::Abort { .. }))
+        .filter(|p| !(p.action.releases() || matches!(p.action, Action::Abort { .. })))
         .map(|p| p.node.clone())
         .collect();
     Plan {

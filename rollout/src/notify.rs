@@ -11,7 +11,7 @@ use crds::{
     policy::condition,
 };
 
-use crate::plan::{Action, Plan, ReleaseReason};
+use crate::plan::{Action, Plan};
 
 /// The `apiVersion` of a notification's JSON payload: baton's API group and version.
 pub fn api_version() -> String {
@@ -100,7 +100,7 @@ pub fn events(
                 Some(&n.node),
                 format!("node {} of UpdatePolicy {policy} failed: {reason}", n.node),
             )),
-            Action::Release(ReleaseReason::Done) => out.push(note(
+            action if action.completes() => out.push(note(
                 NotifyEvent::NodeDone,
                 Some(&n.node),
                 format!(
@@ -146,7 +146,7 @@ pub fn events(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::NodePlan;
+    use crate::plan::{NodePlan, ReleaseReason};
 
     fn status(progressing: bool, halted: bool, counts: (u32, u32, u32)) -> UpdatePolicyStatus {
         let c = |t: &str, on: bool| serde_json::json!({"type": t, "status": if on { "True" } else { "False" }, "reason": "r", "message": "m", "lastTransitionTime": "2026-12-01T10:00:00Z"});
@@ -214,6 +214,34 @@ mod tests {
             now,
         );
         assert_eq!(kinds(&e), [NotifyEvent::NodeDone, NotifyEvent::Completed]);
+        // With no settle time a node is done in the step that finishes it.
+        let finish = Action::Finish {
+            uncordon: true,
+            release: true,
+        };
+        let finished = events(
+            "demo",
+            Some(&started),
+            &started,
+            &plan(vec![("n2", finish)]),
+            now,
+        );
+        assert_eq!(kinds(&finished), [NotifyEvent::NodeDone]);
+        let settling = Action::Finish {
+            uncordon: true,
+            release: false,
+        };
+        let settled = events(
+            "demo",
+            Some(&started),
+            &started,
+            &plan(vec![("n2", settling)]),
+            now,
+        );
+        assert!(
+            settled.is_empty(),
+            "done once released, after its settle time"
+        );
         assert!(
             events("demo", Some(&done), &done, &plan(vec![]), now).is_empty(),
             "no change, no event"

@@ -164,7 +164,8 @@ pub struct Conflict {
 /// The next step for one node.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Create its reboot lease: it may start its disruption.
+    /// Create its reboot lease: it may start its disruption. The same step cordons it
+    /// (what the next decision would do first).
     Grant {
         /// The boot the grant applies to.
         boot_id: BootId,
@@ -180,7 +181,8 @@ pub enum Action {
         /// When the wait fails the node.
         deadline: Timestamp,
     },
-    /// Evict its pods, within the deadline (set when the drain starts).
+    /// Evict its pods, within the deadline (set when the drain starts: the step that
+    /// records the start also starts the eviction).
     Drain {
         /// When the drain's time is up; `None` until it has started.
         deadline: Option<Timestamp>,
@@ -232,10 +234,16 @@ pub enum Action {
         /// When the wait fails the node.
         deadline: Timestamp,
     },
-    /// Uncordon it (baton cordoned it).
-    Uncordon,
-    /// Record it done: remove baton's labels; settle time starts.
-    MarkDone,
+    /// Finish it: it is back on the new version and verified. One write to the node
+    /// takes baton's marks off (and baton's cordon, when `uncordon`: only a cordon
+    /// baton made); then the lease is deleted at once when `release` (no settle time),
+    /// or marked done, and the settle time starts.
+    Finish {
+        /// Baton cordoned it and it is still cordoned.
+        uncordon: bool,
+        /// No settle time: the slot is released in the same step.
+        release: bool,
+    },
     /// Wait for the settle time to pass before releasing the slot.
     Settle {
         /// When the lease may be released.
@@ -326,7 +334,7 @@ pub enum Skip {
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Action::Grant { .. } => write!(f, "grant: start the disruption"),
+            Action::Grant { .. } => write!(f, "grant: start the disruption (and cordon)"),
             Action::Cordon => write!(f, "cordon"),
             Action::RunBeforeHooks { missing, deadline } => {
                 write!(
@@ -354,8 +362,12 @@ impl fmt::Display for Action {
                     missing.join(", ")
                 )
             }
-            Action::Uncordon => write!(f, "uncordon"),
-            Action::MarkDone => write!(f, "mark done"),
+            Action::Finish { uncordon, release } => write!(
+                f,
+                "{}mark done{}",
+                if *uncordon { "uncordon, " } else { "" },
+                if *release { ", release" } else { "" }
+            ),
             Action::Settle { until } => write!(f, "settle until {until}"),
             Action::Release(ReleaseReason::Done) => write!(f, "release: done"),
             Action::Release(ReleaseReason::NodeDeleted) => write!(f, "release: node deleted"),
@@ -405,6 +417,35 @@ impl fmt::Display for Skip {
 }
 
 impl Action {
+    /// Whether performing this action does anything: waits and skips do nothing, so a
+    /// pass over 10,000 idle nodes performs nothing.
+    pub fn acts(&self) -> bool {
+        !matches!(
+            self,
+            Action::WaitForReboot { .. }
+                | Action::WaitForEtcd { .. }
+                | Action::Settle { .. }
+                | Action::Skip(_)
+        )
+    }
+
+    /// Whether this action gives the node's slot back (its lease is deleted).
+    pub fn releases(&self) -> bool {
+        matches!(
+            self,
+            Action::Release(_) | Action::Finish { release: true, .. }
+        )
+    }
+
+    /// Whether this action ends a node's update, done: its slot is released after it
+    /// was verified (not because it was deleted).
+    pub fn completes(&self) -> bool {
+        matches!(
+            self,
+            Action::Release(ReleaseReason::Done) | Action::Finish { release: true, .. }
+        )
+    }
+
     /// Whether this action starts a new disruption.
     pub fn is_grant(&self) -> bool {
         matches!(self, Action::Grant { .. })

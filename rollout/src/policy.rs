@@ -134,6 +134,11 @@ impl Policy {
         policy
     }
 
+    /// When a drain that started at `started` runs out of time.
+    pub fn drain_deadline(&self, started: jiff::Timestamp) -> Option<jiff::Timestamp> {
+        started.checked_add(self.drain_timeout).ok()
+    }
+
     /// The longest a node can stay disrupted once granted, when every bound is used:
     /// the before-reboot hooks, the drain, the reboot and the after-reboot hooks.
     /// Settle time is not part of it: the node is back in service by then.

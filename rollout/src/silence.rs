@@ -119,9 +119,7 @@ pub fn intent(action: &Action) -> Option<Intent> {
         | Action::WaitForEtcd { .. }
         | Action::WaitForReboot { .. }
         | Action::RunAfterHooks { .. } => Some(Intent::Hold),
-        Action::Uncordon | Action::MarkDone | Action::Settle { .. } | Action::Release(_) => {
-            Some(Intent::Ending)
-        }
+        Action::Finish { .. } | Action::Settle { .. } | Action::Release(_) => Some(Intent::Ending),
         Action::Fail { .. } | Action::Abort { .. } | Action::Skip(Skip::Failed(_)) => {
             Some(Intent::Expire)
         }
@@ -365,7 +363,13 @@ mod tests {
                 ("a", &publish),
                 ("a", &grant),
                 ("b", &publish),
-                ("c", &Action::MarkDone),
+                (
+                    "c",
+                    &Action::Finish {
+                        uncordon: false,
+                        release: false
+                    }
+                ),
                 ("c", &fail)
             ]),
             [

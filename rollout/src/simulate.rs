@@ -158,12 +158,38 @@ impl World {
     /// What `decide` sees.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
-            nodes: self.nodes.clone(),
+            nodes: self
+                .nodes
+                .iter()
+                .cloned()
+                .map(std::sync::Arc::new)
+                .collect(),
             leases: self.leases.clone(),
             operator_node: self.operator_node.clone(),
             etcd: self.etcd.clone(),
             ..Default::default()
         }
+    }
+
+    /// Deletes `name`'s lease (at index `lease`) and ends its grant.
+    fn release(
+        &mut self,
+        name: &str,
+        lease: Option<usize>,
+        now: Timestamp,
+        events: &mut Vec<Event>,
+    ) {
+        if let Some(i) = lease {
+            self.leases.remove(i);
+        }
+        if let Some(n) = self.node_mut(name) {
+            n.agent.reboot_ok = None;
+        }
+        events.push(Event {
+            at: now,
+            node: name.into(),
+            what: EventKind::Released,
+        });
     }
 
     /// A node by name.
@@ -250,6 +276,11 @@ impl World {
                         done: None,
                         failure: None,
                     });
+                    // The operator cordons in the same step.
+                    if let Some(n) = self.node_mut(name) {
+                        n.unschedulable = true;
+                        n.cordoned_by_baton = true;
+                    }
                     let window_closes = match plan.window {
                         WindowState::Open { closes } => Some(closes),
                         _ => None,
@@ -300,30 +331,18 @@ impl World {
                         what: EventKind::Rebooting,
                     });
                 }
-                Action::Uncordon => {
-                    if let Some(n) = self.node_mut(name) {
+                Action::Finish { uncordon, release } => {
+                    if let Some(n) = self.node_mut(name).filter(|_| *uncordon) {
                         n.unschedulable = false;
                         n.cordoned_by_baton = false;
                     }
-                }
-                Action::MarkDone => {
-                    if let Some(l) = lease.map(|i| &mut self.leases[i]) {
+                    if *release {
+                        self.release(name, lease, now, &mut events);
+                    } else if let Some(l) = lease.map(|i| &mut self.leases[i]) {
                         l.done = Some(now);
                     }
                 }
-                Action::Release(_) => {
-                    if let Some(i) = lease {
-                        self.leases.remove(i);
-                    }
-                    if let Some(n) = self.node_mut(name) {
-                        n.agent.reboot_ok = None;
-                    }
-                    events.push(Event {
-                        at: now,
-                        node: name.into(),
-                        what: EventKind::Released,
-                    });
-                }
+                Action::Release(_) => self.release(name, lease, now, &mut events),
                 Action::Fail { reason } => self.fail(name, lease, reason, now, &mut events),
                 Action::ClearStaleGrant => {
                     if let Some(n) = self.node_mut(name) {

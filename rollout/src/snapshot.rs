@@ -4,7 +4,10 @@
 //! [`LeaseView::from_lease`]; malformed `baton.dev/*` values are kept as reports and
 //! never trusted.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use jiff::Timestamp;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
@@ -20,8 +23,9 @@ use crate::selector::Selector;
 /// The observed cluster.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// Every node.
-    pub nodes: Vec<NodeView>,
+    /// Every node. Shared: the operator keeps each node's view between reconciles and
+    /// builds it again only when the node changes.
+    pub nodes: Vec<Arc<NodeView>>,
     /// Every baton reboot lease.
     pub leases: Vec<LeaseView>,
     /// The node the operator runs on; it goes last.
@@ -135,6 +139,26 @@ impl Snapshot {
         own: &str,
         operator_node: Option<String>,
     ) -> (Snapshot, Vec<(String, ProtocolError)>) {
+        Snapshot::from_views(
+            nodes
+                .into_iter()
+                .map(|n| Arc::new(NodeView::from_node(n)))
+                .collect(),
+            leases,
+            policies,
+            own,
+            operator_node,
+        )
+    }
+
+    /// [`Snapshot::from_objects`] with the nodes' views already built.
+    pub fn from_views<'a>(
+        nodes: Vec<Arc<NodeView>>,
+        leases: impl IntoIterator<Item = &'a Lease>,
+        policies: impl IntoIterator<Item = &'a crds::UpdatePolicy>,
+        own: &str,
+        operator_node: Option<String>,
+    ) -> (Snapshot, Vec<(String, ProtocolError)>) {
         let mut malformed = Vec::new();
         let mut views = Vec::new();
         for lease in leases {
@@ -159,7 +183,7 @@ impl Snapshot {
             })
             .collect();
         let snapshot = Snapshot {
-            nodes: nodes.into_iter().map(NodeView::from_node).collect(),
+            nodes,
             leases: views,
             operator_node,
             other_policies,
@@ -175,8 +199,11 @@ impl Snapshot {
     pub fn mark_blocked(&mut self, blocking: &BTreeMap<String, String>) -> bool {
         let mut any = false;
         for node in self.nodes.iter_mut().filter(|n| n.requests_reboot()) {
-            node.blocked_by = blocking.get(&node.name).cloned();
-            any |= node.blocked_by.is_some();
+            let blocked_by = blocking.get(&node.name).cloned();
+            any |= blocked_by.is_some();
+            if node.blocked_by != blocked_by {
+                Arc::make_mut(node).blocked_by = blocked_by;
+            }
         }
         any
     }

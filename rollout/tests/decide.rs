@@ -63,6 +63,30 @@ fn grants(world: &World, p: &Policy, now: &str) -> Vec<String> {
 }
 
 #[test]
+fn only_the_steps_that_write_act_so_waiting_nodes_cost_the_operator_nothing() {
+    let mut w = world(5);
+    rebooted_into_the_new_version(&mut w, "node-02");
+    let plan = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
+    let acting: Vec<(&str, String)> = plan
+        .nodes
+        .iter()
+        .filter(|n| n.action.acts())
+        .map(|n| (n.node.as_str(), n.action.to_string()))
+        .collect();
+    // node-02 is uncordoned; the budget (1) is used, so the other three wait.
+    assert_eq!(acting.len(), 1, "{acting:?}");
+    assert_eq!(acting[0].0, "node-02");
+    assert!(
+        plan.nodes
+            .iter()
+            .filter(|n| n.node != "node-02")
+            .all(|n| matches!(n.action, rollout::Action::Skip(_))),
+        "{:?}",
+        plan.nodes
+    );
+}
+
+#[test]
 fn grants_one_node_at_a_time_by_default() {
     let w = world(5);
     assert_eq!(grants(&w, &policy(serde_json::json!({})), NOW), ["node-01"]);
@@ -343,13 +367,44 @@ fn uncordons_only_nodes_baton_cordoned() {
     rebooted_into_the_new_version(&mut w, "node-01");
     assert_eq!(
         decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW)).node("node-01"),
-        Some(&Action::Uncordon)
+        Some(&Action::Finish {
+            uncordon: true,
+            release: true
+        })
     );
     w.node_mut("node-01").unwrap().cordoned_by_baton = false;
     assert_eq!(
         decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW)).node("node-01"),
-        Some(&Action::MarkDone)
+        Some(&Action::Finish {
+            uncordon: false,
+            release: true
+        })
     );
+}
+
+#[test]
+fn a_finished_node_is_released_in_the_same_step_unless_it_must_settle() {
+    let mut w = world(2);
+    rebooted_into_the_new_version(&mut w, "node-01");
+    let plan = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
+    // Released in this plan: its slot is not a holder any more, and it counts as
+    // updated; it still counts against the budget until the release is seen.
+    assert!(plan.holders.is_empty(), "{:?}", plan.holders);
+    assert_eq!(plan.counts.up_to_date, 1);
+    assert!(
+        plan.grants().next().is_none(),
+        "the slot is free only once seen free"
+    );
+    let settling = policy(serde_json::json!({"health": {"settleTime": "5m"}}));
+    let plan = decide(&w.snapshot(), &settling, at(NOW));
+    assert_eq!(
+        plan.node("node-01"),
+        Some(&Action::Finish {
+            uncordon: true,
+            release: false
+        })
+    );
+    assert_eq!(plan.holders, ["node-01"]);
 }
 
 #[test]
@@ -915,12 +970,18 @@ fn a_deleted_policy_ends_grants_not_yet_rebooting_and_lets_a_reboot_under_way_fi
     );
     assert_eq!(
         decide(&w.snapshot(), &p, at(NOW)).node("node-02"),
-        Some(&Action::Uncordon)
+        Some(&Action::Finish {
+            uncordon: true,
+            release: true
+        })
     );
     w.node_mut("node-02").unwrap().unschedulable = false;
     assert_eq!(
         decide(&w.snapshot(), &p, at(NOW)).node("node-02"),
-        Some(&Action::MarkDone)
+        Some(&Action::Finish {
+            uncordon: false,
+            release: true
+        })
     );
     w.leases
         .iter_mut()

@@ -214,7 +214,7 @@ fn check_run(
 
         // Baton never uncordons a node it did not cordon; admins' cordons stay.
         for step in &plan.nodes {
-            if step.action == Action::Uncordon {
+            if matches!(step.action, Action::Finish { uncordon: true, .. }) {
                 let node = world.nodes.iter().find(|n| n.name == step.node).unwrap();
                 prop_assert!(
                     node.cordoned_by_baton,
@@ -246,11 +246,12 @@ fn check_run(
                 "{name}'s admin cordon was undone"
             );
         }
-        // Never lose track of a lease: one goes away only through a Release.
+        // Never lose track of a lease: one goes away only through a release (a
+        // Release, or a Finish with no settle time).
         for node in leases_before {
             if !world.leases.iter().any(|l| l.node == node) {
                 prop_assert!(
-                    matches!(plan.node(&node), Some(Action::Release(_))),
+                    plan.node(&node).is_some_and(Action::releases),
                     "lease of {node} vanished"
                 );
             }

@@ -14,14 +14,12 @@ use std::{
 };
 
 use jiff::Timestamp;
-use k8s_openapi::api::{
-    coordination::v1::Lease,
-    core::v1::{Node, Pod},
-};
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
 use kube::{Resource, ResourceExt};
 
 use crds::UpdatePolicy;
 use operator::{
+    cache::CachedNode,
     cluster::{Cluster, Refusal, Write},
     config::Config,
     drain::{DrainRules, Pods},
@@ -445,8 +443,12 @@ impl Cluster for Replica {
         &self.0.metrics
     }
 
-    fn nodes(&self) -> Vec<Arc<Node>> {
-        watch::lock(&self.0.cache).nodes.values().cloned().collect()
+    fn nodes(&self) -> Vec<Arc<CachedNode>> {
+        watch::lock(&self.0.cache)
+            .nodes
+            .values()
+            .map(|n| Arc::new(CachedNode::from_node(n)))
+            .collect()
     }
 
     fn leases(&self) -> Vec<Arc<Lease>> {
@@ -500,7 +502,7 @@ impl Cluster for Replica {
         Ok(Vec::new())
     }
 
-    async fn send(&self, write: Write<'_>) -> std::result::Result<(), Refusal> {
+    async fn send(&self, write: Write<'_>) -> std::result::Result<Option<String>, Refusal> {
         if !self.writable() {
             return Err(Refusal {
                 code: None,
@@ -514,6 +516,7 @@ impl Cluster for Replica {
         let result = sim
             .request(&id, false, |w| {
                 let w = &mut *w;
+                let mut written = None;
                 let done = match write {
                     Write::PatchNode { node, patch } => {
                         let before = w.api.nodes.get(node).cloned();
@@ -526,10 +529,12 @@ impl Cluster for Replica {
                             before.as_deref(),
                             Some(&after),
                         );
+                        written = after.metadata.resource_version.clone();
                         format!("patches Node {node}: {}", brief(patch))
                     }
                     Write::CreateLease(lease) => {
                         let created = w.api.create_lease(lease.clone())?;
+                        written = created.metadata.resource_version.clone();
                         w.checker.lease_written(at, &w.api, &created, true, clock);
                         format!(
                             "grants {} ({})",
@@ -540,6 +545,7 @@ impl Cluster for Replica {
                     Write::PatchLease { name, patch } => {
                         let after = w.api.patch_lease(name, patch)?;
                         w.checker.lease_written(at, &w.api, &after, false, clock);
+                        written = after.metadata.resource_version.clone();
                         format!("patches Lease {name}: {}", brief(patch))
                     }
                     Write::DeleteLease {
@@ -570,7 +576,7 @@ impl Cluster for Replica {
                     }
                 };
                 w.trace.record(at, &id, done);
-                Ok(())
+                Ok(written)
             })
             .await;
         if let Err(e) = &result {
