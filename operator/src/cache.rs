@@ -107,15 +107,76 @@ impl CachedNode {
 /// every reconcile. Cloning it shares it.
 #[derive(Debug, Clone)]
 pub struct Nodes {
-    inner: Arc<RwLock<Known>>,
+    inner: Arc<RwLock<Known<Arc<CachedNode>>>>,
     ready: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
-#[derive(Debug, Default)]
-struct Known {
-    nodes: HashMap<String, Arc<CachedNode>>,
-    /// A relist in progress: the nodes listed so far.
-    relisted: Option<HashMap<String, Arc<CachedNode>>>,
+/// What a watch has shown, by name: each object's `V`, and a relist's objects until
+/// the relist is complete (it then replaces them, forgetting the objects deleted while
+/// the watch was down).
+#[derive(Debug)]
+struct Known<V> {
+    current: HashMap<String, V>,
+    /// A relist in progress: the objects listed so far.
+    relisted: Option<HashMap<String, V>>,
+}
+
+impl<V> Default for Known<V> {
+    fn default() -> Self {
+        Known {
+            current: HashMap::new(),
+            relisted: None,
+        }
+    }
+}
+
+impl<V> Known<V> {
+    /// Records what `event` shows (`read` makes an object's `V`) and returns whether
+    /// it matters: a new object, one `changed` judges changed, a deletion, and every
+    /// event of a relist.
+    fn apply<K: kube::Resource>(
+        &mut self,
+        event: &Event<K>,
+        read: impl Fn(&K) -> V,
+        changed: impl Fn(&V, &V) -> bool,
+    ) -> bool {
+        match event {
+            Event::Apply(object) => {
+                let new = read(object);
+                match self.current.get_mut(&object.name_any()) {
+                    Some(old) => {
+                        let matters = changed(old, &new);
+                        *old = new;
+                        matters
+                    }
+                    None => {
+                        self.current.insert(object.name_any(), new);
+                        true
+                    }
+                }
+            }
+            Event::Delete(object) => {
+                self.current.remove(&object.name_any());
+                true
+            }
+            Event::Init => {
+                self.relisted = Some(HashMap::new());
+                true
+            }
+            Event::InitApply(object) => {
+                if let Some(relisted) = self.relisted.as_mut() {
+                    relisted.insert(object.name_any(), read(object));
+                }
+                true
+            }
+            Event::InitDone => {
+                if let Some(relisted) = self.relisted.take() {
+                    self.current = relisted;
+                }
+                true
+            }
+        }
+    }
 }
 
 impl Default for Nodes {
@@ -134,55 +195,34 @@ impl Nodes {
     /// Heartbeats and other changes baton does not read update the cache (its
     /// resourceVersion) and wake nothing.
     pub fn apply(&self, event: &Event<Node>) -> bool {
-        let mut known = self
+        let admitted = self
             .inner
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match event {
-            Event::Apply(node) => {
-                let new = Arc::new(CachedNode::from_node(node));
-                known
-                    .nodes
-                    .insert(node.name_any(), Arc::clone(&new))
-                    .is_none_or(|old| old.differs(&new))
-            }
-            Event::Delete(node) => {
-                known.nodes.remove(&node.name_any());
-                true
-            }
-            Event::Init => {
-                known.relisted = Some(HashMap::new());
-                true
-            }
-            Event::InitApply(node) => {
-                if let Some(relisted) = known.relisted.as_mut() {
-                    relisted.insert(node.name_any(), Arc::new(CachedNode::from_node(node)));
-                }
-                true
-            }
-            Event::InitDone => {
-                if let Some(relisted) = known.relisted.take() {
-                    known.nodes = relisted;
-                }
-                self.ready.send_replace(true);
-                true
-            }
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .apply(
+                event,
+                |node| Arc::new(CachedNode::from_node(node)),
+                |old, new| old.differs(new),
+            );
+        if matches!(event, Event::InitDone) {
+            self.ready.send_replace(true);
         }
+        admitted
     }
 
     /// Every node.
     pub fn state(&self) -> Vec<Arc<CachedNode>> {
-        self.read().nodes.values().cloned().collect()
+        self.read().current.values().cloned().collect()
     }
 
     /// One node by name.
     pub fn get(&self, name: &str) -> Option<Arc<CachedNode>> {
-        self.read().nodes.get(name).cloned()
+        self.read().current.get(name).cloned()
     }
 
     /// How many nodes are known.
     pub fn len(&self) -> usize {
-        self.read().nodes.len()
+        self.read().current.len()
     }
 
     /// Whether no node is known.
@@ -197,7 +237,7 @@ impl Nodes {
         let _ = ready.wait_for(|r| *r).await;
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Known> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Known<Arc<CachedNode>>> {
         self.inner
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -209,16 +249,14 @@ impl Nodes {
 /// (which also forgets objects deleted while the watch was down).
 #[derive(Debug)]
 pub struct Changes<K> {
-    seen: HashMap<String, u64>,
-    relisted: Option<HashMap<String, u64>>,
+    seen: Known<u64>,
     kind: std::marker::PhantomData<fn(&K)>,
 }
 
 impl<K> Default for Changes<K> {
     fn default() -> Self {
         Changes {
-            seen: HashMap::new(),
-            relisted: None,
+            seen: Known::default(),
             kind: std::marker::PhantomData,
         }
     }
@@ -227,42 +265,18 @@ impl<K> Default for Changes<K> {
 impl<K: Fingerprint + kube::Resource> Changes<K> {
     /// Whether `event` should trigger a reconcile; records what it shows.
     pub fn admit(&mut self, event: &Event<K>) -> bool {
-        match event {
-            Event::Apply(object) => {
-                let print = object.fingerprint();
-                self.seen.insert(object.name_any(), print) != Some(print)
-            }
-            Event::Delete(object) => {
-                self.seen.remove(&object.name_any());
-                true
-            }
-            Event::Init => {
-                self.relisted = Some(HashMap::new());
-                true
-            }
-            Event::InitApply(object) => {
-                if let Some(relisted) = self.relisted.as_mut() {
-                    relisted.insert(object.name_any(), object.fingerprint());
-                }
-                true
-            }
-            Event::InitDone => {
-                if let Some(relisted) = self.relisted.take() {
-                    self.seen = relisted;
-                }
-                true
-            }
-        }
+        self.seen
+            .apply(event, Fingerprint::fingerprint, |old, new| old != new)
     }
 
     /// How many objects are remembered.
     pub fn len(&self) -> usize {
-        self.seen.len()
+        self.seen.current.len()
     }
 
     /// Whether no object is remembered.
     pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
+        self.seen.current.is_empty()
     }
 }
 
