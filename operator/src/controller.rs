@@ -4,7 +4,7 @@
 //! of its own beyond running drains and the writes not yet seen in its caches: on
 //! restart everything is rebuilt from the API.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
@@ -17,7 +17,7 @@ use kube::{
         watcher,
     },
 };
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crds::UpdatePolicy;
 
@@ -187,7 +187,11 @@ fn error_policy(policy: Arc<UpdatePolicy>, error: &Error, ctx: Arc<Context>) -> 
     Requeue::requeue(reconcile::retry_after(error))
 }
 
+/// A reconcile that takes this long or longer is logged.
+const SLOW_RECONCILE: Duration = Duration::from_secs(1);
+
 async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Requeue> {
+    let name = policy.name_any();
     let span = info_span!("policy", policy = %policy.name_any());
     let started = std::time::Instant::now();
     let metrics = Arc::clone(&ctx.metrics);
@@ -199,8 +203,10 @@ async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Reque
     }
     .instrument(span)
     .await;
-    metrics
-        .reconcile_seconds
-        .observe(started.elapsed().as_secs_f64());
+    let took = started.elapsed();
+    metrics.reconcile_seconds.observe(took.as_secs_f64());
+    if took >= SLOW_RECONCILE {
+        info!(policy = %name, took_ms = took.as_millis(), "a slow reconcile");
+    }
     result
 }

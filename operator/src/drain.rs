@@ -293,14 +293,19 @@ const RECORD_TRIES: u32 = 10;
 const RECORD_PAUSE: Duration = Duration::from_millis(100);
 
 /// Records the end of the drain on the node's Lease, as the cache shows it. The drain's
-/// start was written to the Lease just before the drain began, and a drain of a node
-/// without pods ends before the cache has seen that write: a conflict then means "not
-/// yet", so the record is tried again a few times (at most RECORD_TRIES, one second)
-/// rather than left to the next reconcile.
+/// start was written to the Lease just before the drain began (or the Lease was created
+/// with it), and a drain of a node without pods ends before the cache has seen that
+/// write: a conflict, or no Lease in the cache yet, then means "not yet", so the record
+/// is tried again a few times (at most RECORD_TRIES, one second) rather than left to
+/// the next reconcile.
 async fn record_drained<C: Cluster, P: Pods>(c: &C, pods: &P, node: &str) {
     let name = crate::lease::name(node);
     for attempt in 1..=RECORD_TRIES {
         let Some(l) = c.leases().into_iter().find(|l| l.name_any() == name) else {
+            if attempt < RECORD_TRIES {
+                pods.pause(RECORD_PAUSE).await;
+                continue;
+            }
             return;
         };
         let seen = LeaseFacts {

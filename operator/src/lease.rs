@@ -17,13 +17,15 @@ use rollout::Policy;
 
 pub use crds::grant::{MANAGED_BY, lease_name as name};
 
-/// The Lease granting `node` a disruption under `policy`.
+/// The Lease granting `node` a disruption under `policy`; `drain_started` when the
+/// drain starts with the grant.
 pub fn grant(
     node: &str,
     namespace: &str,
     policy: &Policy,
     boot_id: &BootId,
     target: Option<&Version>,
+    drain_started: Option<Timestamp>,
     now: Timestamp,
 ) -> Lease {
     let mut annotations = BTreeMap::from([
@@ -40,6 +42,12 @@ pub fn grant(
         annotations.insert(
             protocol::lease::TARGET_VERSION.name.to_string(),
             protocol::lease::TARGET_VERSION.format(target),
+        );
+    }
+    if let Some(at) = drain_started {
+        annotations.insert(
+            protocol::lease::DRAIN_STARTED_AT.name.to_string(),
+            protocol::lease::DRAIN_STARTED_AT.format(&at),
         );
     }
     // Informational: how long the whole disruption may take when every bound is used.

@@ -4,12 +4,15 @@
 
 use jiff::SignedDuration;
 use rollout::expectations::{Expected, ObjectKey};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::cluster::{Cluster, Refusal};
 
 /// How long a write may go unseen before the cache is checked against a fresh read.
 pub(crate) const BOUND: SignedDuration = SignedDuration::from_secs(10);
+
+/// How long a write may go unseen before a reconcile that waits on it says so.
+const SLOW: SignedDuration = SignedDuration::from_secs(2);
 
 /// Notes a write about to be sent.
 pub(crate) fn note<C: Cluster + ?Sized>(c: &C, key: ObjectKey, expected: Expected) {
@@ -48,6 +51,13 @@ pub async fn caught_up<C: Cluster>(c: &C) -> bool {
     let pending = c.expectations().settle(|key| c.cached(key));
     if pending.is_empty() {
         return true;
+    }
+    let oldest = c.expectations().oldest().map(|(k, t)| (k.clone(), t));
+    if let Some((key, since)) = oldest {
+        let waited = c.now().duration_since(since);
+        if waited >= SLOW {
+            info!(pending = pending.len(), kind = key.kind, name = %key.name, waited_ms = waited.as_millis(), "the caches do not show the operator's writes yet");
+        }
     }
     let overdue = c.expectations().overdue(c.now(), BOUND);
     for key in overdue {

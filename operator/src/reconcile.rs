@@ -10,7 +10,11 @@ use kube::{Resource, ResourceExt, runtime::events::EventType};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crds::{UpdatePolicy, policy::FINALIZER};
-use rollout::{Policy, decide, policy::Ending};
+use rollout::{
+    Policy, decide,
+    plan::{Action, NodePlan},
+    policy::Ending,
+};
 
 use crate::{
     cluster::Cluster,
@@ -226,8 +230,25 @@ async fn end_deleted<C: Cluster>(
 /// same plan having run first.
 const STEPS_AT_ONCE: usize = 16;
 
-/// Performs every node's step ([`STEPS_AT_ONCE`] at a time); returns how soon to try
-/// again when a step failed.
+/// At most this many publishing steps per pass. A new release reaches a large pool over
+/// several short passes instead of one long one, so the steps of the nodes in flight
+/// (and the grants of nodes that staged it) never wait behind a pool-wide publish.
+const PUBLISHES_PER_PASS: usize = 4 * STEPS_AT_ONCE;
+
+/// The steps a pass performs, in order: every acting step but publishing first, then at
+/// most [`PUBLISHES_PER_PASS`] publishing steps; and whether publishing was left over
+/// for the next pass.
+fn this_pass(plan: &[NodePlan]) -> (Vec<&NodePlan>, bool) {
+    let acting = || plan.iter().filter(|step| step.action.acts());
+    let publishing = |step: &&NodePlan| matches!(step.action, Action::Publish { .. });
+    let mut steps: Vec<&NodePlan> = acting().filter(|s| !publishing(s)).collect();
+    let mut publishes = acting().filter(publishing);
+    steps.extend(publishes.by_ref().take(PUBLISHES_PER_PASS));
+    (steps, publishes.next().is_some())
+}
+
+/// Performs every node's step this pass takes ([`STEPS_AT_ONCE`] at a time); returns
+/// how soon to try again when a step failed or publishing was left over.
 async fn perform<C: Cluster>(
     c: &C,
     rules: &Policy,
@@ -235,12 +256,11 @@ async fn perform<C: Cluster>(
     now: jiff::Timestamp,
 ) -> Option<Duration> {
     use futures::{FutureExt, StreamExt};
+    let (this_pass, left_over) = this_pass(&plan.nodes);
     // The futures are made first, then run: a stream that maps borrowed steps to
     // futures lends itself to no `Send` proof the controller's runtime accepts.
-    let steps: Vec<_> = plan
-        .nodes
-        .iter()
-        .filter(|step| step.action.acts())
+    let steps: Vec<_> = this_pass
+        .into_iter()
         .map(|step| {
             let span = info_span!("node", node = %step.node);
             step::perform(c, rules, step, now)
@@ -252,9 +272,10 @@ async fn perform<C: Cluster>(
         .buffer_unordered(STEPS_AT_ONCE)
         .collect()
         .await;
-    // A failed step is tried again soon: the change that made it fail (a conflict with
-    // a heartbeat, say) may be one that wakes nothing.
-    let mut retry: Option<Duration> = None;
+    // Publishing left over goes on at once (the next pass waits for this one's writes
+    // to show in the caches). A failed step is tried again soon: the change that made
+    // it fail (a conflict with a heartbeat, say) may be one that wakes nothing.
+    let mut retry: Option<Duration> = left_over.then_some(Duration::ZERO);
     for (step, result) in results {
         if let Err(e) = result {
             // A conflict is optimistic concurrency at work (a heartbeat wrote first),
@@ -317,4 +338,51 @@ async fn remove_finalizer<C: Cluster>(c: &C, policy: &UpdatePolicy) -> Result<()
     }
     info!("every grant ended: the policy may go");
     c.set_finalizers(policy, finalizers).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crds::protocol::{BootId, Version};
+    use rollout::plan::Seen;
+
+    fn step(node: &str, action: Action) -> NodePlan {
+        NodePlan {
+            node: node.into(),
+            action,
+            seen: Seen::default(),
+        }
+    }
+
+    fn publish(node: usize) -> NodePlan {
+        let version = Version::new("2.0.0").unwrap();
+        step(
+            &format!("p{node}"),
+            Action::Publish {
+                version,
+                release: None,
+            },
+        )
+    }
+
+    #[test]
+    fn a_pass_moves_every_node_in_flight_first_and_publishes_a_bounded_share() {
+        let mut plan: Vec<NodePlan> = (0..PUBLISHES_PER_PASS + 10).map(publish).collect();
+        let boot_id = BootId::new("b1").unwrap();
+        plan.push(step("granted", Action::AllowReboot { boot_id }));
+        plan.push(step("waiting", Action::Skip(rollout::Skip::UpToDate)));
+        let (steps, left_over) = this_pass(&plan);
+        assert_eq!(steps[0].node, "granted", "in flight first");
+        assert!(
+            steps.iter().all(|s| s.node != "waiting"),
+            "a skip does nothing"
+        );
+        assert_eq!(steps.len(), 1 + PUBLISHES_PER_PASS);
+        assert_eq!(steps[1].node, "p0", "publishing in the plan's order");
+        assert!(left_over, "the rest is published by the next pass");
+
+        let (steps, left_over) = this_pass(&plan[PUBLISHES_PER_PASS..]);
+        assert_eq!(steps.len(), 10 + 1);
+        assert!(!left_over);
+    }
 }

@@ -39,16 +39,36 @@ pub async fn perform<C: Cluster>(
         Action::Grant {
             boot_id,
             target_version,
+            drain,
         } => {
             // A node this step granted is cordoned next, whatever else holds (it was
             // Ready and schedulable to be granted): at once, on the Node the grant was
             // decided on (the Lease's creation did not change it). A Lease that existed
-            // already is left to the next decision.
-            let created = grant(c, rules, node, boot_id, target_version.as_ref(), now).await?;
-            match seen.filter(|_| created) {
-                Some(n) => cordon(c, rules, node, n).await,
-                None => Ok(()),
+            // already is left to the next decision. With no before-reboot hook the
+            // drain comes next: the Lease is created with its start, and once the
+            // cordon is written the drain starts on the deadline the next decision
+            // reads back (a failed cordon leaves it to the next decision's Cordon and
+            // Drain, on the same deadline).
+            let drain_started = drain.then_some(now);
+            let created = grant(
+                c,
+                rules,
+                node,
+                boot_id,
+                target_version.as_ref(),
+                drain_started,
+                now,
+            )
+            .await?;
+            let Some(n) = seen.filter(|_| created) else {
+                return Ok(());
+            };
+            cordon(c, rules, node, n).await?;
+            if let Some(deadline) = drain_started.and_then(|s| rules.drain_deadline(s)) {
+                c.start_drain(node, DrainRules::from_policy(rules), deadline)
+                    .await;
             }
+            Ok(())
         }
         Action::Cordon => match seen {
             Some(n) => cordon(c, rules, node, n).await,
@@ -150,9 +170,18 @@ async fn grant<C: Cluster>(
     node: &str,
     boot_id: &BootId,
     target: Option<&Version>,
+    drain_started: Option<Timestamp>,
     now: Timestamp,
 ) -> Result<bool> {
-    let lease = lease::grant(node, c.namespace(), rules, boot_id, target, now);
+    let lease = lease::grant(
+        node,
+        c.namespace(),
+        rules,
+        boot_id,
+        target,
+        drain_started,
+        now,
+    );
     let created = c.create_lease(&lease).await?;
     if created {
         info!("granted");
@@ -588,6 +617,7 @@ mod tests {
         let w = run(Action::Grant {
             boot_id: BootId::new("aa").unwrap(),
             target_version: Version::new("2.0.0").ok(),
+            drain: false,
         })
         .await;
         assert_eq!(w[0].0, "lease/baton-reboot-n1");
@@ -599,7 +629,46 @@ mod tests {
             w[0].1.contains(r#""baton.dev/target-version":"2.0.0""#),
             "{w:?}"
         );
+        let started = protocol::lease::DRAIN_STARTED_AT.name;
+        assert!(!w[0].1.contains(started), "{w:?}");
         assert_eq!(w[1], ("event/n1".into(), "Granted".into()));
+        assert!(
+            w[2].0 == "node/n1" && w[2].1.contains("unschedulable"),
+            "{w:?}"
+        );
+        assert!(
+            !w.iter().any(|(o, _)| o == "drain/n1"),
+            "hooks first: {w:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_grant_without_before_reboot_hooks_records_the_drain_and_starts_it_after_the_cordon()
+    {
+        let w = run(Action::Grant {
+            boot_id: BootId::new("aa").unwrap(),
+            target_version: None,
+            drain: true,
+        })
+        .await;
+        let started = format!(
+            r#""{}":"2026-11-30T10:00:00Z""#,
+            protocol::lease::DRAIN_STARTED_AT.name
+        );
+        assert!(
+            w[0].0 == "lease/baton-reboot-n1" && w[0].1.contains(&started),
+            "{w:?}"
+        );
+        let cordon = w
+            .iter()
+            .position(|(o, p)| o == "node/n1" && p.contains("unschedulable"));
+        let drain = w
+            .iter()
+            .position(|(o, what)| o == "drain/n1" && what == "start");
+        assert!(
+            cordon.is_some() && drain.is_some() && cordon < drain,
+            "{w:?}"
+        );
     }
 
     #[tokio::test]

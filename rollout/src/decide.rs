@@ -314,6 +314,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                         Action::Grant {
                             boot_id,
                             target_version: node.agent.target_version.clone(),
+                            drain: policy.before_reboot.is_none(),
                         }
                     }
                     Err(skip) => Action::Skip(skip),

@@ -123,6 +123,14 @@ impl Expectations {
         }
     }
 
+    /// The write awaited longest, and since when.
+    pub fn oldest(&self) -> Option<(&ObjectKey, Timestamp)> {
+        self.pending
+            .iter()
+            .min_by_key(|(_, (_, since))| *since)
+            .map(|(key, (_, since))| (key, *since))
+    }
+
     /// Whether nothing is awaited.
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()

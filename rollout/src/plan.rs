@@ -165,12 +165,15 @@ pub struct Conflict {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Create its reboot lease: it may start its disruption. The same step cordons it
-    /// (what the next decision would do first).
+    /// (what the next decision would do first) and, with no before-reboot hook to wait
+    /// for, records the drain's start on the Lease and starts the drain.
     Grant {
         /// The boot the grant applies to.
         boot_id: BootId,
         /// The version the node staged; its reboot must land on it.
         target_version: Option<Version>,
+        /// Whether the drain starts in the same step (no before-reboot hook).
+        drain: bool,
     },
     /// Cordon it, recording that baton did.
     Cordon,
@@ -334,7 +337,12 @@ pub enum Skip {
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Action::Grant { .. } => write!(f, "grant: start the disruption (and cordon)"),
+            Action::Grant { drain: false, .. } => {
+                write!(f, "grant: start the disruption (and cordon)")
+            }
+            Action::Grant { drain: true, .. } => {
+                write!(f, "grant: start the disruption (cordon and drain)")
+            }
             Action::Cordon => write!(f, "cordon"),
             Action::RunBeforeHooks { missing, deadline } => {
                 write!(

@@ -356,6 +356,7 @@ mod tests {
         let grant = Action::Grant {
             boot_id: crds::protocol::BootId::new("b1").unwrap(),
             target_version: None,
+            drain: true,
         };
         let fail = Action::Fail { reason: "x".into() };
         assert_eq!(

@@ -260,6 +260,7 @@ impl World {
                 Action::Grant {
                     boot_id,
                     target_version,
+                    drain,
                 } => {
                     let target = target_version.clone();
                     self.leases.push(LeaseView {
@@ -271,8 +272,10 @@ impl World {
                         acquired: now,
                         granted_boot_id: Some(boot_id.clone()),
                         target_version: target,
-                        drain_started: None,
-                        drained: None,
+                        // The same step starts the drain (the model's drains are
+                        // instant).
+                        drain_started: drain.then_some(now),
+                        drained: drain.then_some(now),
                         done: None,
                         failure: None,
                     });
