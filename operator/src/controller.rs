@@ -192,7 +192,7 @@ const SLOW_RECONCILE: Duration = Duration::from_secs(1);
 
 async fn reconcile(policy: Arc<UpdatePolicy>, ctx: Arc<Context>) -> Result<Requeue> {
     let name = policy.name_any();
-    let span = info_span!("policy", policy = %policy.name_any());
+    let span = info_span!("policy", policy = %name);
     let started = std::time::Instant::now();
     let metrics = Arc::clone(&ctx.metrics);
     let result = async move {
