@@ -429,11 +429,9 @@ async fn confirm_grant(
     leases: &Api<Lease>,
     s: &Settings,
 ) -> Result<(), Unconfirmed> {
-    let reads = async {
-        let node = api.get(&s.node_name).await;
-        let lease = leases.get_opt(&crds::grant::lease_name(&s.node_name)).await;
-        (node, lease)
-    };
+    // Both at once: one round trip before the reboot, not two, inside the grant's hold.
+    let lease_name = crds::grant::lease_name(&s.node_name);
+    let reads = futures::future::join(api.get(&s.node_name), leases.get_opt(&lease_name));
     let read = |what| {
         move |e: kube::Error| Unconfirmed::Read {
             what,
