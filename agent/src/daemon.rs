@@ -91,10 +91,10 @@ pub trait Host: Send {
     fn save(&mut self, record: &Record) -> Result<(), AgentError>;
     /// Runs the health checks after a boot.
     fn check_health(&mut self) -> impl Future<Output = Result<(), command::Failure>> + Send;
-    /// Gets ready to reboot: sends `report` (the node says it reboots), and meanwhile
-    /// runs the before-reboot commands and then confirms on fresh reads that the grant
-    /// is live ([`crds::grant::check`]). The report is no condition of the reboot, so
-    /// it costs no round trip of its own inside the grant.
+    /// Gets ready to reboot: sends `report` (the node says it reboots) while the
+    /// before-reboot commands run, then, once both are over, confirms on fresh reads
+    /// that the grant is live ([`crds::grant::check`]): the confirmation is the last
+    /// thing before the reboot, however long the report took.
     fn prepare_reboot(&mut self, report: Option<&Value>) -> impl Future<Output = Prepared> + Send;
     /// Reboots.
     fn reboot(&mut self) -> impl Future<Output = Result<Rebooted, AgentError>> + Send;
@@ -364,15 +364,14 @@ impl<B: Backend> Host for Machine<B> {
                 None => None,
             }
         };
-        let ready = async {
-            run_step(s, Step::BeforeReboot)
+        let commands = run_step(s, Step::BeforeReboot);
+        let (report, commands) = futures::future::join(send, commands).await;
+        let ready = match commands {
+            Ok(()) => confirm_grant(&self.api, &self.leases, s)
                 .await
-                .map_err(NotReady::Command)?;
-            confirm_grant(&self.api, &self.leases, s)
-                .await
-                .map_err(NotReady::Unconfirmed)
+                .map_err(NotReady::Unconfirmed),
+            Err(why) => Err(NotReady::Command(why)),
         };
-        let (report, ready) = futures::future::join(send, ready).await;
         Prepared { report, ready }
     }
 
@@ -516,4 +515,125 @@ async fn confirm_grant(
     let node = node.map_err(read("node"))?;
     let lease = lease.map_err(read("reboot Lease"))?;
     Ok(crds::grant::check(&node, lease.as_ref(), &s.boot_id)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::{Pending, Status, Update};
+    use crds::protocol::{Slot, Version};
+
+    /// A host whose API server holds one Node in memory and applies merge patches.
+    struct Fake {
+        node: Node,
+        reports: Vec<Value>,
+        status: Status,
+    }
+
+    /// RFC 7386: a merge patch, `null` deleting.
+    fn merge(target: &mut Value, patch: &Value) {
+        let Value::Object(patch) = patch else {
+            *target = patch.clone();
+            return;
+        };
+        if !target.is_object() {
+            *target = Value::Object(serde_json::Map::new());
+        }
+        let Value::Object(map) = target else {
+            return;
+        };
+        for (key, value) in patch {
+            if value.is_null() {
+                map.remove(key);
+            } else {
+                merge(map.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+    }
+
+    impl Host for Fake {
+        fn now(&self) -> Timestamp {
+            "2026-12-02T06:00:00Z".parse().unwrap()
+        }
+        async fn status(&mut self, _: Option<&Desired>) -> Result<lifecycle::Status, AgentError> {
+            Ok(self.status.clone())
+        }
+        async fn stage(&mut self, _: &Desired) -> Result<(), AgentError> {
+            Ok(())
+        }
+        async fn commit(&mut self) -> Result<(), AgentError> {
+            Ok(())
+        }
+        async fn report(&mut self, patch: &Value) -> Result<Node, AgentError> {
+            self.reports.push(patch.clone());
+            let mut json = serde_json::to_value(&self.node).unwrap();
+            merge(&mut json, patch);
+            self.node = serde_json::from_value(json).unwrap();
+            Ok(self.node.clone())
+        }
+        fn save(&mut self, _: &Record) -> Result<(), AgentError> {
+            Ok(())
+        }
+        async fn check_health(&mut self) -> Result<(), command::Failure> {
+            Ok(())
+        }
+        async fn prepare_reboot(&mut self, _: Option<&Value>) -> Prepared {
+            unreachable!("no reboot in this test")
+        }
+        async fn reboot(&mut self) -> Result<Rebooted, AgentError> {
+            unreachable!("no reboot in this test")
+        }
+    }
+
+    #[tokio::test]
+    async fn turns_that_follow_each_other_compare_with_the_node_their_report_wrote() {
+        let v2 = Version::new("2.0.0").unwrap();
+        let b = Slot::new("B").unwrap();
+        let ready: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1"},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .unwrap();
+        let mut host = Fake {
+            node: ready.clone(),
+            reports: Vec::new(),
+            status: Status {
+                current_version: Some(v2.clone()),
+                slot: Some(b.clone()),
+                update: Update::Idle,
+                ..Status::default()
+            },
+        };
+        let mut agent = Agent {
+            boot_id: BootId::new("b2").unwrap(),
+            record: Record {
+                pending: Some(Pending {
+                    from_boot: BootId::new("b1").unwrap(),
+                    version: Some(v2),
+                    slot: Some(b),
+                    previous_version: None,
+                    previous_slot: None,
+                    booted_seen: None,
+                }),
+                outcome: None,
+            },
+            memory: lifecycle::Memory::default(),
+            verify_timeout: SignedDuration::from_mins(10),
+        };
+        // The watch shows nothing new between the turns: the boot is noted, the health
+        // checks pass, the slot is committed, and Done is reported.
+        let mut node = ready;
+        let mut turns = 0;
+        while agent.turn(&mut host, &mut node).await.unwrap() == Turn::Again {
+            turns += 1;
+            assert!(turns < 10, "the turns end");
+        }
+        let states: Vec<&str> = host
+            .reports
+            .iter()
+            .filter_map(|p| p["metadata"]["annotations"][crds::protocol::STATE.name].as_str())
+            .collect();
+        assert_eq!(states, ["Verifying", "Done"], "{:#?}", host.reports);
+        assert_eq!(host.reports.len(), 2, "no report is sent twice");
+    }
 }

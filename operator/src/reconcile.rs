@@ -154,7 +154,14 @@ async fn roll_out<C: Cluster>(
         }
         Ok::<(), Error>(())
     };
-    let (retry, reported) = futures::future::join(perform(c, rules, &plan, now), report).await;
+    // A status that says the rollout completed is read by the pools promoted after
+    // this one: it waits for the steps that finish the last nodes.
+    let (retry, reported) = if status.completed.is_some() {
+        let retry = perform(c, rules, &plan, now).await;
+        (retry, report.await)
+    } else {
+        futures::future::join(perform(c, rules, &plan, now), report).await
+    };
     crate::silence::sync(c, rules, &plan, now).await;
     reported?;
     // Pods and alerts are not watched (a cluster-wide pod cache would dwarf the

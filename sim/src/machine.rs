@@ -211,6 +211,7 @@ fn start_agent(sim: &Sim, node: &str, boot: BootId, record: Record) {
         let mut next_check = s.rt.now() + check_interval;
         let mut again = false;
         let mut held: Option<Node> = None;
+        let mut watched: Option<Option<String>> = None;
         loop {
             if !again {
                 let due = s.rt.now() >= next_check
@@ -223,12 +224,15 @@ fn start_agent(sim: &Sim, node: &str, boot: BootId, record: Record) {
                     next_check = s.rt.now() + check_interval;
                 }
             }
-            // As the daemon: the turns that follow at once keep the Node as its own
-            // report left it; a wait reads the watch's again.
+            // As the daemon: the agent keeps the Node as its own last report left it
+            // until the watch delivers a change.
+            let cached = watch::lock(&cache).nodes.get(&name).cloned();
+            let delivered = cached.as_ref().map(|n| n.resource_version());
             let current = match held.take() {
-                Some(n) if again => Some(n),
-                _ => watch::lock(&cache).nodes.get(&name).map(|n| (**n).clone()),
+                Some(n) if again || delivered == watched => Some(n),
+                _ => cached.map(|n| (*n).clone()),
             };
+            watched = delivered;
             let Some(mut node) = current else {
                 again = false;
                 continue;
@@ -453,11 +457,11 @@ impl Host for SimHost {
                 None => None,
             }
         };
-        let ready = async {
-            self.before_reboot().await.map_err(NotReady::Command)?;
-            self.confirm_grant().await.map_err(NotReady::Unconfirmed)
+        let (report, commands) = futures::future::join(send, self.before_reboot()).await;
+        let ready = match commands {
+            Ok(()) => self.confirm_grant().await.map_err(NotReady::Unconfirmed),
+            Err(why) => Err(NotReady::Command(why)),
         };
-        let (report, ready) = futures::future::join(send, ready).await;
         Prepared { report, ready }
     }
 
