@@ -124,6 +124,8 @@ async fn roll_out<C: Cluster>(
             c.event(&node, EventType::Normal, "Waiting", &words).await;
         }
     }
+    let retry = perform(c, rules, &plan, now).await;
+    crate::silence::sync(c, rules, &plan, now).await;
     let mut status = status::from_plan(
         &plan,
         rules.paused,
@@ -139,31 +141,16 @@ async fn roll_out<C: Cluster>(
         policy.status.as_ref(),
         now,
     );
-    // The status is the plan's, so it is written while the steps run: a pass costs
-    // the steps' round trips, not theirs and the status write's one after the other.
-    let report = async {
-        // Before the status write: if it fails, the next reconcile announces again (at
-        // least once) rather than never.
-        crate::notify::announce(c, policy, &status, &plan, now).await;
-        if policy.status.as_ref() != Some(&status) {
-            for (kind, message) in status::raised(policy.status.as_ref(), &status) {
-                c.policy_event(policy, EventType::Warning, kind, message)
-                    .await;
-            }
-            c.write_status(&rules.name, &status).await?;
+    // Before the status write: if it fails, the next reconcile announces again (at
+    // least once) rather than never.
+    crate::notify::announce(c, policy, &status, &plan, now).await;
+    if policy.status.as_ref() != Some(&status) {
+        for (kind, message) in status::raised(policy.status.as_ref(), &status) {
+            c.policy_event(policy, EventType::Warning, kind, message)
+                .await;
         }
-        Ok::<(), Error>(())
-    };
-    // A status that says the rollout completed is read by the pools promoted after
-    // this one: it waits for the steps that finish the last nodes.
-    let (retry, reported) = if status.completed.is_some() {
-        let retry = perform(c, rules, &plan, now).await;
-        (retry, report.await)
-    } else {
-        futures::future::join(perform(c, rules, &plan, now), report).await
-    };
-    crate::silence::sync(c, rules, &plan, now).await;
-    reported?;
+        c.write_status(&rules.name, &status).await?;
+    }
     // Pods and alerts are not watched (a cluster-wide pod cache would dwarf the
     // operator; Prometheus has no watch), so a node held back only by a blocking pod
     // or a closed gate is looked at again after GATE_RECHECK.
@@ -241,16 +228,12 @@ async fn end_deleted<C: Cluster>(
 /// each node has one, and `decide` counts a node whose lease is being released as
 /// disrupted until its release is seen, so no grant relies on another step of the
 /// same plan having run first.
-const STEPS_AT_ONCE: usize = 32;
+const STEPS_AT_ONCE: usize = 16;
 
 /// At most this many publishing steps per pass. A new release reaches a large pool over
-/// many short passes instead of one long one: the steps of the nodes in flight (and the
-/// grants of nodes that staged it) never wait behind a pool-wide publish. The share
-/// fits in one round of [`STEPS_AT_ONCE`] beside as many in-flight steps, so a pass
-/// that publishes lasts about one round trip, as one that does not (at 64, a
-/// 1,000-node rollout's first passes took 2 to 5 s each and its first wave waited on
-/// them).
-const PUBLISHES_PER_PASS: usize = STEPS_AT_ONCE / 2;
+/// several short passes instead of one long one, so the steps of the nodes in flight
+/// (and the grants of nodes that staged it) never wait behind a pool-wide publish.
+const PUBLISHES_PER_PASS: usize = 4 * STEPS_AT_ONCE;
 
 /// The steps a pass performs, in order: every acting step but publishing first, then at
 /// most [`PUBLISHES_PER_PASS`] publishing steps; and whether publishing was left over
