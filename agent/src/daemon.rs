@@ -85,14 +85,17 @@ pub trait Host: Send {
     fn stage(&mut self, desired: &Desired) -> impl Future<Output = Result<(), AgentError>> + Send;
     /// Marks the booted slot good.
     fn commit(&mut self) -> impl Future<Output = Result<(), AgentError>> + Send;
-    /// Patches the agent's own Node.
-    fn report(&mut self, patch: &Value) -> impl Future<Output = Result<(), AgentError>> + Send;
+    /// Patches the agent's own Node; returns the Node as the API server wrote it.
+    fn report(&mut self, patch: &Value) -> impl Future<Output = Result<Node, AgentError>> + Send;
     /// Saves the record on disk.
     fn save(&mut self, record: &Record) -> Result<(), AgentError>;
-    /// Runs a command step.
-    fn run(&mut self, step: Step) -> impl Future<Output = Result<(), command::Failure>> + Send;
-    /// Confirms on fresh reads that the grant is live ([`crds::grant::check`]).
-    fn confirm_grant(&mut self) -> impl Future<Output = Result<(), Unconfirmed>> + Send;
+    /// Runs the health checks after a boot.
+    fn check_health(&mut self) -> impl Future<Output = Result<(), command::Failure>> + Send;
+    /// Gets ready to reboot: sends `report` (the node says it reboots) while the
+    /// before-reboot commands run, then, once both are over, confirms on fresh reads
+    /// that the grant is live ([`crds::grant::check`]): the confirmation is the last
+    /// thing before the reboot, however long the report took.
+    fn prepare_reboot(&mut self, report: Option<&Value>) -> impl Future<Output = Prepared> + Send;
     /// Reboots.
     fn reboot(&mut self) -> impl Future<Output = Result<Rebooted, AgentError>> + Send;
 }
@@ -124,8 +127,14 @@ pub struct Agent {
 
 impl Agent {
     /// One turn: reads its Node, asks [`lifecycle::decide`] what to do, reports it when
-    /// it changed, and does the effect through `host`.
-    pub async fn turn<H: Host>(&mut self, host: &mut H, node: &Node) -> Result<Turn, AgentError> {
+    /// it changed, and does the effect through `host`. A report that is written
+    /// replaces `node` with the Node the API server returned, so the turns that follow
+    /// at once (before the watch shows the write) do not send the same report again.
+    pub async fn turn<H: Host>(
+        &mut self,
+        host: &mut H,
+        node: &mut Node,
+    ) -> Result<Turn, AgentError> {
         let seen = node::seen(node);
         self.memory.saw(seen.grant.as_ref(), seen.cordoned);
         let mut status = match host.status(seen.desired.as_ref()).await {
@@ -154,11 +163,16 @@ impl Agent {
             now,
         });
         let checked = status.last_checked.unwrap_or(now);
-        if let Some(patch) = node::patch(node, &decision.report, &status, &self.boot_id, checked) {
+        let mut patch = node::patch(node, &decision.report, &status, &self.boot_id, checked);
+        if patch.is_some() {
             info!(state = %decision.report.state, "reporting");
-            if let Err(e) = host.report(&patch).await {
-                warn!(error = %e, "could not update the node; retrying on the next event");
-            }
+        }
+        // Before a reboot the report goes out with the reboot's preparation.
+        if !matches!(decision.effect, Effect::Reboot(_))
+            && let Some(patch) = patch.take()
+        {
+            let written = host.report(&patch).await;
+            took(written, node);
         }
         match decision.effect {
             Effect::Wait => Ok(Turn::Wait),
@@ -184,19 +198,26 @@ impl Agent {
             Effect::Reboot(pending) => {
                 self.record.pending = Some(pending);
                 host.save(&self.record)?;
-                if let Err(why) = host.run(Step::BeforeReboot).await {
-                    error!(error = %why, "a before-reboot command failed; not rebooting");
-                    self.conclude(host, crds::AgentState::Failed, why.to_string())?;
-                    return Ok(Turn::Again);
+                // The commands may take minutes: the grant must still be live, on fresh
+                // reads and not on the watch, right before the reboot.
+                let prepared = host.prepare_reboot(patch.as_ref()).await;
+                if let Some(written) = prepared.report {
+                    took(written, node);
                 }
-                // The commands may have taken minutes: the grant must still be live, on
-                // fresh reads and not on the watch, right before the reboot.
-                if let Err(why) = host.confirm_grant().await {
-                    warn!(reason = %why, "the grant is not live: not rebooting");
-                    self.memory.refused = Some((self.boot_id.clone(), seen.cordoned));
-                    self.record.pending = None;
-                    host.save(&self.record)?;
-                    return Ok(Turn::Again);
+                match prepared.ready {
+                    Ok(()) => {}
+                    Err(NotReady::Command(why)) => {
+                        error!(error = %why, "a before-reboot command failed; not rebooting");
+                        self.conclude(host, crds::AgentState::Failed, why.to_string())?;
+                        return Ok(Turn::Again);
+                    }
+                    Err(NotReady::Unconfirmed(why)) => {
+                        warn!(reason = %why, "the grant is not live: not rebooting");
+                        self.memory.refused = Some((self.boot_id.clone(), seen.cordoned));
+                        self.record.pending = None;
+                        host.save(&self.record)?;
+                        return Ok(Turn::Again);
+                    }
                 }
                 info!("rebooting");
                 match host.reboot().await {
@@ -227,7 +248,7 @@ impl Agent {
                 Ok(Turn::Again)
             }
             Effect::CheckHealth => {
-                self.memory.health = Some(host.run(Step::HealthCheck).await);
+                self.memory.health = Some(host.check_health().await);
                 Ok(Turn::Again)
             }
             Effect::Commit => match host.commit().await {
@@ -274,6 +295,33 @@ impl Agent {
     }
 }
 
+/// A report's outcome: the Node as written replaces the turn's Node; a failure is
+/// logged and the report is sent again on the next event.
+fn took(written: Result<Node, AgentError>, node: &mut Node) {
+    match written {
+        Ok(written) => *node = written,
+        Err(e) => warn!(error = %e, "could not update the node; retrying on the next event"),
+    }
+}
+
+/// What getting ready to reboot gave ([`Host::prepare_reboot`]).
+#[derive(Debug)]
+pub struct Prepared {
+    /// The report's outcome, when there was one to send.
+    pub report: Option<Result<Node, AgentError>>,
+    /// Whether the node may reboot now.
+    pub ready: Result<(), NotReady>,
+}
+
+/// Why a node that was to reboot does not.
+#[derive(Debug)]
+pub enum NotReady {
+    /// A before-reboot command failed.
+    Command(command::Failure),
+    /// The grant is not confirmed.
+    Unconfirmed(Unconfirmed),
+}
+
 /// The real machine: the backend, the API server, the record file, the commands and
 /// the rebooter.
 pub struct Machine<B> {
@@ -300,32 +348,55 @@ impl<B: Backend> Host for Machine<B> {
         self.backend.commit().await
     }
 
-    async fn report(&mut self, patch: &Value) -> Result<(), AgentError> {
+    async fn report(&mut self, patch: &Value) -> Result<Node, AgentError> {
         Ok(node::apply(&self.api, &self.settings.node_name, patch).await?)
+    }
+
+    async fn prepare_reboot(&mut self, report: Option<&Value>) -> Prepared {
+        let s = &self.settings;
+        let send = async {
+            match report {
+                Some(patch) => Some(
+                    node::apply(&self.api, &s.node_name, patch)
+                        .await
+                        .map_err(AgentError::from),
+                ),
+                None => None,
+            }
+        };
+        let commands = run_step(s, Step::BeforeReboot);
+        let (report, commands) = futures::future::join(send, commands).await;
+        let ready = match commands {
+            Ok(()) => confirm_grant(&self.api, &self.leases, s)
+                .await
+                .map_err(NotReady::Unconfirmed),
+            Err(why) => Err(NotReady::Command(why)),
+        };
+        Prepared { report, ready }
     }
 
     fn save(&mut self, record: &Record) -> Result<(), AgentError> {
         self.settings.record.save(record)
     }
 
-    async fn run(&mut self, step: Step) -> Result<(), command::Failure> {
-        let s = &self.settings;
-        match step {
-            Step::BeforeReboot => {
-                command::run_all("before-reboot command", &s.before_reboot, s.command_timeout).await
-            }
-            Step::HealthCheck => {
-                command::run_all("health check", &s.health_checks, s.command_timeout).await
-            }
-        }
-    }
-
-    async fn confirm_grant(&mut self) -> Result<(), Unconfirmed> {
-        confirm_grant(&self.api, &self.leases, &self.settings).await
+    async fn check_health(&mut self) -> Result<(), command::Failure> {
+        run_step(&self.settings, Step::HealthCheck).await
     }
 
     async fn reboot(&mut self) -> Result<Rebooted, AgentError> {
         self.settings.rebooter.reboot().await
+    }
+}
+
+/// Runs a command step's commands, each within the bound.
+async fn run_step(s: &Settings, step: Step) -> Result<(), command::Failure> {
+    match step {
+        Step::BeforeReboot => {
+            command::run_all("before-reboot command", &s.before_reboot, s.command_timeout).await
+        }
+        Step::HealthCheck => {
+            command::run_all("health check", &s.health_checks, s.command_timeout).await
+        }
     }
 }
 
@@ -384,7 +455,7 @@ pub async fn run<B: Backend>(
                     _ = recheck.tick() => agent.memory.recheck(),
                 }
             }
-            let Some(n) = current.as_ref() else {
+            let Some(n) = current.as_mut() else {
                 again = false;
                 continue;
             };
@@ -444,4 +515,125 @@ async fn confirm_grant(
     let node = node.map_err(read("node"))?;
     let lease = lease.map_err(read("reboot Lease"))?;
     Ok(crds::grant::check(&node, lease.as_ref(), &s.boot_id)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::{Pending, Status, Update};
+    use crds::protocol::{Slot, Version};
+
+    /// A host whose API server holds one Node in memory and applies merge patches.
+    struct Fake {
+        node: Node,
+        reports: Vec<Value>,
+        status: Status,
+    }
+
+    /// RFC 7386: a merge patch, `null` deleting.
+    fn merge(target: &mut Value, patch: &Value) {
+        let Value::Object(patch) = patch else {
+            *target = patch.clone();
+            return;
+        };
+        if !target.is_object() {
+            *target = Value::Object(serde_json::Map::new());
+        }
+        let Value::Object(map) = target else {
+            return;
+        };
+        for (key, value) in patch {
+            if value.is_null() {
+                map.remove(key);
+            } else {
+                merge(map.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+    }
+
+    impl Host for Fake {
+        fn now(&self) -> Timestamp {
+            "2026-12-02T06:00:00Z".parse().unwrap()
+        }
+        async fn status(&mut self, _: Option<&Desired>) -> Result<lifecycle::Status, AgentError> {
+            Ok(self.status.clone())
+        }
+        async fn stage(&mut self, _: &Desired) -> Result<(), AgentError> {
+            Ok(())
+        }
+        async fn commit(&mut self) -> Result<(), AgentError> {
+            Ok(())
+        }
+        async fn report(&mut self, patch: &Value) -> Result<Node, AgentError> {
+            self.reports.push(patch.clone());
+            let mut json = serde_json::to_value(&self.node).unwrap();
+            merge(&mut json, patch);
+            self.node = serde_json::from_value(json).unwrap();
+            Ok(self.node.clone())
+        }
+        fn save(&mut self, _: &Record) -> Result<(), AgentError> {
+            Ok(())
+        }
+        async fn check_health(&mut self) -> Result<(), command::Failure> {
+            Ok(())
+        }
+        async fn prepare_reboot(&mut self, _: Option<&Value>) -> Prepared {
+            unreachable!("no reboot in this test")
+        }
+        async fn reboot(&mut self) -> Result<Rebooted, AgentError> {
+            unreachable!("no reboot in this test")
+        }
+    }
+
+    #[tokio::test]
+    async fn turns_that_follow_each_other_compare_with_the_node_their_report_wrote() {
+        let v2 = Version::new("2.0.0").unwrap();
+        let b = Slot::new("B").unwrap();
+        let ready: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1"},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .unwrap();
+        let mut host = Fake {
+            node: ready.clone(),
+            reports: Vec::new(),
+            status: Status {
+                current_version: Some(v2.clone()),
+                slot: Some(b.clone()),
+                update: Update::Idle,
+                ..Status::default()
+            },
+        };
+        let mut agent = Agent {
+            boot_id: BootId::new("b2").unwrap(),
+            record: Record {
+                pending: Some(Pending {
+                    from_boot: BootId::new("b1").unwrap(),
+                    version: Some(v2),
+                    slot: Some(b),
+                    previous_version: None,
+                    previous_slot: None,
+                    booted_seen: None,
+                }),
+                outcome: None,
+            },
+            memory: lifecycle::Memory::default(),
+            verify_timeout: SignedDuration::from_mins(10),
+        };
+        // The watch shows nothing new between the turns: the boot is noted, the health
+        // checks pass, the slot is committed, and Done is reported.
+        let mut node = ready;
+        let mut turns = 0;
+        while agent.turn(&mut host, &mut node).await.unwrap() == Turn::Again {
+            turns += 1;
+            assert!(turns < 10, "the turns end");
+        }
+        let states: Vec<&str> = host
+            .reports
+            .iter()
+            .filter_map(|p| p["metadata"]["annotations"][crds::protocol::STATE.name].as_str())
+            .collect();
+        assert_eq!(states, ["Verifying", "Done"], "{:#?}", host.reports);
+        assert_eq!(host.reports.len(), 2, "no report is sent twice");
+    }
 }

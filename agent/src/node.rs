@@ -92,11 +92,10 @@ pub fn patch(
     )
 }
 
-/// Sends a patch to the agent's own Node.
-pub async fn apply(api: &Api<Node>, name: &str, patch: &Value) -> Result<(), kube::Error> {
+/// Sends a patch to the agent's own Node; returns the Node as written.
+pub async fn apply(api: &Api<Node>, name: &str, patch: &Value) -> Result<Node, kube::Error> {
     api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
         .await
-        .map(|_| ())
 }
 
 #[cfg(test)]

@@ -65,22 +65,32 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         }
     }
 
-    // Publishing the release is never a disruption: the agents only stage it.
+    // Publishing the release is never a disruption: the agents only stage it. It goes
+    // in rollout order, so that the nodes granted first are the first to stage (a large
+    // pool is published over several passes).
     let publishes: Vec<NodePlan> = match &policy.target_version {
-        Some(target) => pool
-            .iter()
-            .filter(|n| {
-                n.desired_version.as_ref() != Some(target) || n.desired_release != policy.release
-            })
-            .map(|n| NodePlan {
-                node: n.name.clone(),
-                action: Action::Publish {
-                    version: target.clone(),
-                    release: policy.release.clone(),
-                },
-                seen: Seen::of(Some(n), None),
-            })
-            .collect(),
+        Some(target) => {
+            let mut stale: Vec<&NodeView> = pool
+                .iter()
+                .copied()
+                .filter(|n| {
+                    n.desired_version.as_ref() != Some(target)
+                        || n.desired_release != policy.release
+                })
+                .collect();
+            stale.sort_by_cached_key(|n| order_key(n, snapshot, policy));
+            stale
+                .into_iter()
+                .map(|n| NodePlan {
+                    node: n.name.clone(),
+                    action: Action::Publish {
+                        version: target.clone(),
+                        release: policy.release.clone(),
+                    },
+                    seen: Seen::of(Some(n), None),
+                })
+                .collect()
+        }
         None => Vec::new(),
     };
 

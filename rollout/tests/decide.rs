@@ -671,6 +671,26 @@ fn a_release_version_is_published_on_pool_nodes_that_lack_it_and_only_those() {
     );
 }
 
+#[test]
+fn a_release_is_published_in_the_order_the_rollout_takes_the_nodes() {
+    // The snapshot lists nodes as the caches hold them (no order); the nodes granted
+    // first must stage first.
+    let mut w = world(6);
+    w.nodes.reverse();
+    w.nodes.swap(1, 4);
+    let p = policy(serde_json::json!({"release": {
+        "version": "2.0.0", "url": "https://example.invalid/os.img",
+        "sha256": "0".repeat(64), "signature": format!("{}==", "A".repeat(86)),
+    }}));
+    let plan = decide(&w.snapshot(), &p, at(NOW));
+    assert_eq!(
+        plan.publishes().collect::<Vec<_>>(),
+        [
+            "node-01", "node-02", "node-03", "node-04", "node-05", "node-06"
+        ]
+    );
+}
+
 // === Safety: the budget, sticky failures and winding down ===
 
 fn pool_a(n: usize) -> World {

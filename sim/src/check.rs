@@ -307,7 +307,18 @@ impl Checker {
             if let Some(after) = after {
                 let boot = ann(after, protocol::BOOT_ID.name).unwrap_or_default();
                 let state = ann(after, protocol::STATE.name).unwrap_or_default();
-                if matches!(state, "Failed" | "RolledBack") {
+                // A failure counts from the report that leaves it on the Node, except a
+                // report that only repeats the failure an admin's retry (naming this
+                // boot) stands on: an agent's report can land just after the retry mark,
+                // written from a read before it. Until the agent removes the mark, that
+                // is the failure already retried; a new one (another state or boot
+                // before, or a failure without the mark) counts.
+                let repeated = ann(after, protocol::RETRY.name) == Some(boot)
+                    && before.is_some_and(|b| {
+                        ann(b, protocol::STATE.name) == Some(state)
+                            && ann(b, protocol::BOOT_ID.name) == Some(boot)
+                    });
+                if matches!(state, "Failed" | "RolledBack") && !repeated {
                     self.reported_failed.entry(node.to_string()).or_insert(at);
                 }
                 if matches!(state, "Verifying" | "Done")
@@ -593,6 +604,86 @@ mod tests {
         // A week before, CET: 02:30 local is 01:30 UTC too.
         assert!(window_open(&p, t("2026-03-22T01:45:00Z")));
         assert!(!window_open(&p, t("2026-03-23T01:45:00Z")));
+    }
+
+    fn node(state: &str, retry: Option<&str>) -> Node {
+        let mut annotations = serde_json::json!({
+            "baton.dev/state": state, "baton.dev/boot-id": "b1"});
+        if let Some(r) = retry {
+            annotations["baton.dev/retry"] = r.into();
+        }
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n", "annotations": annotations}}))
+        .unwrap()
+    }
+
+    /// Whether a fresh checker counts `node` as failed after its agent wrote `after`
+    /// over `before`.
+    fn counts_after(before: Option<&Node>, after: &Node) -> bool {
+        let mut c = Checker::new(Duration::ZERO);
+        let agent = Writer::Agent("n".into());
+        c.node_written(
+            Duration::ZERO,
+            &agent,
+            "n",
+            &json_patch(),
+            before,
+            Some(after),
+        );
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        c.reported_failed.contains_key("n")
+    }
+
+    #[test]
+    fn a_failure_counts_until_a_retry_and_a_late_repeat_of_it_does_not_undo_the_retry() {
+        let mut c = Checker::new(Duration::ZERO);
+        let at = Duration::from_secs(1);
+        let retried = node("RolledBack", Some("b1"));
+        let agent = Writer::Agent("n".into());
+        let verifying = node("Verifying", None);
+        let rolled_back = node("RolledBack", None);
+        c.node_written(
+            at,
+            &agent,
+            "n",
+            &json_patch(),
+            Some(&verifying),
+            Some(&rolled_back),
+        );
+        assert!(c.reported_failed.contains_key("n"));
+        c.node_written(at, &Writer::Retry, "n", &json_patch(), None, Some(&retried));
+        assert!(!c.reported_failed.contains_key("n"));
+        // The agent's report from a read before the retry lands after it: the same failure.
+        c.node_written(
+            at,
+            &agent,
+            "n",
+            &json_patch(),
+            Some(&retried),
+            Some(&retried),
+        );
+        assert!(!c.reported_failed.contains_key("n"));
+        assert!(!counts_after(Some(&retried), &retried));
+        // A failure that is new while the mark still stands counts.
+        assert!(counts_after(
+            Some(&node("Staging", Some("b1"))),
+            &node("Failed", Some("b1"))
+        ));
+        // So does another failure state on top of the retried one, or one without a
+        // Node read before it.
+        assert!(counts_after(Some(&retried), &node("Failed", Some("b1"))));
+        assert!(counts_after(None, &retried));
+        // So does the old one once the agent removes the mark without acting on it.
+        assert!(counts_after(Some(&retried), &rolled_back));
+        // The mark naming another boot does not cover this one's failure.
+        assert!(counts_after(
+            Some(&retried),
+            &node("RolledBack", Some("b0"))
+        ));
+    }
+
+    fn json_patch() -> Value {
+        serde_json::json!({"metadata": {"annotations": {"baton.dev/state": "RolledBack"}}})
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::{sync::Arc, time::Duration};
 use agent::{
     backend::Desired,
     command::Failure,
-    daemon::{Agent, Host, Step, Turn, Unconfirmed},
+    daemon::{Agent, Host, NotReady, Prepared, Turn, Unconfirmed},
     error::AgentError,
     lifecycle::{Memory, Record, Status, Update},
     reboot::Rebooted,
@@ -210,6 +210,8 @@ fn start_agent(sim: &Sim, node: &str, boot: BootId, record: Record) {
         let check_interval = Duration::from_secs(60);
         let mut next_check = s.rt.now() + check_interval;
         let mut again = false;
+        let mut held: Option<Node> = None;
+        let mut watched: Option<Option<String>> = None;
         loop {
             if !again {
                 let due = s.rt.now() >= next_check
@@ -222,12 +224,22 @@ fn start_agent(sim: &Sim, node: &str, boot: BootId, record: Record) {
                     next_check = s.rt.now() + check_interval;
                 }
             }
-            let current = watch::lock(&cache).nodes.get(&name).cloned();
-            let Some(node) = current else {
+            // As the daemon: the agent keeps the Node as its own last report left it
+            // until the watch delivers a change.
+            let cached = watch::lock(&cache).nodes.get(&name).cloned();
+            let delivered = cached.as_ref().map(|n| n.resource_version());
+            let current = match held.take() {
+                Some(n) if again || delivered == watched => Some(n),
+                _ => cached.map(|n| (*n).clone()),
+            };
+            watched = delivered;
+            let Some(mut node) = current else {
                 again = false;
                 continue;
             };
-            match agent.turn(&mut host, &node).await {
+            let turn = agent.turn(&mut host, &mut node).await;
+            held = Some(node);
+            match turn {
                 Ok(Turn::Again) => again = true,
                 Ok(Turn::Wait) => again = false,
                 Ok(Turn::Rebooted) => return,
@@ -270,6 +282,88 @@ impl SimHost {
     fn trace(&self, action: String) {
         let at = self.sim.rt.now();
         self.sim.lock().trace.record(at, &self.node, action);
+    }
+
+    /// Patches the Node through the model API server, as the agent's report.
+    async fn send_report(&self, patch: &Value) -> Result<Node, AgentError> {
+        let node = self.node.clone();
+        let at = self.sim.rt.now();
+        let result = self
+            .sim
+            .request(&node, false, |w| {
+                let before = w.api.nodes.get(&node).cloned();
+                let after = w.api.patch_node(&node, patch)?;
+                w.checker.node_written(
+                    at,
+                    &Writer::Agent(node.clone()),
+                    &node,
+                    patch,
+                    before.as_deref(),
+                    Some(&after),
+                );
+                let state = after
+                    .annotations()
+                    .get(crds::protocol::STATE.name)
+                    .cloned()
+                    .unwrap_or_default();
+                w.trace.record(
+                    at,
+                    &node,
+                    format!(
+                        "reports {state} (rv {})",
+                        after.resource_version().unwrap_or_default()
+                    ),
+                );
+                Ok((*after).clone())
+            })
+            .await;
+        result.map_err(|e| AgentError::Api(e.to_string()))
+    }
+
+    /// The model's before-reboot command: its time, and a failure when injected.
+    async fn before_reboot(&self) -> Result<(), Failure> {
+        let (time, fails) = self
+            .sim
+            .lock()
+            .machines
+            .get(&self.node)
+            .map(|m| (m.before_reboot_time, m.before_reboot_fails))
+            .unwrap_or_default();
+        self.sim.rt.sleep(time).await;
+        if fails {
+            return Err(Failure::Failed {
+                what: "before-reboot command".into(),
+                command: "drain-local-cache".into(),
+                status: "exit status: 1".into(),
+                stderr: "injected failure".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The fresh reads that confirm the grant, from the model API server.
+    async fn confirm_grant(&self) -> Result<(), Unconfirmed> {
+        let node = self.node.clone();
+        let lease_name = crds::grant::lease_name(&node);
+        let read = self
+            .sim
+            .request(&node, false, |w| {
+                let n = w.api.nodes.get(&node).cloned();
+                let l = w.api.leases.get(&lease_name).cloned();
+                Ok((n, l))
+            })
+            .await
+            .map_err(|e| Unconfirmed::Read {
+                what: "node",
+                message: e.to_string(),
+            })?;
+        let (Some(n), lease) = read else {
+            return Err(Unconfirmed::Read {
+                what: "node",
+                message: "404 NotFound".into(),
+            });
+        };
+        Ok(crds::grant::check(&n, lease.as_deref(), &self.boot)?)
     }
 }
 
@@ -341,39 +435,8 @@ impl Host for SimHost {
         Ok(())
     }
 
-    async fn report(&mut self, patch: &Value) -> Result<(), AgentError> {
-        let node = self.node.clone();
-        let at = self.sim.rt.now();
-        let result = self
-            .sim
-            .request(&node, false, |w| {
-                let before = w.api.nodes.get(&node).cloned();
-                let after = w.api.patch_node(&node, patch)?;
-                w.checker.node_written(
-                    at,
-                    &Writer::Agent(node.clone()),
-                    &node,
-                    patch,
-                    before.as_deref(),
-                    Some(&after),
-                );
-                let state = after
-                    .annotations()
-                    .get(crds::protocol::STATE.name)
-                    .cloned()
-                    .unwrap_or_default();
-                w.trace.record(
-                    at,
-                    &node,
-                    format!(
-                        "reports {state} (rv {})",
-                        after.resource_version().unwrap_or_default()
-                    ),
-                );
-                Ok(())
-            })
-            .await;
-        result.map_err(|e| AgentError::Api(e.to_string()))
+    async fn report(&mut self, patch: &Value) -> Result<Node, AgentError> {
+        self.send_report(patch).await
     }
 
     fn save(&mut self, record: &Record) -> Result<(), AgentError> {
@@ -383,51 +446,23 @@ impl Host for SimHost {
         Ok(())
     }
 
-    async fn run(&mut self, step: Step) -> Result<(), Failure> {
-        if step != Step::BeforeReboot {
-            return Ok(());
-        }
-        let (time, fails) = self
-            .sim
-            .lock()
-            .machines
-            .get(&self.node)
-            .map(|m| (m.before_reboot_time, m.before_reboot_fails))
-            .unwrap_or_default();
-        self.sim.rt.sleep(time).await;
-        if fails {
-            return Err(Failure::Failed {
-                what: "before-reboot command".into(),
-                command: "drain-local-cache".into(),
-                status: "exit status: 1".into(),
-                stderr: "injected failure".into(),
-            });
-        }
+    async fn check_health(&mut self) -> Result<(), Failure> {
         Ok(())
     }
 
-    async fn confirm_grant(&mut self) -> Result<(), Unconfirmed> {
-        let node = self.node.clone();
-        let lease_name = crds::grant::lease_name(&node);
-        let read = self
-            .sim
-            .request(&node, false, |w| {
-                let n = w.api.nodes.get(&node).cloned();
-                let l = w.api.leases.get(&lease_name).cloned();
-                Ok((n, l))
-            })
-            .await
-            .map_err(|e| Unconfirmed::Read {
-                what: "node",
-                message: e.to_string(),
-            })?;
-        let (Some(n), lease) = read else {
-            return Err(Unconfirmed::Read {
-                what: "node",
-                message: "404 NotFound".into(),
-            });
+    async fn prepare_reboot(&mut self, report: Option<&Value>) -> Prepared {
+        let send = async {
+            match report {
+                Some(patch) => Some(self.send_report(patch).await),
+                None => None,
+            }
         };
-        Ok(crds::grant::check(&n, lease.as_deref(), &self.boot)?)
+        let (report, commands) = futures::future::join(send, self.before_reboot()).await;
+        let ready = match commands {
+            Ok(()) => self.confirm_grant().await.map_err(NotReady::Unconfirmed),
+            Err(why) => Err(NotReady::Command(why)),
+        };
+        Prepared { report, ready }
     }
 
     async fn reboot(&mut self) -> Result<Rebooted, AgentError> {
