@@ -607,10 +607,11 @@ mod tests {
     }
 
     fn node(state: &str, retry: Option<&str>) -> Node {
-        let mut annotations = serde_json::json!({
-            "baton.dev/state": state, "baton.dev/boot-id": "b1"});
+        let mut annotations = serde_json::Map::new();
+        annotations.insert(protocol::STATE.name.into(), state.into());
+        annotations.insert(protocol::BOOT_ID.name.into(), "b1".into());
         if let Some(r) = retry {
-            annotations["baton.dev/retry"] = r.into();
+            annotations.insert(protocol::RETRY.name.into(), r.into());
         }
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": "n", "annotations": annotations}}))
@@ -683,7 +684,7 @@ mod tests {
     }
 
     fn json_patch() -> Value {
-        serde_json::json!({"metadata": {"annotations": {"baton.dev/state": "RolledBack"}}})
+        serde_json::json!({"metadata": {"annotations": {protocol::STATE.name: "RolledBack"}}})
     }
 
     #[test]
