@@ -530,27 +530,6 @@ mod tests {
         status: Status,
     }
 
-    /// RFC 7386: a merge patch, `null` deleting.
-    fn merge(target: &mut Value, patch: &Value) {
-        let Value::Object(patch) = patch else {
-            *target = patch.clone();
-            return;
-        };
-        if !target.is_object() {
-            *target = Value::Object(serde_json::Map::new());
-        }
-        let Value::Object(map) = target else {
-            return;
-        };
-        for (key, value) in patch {
-            if value.is_null() {
-                map.remove(key);
-            } else {
-                merge(map.entry(key.clone()).or_insert(Value::Null), value);
-            }
-        }
-    }
-
     impl Host for Fake {
         fn now(&self) -> Timestamp {
             "2026-12-02T06:00:00Z".parse().unwrap()
@@ -567,7 +546,7 @@ mod tests {
         async fn report(&mut self, patch: &Value) -> Result<Node, AgentError> {
             self.reports.push(patch.clone());
             let mut json = serde_json::to_value(&self.node).unwrap();
-            merge(&mut json, patch);
+            json_patch::merge(&mut json, patch);
             self.node = serde_json::from_value(json).unwrap();
             Ok(self.node.clone())
         }
