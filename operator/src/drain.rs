@@ -23,6 +23,7 @@ use rollout::{plan::LeaseFacts, selector::Selector};
 use crate::{
     cluster::{Cluster, Refusal},
     error::Result,
+    reconcile::{self, AfterDrain},
 };
 
 /// What a drain does and does not touch.
@@ -253,8 +254,9 @@ pub async fn drain<C: Cluster, P: Pods>(
     }
 }
 
-/// One drain, run as its own task: evicts within the deadline and records the end of
-/// the drain on the node's Lease (as the cache shows it).
+/// One drain, run as its own task: evicts within the deadline, records the end of the
+/// drain on the node's Lease (as the cache shows it), and then takes the step that
+/// follows, the reboot's allowance, without waiting for the policy's next pass.
 pub async fn run<C: Cluster, P: Pods>(
     c: &C,
     pods: &P,
@@ -277,7 +279,11 @@ pub async fn run<C: Cluster, P: Pods>(
         .drain_seconds
         .observe(c.now().duration_since(started).as_secs_f64().max(0.0));
     match outcome {
-        Ok(Outcome::Drained) => record_drained(c, pods, node).await,
+        Ok(Outcome::Drained) => {
+            if record_drained(c, pods, node).await {
+                allow_reboot(c, pods, node).await;
+            }
+        }
         Ok(Outcome::TimedOut(remaining)) => {
             let note = format!("still on the node: {}", remaining.join(", "));
             c.event(node, EventType::Warning, "DrainTimedOut", &note)
@@ -298,7 +304,7 @@ const RECORD_PAUSE: Duration = Duration::from_millis(100);
 /// write: a conflict, or no Lease in the cache yet, then means "not yet", so the record
 /// is tried again a few times (at most RECORD_TRIES, one second) rather than left to
 /// the next reconcile.
-async fn record_drained<C: Cluster, P: Pods>(c: &C, pods: &P, node: &str) {
+async fn record_drained<C: Cluster, P: Pods>(c: &C, pods: &P, node: &str) -> bool {
     let name = crate::lease::name(node);
     for attempt in 1..=RECORD_TRIES {
         let Some(l) = c.leases().into_iter().find(|l| l.name_any() == name) else {
@@ -306,7 +312,7 @@ async fn record_drained<C: Cluster, P: Pods>(c: &C, pods: &P, node: &str) {
                 pods.pause(RECORD_PAUSE).await;
                 continue;
             }
-            return;
+            return false;
         };
         let seen = LeaseFacts {
             name: l.name_any(),
@@ -316,12 +322,41 @@ async fn record_drained<C: Cluster, P: Pods>(c: &C, pods: &P, node: &str) {
         let at = protocol::lease::DRAINED_AT.format(&c.now());
         let drained = [(protocol::lease::DRAINED_AT.name, at)];
         match c.annotate_lease(&seen, &drained).await {
-            Ok(()) => return,
+            Ok(()) => return true,
             Err(crate::error::Error::Conflict(_)) if attempt < RECORD_TRIES => {
                 pods.pause(RECORD_PAUSE).await;
             }
             Err(e) => {
                 warn!(error = %e, "recording the drain failed; it will be redone");
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// How often the step after a drain is tried while the caches lag the drain's record.
+const ALLOW_TRIES: u32 = 40;
+/// The pause between those tries (a watch event is usually a few milliseconds away).
+const ALLOW_PAUSE: Duration = Duration::from_millis(25);
+
+/// Takes the step that follows the drain's end at once ([`reconcile::after_drain`]):
+/// the reboot's allowance, when the decision on caches that show the drain's record
+/// gives it. While the caches lag, or on a write conflict, it is tried again, at most
+/// ALLOW_TRIES times (one second); whatever is left is the policy's next pass's, which
+/// the record's watch event starts anyway.
+async fn allow_reboot<C: Cluster, P: Pods>(c: &C, pods: &P, node: &str) {
+    for attempt in 1..=ALLOW_TRIES {
+        match reconcile::after_drain(c, node).await {
+            Ok(AfterDrain::Allowed | AfterDrain::Left) => return,
+            Ok(AfterDrain::NotYet) | Err(crate::error::Error::Conflict(_))
+                if attempt < ALLOW_TRIES =>
+            {
+                pods.pause(ALLOW_PAUSE).await;
+            }
+            Ok(AfterDrain::NotYet) => return,
+            Err(e) => {
+                debug!(error = %e, "the reboot's allowance is left to the next pass");
                 return;
             }
         }

@@ -12,6 +12,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crds::{UpdatePolicy, policy::FINALIZER};
 use rollout::{
     Policy, decide,
+    expectations::ObjectKey,
     plan::{Action, NodePlan},
     policy::Ending,
 };
@@ -59,31 +60,128 @@ pub async fn policy<C: Cluster>(c: &C, policy: &UpdatePolicy) -> Result<Option<D
         debug!("the caches do not show every write yet");
         return Ok(Some(READBACK_RECHECK));
     }
-    let name = policy.name_any();
     let now = c.now();
     if policy.meta().deletion_timestamp.is_some() {
         return end_deleted(c, policy, now).await;
     }
     ensure_finalizer(c, policy).await?;
-    let rules = Policy::from_spec(&name, &policy.spec).and_then(|rules| {
-        let mut refused = c.config().refuses(&rules);
-        let policies = c.policies();
-        if let Some(chain) = rollout::promotion::cycle(&name, policies.iter().map(|p| p.as_ref())) {
-            refused.push(rollout::policy::SpecError {
-                field: "spec.promotion.after".into(),
-                message: format!("promotion cycle {chain}: one pool of the chain must go first"),
-            });
-        }
-        if refused.is_empty() {
-            Ok(rules)
-        } else {
-            Err(refused)
-        }
-    });
-    match rules {
+    match rules(c, policy) {
         Ok(rules) => roll_out(c, policy, &rules, now).await,
         Err(errors) => wind_down_invalid(c, policy, &errors, now).await,
     }
+}
+
+/// The rules of a policy's spec, or why they cannot be used: the spec's own errors,
+/// what this operator's configuration refuses, and a promotion cycle.
+fn rules<C: Cluster>(
+    c: &C,
+    policy: &UpdatePolicy,
+) -> std::result::Result<Policy, Vec<rollout::policy::SpecError>> {
+    let name = policy.name_any();
+    let rules = Policy::from_spec(&name, &policy.spec)?;
+    let mut refused = c.config().refuses(&rules);
+    let policies = c.policies();
+    if let Some(chain) = rollout::promotion::cycle(&name, policies.iter().map(|p| p.as_ref())) {
+        refused.push(rollout::policy::SpecError {
+            field: "spec.promotion.after".into(),
+            message: format!("promotion cycle {chain}: one pool of the chain must go first"),
+        });
+    }
+    if refused.is_empty() {
+        Ok(rules)
+    } else {
+        Err(refused)
+    }
+}
+
+/// What became of the step that follows a drain's end, taken by the drain's own task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterDrain {
+    /// The decision allowed the reboot, and the allowance is written.
+    Allowed,
+    /// The caches do not show the drain's end, or a write of the operator's to the node
+    /// or its Lease, yet: ask again shortly.
+    NotYet,
+    /// Left to the policy's next pass: the decision is another step (a failure, a
+    /// deadline), the policy is being deleted, invalid or gone, or its pool has a
+    /// control-plane node (the pass decides those on etcd's members, which it reads).
+    Left,
+}
+
+/// The step that follows a drain's end, taken at once by the drain's task instead of by
+/// the policy's next pass (which could be a pass or two away: each pass waits for the
+/// one before it and for the caches to show its writes). It is the same decision
+/// (`rollout::decide::held`, the step `decide` gives a held node, checked equal by the
+/// property tests) on the caches, with the node and its Lease showing every write of the
+/// operator's, and only an [`Action::AllowReboot`] is performed, guarded like every
+/// step by the versions the decision saw; anything else is left to the pass. A pass
+/// that decides the same at the same time conflicts on the node's version and decides
+/// again. It never grants, so the budget is the pass's alone.
+pub async fn after_drain<C: Cluster>(c: &C, node: &str) -> Result<AfterDrain> {
+    if !c.caches_ready() {
+        return Ok(AfterDrain::NotYet);
+    }
+    let lease_name = crate::lease::name(node);
+    let Some(lease) = c.leases().into_iter().find(|l| l.name_any() == lease_name) else {
+        return Ok(AfterDrain::NotYet);
+    };
+    let (Some(view), _) = rollout::snapshot::LeaseView::from_lease(&lease) else {
+        return Ok(AfterDrain::Left);
+    };
+    if view.node != node {
+        return Ok(AfterDrain::Left);
+    }
+    if view.drained.is_none() {
+        return Ok(AfterDrain::NotYet);
+    }
+    let (node_key, lease_key) = (ObjectKey::node(node), ObjectKey::lease(&lease_name));
+    let pending = c.expectations().settle(|key| c.cached(key));
+    if pending.iter().any(|k| *k == node_key || *k == lease_key) {
+        return Ok(AfterDrain::NotYet);
+    }
+    let Some(policy) = c
+        .policies()
+        .into_iter()
+        .find(|p| p.name_any() == view.policy)
+    else {
+        return Ok(AfterDrain::Left);
+    };
+    if policy.meta().deletion_timestamp.is_some() {
+        return Ok(AfterDrain::Left);
+    }
+    let Ok(rules) = rules(c, &policy) else {
+        return Ok(AfterDrain::Left);
+    };
+    // A pool with a control-plane node is decided on etcd's members, which only a pass
+    // reads (a member's node need not carry the control-plane label): left to it.
+    let nodes = c.nodes();
+    let control_plane = nodes.iter().any(|n| {
+        rules.selector.matches(&n.view.labels) && rollout::etcd::is_control_plane(&n.view.labels)
+    });
+    if control_plane {
+        return Ok(AfterDrain::Left);
+    }
+    // The node's own step, as `decide` gives it: the rest of the pool does not enter it.
+    let Some(cached) = nodes.iter().find(|n| n.view.name == node) else {
+        return Ok(AfterDrain::Left);
+    };
+    if rollout::etcd::is_control_plane(&cached.view.labels) {
+        return Ok(AfterDrain::Left);
+    }
+    // What a pass decides on for a pool without a control-plane node.
+    let etcd = rollout::etcd::Etcd::default();
+    let action = rollout::decide::held(Some(&cached.view), &view, &rules, &etcd, c.now());
+    // The allowance's own write, not `step::perform`: a drain's task starts no drain.
+    let Action::AllowReboot { boot_id } = action else {
+        return Ok(AfterDrain::Left);
+    };
+    let seen = rollout::plan::Seen::of(Some(&cached.view), Some(&view));
+    let Some(seen) = seen.node else {
+        return Ok(AfterDrain::Left);
+    };
+    step::allow_reboot(c, node, &seen, &boot_id).await?;
+    debug!(node, "the reboot allowed at the drain's end");
+    Ok(AfterDrain::Allowed)
 }
 
 /// At most this many `Waiting` Events per reconcile (the rest come with later ones).

@@ -282,7 +282,8 @@ async fn publish<C: Cluster>(
         .await
 }
 
-async fn allow_reboot<C: Cluster>(
+/// Allows the reboot of the boot the grant was for, on the node as the decision saw it.
+pub(crate) async fn allow_reboot<C: Cluster>(
     c: &C,
     node: &str,
     seen: &NodeFacts,
@@ -459,6 +460,10 @@ mod tests {
         metrics: Arc<Metrics>,
         expectations: Arc<Mutex<Expectations>>,
         lease_exists: bool,
+        caches_ready: bool,
+        nodes: Vec<Arc<crate::cache::CachedNode>>,
+        leases: Vec<Arc<Lease>>,
+        policies: Vec<Arc<UpdatePolicy>>,
     }
 
     impl Default for Recorded {
@@ -470,6 +475,10 @@ mod tests {
                 metrics: Arc::default(),
                 expectations: Arc::default(),
                 lease_exists: false,
+                caches_ready: true,
+                nodes: Vec::new(),
+                leases: Vec::new(),
+                policies: Vec::new(),
             }
         }
     }
@@ -498,19 +507,33 @@ mod tests {
             &self.metrics
         }
         fn nodes(&self) -> Vec<Arc<crate::cache::CachedNode>> {
-            Vec::new()
+            self.nodes.clone()
         }
         fn leases(&self) -> Vec<Arc<Lease>> {
-            Vec::new()
+            self.leases.clone()
         }
         fn policies(&self) -> Vec<Arc<UpdatePolicy>> {
-            Vec::new()
+            self.policies.clone()
         }
         fn caches_ready(&self) -> bool {
-            true
+            self.caches_ready
         }
-        fn cached(&self, _key: &ObjectKey) -> Option<ExpectSeen> {
-            None
+        fn cached(&self, key: &ObjectKey) -> Option<ExpectSeen> {
+            let node = self.nodes.iter().find(|n| n.view.name == key.name);
+            match key.kind {
+                "Node" => node.map(|n| ExpectSeen {
+                    uid: n.uid.clone(),
+                    resource_version: n.view.resource_version.clone(),
+                }),
+                _ => self
+                    .leases
+                    .iter()
+                    .find(|l| l.name_any() == key.name)
+                    .map(|l| ExpectSeen {
+                        uid: l.uid(),
+                        resource_version: l.resource_version(),
+                    }),
+            }
         }
         fn expectations(&self) -> MutexGuard<'_, Expectations> {
             self.expectations.lock().unwrap()
@@ -780,5 +803,154 @@ mod tests {
         };
         perform(&c, &policy(), &step, at()).await.unwrap();
         assert!(c.all().is_empty());
+    }
+
+    /// The caches of a drain's end: n1 granted for boot b1, cordoned by baton and
+    /// drained, its agent asking to reboot, the policy `pool` valid.
+    fn drained() -> Recorded {
+        use crds::{AgentState, UpdatePolicy, protocol::lease as l};
+        use k8s_openapi::api::core::v1::Node;
+        let boot = BootId::new("b1").unwrap();
+        let mut node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "uid": "n-uid", "resourceVersion": "7"},
+            "spec": {"unschedulable": true},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .unwrap();
+        node.annotations_mut().extend([
+            (
+                protocol::STATE.name.to_string(),
+                protocol::STATE.format(&AgentState::RebootRequired),
+            ),
+            (
+                protocol::BOOT_ID.name.to_string(),
+                protocol::BOOT_ID.format(&boot),
+            ),
+            (
+                protocol::CORDONED.name.to_string(),
+                protocol::CORDONED.format(&true),
+            ),
+        ]);
+        let mut lease = lease::grant(
+            "n1",
+            "baton-system",
+            &policy(),
+            &boot,
+            None,
+            Some(at()),
+            at(),
+        );
+        lease.metadata.resource_version = Some("9".into());
+        lease
+            .annotations_mut()
+            .insert(l::DRAINED_AT.name.into(), l::DRAINED_AT.format(&at()));
+        let spec = serde_json::from_str("{}").unwrap();
+        Recorded {
+            nodes: vec![Arc::new(crate::cache::CachedNode::from_node(&node))],
+            leases: vec![Arc::new(lease)],
+            policies: vec![Arc::new(UpdatePolicy::new("pool", spec))],
+            ..Recorded::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_drains_end_allows_the_reboot_at_once_on_the_node_the_decision_saw() {
+        use crate::reconcile::{AfterDrain, after_drain};
+        let c = drained();
+        assert_eq!(after_drain(&c, "n1").await.unwrap(), AfterDrain::Allowed);
+        let w = c.all();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert_eq!(w[0].0, "node/n1");
+        let ok = format!(r#""{}":"b1""#, protocol::REBOOT_OK.name);
+        assert!(w[0].1.contains(&ok), "{w:?}");
+        assert_eq!(w[1], ("event/n1".into(), "Rebooting".into()));
+    }
+
+    #[tokio::test]
+    async fn a_drains_end_leaves_everything_but_the_allowance_to_the_pass() {
+        use crate::reconcile::{AfterDrain, after_drain};
+        use crds::protocol::lease as l;
+        type Change = fn(&mut Recorded);
+        let cases: [(&str, AfterDrain, Change); 10] = [
+            (
+                "a pool with a control-plane node (etcd is the pass's)",
+                AfterDrain::Left,
+                |c| {
+                    let cp: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "cp1", "labels": {"node-role.kubernetes.io/control-plane": ""}},
+                }))
+                .unwrap();
+                    c.nodes
+                        .push(Arc::new(crate::cache::CachedNode::from_node(&cp)));
+                },
+            ),
+            ("the caches not synced yet", AfterDrain::NotYet, |c| {
+                c.caches_ready = false
+            }),
+            (
+                "a write to the lease not cached yet",
+                AfterDrain::NotYet,
+                |c| {
+                    let expected = rollout::expectations::Expected::Changed {
+                        from: Some("9".into()),
+                    };
+                    let key = ObjectKey::lease("baton-reboot-n1");
+                    c.expectations.lock().unwrap().expect(key, expected, at());
+                },
+            ),
+            ("the reboot already allowed", AfterDrain::Left, |c| {
+                let mut v = (*c.nodes[0].view).clone();
+                v.agent.reboot_ok = Some(BootId::new("b1").unwrap());
+                let mut cached = (*c.nodes[0]).clone();
+                cached.view = Arc::new(v);
+                c.nodes = vec![Arc::new(cached)];
+            }),
+            (
+                "the drain's record not cached yet",
+                AfterDrain::NotYet,
+                |c| {
+                    let mut lease = (*c.leases[0]).clone();
+                    lease.annotations_mut().remove(l::DRAINED_AT.name);
+                    c.leases = vec![Arc::new(lease)];
+                },
+            ),
+            (
+                "a write to the node not cached yet",
+                AfterDrain::NotYet,
+                |c| {
+                    let expected = rollout::expectations::Expected::Changed {
+                        from: Some("7".into()),
+                    };
+                    c.expectations
+                        .lock()
+                        .unwrap()
+                        .expect(ObjectKey::node("n1"), expected, at());
+                },
+            ),
+            ("no lease cached yet", AfterDrain::NotYet, |c| {
+                c.leases.clear()
+            }),
+            ("the policy gone", AfterDrain::Left, |c| c.policies.clear()),
+            ("the policy being deleted", AfterDrain::Left, |c| {
+                let mut p = (*c.policies[0]).clone();
+                p.metadata.deletion_timestamp =
+                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at()));
+                c.policies = vec![Arc::new(p)];
+            }),
+            ("the grant failed", AfterDrain::Left, |c| {
+                let mut lease = (*c.leases[0]).clone();
+                let why = protocol::Message("drain timed out".into());
+                lease
+                    .annotations_mut()
+                    .insert(l::FAILURE.name.into(), l::FAILURE.format(&why));
+                c.leases = vec![Arc::new(lease)];
+            }),
+        ];
+        for (case, expected, change) in cases {
+            let mut c = drained();
+            change(&mut c);
+            assert_eq!(after_drain(&c, "n1").await.unwrap(), expected, "{case}");
+            assert!(c.all().is_empty(), "{case}: {:?}", c.all());
+        }
     }
 }

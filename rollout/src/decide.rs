@@ -107,7 +107,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     let own_leases = snapshot.leases.iter().filter(|l| l.policy == policy.name);
     for lease in own_leases {
         let node = nodes_by_name.get(lease.node.as_str()).copied();
-        let action = step(node, lease, policy, &snapshot.etcd, now);
+        let action = held(node, lease, policy, &snapshot.etcd, now);
         if let Some(t) = action.timer() {
             timers.push(t);
         }
@@ -537,8 +537,11 @@ fn is_up_to_date(node: &NodeView, policy: &Policy) -> bool {
     on_target && matches!(node.agent.state, Some(AgentState::Idle | AgentState::Done))
 }
 
-/// The next step of a node that holds one of the policy's leases.
-fn step(
+/// The next step of a node that holds one of `policy`'s leases (`node`: `None` once it
+/// is deleted), exactly as [`decide`] gives it, without deciding the rest of the pool:
+/// the operator's drain task takes a drain's next step with it. A policy being wound
+/// down ([`Policy::ending`]) decides its grants otherwise: for those, ask [`decide`].
+pub fn held(
     node: Option<&NodeView>,
     lease: &LeaseView,
     policy: &Policy,
@@ -832,7 +835,7 @@ fn wind_down_step(
         };
     }
     if may_be_rebooting(node, lease) {
-        return step(Some(node), lease, policy, etcd, now);
+        return held(Some(node), lease, policy, etcd, now);
     }
     Action::Abort {
         reason: format!("{why}: ending the grant before the reboot"),

@@ -127,8 +127,23 @@ fn check_run(
             }
         }
         world.advance(now);
-        let plan = decide(&world.snapshot(), &policy, now);
+        let snapshot = world.snapshot();
+        let plan = decide(&snapshot, &policy, now);
         let grants = plan.grants().count();
+
+        // A held node's step alone (the operator's drain task takes it) is the plan's.
+        for lease in snapshot.leases.iter().filter(|l| l.policy == policy.name) {
+            let node = snapshot.nodes.iter().find(|n| n.name == lease.node);
+            let alone =
+                rollout::decide::held(node.map(|n| &**n), lease, &policy, &snapshot.etcd, now);
+            prop_assert_eq!(
+                plan.node(&lease.node),
+                Some(&alone),
+                "step {}: {}",
+                step,
+                lease.node
+            );
+        }
 
         // Never more nodes disrupted than the budget.
         let unavailable = world
