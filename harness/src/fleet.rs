@@ -7,13 +7,16 @@
 
 use std::{
     collections::BTreeMap,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
+
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 
 use crate::{
     error::{Result, io},
@@ -85,6 +88,62 @@ struct Machine {
     /// The running agent's process id (0 while none runs).
     pid: AtomicU32,
     log: Mutex<MachineLog>,
+    /// Wakes the machine's supervisor (an eventfd): a kill, or the fleet stopping. The
+    /// supervisor sleeps until its agent exits or this is written, so 1,000 idle
+    /// machines cost the machine that runs them nothing.
+    wake: OwnedFd,
+}
+
+impl Machine {
+    fn new() -> Result<Machine> {
+        let wake = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| io("creating a machine's wake-up descriptor")(e.into()))?;
+        Ok(Machine {
+            kill: AtomicBool::new(false),
+            pid: AtomicU32::new(0),
+            log: Mutex::new(MachineLog::default()),
+            wake,
+        })
+    }
+
+    /// Wakes the supervisor to look at its flags.
+    fn nudge(&self) {
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
+    /// Sleeps until the machine is nudged, `exit` polls readable (the agent exited) or
+    /// `timeout` passes.
+    fn wait(&self, exit: Option<BorrowedFd<'_>>, timeout: Duration) {
+        let mut fds = [
+            PollFd::new(&self.wake, PollFlags::IN),
+            PollFd::new(&self.wake, PollFlags::IN),
+        ];
+        let watched = match exit {
+            Some(fd) => {
+                fds[1] = PollFd::from_borrowed_fd(fd, PollFlags::IN);
+                2
+            }
+            None => 1,
+        };
+        let timeout = Timespec::try_from(timeout).ok();
+        // An interrupted poll only means the caller looks at its flags again.
+        let _ = rustix::event::poll(&mut fds[..watched], timeout.as_ref());
+        if fds[0].revents().contains(PollFlags::IN) {
+            let _ = rustix::io::read(&self.wake, &mut [0u8; 8]);
+        }
+    }
+
+    /// Sleeps for `d`, less if `stop` is set meanwhile.
+    fn sleep_unless_stopped(&self, d: Duration, stop: &AtomicBool) {
+        let end = Instant::now() + d;
+        while !stop.load(Ordering::SeqCst) {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            self.wait(None, left);
+        }
+    }
 }
 
 /// The running fleet. Dropping it stops every agent.
@@ -114,17 +173,18 @@ impl Fleet {
             .tempdir()
             .map_err(io("creating the fleet's directory"))?;
         crate::interrupt::scratch(dir.path());
-        let stop = Arc::new(AtomicBool::new(false));
-        let failure = Arc::new(Mutex::new(None));
-        let mut machines = BTreeMap::new();
-        let mut threads = Vec::new();
+        // Built first, so that a machine that cannot be set up drops it: the agents
+        // already started are stopped, not left running.
+        let mut fleet = Fleet {
+            machines: BTreeMap::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            failure: Arc::new(Mutex::new(None)),
+            threads: Vec::new(),
+            dir,
+        };
         for node in nodes {
-            let machine = Arc::new(Machine {
-                kill: AtomicBool::new(false),
-                pid: AtomicU32::new(0),
-                log: Mutex::new(MachineLog::default()),
-            });
-            let state = dir.path().join(node);
+            let machine = Arc::new(Machine::new()?);
+            let state = fleet.dir.path().join(node);
             std::fs::create_dir_all(&state).map_err(io("creating a machine's state directory"))?;
             let mut args = vec![
                 "--node-name".to_string(),
@@ -143,25 +203,22 @@ impl Fleet {
                 args,
                 options: options.clone(),
                 machine: Arc::clone(&machine),
-                stop: Arc::clone(&stop),
-                failure: Arc::clone(&failure),
+                stop: Arc::clone(&fleet.stop),
+                failure: Arc::clone(&fleet.failure),
             };
-            threads.push(std::thread::spawn(move || supervisor.run()));
-            machines.insert(node.clone(), machine);
+            fleet.machines.insert(node.clone(), machine);
+            fleet
+                .threads
+                .push(std::thread::spawn(move || supervisor.run()));
         }
-        Ok(Fleet {
-            machines,
-            stop,
-            failure,
-            threads,
-            dir,
-        })
+        Ok(fleet)
     }
 
     /// Kills `node`'s agent (no reboot); it is restarted at once under the same boot.
     pub fn kill_agent(&self, node: &str) {
         if let Some(m) = self.machines.get(node) {
             m.kill.store(true, Ordering::SeqCst);
+            m.nudge();
         }
     }
 
@@ -221,6 +278,9 @@ impl Fleet {
 impl Drop for Fleet {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        for m in self.machines.values() {
+            m.nudge();
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -237,9 +297,13 @@ struct Supervisor {
     failure: Arc<Mutex<Option<String>>>,
 }
 
-/// How often a supervisor looks at its agent: often enough that a reboot starts within
-/// a tenth of a second, rarely enough that 1,000 supervisors do not load the machine.
+/// How often a supervisor looks for its agent's process id after starting it, and for
+/// its exit where it has no pidfd of it; otherwise it sleeps until the exit, a nudge
+/// or [`EXIT_WAIT`].
 const EXIT_POLL: Duration = Duration::from_millis(100);
+
+/// The longest a supervisor sleeps without looking at its flags, a nudge missed or not.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
 
 impl Supervisor {
     fn run(self) {
@@ -261,6 +325,7 @@ impl Supervisor {
                     return;
                 }
             };
+            let exit = proc.exit_fd();
             let code = loop {
                 if self.machine.pid.load(Ordering::SeqCst) == 0
                     && let Some(pid) = proc.component_pid()
@@ -278,7 +343,13 @@ impl Supervisor {
                 if proc.exited() {
                     break proc.exit_code();
                 }
-                std::thread::sleep(EXIT_POLL);
+                let known = self.machine.pid.load(Ordering::SeqCst) != 0;
+                let timeout = if exit.is_some() && known {
+                    EXIT_WAIT
+                } else {
+                    EXIT_POLL
+                };
+                self.machine.wait(exit.as_ref().map(AsFd::as_fd), timeout);
             };
             self.machine.pid.store(0, Ordering::SeqCst);
             if let Some(code @ (126 | 127)) = code {
@@ -309,7 +380,8 @@ impl Supervisor {
                 if let Some(hooks) = &self.options.hooks {
                     hooks.down(&self.node);
                 }
-                sleep_unless_stopped(self.options.reboot_time, &self.stop);
+                self.machine
+                    .sleep_unless_stopped(self.options.reboot_time, &self.stop);
                 if let Some(hooks) = self
                     .options
                     .hooks
@@ -328,7 +400,8 @@ impl Supervisor {
                         proc.log_tail(5)
                     );
                 }
-                sleep_unless_stopped(Duration::from_millis(200), &self.stop);
+                self.machine
+                    .sleep_unless_stopped(Duration::from_millis(200), &self.stop);
             }
         }
     }
@@ -337,11 +410,4 @@ impl Supervisor {
 fn spawn(binary: &Path, args: &[String], kubeconfig: &Path, log: PathBuf) -> Result<Supervised> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     crate::process::spawn_with_kubeconfig("baton-agent", binary, kubeconfig, &args, log)
-}
-
-fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
-    let end = std::time::Instant::now() + d;
-    while std::time::Instant::now() < end && !stop.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

@@ -119,6 +119,14 @@ impl Supervised {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
+    /// A descriptor that polls readable once it has exited (a pidfd), so a supervisor
+    /// can sleep until then instead of looking every so often. `None` when no pidfd can
+    /// be opened (an old kernel, a seccomp filter, no descriptors left).
+    pub fn exit_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+    }
+
     /// Its exit code once it has exited (`None` while running or when killed by a
     /// signal the supervisor did not turn into a code).
     pub fn exit_code(&mut self) -> Option<i32> {
