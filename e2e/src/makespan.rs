@@ -365,8 +365,8 @@ pub async fn run(
                 .iter()
                 .filter(|(t, _, _)| *t >= from)
                 .fold(0i64, |acc, (_, _, g)| acc + if *g { 1 } else { -1 });
-            // The Nodes are listed only while no Lease is held: a list of 1,000 Nodes
-            // is most of a second of this debug build's CPU, taken from what it measures.
+            // The Nodes are listed only while no Lease is held: parsing 1,000 Nodes in
+            // this debug build every few seconds takes CPU from what it measures.
             if held == 0
                 && nodes_api
                     .list(&ListParams::default())
