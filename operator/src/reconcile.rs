@@ -4,7 +4,7 @@
 //! (`controller`) runs it on the API server; the simulation runs the same function on
 //! its model.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use kube::{Resource, ResourceExt, runtime::events::EventType};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -13,7 +13,7 @@ use crds::{UpdatePolicy, policy::FINALIZER};
 use rollout::{
     Policy, decide,
     expectations::ObjectKey,
-    plan::{Action, NodePlan},
+    plan::{Action, NodePlan, TAKEOVER_WITHIN},
     policy::Ending,
 };
 
@@ -217,6 +217,7 @@ async fn roll_out<C: Cluster>(
         limit = plan.budget.limit,
         unavailable = plan.budget.unavailable,
         granted = plan.budget.granted,
+        taken_over = plan.budget.taken_over,
         asking = snapshot
             .nodes
             .iter()
@@ -270,10 +271,10 @@ async fn roll_out<C: Cluster>(
     // A status that says the rollout completed is read by the pools promoted after
     // this one: it waits for the steps that finish the last nodes.
     let (retry, reported) = if status.completed.is_some() {
-        let retry = perform(c, rules, &plan, now).await;
+        let retry = perform(c, rules, &plan.nodes, now).await;
         (retry, report.await)
     } else {
-        futures::future::join(perform(c, rules, &plan, now), report).await
+        futures::future::join(perform(c, rules, &plan.nodes, now), report).await
     };
     crate::silence::sync(c, rules, &plan, now).await;
     reported?;
@@ -307,7 +308,7 @@ async fn wind_down_invalid<C: Cluster>(
     let rules = Policy::wind_down(&name, &policy.spec, Ending::InvalidSpec);
     let snapshot = observe::snapshot(c, &rules, c.config().node_name.clone());
     let plan = decide(&snapshot, &rules, now);
-    let retry = perform(c, &rules, &plan, now).await;
+    let retry = perform(c, &rules, &plan.nodes, now).await;
     let status = status::invalid(
         errors,
         policy.meta().generation,
@@ -343,7 +344,7 @@ async fn end_deleted<C: Cluster>(
         return Ok(None);
     }
     let plan = decide(&snapshot, &rules, now);
-    let retry = perform(c, &rules, &plan, now).await;
+    let retry = perform(c, &rules, &plan.nodes, now).await;
     Ok(Some(requeue(plan.next_change, retry, now)))
 }
 
@@ -352,8 +353,8 @@ async fn end_deleted<C: Cluster>(
 /// budget filling, many nodes finishing together) waits for all of them in turn, and
 /// so does every node behind them. Steps of one plan are independent of each other:
 /// each node has one, and `decide` counts a node whose lease is being released as
-/// disrupted until its release is seen, so no grant relies on another step of the
-/// same plan having run first.
+/// disrupted until its release is seen. The one exception is a grant that takes a
+/// released slot (`Action::after`): it runs in its release's future, after it.
 const STEPS_AT_ONCE: usize = 32;
 
 /// At most this many publishing steps per pass. A new release reaches a large pool over
@@ -378,28 +379,59 @@ fn this_pass(plan: &[NodePlan]) -> (Vec<&NodePlan>, bool) {
 }
 
 /// Performs every node's step this pass takes ([`STEPS_AT_ONCE`] at a time); returns
-/// how soon to try again when a step failed or publishing was left over.
-async fn perform<C: Cluster>(
+/// how soon to try again when a step failed or publishing was left over. A grant that
+/// takes the slot of a node this plan releases runs right after that release, and only
+/// once [`slot_freed`] says the slot is free.
+pub(crate) async fn perform<C: Cluster>(
     c: &C,
     rules: &Policy,
-    plan: &rollout::Plan,
+    plan: &[NodePlan],
     now: jiff::Timestamp,
 ) -> Option<Duration> {
-    use futures::{FutureExt, StreamExt};
-    let (this_pass, left_over) = this_pass(&plan.nodes);
+    use futures::StreamExt;
+    let (this_pass, left_over) = this_pass(plan);
+    let mut then: HashMap<&str, &NodePlan> = HashMap::new();
+    let mut first = Vec::with_capacity(this_pass.len());
+    for step in this_pass {
+        match step.action.after() {
+            Some(after) => {
+                then.insert(after, step);
+            }
+            None => first.push(step),
+        }
+    }
     // The futures are made first, then run: a stream that maps borrowed steps to
     // futures lends itself to no `Send` proof the controller's runtime accepts.
-    let steps: Vec<_> = this_pass
+    let steps: Vec<_> = first
         .into_iter()
         .map(|step| {
-            let span = info_span!("node", node = %step.node);
-            step::perform(c, rules, step, now)
-                .instrument(span)
-                .map(move |result| (step, result))
+            let next = step
+                .action
+                .completes()
+                .then(|| then.remove(step.node.as_str()))
+                .flatten();
+            async move {
+                let result = perform_one(c, rules, step, now).await;
+                let mut done = Vec::with_capacity(2);
+                let released = result.is_ok();
+                done.push((step, result));
+                if let Some(next) = next {
+                    if released && slot_freed(c, step, now).await {
+                        done.push((next, perform_one(c, rules, next, now).await));
+                    } else {
+                        debug!(node = %next.node, after = %step.node, "the slot was not freed: the grant is left to the next pass");
+                    }
+                }
+                done
+            }
         })
         .collect();
+    for step in then.values() {
+        debug!(node = %step.node, "no release of this pass frees its slot: the grant is left to the next pass");
+    }
     let results: Vec<_> = futures::stream::iter(steps)
         .buffer_unordered(STEPS_AT_ONCE)
+        .flat_map(futures::stream::iter)
         .collect()
         .await;
     // Publishing left over goes on at once (the next pass waits for this one's writes
@@ -427,6 +459,31 @@ async fn perform<C: Cluster>(
         }
     }
     retry
+}
+
+/// Whether the slot of the node `released` gave back is free for another grant now:
+/// within [`TAKEOVER_WITHIN`] of the decision (whose window allowed that long), and its
+/// Lease gone as the API server reads it (a step may succeed without the Lease going,
+/// such as one another finalizer holds).
+async fn slot_freed<C: Cluster>(c: &C, released: &NodePlan, decided: jiff::Timestamp) -> bool {
+    let in_time = decided
+        .checked_add(TAKEOVER_WITHIN)
+        .is_ok_and(|bound| c.now() <= bound);
+    let Some(lease) = released.seen.lease.as_ref().filter(|_| in_time) else {
+        return false;
+    };
+    matches!(c.read(&ObjectKey::lease(&lease.name)).await, Ok(None))
+}
+
+/// Performs one node's step, in its node's span.
+async fn perform_one<C: Cluster>(
+    c: &C,
+    rules: &Policy,
+    step: &NodePlan,
+    now: jiff::Timestamp,
+) -> Result<()> {
+    let span = info_span!("node", node = %step.node);
+    step::perform(c, rules, step, now).instrument(span).await
 }
 
 /// When to look at the policy again: at `next` (a timer of the plan), soon after a

@@ -40,6 +40,7 @@ pub async fn perform<C: Cluster>(
             boot_id,
             target_version,
             drain,
+            ..
         } => {
             // A node this step granted is cordoned next, whatever else holds (it was
             // Ready and schedulable to be granted): at once, on the Node the grant was
@@ -464,6 +465,8 @@ mod tests {
         nodes: Vec<Arc<crate::cache::CachedNode>>,
         leases: Vec<Arc<Lease>>,
         policies: Vec<Arc<UpdatePolicy>>,
+        /// The object whose writes the API server refuses with a conflict.
+        refuse: Option<&'static str>,
     }
 
     impl Default for Recorded {
@@ -479,6 +482,7 @@ mod tests {
                 nodes: Vec::new(),
                 leases: Vec::new(),
                 policies: Vec::new(),
+                refuse: None,
             }
         }
     }
@@ -548,6 +552,22 @@ mod tests {
             Ok(Vec::new())
         }
         async fn send(&self, write: Write<'_>) -> Result<Option<String>, Refusal> {
+            let object = match &write {
+                Write::PatchNode { node, .. } => format!("node/{node}"),
+                Write::CreateLease(lease) => format!("lease/{}", lease.name_any()),
+                Write::PatchLease { name, .. } | Write::DeleteLease { name, .. } => {
+                    format!("lease/{name}")
+                }
+                Write::PatchPolicy { name, .. } | Write::PatchPolicyStatus { name, .. } => {
+                    format!("policy/{name}")
+                }
+            };
+            if self.refuse == Some(object.as_str()) {
+                return Err(Refusal {
+                    code: Some(409),
+                    message: format!("{object} changed"),
+                });
+            }
             match write {
                 Write::PatchNode { node, patch } => {
                     self.push(&format!("node/{node}"), patch.to_string())
@@ -641,6 +661,7 @@ mod tests {
             boot_id: BootId::new("aa").unwrap(),
             target_version: Version::new("2.0.0").ok(),
             drain: false,
+            after: None,
         })
         .await;
         assert_eq!(w[0].0, "lease/baton-reboot-n1");
@@ -665,6 +686,109 @@ mod tests {
         );
     }
 
+    /// A plan's two steps: n1 finishes and releases its slot, n2 is granted that slot.
+    fn release_then_grant() -> Vec<NodePlan> {
+        let finish = NodePlan {
+            node: "n1".into(),
+            action: Action::Finish {
+                uncordon: true,
+                release: true,
+            },
+            seen: seen(),
+        };
+        let grant = NodePlan {
+            node: "n2".into(),
+            action: Action::Grant {
+                boot_id: BootId::new("bb").unwrap(),
+                target_version: None,
+                drain: false,
+                after: Some("n1".into()),
+            },
+            seen: Seen {
+                node: Some(NodeFacts {
+                    resource_version: Some("3".into()),
+                    ..NodeFacts::default()
+                }),
+                lease: None,
+            },
+        };
+        // The grant comes first in the plan: the order of the steps must not matter.
+        vec![grant, finish]
+    }
+
+    #[tokio::test]
+    async fn a_grant_that_takes_a_released_slot_runs_after_the_release() {
+        let c = Recorded::default();
+        let retry = crate::reconcile::perform(&c, &policy(), &release_then_grant(), at()).await;
+        assert_eq!(retry, None);
+        let w = c.all();
+        let released = w
+            .iter()
+            .position(|(o, what)| o == "lease/baton-reboot-n1" && what == "delete");
+        let granted = w
+            .iter()
+            .position(|(o, what)| o == "lease/baton-reboot-n2" && what.starts_with("create"));
+        assert!(
+            released.is_some() && granted.is_some() && released < granted,
+            "{w:?}"
+        );
+        assert!(
+            w.iter()
+                .any(|(o, p)| o == "node/n2" && p.contains("unschedulable")),
+            "{w:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_grant_that_takes_a_released_slot_is_not_performed_when_the_release_fails() {
+        let c = Recorded {
+            refuse: Some("lease/baton-reboot-n1"),
+            ..Recorded::default()
+        };
+        let retry = crate::reconcile::perform(&c, &policy(), &release_then_grant(), at()).await;
+        assert!(retry.is_some(), "the failed release is tried again soon");
+        let w = c.all();
+        assert!(
+            !w.iter().any(|(o, _)| o.ends_with("n2")),
+            "the slot is not free: {w:?}"
+        );
+    }
+
+    /// Performs [`release_then_grant`] as decided at `decided`: n1's Lease is deleted,
+    /// and nothing is written for n2.
+    async fn released_alone(c: &Recorded, decided: Timestamp) {
+        crate::reconcile::perform(c, &policy(), &release_then_grant(), decided).await;
+        let w = c.all();
+        assert!(
+            w.iter()
+                .any(|(o, what)| o == "lease/baton-reboot-n1" && what == "delete")
+        );
+        assert!(!w.iter().any(|(o, _)| o.ends_with("n2")), "{w:?}");
+    }
+
+    #[tokio::test]
+    async fn a_grant_that_takes_a_released_slot_waits_for_the_lease_to_be_gone() {
+        // The delete succeeded, but the API server still has the Lease (another
+        // finalizer holds it): the slot is not free.
+        let c = Recorded {
+            lease_exists: true,
+            ..Recorded::default()
+        };
+        released_alone(&c, at()).await;
+    }
+
+    #[tokio::test]
+    async fn a_grant_that_takes_a_released_slot_is_dropped_when_the_release_took_too_long() {
+        // Decided more than TAKEOVER_WITHIN before the release was done: the window
+        // the decision checked may have closed since.
+        let c = Recorded::default();
+        let decided = at()
+            .checked_sub(rollout::plan::TAKEOVER_WITHIN)
+            .and_then(|t| t.checked_sub(jiff::SignedDuration::from_secs(1)))
+            .unwrap();
+        released_alone(&c, decided).await;
+    }
+
     #[tokio::test]
     async fn a_grant_without_before_reboot_hooks_records_the_drain_and_starts_it_after_the_cordon()
     {
@@ -672,6 +796,7 @@ mod tests {
             boot_id: BootId::new("aa").unwrap(),
             target_version: None,
             drain: true,
+            after: None,
         })
         .await;
         let started = format!(

@@ -9,13 +9,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use jiff::Timestamp;
 
-use crds::{AgentState, WindowMode};
+use crds::{AgentState, OnTimeout, WindowMode};
 
 use crate::{
     control_plane::{self, Guard},
     etcd::Etcd,
     plan::{
         Action, BudgetUse, Conflict, Counts, EtcdGuard, NodePlan, Plan, ReleaseReason, Seen, Skip,
+        TAKEOVER_WITHIN,
     },
     policy::{Ending, HookRule, Policy},
     snapshot::{LeaseView, NodeView, Snapshot},
@@ -102,6 +103,9 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
     // Every node holding one of this policy's leases uses this policy's budget,
     // wherever its labels point now, until its lease is released.
     let mut own_held = 0usize;
+    // Nodes this plan releases that are available once released: each frees a slot a
+    // grant of this plan may take, performed only after that release succeeded.
+    let mut freeing: Vec<&str> = Vec::new();
 
     // In-flight nodes first: they run to completion whatever the window or gates say.
     let own_leases = snapshot.leases.iter().filter(|l| l.policy == policy.name);
@@ -112,13 +116,25 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
             timers.push(t);
         }
         match &action {
-            Action::Fail { .. } | Action::Skip(Skip::Failed(_)) => {
+            // A drain that timed out under `Abort` fails its node in this plan's step:
+            // it counts as failed now, so that no grant of this plan runs beside it on
+            // a pool it halts.
+            Action::Fail { .. }
+            | Action::Skip(Skip::Failed(_))
+            | Action::DrainTimedOut(OnTimeout::Abort) => {
                 failed.insert(lease.node.as_str());
                 own_held += 1;
             }
             action if action.completes() => {
                 released_done += 1;
                 own_held += 1;
+                // Only a release that writes the Node, on the version the decision
+                // saw: a node changed since (cordoned, NotReady) fails the write, and
+                // its slot is then not taken.
+                let writes_node = matches!(action, Action::Finish { release: true, .. });
+                if writes_node && node.is_some_and(|n| available_once_released(n, action)) {
+                    freeing.push(lease.node.as_str());
+                }
             }
             Action::Release(ReleaseReason::NodeDeleted) => {}
             _ => {
@@ -248,6 +264,20 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         (None, None) => window_gate(window, policy, now),
     };
     let mut guard = Guard::new(snapshot, policy, &pool, &leases_by_node);
+    // A control-plane pool's grants wait on etcd's members as the snapshot saw them, so
+    // only a pool without one takes over released slots.
+    // Over the budget (an admin's cordon, a node gone NotReady), no slot is taken over:
+    // the releases run side by side, and a grant after the first of them would
+    // disrupt more than the budget until the others are done.
+    // Nor when the window may close (or a freeze start) before the grant is written.
+    if guard.has_control_plane(&pool)
+        || unavailable > limit
+        || !open_for_a_takeover(window, policy, now)
+    {
+        freeing.clear();
+    }
+    freeing.reverse();
+    let mut taken_over = 0usize;
     for node in rest {
         let action =
             if (node.cordoned_by_baton && node.unschedulable) || node.agent.reboot_ok.is_some() {
@@ -300,6 +330,11 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                             })
                     }
                 };
+                // Past the free room, a slot a release of this plan frees. Every
+                // other check counts the releasing node as still disrupted (its zone's
+                // use, its zone in progress), so taking its slot never goes beyond
+                // what the release gives back.
+                let room = if free > 0 { free } else { freeing.len() };
                 match candidate(
                     node,
                     snapshot,
@@ -307,7 +342,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                     halted.is_some(),
                     &window_gate,
                     Room {
-                        free,
+                        free: room,
                         active_zones: &active_zones,
                         zones: &zones,
                         promoted,
@@ -315,7 +350,14 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                     &guard,
                 ) {
                     Ok(boot_id) => {
-                        free -= 1;
+                        // `room` was not zero: free room, or else a released slot.
+                        let after = if free > 0 {
+                            free -= 1;
+                            None
+                        } else {
+                            freeing.pop().map(str::to_string)
+                        };
+                        taken_over += usize::from(after.is_some());
                         guard.granted(node.name.as_str());
                         zones.granted(node);
                         if policy.one_zone_at_a_time {
@@ -325,6 +367,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                             boot_id,
                             target_version: node.agent.target_version.clone(),
                             drain: policy.before_reboot.is_none(),
+                            after,
                         }
                     }
                     Err(skip) => Action::Skip(skip),
@@ -411,6 +454,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
             limit,
             unavailable,
             granted,
+            taken_over,
         },
         window,
         halted,
@@ -420,6 +464,30 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
         conflicts,
         counts,
         next_change,
+    }
+}
+
+/// Whether a node whose step `releases` it is available once that step is written:
+/// Ready, not failed, and schedulable, or cordoned only by baton and uncordoned by the
+/// same step. Its slot is then free for another grant.
+fn available_once_released(node: &NodeView, releases: &Action) -> bool {
+    let schedulable =
+        !node.unschedulable || matches!(releases, Action::Finish { uncordon: true, .. });
+    node.ready && schedulable && node.failure.is_none() && node.agent_failure().is_none()
+}
+
+/// Whether the window stays open [`TAKEOVER_WITHIN`] from `now` (with the longest
+/// disruption fitting after that, in `Fit` mode), so that a grant taking a released slot
+/// lands inside it however long the release takes within that bound.
+fn open_for_a_takeover(window: WindowState, policy: &Policy, now: Timestamp) -> bool {
+    let margin = match policy.window_mode {
+        WindowMode::Fit => TAKEOVER_WITHIN.saturating_add(policy.longest_disruption()),
+        WindowMode::Start => TAKEOVER_WITHIN,
+    };
+    match window {
+        WindowState::Always => true,
+        WindowState::Open { closes } => now.checked_add(margin).is_ok_and(|end| end <= closes),
+        WindowState::Closed { .. } => false,
     }
 }
 
@@ -793,6 +861,7 @@ fn wind_down(snapshot: &Snapshot, policy: &Policy, ending: Ending, now: Timestam
             limit: 0,
             unavailable: plans.len(),
             granted: 0,
+            taken_over: 0,
         },
         nodes: plans,
         holders,

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 
 use crds::{
     OnTimeout,
@@ -126,6 +126,12 @@ impl Seen {
     }
 }
 
+/// How long after its decision a grant that takes a released slot may still be made:
+/// `decide` offers a released slot only while the window stays open (and, in `Fit`
+/// mode, the disruption still fits) this much longer, and the operator drops the grant
+/// when its release took longer than that.
+pub const TAKEOVER_WITHIN: SignedDuration = SignedDuration::from_secs(30);
+
 /// How the budget is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BudgetUse {
@@ -135,6 +141,18 @@ pub struct BudgetUse {
     pub unavailable: usize,
     /// Grants in this plan.
     pub granted: usize,
+    /// Of those, the grants that take the slot of a node this plan releases (each
+    /// performed only after its release): they add nothing to what is disrupted.
+    pub taken_over: usize,
+}
+
+impl BudgetUse {
+    /// How much of the budget this decision counts as used: the unavailable nodes (a
+    /// node being released still counts until its release is seen) and the new
+    /// disruptions (a grant that takes a released slot adds none).
+    pub fn used(&self) -> usize {
+        (self.unavailable + self.granted).saturating_sub(self.taken_over)
+    }
 }
 
 /// Counts for `UpdatePolicy.status`.
@@ -174,6 +192,10 @@ pub enum Action {
         target_version: Option<Version>,
         /// Whether the drain starts in the same step (no before-reboot hook).
         drain: bool,
+        /// The node whose release, in this same plan, frees the slot this grant takes:
+        /// the grant is performed right after that release succeeded, and not at all
+        /// when it failed. `None` for a grant on the budget's free room.
+        after: Option<String>,
     },
     /// Cordon it, recording that baton did.
     Cordon,
@@ -457,6 +479,14 @@ impl Action {
     /// Whether this action starts a new disruption.
     pub fn is_grant(&self) -> bool {
         matches!(self, Action::Grant { .. })
+    }
+
+    /// The node whose release this grant waits on, when it takes that node's slot.
+    pub fn after(&self) -> Option<&str> {
+        match self {
+            Action::Grant { after, .. } => after.as_deref(),
+            _ => None,
+        }
     }
 
     /// The deadline or timer this action waits on, if any.

@@ -357,6 +357,7 @@ mod tests {
             boot_id: crds::protocol::BootId::new("b1").unwrap(),
             target_version: None,
             drain: true,
+            after: None,
         };
         let fail = Action::Fail { reason: "x".into() };
         assert_eq!(

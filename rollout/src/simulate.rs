@@ -261,6 +261,7 @@ impl World {
                     boot_id,
                     target_version,
                     drain,
+                    ..
                 } => {
                     let target = target_version.clone();
                     self.leases.push(LeaseView {

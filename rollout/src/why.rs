@@ -156,7 +156,7 @@ pub fn next_window(rules: &Policy, now: Timestamp) -> Option<String> {
 
 /// Who uses the budget: `1/1 in use by node-4` (or by unavailable nodes).
 fn budget(plan: &Plan) -> String {
-    let used = plan.budget.unavailable + plan.budget.granted;
+    let used = plan.budget.used();
     let limit = plan.budget.limit;
     match (used, plan.holders.is_empty()) {
         (0, _) => format!("0/{limit} in use"),
@@ -235,10 +235,7 @@ pub fn gates(
             },
         ),
     };
-    let free = plan
-        .budget
-        .limit
-        .saturating_sub(plan.budget.unavailable + plan.budget.granted);
+    let free = plan.budget.limit.saturating_sub(plan.budget.used());
     let zone = node.zone(&rules.zone_label);
     let busy: std::collections::BTreeSet<&str> = snapshot
         .nodes

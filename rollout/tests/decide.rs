@@ -73,13 +73,18 @@ fn only_the_steps_that_write_act_so_waiting_nodes_cost_the_operator_nothing() {
         .filter(|n| n.action.acts())
         .map(|n| (n.node.as_str(), n.action.to_string()))
         .collect();
-    // node-02 is uncordoned; the budget (1) is used, so the other three wait.
-    assert_eq!(acting.len(), 1, "{acting:?}");
+    // node-02 is uncordoned and released; the slot it frees goes to node-01, right
+    // after the release; the budget (1) is then used, so the other three wait.
+    assert_eq!(acting.len(), 2, "{acting:?}");
     assert_eq!(acting[0].0, "node-02");
+    assert_eq!(
+        plan.node("node-01").and_then(Action::after),
+        Some("node-02")
+    );
     assert!(
         plan.nodes
             .iter()
-            .filter(|n| n.node != "node-02")
+            .filter(|n| !["node-01", "node-02"].contains(&n.node.as_str()))
             .all(|n| matches!(n.action, rollout::Action::Skip(_))),
         "{:?}",
         plan.nodes
@@ -388,12 +393,16 @@ fn a_finished_node_is_released_in_the_same_step_unless_it_must_settle() {
     rebooted_into_the_new_version(&mut w, "node-01");
     let plan = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
     // Released in this plan: its slot is not a holder any more, and it counts as
-    // updated; it still counts against the budget until the release is seen.
-    assert!(plan.holders.is_empty(), "{:?}", plan.holders);
+    // updated. It still counts against the budget: the slot it frees is taken only by
+    // a grant performed after the release.
+    assert_eq!(plan.holders, ["node-02"]);
     assert_eq!(plan.counts.up_to_date, 1);
-    assert!(
-        plan.grants().next().is_none(),
-        "the slot is free only once seen free"
+    assert_eq!(plan.budget.unavailable, 1);
+    assert_eq!(plan.budget.taken_over, 1);
+    assert_eq!(plan.budget.used(), 1);
+    assert_eq!(
+        plan.node("node-02").and_then(Action::after),
+        Some("node-01")
     );
     let settling = policy(serde_json::json!({"health": {"settleTime": "5m"}}));
     let plan = decide(&w.snapshot(), &settling, at(NOW));
@@ -431,6 +440,117 @@ fn settle_time_delays_the_release() {
         plan.node("node-01"),
         Some(&Action::Release(ReleaseReason::Done))
     );
+    assert!(
+        taking_over(&plan).is_empty(),
+        "a settled node's release writes nothing guarded by what the decision saw: \
+         its slot goes to the next pass"
+    );
+}
+
+#[test]
+fn a_released_slot_is_taken_only_while_the_window_stays_open_long_enough() {
+    // A window 03:00 to 04:00 on Saturdays (NOW is 03:00).
+    let windowed = |mode: &str| {
+        policy(serde_json::json!({
+            "maintenanceWindows": [{"schedule": "0 3 * * 6", "duration": "1h", "timeZone": "UTC"}],
+            "windowMode": mode,
+            "drain": {"timeout": "10m"},
+            "health": {"rebootTimeout": "20m"}
+        }))
+    };
+    let mut w = world(3);
+    rebooted_into_the_new_version(&mut w, "node-03");
+    let start = windowed("Start");
+    assert_eq!(
+        taking_over(&decide(&w.snapshot(), &start, at(NOW))).len(),
+        1
+    );
+    // 20 s before the close: a grant on free room could still start, but a takeover
+    // written up to TAKEOVER_WITHIN later might not.
+    let late = at("2026-11-28T03:59:40Z");
+    assert!(taking_over(&decide(&w.snapshot(), &start, late)).is_empty());
+    // Fit: the disruption must still fit after TAKEOVER_WITHIN.
+    let fit = windowed("Fit");
+    let tight = at("2026-11-28T03:29:50Z");
+    let plan = decide(&w.snapshot(), &fit, tight);
+    assert!(taking_over(&plan).is_empty(), "{:?}", plan.nodes);
+    assert_eq!(taking_over(&decide(&w.snapshot(), &fit, at(NOW))).len(), 1);
+}
+
+/// The grants that take a released slot: (node, the node whose release it waits on).
+fn taking_over(plan: &rollout::Plan) -> Vec<(&str, &str)> {
+    plan.nodes
+        .iter()
+        .filter_map(|n| n.action.after().map(|after| (n.node.as_str(), after)))
+        .collect()
+}
+
+#[test]
+fn each_released_slot_is_taken_by_at_most_one_grant_on_top_of_the_free_room() {
+    let mut w = world(8);
+    rebooted_into_the_new_version(&mut w, "node-07");
+    rebooted_into_the_new_version(&mut w, "node-08");
+    let p = policy(serde_json::json!({"maxUnavailable": 3}));
+    let plan = decide(&w.snapshot(), &p, at(NOW));
+    // One slot is free, two are being released: three grants, two of them after a
+    // release each, and nothing more is disrupted once the plan is performed.
+    assert_eq!(
+        plan.grants().collect::<Vec<_>>(),
+        ["node-01", "node-02", "node-03"]
+    );
+    assert_eq!(plan.node("node-01").and_then(Action::after), None);
+    let mut taken = taking_over(&plan);
+    taken.sort_by_key(|(_, after)| *after);
+    assert_eq!(taken, [("node-02", "node-07"), ("node-03", "node-08")]);
+    assert_eq!(plan.budget.used(), 3);
+    assert_eq!(plan.node("node-04"), Some(&Action::Skip(Skip::Budget)));
+}
+
+#[test]
+fn a_node_still_unavailable_once_released_frees_no_slot() {
+    // Cordoned by someone else as well: the release leaves it cordoned.
+    let mut w = world(3);
+    rebooted_into_the_new_version(&mut w, "node-03");
+    w.node_mut("node-03").unwrap().cordoned_by_baton = false;
+    let plan = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
+    assert!(plan.node("node-03").is_some_and(Action::releases));
+    assert!(taking_over(&plan).is_empty(), "{:?}", plan.nodes);
+    assert_eq!(plan.node("node-01"), Some(&Action::Skip(Skip::Budget)));
+
+    // Over the budget (an admin cordoned a node meanwhile): no slot is taken over, as
+    // the two releases run side by side.
+    let mut w = world(5);
+    rebooted_into_the_new_version(&mut w, "node-04");
+    rebooted_into_the_new_version(&mut w, "node-05");
+    w.node_mut("node-03").unwrap().unschedulable = true;
+    let plan = decide(
+        &w.snapshot(),
+        &policy(serde_json::json!({"maxUnavailable": 2})),
+        at(NOW),
+    );
+    assert_eq!(plan.budget.unavailable, 3);
+    assert!(taking_over(&plan).is_empty(), "{:?}", plan.nodes);
+
+    // NotReady again after its verification.
+    let mut w = world(3);
+    rebooted_into_the_new_version(&mut w, "node-03");
+    w.node_mut("node-03").unwrap().ready = false;
+    let plan = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
+    assert!(taking_over(&plan).is_empty(), "{:?}", plan.nodes);
+}
+
+#[test]
+fn a_released_slot_is_taken_only_by_a_node_every_other_rule_lets_start() {
+    let mut w = world(3);
+    rebooted_into_the_new_version(&mut w, "node-03");
+    w.node_mut("node-01").unwrap().paused = true;
+    let plan = decide(&w.snapshot(), &policy(serde_json::json!({})), at(NOW));
+    assert_eq!(plan.node("node-01"), Some(&Action::Skip(Skip::NodePaused)));
+    assert_eq!(taking_over(&plan), [("node-02", "node-03")]);
+
+    let paused = policy(serde_json::json!({"paused": true}));
+    let plan = decide(&w.snapshot(), &paused, at(NOW));
+    assert!(taking_over(&plan).is_empty(), "{:?}", plan.nodes);
 }
 
 #[test]
@@ -587,6 +707,27 @@ fn a_drain_past_its_timeout_applies_on_timeout() {
             Some(&Action::DrainTimedOut(expected))
         );
     }
+}
+
+#[test]
+fn a_drain_timing_out_under_abort_halts_the_pool_in_the_same_plan() {
+    // node-02's drain times out under Abort while node-03 is released: with
+    // maxFailedNodes 1, neither the released slot nor free room is granted beside it.
+    let mut w = world(4);
+    draining(&mut w, "node-02");
+    rebooted_into_the_new_version(&mut w, "node-03");
+    let p = policy(serde_json::json!({
+        "maxUnavailable": 3,
+        "drain": {"timeout": "10m", "onTimeout": "Abort"},
+        "failurePolicy": {"maxFailedNodes": 1}
+    }));
+    let plan = decide(&w.snapshot(), &p, at("2026-11-28T03:10:00Z"));
+    assert_eq!(
+        plan.node("node-02"),
+        Some(&Action::DrainTimedOut(OnTimeout::Abort))
+    );
+    assert!(plan.halted.is_some());
+    assert_eq!(plan.grants().count(), 0, "{:?}", plan.nodes);
 }
 
 #[test]
@@ -1037,4 +1178,33 @@ fn an_invalid_spec_still_drives_nodes_in_flight_and_keeps_failures() {
         Some(Action::Skip(Skip::Failed(_)))
     ));
     assert_eq!(plan.grants().count(), 0);
+}
+
+#[test]
+fn a_released_slot_still_counts_in_its_zone_until_the_release_is_seen() {
+    // node-01 and node-04 are zone a, node-02 and node-05 zone b.
+    let mut w = World::requesting(6, 3, "1", "2");
+    rebooted_into_the_new_version(&mut w, "node-01");
+    let p = policy(serde_json::json!({
+        "maxUnavailable": 1,
+        "maxUnavailablePerZone": 1,
+        "ordering": {"oneZoneAtATime": false}
+    }));
+    let plan = decide(&w.snapshot(), &p, at(NOW));
+    // Zone a's cap still counts node-01: its slot goes to the next zone's node.
+    assert_eq!(
+        plan.node("node-04"),
+        Some(&Action::Skip(Skip::ZoneBudget("zone-a".into())))
+    );
+    assert_eq!(taking_over(&plan), [("node-02", "node-01")]);
+
+    // One zone at a time: zone a stays the zone in progress until the release is seen.
+    w.node_mut("node-04").unwrap().agent.state = None;
+    let p = policy(serde_json::json!({}));
+    let plan = decide(&w.snapshot(), &p, at(NOW));
+    assert!(taking_over(&plan).is_empty(), "{:?}", plan.nodes);
+    assert!(matches!(
+        plan.node("node-02"),
+        Some(Action::Skip(Skip::OtherZone(_)))
+    ));
 }

@@ -93,6 +93,21 @@ fn failed_count(world: &World) -> usize {
 }
 
 /// Runs one scenario and checks every safety invariant at every step.
+/// The nodes the budget counts: leased, NotReady, cordoned or failed.
+fn disrupted(world: &World) -> usize {
+    world
+        .nodes
+        .iter()
+        .filter(|n| {
+            world.leases.iter().any(|l| l.node == n.name)
+                || !n.ready
+                || n.unschedulable
+                || n.failure.is_some()
+                || n.agent.state.is_some_and(crds::AgentState::is_failure)
+        })
+        .count()
+}
+
 fn check_run(
     nodes: usize,
     zones: usize,
@@ -146,25 +161,52 @@ fn check_run(
         }
 
         // Never more nodes disrupted than the budget.
-        let unavailable = world
-            .nodes
-            .iter()
-            .filter(|n| {
-                world.leases.iter().any(|l| l.node == n.name)
-                    || !n.ready
-                    || n.unschedulable
-                    || n.failure.is_some()
-                    || n.agent.state.is_some_and(crds::AgentState::is_failure)
-            })
-            .count();
+        let unavailable = disrupted(&world);
+        // A grant beyond the free room takes the slot of a node this plan releases,
+        // each such node's slot once, and only a node available once released.
+        let taken: Vec<&str> = plan.nodes.iter().filter_map(|n| n.action.after()).collect();
+        let distinct: BTreeSet<&str> = taken.iter().copied().collect();
+        prop_assert_eq!(distinct.len(), taken.len(), "a released slot taken twice");
+        for after in &taken {
+            prop_assert!(
+                plan.node(after)
+                    .is_some_and(|a| matches!(a, Action::Finish { release: true, .. })),
+                "step {}: a grant waits on {}, which this plan does not release",
+                step,
+                after
+            );
+            let n = world.nodes.iter().find(|n| n.name == *after).unwrap();
+            prop_assert!(n.ready && n.failure.is_none() && !admin_cordoned.contains(*after));
+        }
+        prop_assert_eq!(plan.budget.taken_over, taken.len());
+        // ...and only while the window stays open as long as the operator may take to
+        // write it.
+        if !taken.is_empty() {
+            let lasts = match policy.windows.state(now) {
+                WindowState::Always => true,
+                WindowState::Open { closes } => {
+                    now.checked_add(rollout::plan::TAKEOVER_WITHIN).unwrap() <= closes
+                }
+                WindowState::Closed { .. } => false,
+            };
+            prop_assert!(
+                lasts,
+                "step {}: a slot taken over as the window closes",
+                step
+            );
+        }
+        // Each grant after a release runs once that release is done, whatever the
+        // others: at every moment in between, what was unavailable plus the grants
+        // on free room stays within the budget.
+        let fresh = grants - taken.len();
         if grants > 0 {
             prop_assert!(
-                unavailable + grants <= limit,
-                "step {step}: {unavailable} unavailable + {grants} grants > {limit}"
+                unavailable + fresh <= limit,
+                "step {step}: {unavailable} unavailable + {fresh} grants > {limit}"
             );
         }
         prop_assert!(
-            world.leases.len() + grants <= limit.max(world.leases.len()),
+            world.leases.len() + fresh <= limit.max(world.leases.len()),
             "leases beyond budget"
         );
         prop_assert!(
@@ -250,6 +292,24 @@ fn check_run(
 
         let leases_before: BTreeSet<String> = world.leases.iter().map(|l| l.node.clone()).collect();
         let (_, changed) = world.apply(&plan, &policy, now, &reboot);
+        // Nor does a plan whose own steps halt it: its grants would run beside them.
+        if failed_count(&world) >= policy.max_failed as usize {
+            prop_assert_eq!(
+                grants,
+                0,
+                "step {}: granted beside the failure that halts",
+                step
+            );
+        }
+        // Once the plan is performed (each release before the grant that waits on it),
+        // no more is disrupted than the budget.
+        if grants > 0 {
+            let after = disrupted(&world);
+            prop_assert!(
+                after <= limit,
+                "step {step}: {after} disrupted after the plan > {limit}"
+            );
+        }
         for name in &admin_cordoned {
             prop_assert!(
                 world
