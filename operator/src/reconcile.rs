@@ -462,17 +462,23 @@ pub(crate) async fn perform<C: Cluster>(
 }
 
 /// Whether the slot of the node `released` gave back is free for another grant now:
-/// within [`TAKEOVER_WITHIN`] of the decision (whose window allowed that long), and its
-/// Lease gone as the API server reads it (a step may succeed without the Lease going,
-/// such as one another finalizer holds).
+/// its Lease gone as the API server reads it (a step may succeed without the Lease
+/// going, such as one another finalizer holds), and the read answered within
+/// [`TAKEOVER_WITHIN`] of the decision, whose window allowed that long.
 async fn slot_freed<C: Cluster>(c: &C, released: &NodePlan, decided: jiff::Timestamp) -> bool {
-    let in_time = decided
-        .checked_add(TAKEOVER_WITHIN)
-        .is_ok_and(|bound| c.now() <= bound);
-    let Some(lease) = released.seen.lease.as_ref().filter(|_| in_time) else {
+    // Checked before the read and again after it: a slow read, or a clock stepped
+    // back, must not carry the grant past the window the decision checked.
+    let in_time = || {
+        let now = c.now();
+        decided <= now
+            && decided
+                .checked_add(TAKEOVER_WITHIN)
+                .is_ok_and(|bound| now <= bound)
+    };
+    let Some(lease) = released.seen.lease.as_ref().filter(|_| in_time()) else {
         return false;
     };
-    matches!(c.read(&ObjectKey::lease(&lease.name)).await, Ok(None))
+    matches!(c.read(&ObjectKey::lease(&lease.name)).await, Ok(None)) && in_time()
 }
 
 /// Performs one node's step, in its node's span.

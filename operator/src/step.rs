@@ -767,6 +767,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_grant_that_takes_a_released_slot_is_not_performed_when_the_node_changed() {
+        // The Node changed since the decision (cordoned, NotReady): the Finish's
+        // version-guarded write conflicts, nothing is released, nothing granted.
+        let c = Recorded {
+            refuse: Some("node/n1"),
+            ..Recorded::default()
+        };
+        let retry = crate::reconcile::perform(&c, &policy(), &release_then_grant(), at()).await;
+        assert!(retry.is_some());
+        let w = c.all();
+        assert!(
+            !w.iter()
+                .any(|(o, _)| o.ends_with("n2") || o == "lease/baton-reboot-n1"),
+            "{w:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_grant_waits_only_on_a_release_not_on_another_step_of_that_node() {
+        let mut plan = release_then_grant();
+        plan[1].action = Action::Publish {
+            version: Version::new("2.0.0").unwrap(),
+            release: None,
+        };
+        let c = Recorded::default();
+        crate::reconcile::perform(&c, &policy(), &plan, at()).await;
+        let w = c.all();
+        assert!(w.iter().any(|(o, _)| o == "node/n1"), "published: {w:?}");
+        assert!(!w.iter().any(|(o, _)| o.ends_with("n2")), "{w:?}");
+    }
+
+    #[tokio::test]
     async fn a_grant_that_takes_a_released_slot_waits_for_the_lease_to_be_gone() {
         // The delete succeeded, but the API server still has the Lease (another
         // finalizer holds it): the slot is not free.

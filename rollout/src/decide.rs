@@ -350,24 +350,29 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                     &guard,
                 ) {
                     Ok(boot_id) => {
-                        // `room` was not zero: free room, or else a released slot.
-                        let after = if free > 0 {
+                        // Free room first, or else a released slot (`candidate` saw one).
+                        let slot = if free > 0 {
                             free -= 1;
-                            None
+                            Ok(None)
                         } else {
-                            freeing.pop().map(str::to_string)
+                            freeing.pop().map(Some).ok_or(Skip::Budget)
                         };
-                        taken_over += usize::from(after.is_some());
-                        guard.granted(node.name.as_str());
-                        zones.granted(node);
-                        if policy.one_zone_at_a_time {
-                            active_zones.insert(node.zone(&policy.zone_label));
-                        }
-                        Action::Grant {
-                            boot_id,
-                            target_version: node.agent.target_version.clone(),
-                            drain: policy.before_reboot.is_none(),
-                            after,
+                        match slot {
+                            Ok(after) => {
+                                taken_over += usize::from(after.is_some());
+                                guard.granted(node.name.as_str());
+                                zones.granted(node);
+                                if policy.one_zone_at_a_time {
+                                    active_zones.insert(node.zone(&policy.zone_label));
+                                }
+                                Action::Grant {
+                                    boot_id,
+                                    target_version: node.agent.target_version.clone(),
+                                    drain: policy.before_reboot.is_none(),
+                                    after: after.map(str::to_string),
+                                }
+                            }
+                            Err(skip) => Action::Skip(skip),
                         }
                     }
                     Err(skip) => Action::Skip(skip),

@@ -92,7 +92,6 @@ fn failed_count(world: &World) -> usize {
         .count()
 }
 
-/// Runs one scenario and checks every safety invariant at every step.
 /// The nodes the budget counts: leased, NotReady, cordoned or failed.
 fn disrupted(world: &World) -> usize {
     world
@@ -108,6 +107,7 @@ fn disrupted(world: &World) -> usize {
         .count()
 }
 
+/// Runs one scenario and checks every safety invariant at every step.
 fn check_run(
     nodes: usize,
     zones: usize,
@@ -185,7 +185,12 @@ fn check_run(
             let lasts = match policy.windows.state(now) {
                 WindowState::Always => true,
                 WindowState::Open { closes } => {
-                    now.checked_add(rollout::plan::TAKEOVER_WITHIN).unwrap() <= closes
+                    let fit = match policy.window_mode {
+                        crds::WindowMode::Fit => policy.longest_disruption(),
+                        crds::WindowMode::Start => SignedDuration::ZERO,
+                    };
+                    let margin = rollout::plan::TAKEOVER_WITHIN + fit;
+                    now.checked_add(margin).unwrap() <= closes
                 }
                 WindowState::Closed { .. } => false,
             };
