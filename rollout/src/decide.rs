@@ -343,6 +343,7 @@ pub fn decide(snapshot: &Snapshot, policy: &Policy, now: Timestamp) -> Plan {
                     &window_gate,
                     Room {
                         free: room,
+                        released_only: free == 0,
                         active_zones: &active_zones,
                         zones: &zones,
                         promoted,
@@ -518,6 +519,8 @@ fn window_gate(window: WindowState, policy: &Policy, now: Timestamp) -> Result<(
 struct Room<'a, 'b> {
     /// Budget left.
     free: usize,
+    /// Whether that budget is only slots this plan's releases free.
+    released_only: bool,
     /// Zones in progress.
     active_zones: &'a BTreeSet<&'b str>,
     /// Each zone's cap and use.
@@ -539,6 +542,7 @@ fn candidate(
 ) -> Result<crds::protocol::BootId, Skip> {
     let Room {
         free,
+        released_only,
         active_zones,
         zones,
         promoted,
@@ -575,13 +579,20 @@ fn candidate(
     if free == 0 {
         return Err(Skip::Budget);
     }
-    zones.check(node)?;
     let zone = node.zone(&policy.zone_label);
-    if policy.one_zone_at_a_time && !active_zones.is_empty() && !active_zones.contains(zone) {
-        let busy = active_zones.iter().next().copied().unwrap_or_default();
-        return Err(Skip::OtherZone(busy.to_string()));
+    let fits = zones.check(node).and_then(|()| {
+        if policy.one_zone_at_a_time && !active_zones.is_empty() && !active_zones.contains(zone) {
+            let busy = active_zones.iter().next().copied().unwrap_or_default();
+            return Err(Skip::OtherZone(busy.to_string()));
+        }
+        Ok(())
+    });
+    match fits {
+        // A released slot is offered only to a node that fits it; the others still
+        // wait on the budget, which this snapshot shows full.
+        Err(_) if released_only => Err(Skip::Budget),
+        fits => fits.map(|()| boot_id),
     }
-    Ok(boot_id)
 }
 
 /// The documented rollout order: the operator's own node last, then by zone name, then

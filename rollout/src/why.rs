@@ -158,8 +158,20 @@ pub fn next_window(rules: &Policy, now: Timestamp) -> Option<String> {
 fn budget(plan: &Plan) -> String {
     let used = plan.budget.used();
     let limit = plan.budget.limit;
+    let releasing: Vec<&str> = plan
+        .nodes
+        .iter()
+        .filter(|n| n.action.releases())
+        .map(|n| n.node.as_str())
+        .collect();
     match (used, plan.holders.is_empty()) {
         (0, _) => format!("0/{limit} in use"),
+        (_, true) if !releasing.is_empty() => {
+            format!(
+                "{used}/{limit} in use by {} (releasing)",
+                releasing.join(", ")
+            )
+        }
         (_, true) => {
             format!("{used}/{limit} in use by unavailable nodes (NotReady, cordoned or failed)")
         }
@@ -175,6 +187,9 @@ pub fn explain(skip: &Skip, plan: &Plan, rules: &Policy, now: Timestamp) -> Stri
             Some(next) => format!("outside the window; next opens {next}"),
             None => skip.to_string(),
         },
+        Skip::OtherZone(zone) if plan.holders.is_empty() => {
+            format!("zone {zone} is in progress (one zone at a time)")
+        }
         Skip::OtherZone(zone) => format!(
             "zone {zone} is in progress ({}: one zone at a time)",
             plan.holders.join(", ")

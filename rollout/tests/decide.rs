@@ -1191,11 +1191,10 @@ fn a_released_slot_still_counts_in_its_zone_until_the_release_is_seen() {
         "ordering": {"oneZoneAtATime": false}
     }));
     let plan = decide(&w.snapshot(), &p, at(NOW));
-    // Zone a's cap still counts node-01: its slot goes to the next zone's node.
-    assert_eq!(
-        plan.node("node-04"),
-        Some(&Action::Skip(Skip::ZoneBudget("zone-a".into())))
-    );
+    // Zone a's cap still counts node-01: its slot goes to the next zone's node. A node
+    // that cannot take a released slot waits on the budget, as it did before the release:
+    // its reason does not flicker to the zone for one pass.
+    assert_eq!(plan.node("node-04"), Some(&Action::Skip(Skip::Budget)));
     assert_eq!(taking_over(&plan), [("node-02", "node-01")]);
 
     // One zone at a time: zone a stays the zone in progress until the release is seen.
@@ -1203,8 +1202,21 @@ fn a_released_slot_still_counts_in_its_zone_until_the_release_is_seen() {
     let p = policy(serde_json::json!({}));
     let plan = decide(&w.snapshot(), &p, at(NOW));
     assert!(taking_over(&plan).is_empty(), "{:?}", plan.nodes);
-    assert!(matches!(
+    assert_eq!(plan.node("node-02"), Some(&Action::Skip(Skip::Budget)));
+    assert_eq!(
+        rollout::why::action("node-02", &plan, &p, at(NOW)).as_deref(),
+        Some("budget 1/1 in use by node-01 (releasing)")
+    );
+
+    // With room of its own, the zone is the reason.
+    let p = policy(serde_json::json!({"maxUnavailable": 2}));
+    let plan = decide(&w.snapshot(), &p, at(NOW));
+    assert_eq!(
         plan.node("node-02"),
-        Some(Action::Skip(Skip::OtherZone(_)))
-    ));
+        Some(&Action::Skip(Skip::OtherZone("zone-a".into())))
+    );
+    assert_eq!(
+        rollout::why::action("node-02", &plan, &p, at(NOW)).as_deref(),
+        Some("zone zone-a is in progress (one zone at a time)")
+    );
 }
