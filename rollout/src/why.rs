@@ -158,22 +158,23 @@ pub fn next_window(rules: &Policy, now: Timestamp) -> Option<String> {
 fn budget(plan: &Plan) -> String {
     let used = plan.budget.used();
     let limit = plan.budget.limit;
-    let releasing: Vec<&str> = plan
-        .nodes
-        .iter()
-        .filter(|n| n.action.releases())
-        .map(|n| n.node.as_str())
-        .collect();
     match (used, plan.holders.is_empty()) {
         (0, _) => format!("0/{limit} in use"),
-        (_, true) if !releasing.is_empty() => {
-            format!(
-                "{used}/{limit} in use by {} (releasing)",
-                releasing.join(", ")
-            )
-        }
         (_, true) => {
-            format!("{used}/{limit} in use by unavailable nodes (NotReady, cordoned or failed)")
+            let releasing: Vec<&str> = plan
+                .nodes
+                .iter()
+                .filter(|n| n.action.releases())
+                .map(|n| n.node.as_str())
+                .collect();
+            if releasing.is_empty() {
+                format!("{used}/{limit} in use by unavailable nodes (NotReady, cordoned or failed)")
+            } else {
+                format!(
+                    "{used}/{limit} in use by {} (releasing)",
+                    releasing.join(", ")
+                )
+            }
         }
         (_, false) => format!("{used}/{limit} in use by {}", plan.holders.join(", ")),
     }
